@@ -1,0 +1,57 @@
+"""Connect to NATS with a bounded start-up wait and bounded reconnect backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+
+from shared.bus.errors import BusUnavailable
+
+log = logging.getLogger("kaiten.bus")
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    connect_timeout: float = 10.0,
+    reconnect_wait: float = 0.5,
+    max_reconnect_attempts: int = 120,
+    user_credentials: str | None = None,
+) -> Client:
+    """Connect or raise :class:`BusUnavailable` after ``connect_timeout`` seconds.
+
+    Reconnects after start-up are bounded too (``max_reconnect_attempts`` × ``reconnect_wait``,
+    one minute by default); past that the client closes and the service's supervisor restarts it.
+    """
+
+    async def on_disconnect() -> None:
+        log.warning("NATS disconnected (%s); reconnecting", name)
+
+    async def on_reconnect() -> None:
+        log.info("NATS reconnected (%s)", name)
+
+    async def on_error(err: Exception) -> None:
+        log.warning("NATS error (%s): %s", name, err)
+
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                url,
+                name=name,
+                connect_timeout=min(2.0, connect_timeout),
+                allow_reconnect=True,
+                reconnect_time_wait=reconnect_wait,
+                max_reconnect_attempts=max_reconnect_attempts,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                error_cb=on_error,
+                user_credentials=user_credentials,
+            ),
+            timeout=connect_timeout,
+        )
+    except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
+        raise BusUnavailable(f"NATS at {url} not reachable within {connect_timeout:g}s: {exc}") from exc

@@ -1,0 +1,349 @@
+"""The one consumer runner: pulls, orders per Workspace, runs handlers, and owns ack/nak/term.
+
+How it keeps its promises:
+- *In order per Workspace*: messages are grouped by the subject's ``<namespace>.<name>`` tail and
+  each group is chained after the previous group of the same key; different keys run concurrently
+  (bounded by ``max_concurrency``).
+- *Two replicas are safe*: replicas share one durable consumer (that spreads the work), and before
+  handling a key a replica takes a lease on it in a NATS KV bucket; a replica that finds the key
+  leased by another naks with a short delay, so one Workspace is never handled by two replicas at once.
+- *Bursts coalesce*: messages of one key that arrive in one fetch are handed to the handler together.
+- *Long work says it is alive*: ``in_progress()`` every ``ack_wait / 3`` until acked.
+- *Ack after the side effect*: a group is acked only after the handler returns.
+- *Failures by taxonomy* (``shared.bus.errors``); a failed group of several messages is retried one
+  message at a time, so a poison message is isolated and the good ones are not lost with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared.bus.backoff import delay_for
+from shared.bus.errors import InvalidInput, Transient
+from shared.bus.publishing import Publisher
+from shared.bus.streams import declare_consumer
+from shared.events import STREAM, AnyEvent, ConditionReported, decode
+from shared.telemetry import consume_span
+
+log = logging.getLogger("kaiten.bus")
+
+Handler = Callable[[Sequence[AnyEvent]], Awaitable[None]]
+LOCK_BUCKET = "kaiten_leases"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerSpec:
+    durable: str  # one per service role, shared by its replicas
+    filter_subjects: list[str]
+    stream: str = STREAM
+    ack_wait: float = 30.0  # s; in_progress() is sent every third of it
+    max_ack_pending: int = 512
+    fetch_batch: int = 64  # messages per pull; a burst of one Workspace arrives together
+    max_concurrency: int = 16  # Workspaces handled at once by one replica
+    max_attempts: int = 8  # deliveries before an unknown error becomes a terminal status
+    lease_ttl: float = 30.0  # s; a crashed replica's lease on a Workspace expires after this
+    busy_delay: float = 0.25  # s; redelivery delay when another replica holds the Workspace
+    failure_condition: str = "WorkspaceSucceeded"  # condition set False when a message is given up
+
+
+@dataclass
+class _Group:
+    key: str
+    msgs: list[Msg]
+    events: list[AnyEvent] = field(default_factory=list)
+
+
+class LeaseBusy(Exception):
+    """Another replica is handling this Workspace right now."""
+
+
+class _Leases:
+    """Per-key leases in a KV bucket whose entries expire after ``ttl`` unless refreshed."""
+
+    def __init__(self, kv: KeyValue, *, owner: str, role: str) -> None:
+        self._kv = kv
+        self._owner = owner.encode()
+        self._role = role
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, *, role: str, ttl: float) -> _Leases:
+        try:
+            kv = await js.key_value(LOCK_BUCKET)
+        except BucketNotFoundError:  # first service up creates it; creation is idempotent
+            kv = await js.create_key_value(
+                KeyValueConfig(bucket=LOCK_BUCKET, ttl=ttl, history=1, storage=StorageType.FILE)
+            )
+        return cls(kv, owner=uuid.uuid4().hex, role=role)
+
+    def _name(self, key: str) -> str:
+        return f"{self._role}.{key.replace('/', '.')}"
+
+    async def acquire(self, key: str) -> int:
+        try:
+            return int(await self._kv.create(self._name(key), self._owner))
+        except KeyWrongLastSequenceError as exc:
+            raise LeaseBusy(key) from exc
+
+    async def refresh(self, key: str, revision: int) -> int:
+        return int(await self._kv.update(self._name(key), self._owner, last=revision))
+
+    async def release(self, key: str, revision: int) -> None:
+        with contextlib.suppress(Exception):  # expired or taken over: the TTL cleans up
+            await self._kv.delete(self._name(key), last=revision)
+
+
+def key_of(subject: str) -> str:
+    """``kaiten.<family>.<kind>.<ns>.<name>`` → ``ns/name``."""
+    parts = subject.split(".")
+    return f"{parts[-2]}/{parts[-1]}" if len(parts) >= 5 else subject
+
+
+class ConsumerRunner:
+    """Runs one durable consumer for one service role. Create, :meth:`start`, later :meth:`stop`."""
+
+    def __init__(
+        self,
+        *,
+        nc: Client,
+        spec: ConsumerSpec,
+        handler: Handler,
+        publisher: Publisher,
+        reporter: str,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._spec = spec
+        self._handler = handler
+        self._publisher = publisher
+        self._reporter = reporter
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._inflight = 0
+        self._slots = asyncio.Semaphore(spec.max_concurrency)
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._leases: _Leases | None = None
+        self.handled = 0  # messages acked (for status and tests)
+
+    async def start(self) -> None:
+        spec = self._spec
+        await declare_consumer(
+            self._js,
+            stream=spec.stream,
+            durable=spec.durable,
+            filter_subjects=spec.filter_subjects,
+            ack_wait=spec.ack_wait,
+            max_ack_pending=spec.max_ack_pending,
+        )
+        self._leases = await _Leases.open(self._js, role=spec.durable, ttl=spec.lease_ttl)
+        self._psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        self._loop_task = asyncio.create_task(self._pull_loop(), name=f"consumer:{spec.durable}")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop intake, wait for in-flight groups up to ``grace`` s, cancel the rest (they redeliver)."""
+        self._stopping.set()
+        if self._loop_task:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        pending = [t for t in self._tails.values() if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._psub.unsubscribe()
+
+    @property
+    def running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    # --- intake ---------------------------------------------------------------------------------
+
+    async def _pull_loop(self) -> None:
+        spec = self._spec
+        while not self._stopping.is_set():
+            room = spec.fetch_batch - self._inflight
+            if room <= 0:
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                msgs = await self._psub.fetch(room, timeout=1.0)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # connection trouble: the client reconnects; wait and pull again
+                if self._nc.is_closed:
+                    log.error("consumer %s: NATS connection closed; stopping intake", spec.durable)
+                    raise
+                log.warning("consumer %s: fetch failed: %s", spec.durable, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for group in self._group(msgs):
+                self._schedule(group)
+
+    def _group(self, msgs: list[Msg]) -> list[_Group]:
+        groups: dict[str, _Group] = {}
+        for msg in msgs:
+            key = key_of(msg.subject)
+            groups.setdefault(key, _Group(key=key, msgs=[])).msgs.append(msg)
+        return list(groups.values())
+
+    def _schedule(self, group: _Group) -> None:
+        previous = self._tails.get(group.key)
+        self._inflight += len(group.msgs)
+        task = asyncio.create_task(self._run_group(group, previous), name=f"group:{group.key}")
+        self._tails[group.key] = task
+        task.add_done_callback(lambda t, key=group.key: self._forget(key, t))
+
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._tails.get(key) is task:
+            del self._tails[key]
+        if not task.cancelled() and (exc := task.exception()):
+            log.error("consumer %s: group %s crashed: %r", self._spec.durable, key, exc)
+
+    # --- handling -------------------------------------------------------------------------------
+
+    async def _run_group(self, group: _Group, previous: asyncio.Task[None] | None) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(group.msgs), name=f"heartbeat:{group.key}")
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])  # order within a Workspace; its outcome is its own
+            async with self._slots:
+                await self._run_leased(group)
+        finally:
+            heartbeat.cancel()
+            self._inflight -= len(group.msgs)
+
+    async def _run_leased(self, group: _Group) -> None:
+        assert self._leases is not None
+        group.events = await self._decode_all(group)
+        if not group.msgs:
+            return
+        try:
+            revision = await self._leases.acquire(group.key)
+        except LeaseBusy:
+            for msg in group.msgs:
+                await msg.nak(delay=self._spec.busy_delay)
+            return
+        refresher = asyncio.create_task(self._keep_lease(group.key, revision), name=f"lease:{group.key}")
+        try:
+            await self._dispatch(group)
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                revision = await refresher
+            await self._leases.release(group.key, revision)
+
+    async def _keep_lease(self, key: str, revision: int) -> int:
+        assert self._leases is not None
+        try:
+            while True:
+                await asyncio.sleep(self._spec.lease_ttl / 3)
+                revision = await self._leases.refresh(key, revision)
+        except asyncio.CancelledError:
+            return revision
+
+    async def _decode_all(self, group: _Group) -> list[AnyEvent]:
+        events: list[AnyEvent] = []
+        kept: list[Msg] = []
+        for msg in group.msgs:
+            try:
+                events.append(decode(msg.data))
+                kept.append(msg)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("consumer %s: undecodable message on %s, terminated: %s",
+                          self._spec.durable, msg.subject, exc)
+                await msg.term()
+        group.msgs = kept
+        return events
+
+    async def _dispatch(self, group: _Group) -> None:
+        outcome = await self._attempt(group.msgs, group.events)
+        if outcome is None:
+            await self._ack(group.msgs)
+        elif len(group.msgs) == 1:
+            await self._settle(group.msgs[0], group.events[0], outcome)
+        else:  # isolate the failing message: redo one at a time (handlers are idempotent)
+            for msg, event in zip(group.msgs, group.events, strict=True):
+                single = await self._attempt([msg], [event])
+                if single is None:
+                    await self._ack([msg])
+                else:
+                    await self._settle(msg, event, single)
+
+    async def _attempt(self, msgs: list[Msg], events: list[AnyEvent]) -> Exception | None:
+        first = msgs[0]
+        with consume_span(first.subject, first.headers, self._spec.durable):
+            try:
+                await self._handler(events)
+            except asyncio.CancelledError:
+                raise  # shutdown: neither ack nor nak
+            except Exception as exc:
+                return exc
+        return None
+
+    async def _ack(self, msgs: list[Msg]) -> None:
+        for msg in msgs:
+            await msg.ack()
+        self.handled += len(msgs)
+
+    async def _settle(self, msg: Msg, event: AnyEvent, exc: Exception) -> None:
+        spec = self._spec
+        attempt = msg.metadata.num_delivered or 1
+        where = f"[{event.workspace.key}] {event.kind} gen {event.generation} (event {event.event_id})"
+        if isinstance(exc, InvalidInput):
+            log.warning("%s: invalid input, giving up: %s", where, exc)
+            await self._give_up(msg, event, exc.reason, str(exc))
+        elif isinstance(exc, Transient | TimeoutError | ConnectionError) and attempt < spec.max_attempts * 4:
+            retry_after = exc.retry_after if isinstance(exc, Transient) else None
+            delay = retry_after if retry_after is not None else delay_for(attempt, key=msg.subject)
+            log.warning("%s: transient error (attempt %d), retry in %.2fs: %s", where, attempt, delay, exc)
+            await msg.nak(delay=delay)
+        elif attempt < spec.max_attempts:
+            delay = delay_for(attempt, key=msg.subject)
+            log.warning("%s: failed (attempt %d/%d), retry in %.2fs: %r",
+                        where, attempt, spec.max_attempts, delay, exc)
+            await msg.nak(delay=delay)
+        else:
+            log.error("%s: failed %d times, giving up: %r", where, attempt, exc)
+            await self._give_up(msg, event, "InternalError", f"{type(exc).__name__}: {exc}")
+
+    async def _give_up(self, msg: Msg, event: AnyEvent, reason: str, message: str) -> None:
+        report = ConditionReported(
+            workspace=event.workspace,
+            generation=event.generation,
+            correlation_id=event.event_id,
+            type=self._spec.failure_condition,
+            status="False",
+            reason=reason,
+            message=message[:1000],
+            warning=True,
+            reporter=self._reporter,
+        )
+        try:
+            await self._publisher.publish(report)
+        except Exception as pub_exc:  # cannot report: leave the message for redelivery
+            log.error("could not report failure for %s: %s", event.workspace.key, pub_exc)
+            await msg.nak(delay=delay_for(8, key=msg.subject))
+            return
+        await msg.term()
+
+    async def _heartbeat(self, msgs: list[Msg]) -> None:
+        while True:
+            await asyncio.sleep(self._spec.ack_wait / 3)
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()

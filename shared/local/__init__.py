@@ -1,0 +1,1 @@
+"""Real components started locally, for `kaiten up` and the test suite (never fakes)."""
