@@ -136,6 +136,7 @@ class ConsumerRunner:
         self._loop_task: asyncio.Task[None] | None = None
         self._leases: _Leases | None = None
         self.handled = 0  # messages acked (for status and tests)
+        self.name = f"consumer:{spec.durable}"
 
     async def start(self) -> None:
         spec = self._spec
@@ -166,6 +167,11 @@ class ConsumerRunner:
             await asyncio.gather(*still, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self._psub.unsubscribe()
+
+    async def wait(self) -> None:
+        """Returns when the pull loop ends (it only ends on stop, or raises if NATS closed)."""
+        if self._loop_task is not None:
+            await self._loop_task
 
     @property
     def running(self) -> bool:

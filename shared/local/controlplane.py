@@ -63,7 +63,7 @@ def ensure_binaries(progress: object = None) -> dict[str, Path]:
         tmp = bins[name].with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            ["go", "build", "-trimpath", "-ldflags=-s -w", "-o", str(tmp), packages[name]],
+            ["go", "build", "-trimpath", f"-ldflags={_ldflags(name)}", "-o", str(tmp), packages[name]],
             cwd=module, env=env, capture_output=True, text=True, check=False,
         )
         if result.returncode != 0:
@@ -71,6 +71,16 @@ def ensure_binaries(progress: object = None) -> dict[str, Path]:
         tmp.rename(bins[name])
         say(f"built {name} in {time.monotonic() - started:.0f}s → {bins[name]}")
     return bins
+
+
+def _ldflags(name: str) -> str:
+    """Stamp the real version, as Kubernetes' own build does (else it reports v0.0.0-master)."""
+    if name == "etcd":
+        return "-s -w"
+    major, minor = K8S_VERSION.lstrip("v").split(".")[:2]
+    pkg = "k8s.io/component-base/version"
+    return (f"-s -w -X {pkg}.gitVersion={K8S_VERSION} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} "
+            f"-X {pkg}.gitTreeState=clean")
 
 
 # --- certificates ---------------------------------------------------------------------------------

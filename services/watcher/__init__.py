@@ -1,0 +1,1 @@
+"""Watcher: list+watch Workspaces, publish observed/deleting, and write status back (status writer)."""

@@ -1,0 +1,3 @@
+from services.watcher.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The status writer: turns every status-bearing event into Workspace status and Kubernetes Events."""

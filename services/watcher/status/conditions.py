@@ -1,0 +1,132 @@
+"""Pure status logic: which conditions an event implies, and how they merge into the status.
+
+Conditions follow KAITO: ``ResourceReady``, ``InferenceReady``, ``JobStarted``, ``WorkspaceSucceeded``
+plus finer ones (``Planned``, ``NodesReady``, ``NodeClaimReady``, …). A condition derived from an
+older generation never overwrites one derived from a newer generation; ``lastTransitionTime``
+moves only when ``status`` changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared import events as ev
+
+
+@dataclass(frozen=True)
+class ConditionUpdate:
+    type: str
+    status: str
+    reason: str
+    message: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class Warning:
+    reason: str
+    message: str
+    dedupe: str  # stable per fact, so a redelivered event posts the same Kubernetes Event
+
+
+@dataclass
+class StatusChange:
+    """Everything one batch of events of one Workspace implies."""
+
+    conditions: list[ConditionUpdate] = field(default_factory=list)
+    warnings: list[Warning] = field(default_factory=list)
+    worker_nodes: tuple[str, ...] | None = None
+    cleaned_up_by: set[str] = field(default_factory=set)
+    deleting: bool = False
+
+
+def _c(type_: str, status: str, reason: str, message: str, event: ev.Event) -> ConditionUpdate:
+    return ConditionUpdate(type_, status, reason, message, event.generation)
+
+
+def _failure(change: StatusChange, event: ev.Event, reason: str, message: str, *types: str) -> None:
+    for type_ in types:
+        change.conditions.append(_c(type_, "False", reason, message, event))
+    change.warnings.append(Warning(reason, message, ev.dedupe_id(event)))
+
+
+def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:  # noqa: C901 - one arm per kind
+    match event:
+        case ev.PlanResolved():
+            change.conditions.append(_c("Planned", "True", "PlanResolved", event.explanation, event))
+        case ev.PlanRejected():
+            _failure(change, event, event.reason, event.message, "Planned", "ResourceReady", "WorkspaceSucceeded")
+        case ev.NodesRequested():
+            what = f"{event.count} × {event.instance_type}" if event.instance_type else f"{event.count} node(s)"
+            msg = f"requested {what} from {event.provider}"
+            change.conditions += [_c("NodesReady", "False", "NodesRequested", msg, event),
+                                  _c("ResourceReady", "False", "Provisioning", msg, event)]
+        case ev.NodesReady():
+            msg = f"{len(event.nodes)} node(s) ready: {', '.join(event.nodes)}"
+            change.conditions += [_c("NodesReady", "True", "NodesReady", msg, event),
+                                  _c("ResourceReady", "True", "ResourceReady", msg, event)]
+            change.worker_nodes = tuple(event.nodes)
+        case ev.NodesFailed():
+            _failure(change, event, event.reason, event.message, "NodesReady", "ResourceReady", "WorkspaceSucceeded")
+        case ev.InferenceReady():
+            msg = f"serving at {event.endpoint}" if event.endpoint else "inference is ready"
+            change.conditions += [_c("InferenceReady", "True", "InferenceReady", msg, event),
+                                  _c("WorkspaceSucceeded", "True", "WorkspaceSucceeded", msg, event)]
+        case ev.InferenceFailed():
+            _failure(change, event, event.reason, event.message, "InferenceReady", "WorkspaceSucceeded")
+        case ev.JobStarted():
+            msg = f"tuning job {event.job} started" if event.job else "tuning job started"
+            change.conditions += [_c("JobStarted", "True", "JobStarted", msg, event),
+                                  _c("WorkspaceSucceeded", "Unknown", "JobRunning", msg, event)]
+        case ev.JobSucceeded():
+            msg = f"adapter written to {event.output}" if event.output else "tuning job succeeded"
+            change.conditions.append(_c("WorkspaceSucceeded", "True", "JobSucceeded", msg, event))
+        case ev.JobFailed():
+            _failure(change, event, event.reason, event.message, "WorkspaceSucceeded")
+        case ev.ConditionReported():
+            change.conditions.append(_c(event.type, event.status, event.reason, event.message, event))
+            if event.warning:
+                change.warnings.append(Warning(event.reason, event.message, ev.dedupe_id(event)))
+        case ev.CleanupDone():
+            change.cleaned_up_by.add(event.owner)
+        case ev.WorkspaceDeleting():
+            change.deleting = True
+        case _:
+            pass  # not status-bearing (observed, tuning progress)
+
+
+def fold(events: Iterable[ev.AnyEvent]) -> StatusChange:
+    """Coalesce a burst: later updates of the same condition win, in event order."""
+    change = StatusChange()
+    for event in events:
+        apply_event(change, event)
+    return change
+
+
+def merge_conditions(current: Sequence[dict[str, Any]], updates: Sequence[ConditionUpdate],
+                     now: str) -> list[dict[str, Any]]:
+    """The new ``status.conditions`` list (a merge patch replaces lists whole)."""
+    merged = {c["type"]: dict(c) for c in current if "type" in c}
+    order = [c["type"] for c in current if "type" in c]
+    for update in updates:
+        old = merged.get(update.type)
+        if old is not None and int(old.get("observedGeneration") or 0) > update.generation:
+            continue  # stale: a newer generation already spoke
+        changed = old is None or old.get("status") != update.status
+        merged[update.type] = {
+            "type": update.type,
+            "status": update.status,
+            "reason": update.reason or "Unknown",
+            "message": update.message,
+            "observedGeneration": update.generation,
+            "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),  # type: ignore[union-attr]
+        }
+        if old is None:
+            order.append(update.type)
+    return [merged[t] for t in order]
+
+
+def finalizer_removable(cleaned_up_by: Iterable[str], owners: Iterable[str]) -> bool:
+    return set(owners) <= set(cleaned_up_by)

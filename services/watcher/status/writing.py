@@ -1,0 +1,106 @@
+"""Apply a folded :class:`StatusChange` to the Workspace: one status merge-patch per change.
+
+Optimistic concurrency: each patch carries the resourceVersion it was computed from; a 409 means
+someone wrote in between, so re-read and recompute (bounded). 404, or an object with another uid
+(deleted and recreated under the same name), means the events are about something gone: drop them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from services.watcher.status.conditions import StatusChange, finalizer_removable, fold, merge_conditions
+from shared.api.crd import FINALIZER
+from shared.bus.errors import Transient
+from shared.events import AnyEvent, WorkspaceRef
+from shared.kube.errors import classify
+from shared.kube.workspaces import Workspaces
+
+log = logging.getLogger("kaiten.status")
+COMPONENT = "kaiten-status-writer"
+CONFLICT_ATTEMPTS = 5
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_patch(obj: dict[str, Any], change: StatusChange, now: str) -> dict[str, Any] | None:
+    """The merge patch for ``/status``, or None when the change changes nothing."""
+    status = obj.get("status") or {}
+    new: dict[str, Any] = {}
+    conditions = merge_conditions(status.get("conditions") or [], change.conditions, now)
+    if conditions != (status.get("conditions") or []):
+        new["conditions"] = conditions
+    if change.worker_nodes is not None and list(change.worker_nodes) != status.get("workerNodes"):
+        new["workerNodes"] = list(change.worker_nodes)
+    cleaned = sorted(set(status.get("cleanedUpBy") or []) | change.cleaned_up_by)
+    if cleaned != sorted(status.get("cleanedUpBy") or []):
+        new["cleanedUpBy"] = cleaned
+    if not new:
+        return None
+    return {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": new}
+
+
+class StatusWriter:
+    """The consumer handler: events of one Workspace, in order, possibly a burst of them."""
+
+    def __init__(self, *, workspaces: Workspaces, cleanup_owners: Sequence[str]) -> None:
+        self._workspaces = workspaces
+        self._owners = tuple(cleanup_owners)
+        self.patches = 0  # status patches sent (coalescing is visible in tests)
+
+    async def handle(self, events: Sequence[AnyEvent]) -> None:
+        change = fold(events)
+        ref = events[-1].workspace
+        for _ in range(CONFLICT_ATTEMPTS):
+            try:
+                await self._apply_once(ref, change)
+                return
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                if exc.status != 409:
+                    raise classify(exc, f"[{ref.key}] status") from exc
+        raise Transient(f"[{ref.key}] status: still conflicting after {CONFLICT_ATTEMPTS} attempts")
+
+    async def _apply_once(self, ref: WorkspaceRef, change: StatusChange) -> None:
+        obj = await self._workspaces.get(ref.namespace, ref.name)
+        if obj is None or obj["metadata"].get("uid") != ref.uid:
+            log.info("[%s] gone (uid %s); dropping %d condition update(s)", ref.key, ref.uid,
+                     len(change.conditions))
+            return
+        now = now_rfc3339()
+        patch = status_patch(obj, change, now)
+        if patch is not None:
+            obj = await self._workspaces.patch_status(ref.namespace, ref.name, patch)
+            self.patches += 1
+            log.info("[%s] status: %s", ref.key, ", ".join(f"{c.type}={c.status}" for c in change.conditions)
+                     or "cleanup progress")
+        for warning in change.warnings:
+            name = f"{ref.name}.{hashlib.sha1(warning.dedupe.encode()).hexdigest()[:16]}"  # noqa: S324 - a name, not security
+            await self._workspaces.post_event(
+                obj_ref={"namespace": ref.namespace, "name": ref.name, "uid": ref.uid}, name=name,
+                event_type="Warning", reason=warning.reason, message=warning.message,
+                component=COMPONENT, timestamp=now)
+        await self._maybe_release(ref, obj)
+
+    async def _maybe_release(self, ref: WorkspaceRef, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if not meta.get("deletionTimestamp") or FINALIZER not in finalizers:
+            return
+        cleaned = (obj.get("status") or {}).get("cleanedUpBy") or []
+        if not finalizer_removable(cleaned, self._owners):
+            log.info("[%s] waiting for cleanup by %s", ref.key, sorted(set(self._owners) - set(cleaned)))
+            return
+        finalizers.remove(FINALIZER)
+        await self._workspaces.patch(ref.namespace, ref.name, {
+            "metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}})
+        log.info("[%s] cleanup complete; finalizer removed", ref.key)

@@ -1,0 +1,205 @@
+"""List-then-watch Workspaces and act on what :func:`decide` says.
+
+- list, then watch from the list's resourceVersion (bookmarks on);
+- a 410 Gone, the server-side timeout, an inactivity timeout or the resync period: list again;
+- apiserver/NATS trouble: back off (bounded, logged with the attempt number) and list again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from kubernetes_asyncio import watch
+from kubernetes_asyncio.client.exceptions import ApiException
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from services.watcher.deciding import Action, Published, decide
+from services.watcher.settings import WatcherSettings
+from shared.api.crd import FINALIZER, GROUP, PLURAL
+from shared.api.workspace import spec_of
+from shared.bus.backoff import delay_for
+from shared.bus.publishing import Publisher
+from shared.events import WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
+from shared.kube.workspaces import Workspaces
+
+log = logging.getLogger("kaiten.watcher")
+PUBLISHED_BUCKET = "kaiten_watcher_published"
+
+
+class PublishedStore:
+    """Per-uid memory of what was published, in NATS KV so restarts and replicas share it."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> PublishedStore:
+        try:
+            kv = await js.key_value(PUBLISHED_BUCKET)
+        except BucketNotFoundError:
+            kv = await js.create_key_value(KeyValueConfig(bucket=PUBLISHED_BUCKET, history=1,
+                                                          storage=StorageType.FILE))
+        return cls(kv)
+
+    async def get(self, uid: str) -> Published:
+        try:
+            entry = await self._kv.get(uid)
+        except KeyNotFoundError:
+            return Published()
+        data = json.loads(entry.value or b"{}")
+        return Published(generation=int(data.get("generation", 0)), deleting=bool(data.get("deleting")))
+
+    async def put(self, uid: str, published: Published) -> None:
+        await self._kv.put(uid, json.dumps({"generation": published.generation,
+                                            "deleting": published.deleting}).encode())
+
+    async def forget(self, uid: str) -> None:
+        with contextlib.suppress(KeyNotFoundError):
+            await self._kv.purge(uid)
+
+
+def ref_of(obj: dict[str, Any]) -> WorkspaceRef:
+    meta = obj["metadata"]
+    return WorkspaceRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
+
+
+class WorkspaceWatcher:
+    """The watch loop as a lifecycle component."""
+
+    name = "watcher"
+
+    def __init__(self, *, workspaces: Workspaces, publisher: Publisher, store: PublishedStore,
+                 settings: WatcherSettings) -> None:
+        self._workspaces = workspaces
+        self._publisher = publisher
+        self._store = store
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0  # events published by this replica (for tests and status)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="watcher:loop")
+
+    async def stop(self, grace: float) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait(self) -> None:
+        if self._task:
+            await self._task
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            try:
+                resource_version = await self._relist()
+                await self._watch(resource_version, until=time.monotonic() + self._settings.resync_period_s)
+                failures = 0
+            except ApiException as exc:
+                if exc.status == 410:
+                    log.info("watch expired (410 Gone); relisting")
+                    continue
+                failures += 1
+                await self._pause(failures, f"apiserver: HTTP {exc.status} {exc.reason}")
+            except (OSError, TimeoutError, Exception) as exc:  # NATS/apiserver unreachable: relist later
+                failures += 1
+                await self._pause(failures, repr(exc))
+
+    async def _pause(self, failures: int, why: str) -> None:
+        wait = delay_for(failures, base=0.5, cap=30.0, key="watcher")
+        log.warning("watch loop failed (attempt %d): %s; relisting in %.1fs", failures, why, wait)
+        await asyncio.sleep(wait)
+
+    async def _relist(self) -> str:
+        listing = await self._workspaces.list(self._settings.namespace or None)
+        for obj in listing.get("items", []):
+            await self.reconcile(obj)
+        return str(listing["metadata"]["resourceVersion"])
+
+    async def _watch(self, resource_version: str, *, until: float) -> None:
+        objects = self._workspaces.objects
+        version = self._workspaces.version
+        if self._settings.namespace:
+            func, args = objects.list_namespaced_custom_object, (GROUP, version, self._settings.namespace, PLURAL)
+        else:
+            func, args = objects.list_cluster_custom_object, (GROUP, version, PLURAL)
+        stream = watch.Watch().stream(func, *args, resource_version=resource_version,
+                                      allow_watch_bookmarks=True,
+                                      timeout_seconds=self._settings.watch_timeout_s)
+        async with contextlib.aclosing(stream) as events:
+            while time.monotonic() < until:
+                try:
+                    event = await asyncio.wait_for(anext(events), self._settings.inactivity_timeout_s)
+                except StopAsyncIteration:
+                    return  # server-side timeout: relist (cheap, and repairs anything missed)
+                except TimeoutError:
+                    log.info("no watch events for %.0fs; rewatching", self._settings.inactivity_timeout_s)
+                    return
+                await self._on_event(event)
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        kind, obj = event["type"], event.get("raw_object") or event.get("object")
+        if kind == "BOOKMARK" or not isinstance(obj, dict):
+            return
+        if kind == "DELETED":
+            await self._store.forget(obj["metadata"]["uid"])
+            log.info("[%s/%s] gone", obj["metadata"].get("namespace"), obj["metadata"].get("name"))
+            return
+        await self.reconcile(obj)
+
+    # --- one object -----------------------------------------------------------------------------
+
+    async def reconcile(self, obj: dict[str, Any]) -> None:
+        ref = ref_of(obj)
+        published = await self._store.get(ref.uid)
+        for action in decide(obj, published):
+            if action is Action.ADD_FINALIZER:
+                await self._add_finalizer(obj)
+            elif action is Action.PUBLISH_OBSERVED:
+                await self._publish_observed(obj, ref)
+                published = Published(generation=int(obj["metadata"]["generation"]), deleting=False)
+                await self._store.put(ref.uid, published)
+            elif action is Action.PUBLISH_DELETING:
+                generation = int(obj["metadata"].get("generation") or 0)
+                await self._publisher.publish(WorkspaceDeleting(workspace=ref, generation=generation))
+                self.published += 1
+                log.info("[%s] deleting (uid %s)", ref.key, ref.uid)
+                published = Published(generation=published.generation, deleting=True)
+                await self._store.put(ref.uid, published)
+
+    async def _publish_observed(self, obj: dict[str, Any], ref: WorkspaceRef) -> None:
+        meta = obj["metadata"]
+        event = WorkspaceObserved(
+            workspace=ref,
+            generation=int(meta["generation"]),
+            api_version=str(obj.get("apiVersion", "")),
+            spec=spec_of(obj),
+            labels=dict(meta.get("labels") or {}),
+            annotations={k: v for k, v in (meta.get("annotations") or {}).items()
+                         if k != "kubectl.kubernetes.io/last-applied-configuration"},
+        )
+        await self._publisher.publish(event)
+        self.published += 1
+        log.info("[%s] observed generation %d (uid %s)", ref.key, event.generation, ref.uid)
+
+    async def _add_finalizer(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        finalizers = [*(meta.get("finalizers") or []), FINALIZER]
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        try:
+            await self._workspaces.patch(meta["namespace"], meta["name"], patch)
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # gone, or changed meanwhile: the next event decides again
+                raise

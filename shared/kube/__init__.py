@@ -1,0 +1,1 @@
+"""Kubernetes helpers: API client construction and Workspace operations."""

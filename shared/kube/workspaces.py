@@ -1,0 +1,73 @@
+"""Operations on Workspace objects through the apiserver (custom objects API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from shared.api.crd import GROUP, KIND, PLURAL, STORAGE_VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+FIELD_MANAGER = "kaiten"
+
+
+class Workspaces:
+    """Thin typed façade over CustomObjectsApi for ``workspaces.kaito.sh``."""
+
+    def __init__(self, api: client.ApiClient, *, version: str = STORAGE_VERSION) -> None:
+        self._objects = client.CustomObjectsApi(api)
+        self._core = client.CoreV1Api(api)
+        self.version = version
+
+    @property
+    def objects(self) -> client.CustomObjectsApi:
+        return self._objects
+
+    async def list(self, namespace: str | None = None) -> dict[str, Any]:
+        if namespace:
+            result = await self._objects.list_namespaced_custom_object(GROUP, self.version, namespace, PLURAL)
+        else:
+            result = await self._objects.list_cluster_custom_object(GROUP, self.version, PLURAL)
+        return dict(result)
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(await self._objects.get_namespaced_custom_object(GROUP, self.version, namespace,
+                                                                         PLURAL, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self._objects.patch_namespaced_custom_object_status(
+            GROUP, self.version, namespace, PLURAL, name, patch,
+            _content_type=MERGE_PATCH, field_manager=FIELD_MANAGER))
+
+    async def patch(self, namespace: str, name: str, patch: dict[str, Any] | list[dict[str, Any]],
+                    *, content_type: str = MERGE_PATCH) -> dict[str, Any]:
+        return dict(await self._objects.patch_namespaced_custom_object(
+            GROUP, self.version, namespace, PLURAL, name, patch,
+            _content_type=content_type, field_manager=FIELD_MANAGER))
+
+    async def post_event(self, *, obj_ref: dict[str, str], name: str, event_type: str, reason: str,
+                         message: str, component: str, timestamp: str) -> None:
+        """A core/v1 Event on the Workspace; ``name`` is deterministic, so a redelivery is a no-op."""
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(name=name, namespace=obj_ref["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/{self.version}", kind=KIND, name=obj_ref["name"],
+                namespace=obj_ref["namespace"], uid=obj_ref["uid"]),
+            type=event_type, reason=reason, message=message[:1024],
+            source=client.V1EventSource(component=component),
+            first_timestamp=timestamp, last_timestamp=timestamp, count=1,
+            reporting_component=component, reporting_instance=component,
+        )
+        try:
+            await self._core.create_namespaced_event(obj_ref["namespace"], body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise

@@ -1,0 +1,121 @@
+"""The one service lifecycle, shared by every Kaiten service.
+
+load settings → connect NATS (bounded) → declare the stream → build the kube client → start
+components → report ready → on SIGTERM/SIGINT (or a component dying) stop intake, give in-flight work
+``shutdown_grace_s``, drain NATS, close clients. A component that dies takes the process down with a
+non-zero exit so its supervisor (kubelet, ``kaiten up``) restarts it: no silent half-alive service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from kubernetes_asyncio import client as kclient
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from shared.bus.connection import connect
+from shared.bus.publishing import Publisher
+from shared.bus.streams import declare_stream
+from shared.kube.client import api_client
+from shared.settings import ServiceSettings
+
+log = logging.getLogger("kaiten")
+
+
+class Component(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+    async def wait(self) -> None:
+        """Returns (or raises) when the component stops on its own."""
+        ...
+
+
+@dataclass
+class Runtime:
+    service: str
+    settings: ServiceSettings
+    nc: Client
+    js: JetStreamContext
+    publisher: Publisher
+    api: kclient.ApiClient | None
+
+
+StartFn = Callable[[Runtime], Awaitable[Sequence[Component]]]
+
+
+def setup_logging(service: str, level: str) -> None:
+    replica = f"{socket.gethostname()}:{os.getpid()}"
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s {service}[{replica}] %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+async def serve(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> int:
+    """Run a service until SIGTERM/SIGINT; returns the process exit code."""
+    setup_logging(service, settings.log_level)
+    nc = await connect(settings.nats_url, name=service, connect_timeout=settings.connect_timeout_s,
+                       user_credentials=settings.nats_credentials)
+    js = nc.jetstream()
+    await declare_stream(js)
+    api = await api_client(settings.kubeconfig) if needs_kube else None
+    runtime = Runtime(service, settings, nc, js, Publisher(js), api)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    components: Sequence[Component] = []
+    code = 0
+    try:
+        components = await start(runtime)
+        for component in components:
+            await component.start()
+        log.info("%s ready (%s)", service, ", ".join(c.name for c in components))
+        code = await _supervise(components, stopping)
+    finally:
+        for component in reversed(components):
+            with contextlib.suppress(Exception):
+                await component.stop(settings.shutdown_grace_s)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), timeout=5)
+        if api is not None:
+            await api.close()
+        log.info("%s stopped", service)
+    return code
+
+
+async def _supervise(components: Sequence[Component], stopping: asyncio.Event) -> int:
+    waits = {asyncio.create_task(c.wait(), name=f"wait:{c.name}"): c for c in components}
+    stop_wait = asyncio.create_task(stopping.wait(), name="wait:signal")
+    done, _ = await asyncio.wait([stop_wait, *waits], return_when=asyncio.FIRST_COMPLETED)
+    for task in [stop_wait, *waits]:
+        if task not in done:
+            task.cancel()
+    await asyncio.gather(stop_wait, *waits, return_exceptions=True)
+    if stop_wait in done:
+        return 0
+    for task in done:
+        component = waits[task]
+        exc = task.exception() if not task.cancelled() else None
+        log.error("component %s stopped unexpectedly: %r", component.name, exc)
+    return 1
+
+
+def main(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> None:
+    sys.exit(asyncio.run(serve(service, settings, start, needs_kube=needs_kube)))

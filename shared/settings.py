@@ -1,0 +1,37 @@
+"""Typed settings read from the environment in one place (``KAITEN_*``).
+
+Each service subclasses :class:`ServiceSettings`; every field says its unit and why its default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nats_url: str = "nats://127.0.0.1:4222"  # the local default; a cluster sets the Service URL
+    nats_credentials: str | None = None  # path to a .creds file (per-service permissions in a cluster)
+    kubeconfig: str | None = None  # unset: $KUBECONFIG, then in-cluster
+    log_level: str = "INFO"
+    connect_timeout_s: float = 10.0  # fail start-up loudly rather than hang
+    shutdown_grace_s: float = 10.0  # in-flight work gets this long after SIGTERM
+    replica_id: str = ""  # logged; defaults to hostname:pid
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, prefix: str = "KAITEN_") -> Self:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(prefix + name.upper())
+            if raw is None:
+                continue
+            if field.annotation in (list[str], tuple[str, ...]):
+                values[name] = [item for item in raw.split(",") if item]
+            else:
+                values[name] = raw
+        return cls.model_validate(values)
