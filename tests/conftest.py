@@ -1,0 +1,135 @@
+"""Fixtures that start real components: etcd + kube-apiserver, nats-server, kubectl, our services.
+
+Every server listens on 127.0.0.1 on a port the OS picked, keeps its data in a temp dir, and is
+stopped by PID at teardown. Service subprocess logs are checked for tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client
+
+from shared.api.crd import CRD_PATH
+from shared.bus.streams import declare_stream
+from shared.local.controlplane import ControlPlane
+from shared.local.nats_server import NatsServer
+from shared.local.procs import ManagedProcess, tail
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "examples" / "seed"
+
+
+@dataclass
+class Kubectl:
+    kubeconfig: Path
+
+    def run(self, *args: str, stdin: str | None = None, check: bool = False,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True,
+                                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)}, timeout=timeout,
+                                check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.run(*args, "-o", "json", check=True).stdout)
+
+
+@pytest.fixture(scope="session")
+def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    cp = ControlPlane(tmp_path_factory.mktemp("controlplane")).start()
+    try:
+        kubectl = Kubectl(cp.kubeconfig)
+        kubectl.run("apply", "-f", str(CRD_PATH), check=True)
+        kubectl.run("wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s", check=True)
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture(scope="session")
+def kubectl(controlplane: ControlPlane) -> Kubectl:
+    return Kubectl(controlplane.kubeconfig)
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    """A fresh namespace per test, so tests never see each other's Workspaces."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kubectl.run("create", "namespace", name, check=True)
+    yield name
+    kubectl.run("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_server.url, connect_timeout=2, max_reconnect_attempts=0)
+    await declare_stream(client.jetstream())
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@dataclass
+class Services:
+    """Start our services as real subprocesses; stop them by PID; fail on tracebacks in their logs."""
+
+    log_dir: Path
+    env: dict[str, str]
+    procs: list[ManagedProcess] = field(default_factory=list)
+
+    def start(self, module: str, *, name: str | None = None, **extra_env: str) -> ManagedProcess:
+        name = name or f"{module.rsplit('.', 1)[-1]}-{len(self.procs)}"
+        proc = ManagedProcess(
+            name=name,
+            argv=[sys.executable, "-m", module],
+            log_path=self.log_dir / f"{name}.log",
+            env={**os.environ, **self.env, **extra_env, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+        ).start()
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{tail(p.log_path, 200)}" for p in self.procs)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+@pytest.fixture
+def services(tmp_path: Path, nats_server: NatsServer, controlplane: ControlPlane,
+             namespace: str) -> Iterator[Services]:
+    svc = Services(log_dir=tmp_path / "logs", env={
+        "KAITEN_NATS_URL": nats_server.url,
+        "KUBECONFIG": str(controlplane.kubeconfig),
+        "KAITEN_NAMESPACE": namespace,
+        "KAITEN_LOG_LEVEL": "INFO",
+    })
+    try:
+        yield svc
+    finally:
+        svc.stop_all()
+    for proc in svc.procs:
+        text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+        assert "Traceback" not in text, f"traceback in {proc.name} log:\n{text[-4000:]}"
