@@ -1,0 +1,1 @@
+"""The ``kaiten`` command line."""

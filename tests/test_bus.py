@@ -1,0 +1,257 @@
+"""The bus against a real nats-server: dedupe, ordering, concurrency, taxonomy, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from shared import events as ev
+from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.errors import InvalidInput, Transient
+from shared.bus.publishing import Publisher
+from shared.bus.streams import declare_consumer, declare_stream
+
+pytestmark = pytest.mark.nats
+
+
+def ref(name: str, ns: str = "default") -> ev.WorkspaceRef:
+    return ev.WorkspaceRef(namespace=ns, name=name, uid=f"uid-{ns}-{name}")
+
+
+def cond(name: str, n: int, *, generation: int = 1) -> ev.ConditionReported:
+    return ev.ConditionReported(workspace=ref(name), generation=generation, type=f"Step{n}", status="True",
+                                reason="Test")
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def runner(nc: Client, handler, durable: str = "test", **spec_kw) -> ConsumerRunner:  # type: ignore[no-untyped-def]
+    spec = ConsumerSpec(durable=durable, filter_subjects=[ev.subject_filter("status")], **spec_kw)
+    return ConsumerRunner(nc=nc, spec=spec, handler=handler, publisher=Publisher(nc.jetstream()),
+                          reporter="test")
+
+
+async def stream_count(nc: Client, subject: str) -> int:
+    info = await nc.jetstream().stream_info(ev.STREAM, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+async def test_declare_is_idempotent(nc: Client) -> None:
+    js = nc.jetstream()
+    await declare_stream(js)
+    await declare_stream(js)
+    for _ in range(2):
+        await declare_consumer(js, stream=ev.STREAM, durable="d", filter_subjects=["kaiten.plan.>"],
+                               ack_wait=5, max_ack_pending=10)
+    info = await js.consumer_info(ev.STREAM, "d")
+    assert info.config.filter_subjects == ["kaiten.plan.>"] or info.config.filter_subject == "kaiten.plan.>"
+
+
+async def test_publish_dedupes_by_msg_id_and_carries_trace_context(nc: Client) -> None:
+    pub = Publisher(nc.jetstream())
+    event = cond("a", 1)
+    first = await pub.publish(event)
+    again = await pub.publish(msgspec.structs.replace(event, event_id="other"))  # same fact, new id
+    assert not first.duplicate and again.duplicate
+    assert await stream_count(nc, "kaiten.status.>") == 1
+    msg = await nc.jetstream().get_msg(ev.STREAM, first.seq)
+    assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == ev.dedupe_id(event)
+    assert ev.decode(msg.data) == event
+
+
+async def test_events_round_trip_and_subjects() -> None:
+    observed = ev.WorkspaceObserved(workspace=ref("w", "ns1"), generation=3, api_version="kaito.sh/v1alpha1",
+                                    spec={"resource": {"count": 1}})
+    assert ev.subject_for(observed) == "kaiten.workspace.observed.ns1.w"
+    assert ev.decode(ev.encode(observed)) == observed
+    assert ev.dedupe_id(observed) == "uid-ns1-w:3:workspace.observed"
+    with pytest.raises(AttributeError):
+        observed.generation = 4  # type: ignore[misc]
+    with pytest.raises(msgspec.ValidationError):
+        ev.decode(b'{"kind": "workspace.observed", "generation": "x"}')
+
+
+async def test_one_workspace_in_order_different_workspaces_concurrently(nc: Client) -> None:
+    seen: dict[str, list[int]] = defaultdict(list)
+    active: set[str] = set()
+    overlap = {"same_key": 0, "max_parallel": 0}
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        key = events[0].workspace.key
+        if key in active:
+            overlap["same_key"] += 1
+        active.add(key)
+        overlap["max_parallel"] = max(overlap["max_parallel"], len(active))
+        await asyncio.sleep(0.05)
+        seen[key] += [int(e.type.removeprefix("Step")) for e in events if isinstance(e, ev.ConditionReported)]
+        active.discard(key)
+
+    pub = Publisher(nc.jetstream())
+    for n in range(20):
+        for name in ("a", "b", "c", "d"):
+            await pub.publish(cond(name, n))
+    run = runner(nc, handler, fetch_batch=8)
+    await run.start()
+    try:
+        await wait_for(lambda: sum(len(v) for v in seen.values()) == 80)
+    finally:
+        await run.stop()
+    assert all(seen[k] == list(range(20)) for k in seen), seen
+    assert overlap["same_key"] == 0
+    assert overlap["max_parallel"] >= 2
+
+
+async def test_transient_error_is_retried_then_succeeds(nc: Client) -> None:
+    calls: list[float] = []
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise Transient("apiserver busy", retry_after=0.1)
+
+    await Publisher(nc.jetstream()).publish(cond("a", 1))
+    run = runner(nc, handler)
+    await run.start()
+    try:
+        await wait_for(lambda: run.handled == 1)
+    finally:
+        await run.stop()
+    assert len(calls) == 3
+
+
+async def test_invalid_input_is_terminated_with_a_status_event(nc: Client) -> None:
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        raise InvalidInput("preset nope is unknown", reason="UnknownPreset")
+
+    pub = Publisher(nc.jetstream())
+    await pub.publish(ev.PlanResolved(workspace=ref("bad"), generation=1, plan={}))
+    spec = ConsumerSpec(durable="planner-like", filter_subjects=[ev.subject_filter("plan")])
+    run = ConsumerRunner(nc=nc, spec=spec, handler=handler, publisher=pub, reporter="planner")
+    sub = await nc.jetstream().subscribe("kaiten.status.condition.default.bad", ordered_consumer=True)
+    await run.start()
+    try:
+        report = ev.decode((await sub.next_msg(timeout=10)).data)
+        assert isinstance(report, ev.ConditionReported)
+        assert (report.status, report.reason, report.warning) == ("False", "UnknownPreset", True)
+        assert "preset nope is unknown" in report.message
+        for _ in range(100):  # term() is fire-and-forget: wait until the server has it
+            await nc.flush()
+            info = await nc.jetstream().consumer_info(ev.STREAM, "planner-like")
+            if info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    finally:
+        await run.stop()
+
+
+async def test_unknown_error_gives_up_after_max_attempts(nc: Client) -> None:
+    calls = 0
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("bug")
+
+    pub = Publisher(nc.jetstream())
+    await pub.publish(ev.PlanResolved(workspace=ref("w"), generation=1, plan={}))
+    spec = ConsumerSpec(durable="p", filter_subjects=[ev.subject_filter("plan")], max_attempts=3)
+    run = ConsumerRunner(nc=nc, spec=spec, handler=handler, publisher=pub, reporter="planner")
+    sub = await nc.jetstream().subscribe("kaiten.status.condition.default.w", ordered_consumer=True)
+    await run.start()
+    try:
+        report = ev.decode((await sub.next_msg(timeout=15)).data)
+        assert isinstance(report, ev.ConditionReported) and report.reason == "InternalError"
+        assert "RuntimeError: bug" in report.message
+    finally:
+        await run.stop()
+    assert calls == 3
+
+
+async def test_poison_message_in_a_burst_does_not_take_the_others_down(nc: Client) -> None:
+    handled: list[int] = []
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        for e in events:
+            assert isinstance(e, ev.ConditionReported)
+            if e.type == "Step2":
+                raise InvalidInput("bad step")
+        handled.extend(int(e.type.removeprefix("Step")) for e in events)  # type: ignore[union-attr]
+
+    pub = Publisher(nc.jetstream())
+    for n in range(5):
+        await pub.publish(cond("a", n))
+    run = runner(nc, handler)
+    await run.start()
+    try:
+        await wait_for(lambda: sorted(handled) == [0, 1, 3, 4])
+    finally:
+        await run.stop()
+
+
+async def test_long_handler_stays_alive_with_in_progress(nc: Client) -> None:
+    calls = 0
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(3.5)  # longer than ack_wait: only in_progress() prevents a redelivery
+
+    await Publisher(nc.jetstream()).publish(cond("slow", 1))
+    run = runner(nc, handler, ack_wait=1.5)
+    await run.start()
+    try:
+        await wait_for(lambda: run.handled == 1)
+    finally:
+        await run.stop()
+    assert calls == 1
+
+
+async def test_two_replicas_share_work_and_never_handle_one_workspace_at_once(nc: Client) -> None:
+    active: set[str] = set()
+    collisions = 0
+    per_replica = [0, 0]
+    seen: dict[str, list[int]] = defaultdict(list)
+
+    def make(index: int):  # type: ignore[no-untyped-def]
+        async def handler(events: Sequence[ev.AnyEvent]) -> None:
+            nonlocal collisions
+            key = events[0].workspace.key
+            if key in active:
+                collisions += 1
+            active.add(key)
+            await asyncio.sleep(0.02)
+            per_replica[index] += len(events)
+            seen[key] += [int(e.type.removeprefix("Step")) for e in events]  # type: ignore[union-attr]
+            active.discard(key)
+        return handler
+
+    pub = Publisher(nc.jetstream())
+    names = [f"w{i}" for i in range(8)]
+    for n in range(10):
+        for name in names:
+            await pub.publish(cond(name, n))
+    replicas = [runner(nc, make(i), durable="shared", fetch_batch=4) for i in range(2)]
+    for r in replicas:
+        await r.start()
+    try:
+        await wait_for(lambda: sum(per_replica) >= 80, timeout=30)
+        await asyncio.sleep(0.5)
+    finally:
+        for r in replicas:
+            await r.stop()
+    assert sum(per_replica) == 80, per_replica  # each message handled exactly once
+    assert collisions == 0
+    assert min(per_replica) > 0, per_replica  # the work is spread
+    assert all(sorted(v) == list(range(10)) for v in seen.values())

@@ -1,0 +1,217 @@
+"""The watcher and status writer end to end: real apiserver, NATS, kubectl and service processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from nats.aio.client import Client
+
+from shared import events as ev
+from shared.api.workspace import spec_of
+from shared.bus.publishing import Publisher
+from shared.local.procs import ManagedProcess
+from tests.conftest import REPO, SEEDS, Kubectl, Services
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
+KAITEN = Path(sys.executable).parent / "kaiten"  # the installed console script
+
+
+async def until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def start_watcher(services: Services, **env: str) -> ManagedProcess:
+    proc = services.start("services.watcher", **env)
+    await until(lambda: "watcher ready" in proc.log_path.read_text(errors="replace") if proc.log_path.exists()
+                else False, timeout=30, what=f"watcher ready\n{services.logs()}")
+    return proc
+
+
+async def counts(nc: Client, kind: str, namespace: str) -> dict[str, int]:
+    """Messages stored per Workspace name for ``kaiten.workspace.<kind>.<namespace>.*``."""
+    info = await nc.jetstream().stream_info(ev.STREAM, subjects_filter=f"kaiten.workspace.{kind}.{namespace}.*")
+    return {subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()}
+
+
+def workspace(name: str, *, count: int = 1) -> str:
+    return json.dumps({
+        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": name},
+        "resource": {"count": count, "instanceType": "Standard_NC6s_v3",
+                     "labelSelector": {"matchLabels": {"apps": name}}},
+        "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
+    })
+
+
+async def test_seed_manifests_are_observed_within_a_second(kubectl: Kubectl, namespace: str, nc: Client,
+                                                           services: Services) -> None:
+    await start_watcher(services)
+    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.*", ordered_consumer=True)
+    for path in sorted(SEEDS.glob("*.yaml")):
+        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+        applied = time.monotonic()
+        kubectl.run("apply", "-n", namespace, "-f", str(path), check=True)
+        event = ev.decode((await sub.next_msg(timeout=5)).data)
+        latency = time.monotonic() - applied
+        assert isinstance(event, ev.WorkspaceObserved)
+        assert latency < 1.0, f"{name} observed after {latency:.2f}s"
+        stored = kubectl.json("get", "workspace", name, "-n", namespace)
+        assert event.workspace == ev.WorkspaceRef(namespace=namespace, name=name, uid=stored["metadata"]["uid"])
+        assert event.generation == 1 and event.spec == spec_of(stored)
+        assert "kaito.sh/workspace-cleanup" in stored["metadata"]["finalizers"]
+    header = kubectl.run("get", "workspace", "-n", namespace, check=True).stdout.split()[:6]
+    assert header == ["NAME", "INSTANCE", "RESOURCEREADY", "INFERENCEREADY", "WORKSPACEREADY", "AGE"]
+
+
+async def test_label_edit_emits_nothing_and_spec_edit_emits_a_new_generation(
+        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    await start_watcher(services)
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w1"), check=True)
+    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w1", ordered_consumer=True)
+    first = ev.decode((await sub.next_msg(timeout=5)).data)
+    assert first.generation == 1
+    kubectl.run("label", "workspace", "w1", "-n", namespace, "team=a", check=True)
+    kubectl.run("annotate", "workspace", "w1", "-n", namespace, "note=x", check=True)
+    with pytest.raises(TimeoutError):
+        await sub.next_msg(timeout=1.5)
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w1", count=2), check=True)
+    second = ev.decode((await sub.next_msg(timeout=5)).data)
+    assert isinstance(second, ev.WorkspaceObserved)
+    assert second.generation == 2 and second.spec["resource"]["count"] == 2
+    assert (await counts(nc, "observed", namespace)) == {"w1": 2}
+
+
+async def test_condition_events_reach_kubectl_and_kaiten_events(
+        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    await start_watcher(services)
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w2"), check=True)
+    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w2", ordered_consumer=True)
+    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    ref, gen = observed.workspace, observed.generation
+    viewer = subprocess.Popen(
+        [str(KAITEN), "events", "-n", namespace, "--since", "10m", "--count", "4",
+         "--timeout", "30", "--nats", services.env["KAITEN_NATS_URL"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    pub = Publisher(nc.jetstream())
+    for event in (
+        ev.NodesRequested(workspace=ref, generation=gen, provider="byo", count=1, instance_type="Standard_NC6s_v3"),
+        ev.NodesReady(workspace=ref, generation=gen, provider="byo", nodes=("node-a",)),
+        ev.InferenceReady(workspace=ref, generation=gen, endpoint="http://w2.svc"),
+        ev.ConditionReported(workspace=ref, generation=gen, type="NodeClaimReady", status="True",
+                             reason="ClaimsReady", message="1/1 claims ready"),
+    ):
+        await pub.publish(event)
+    wait = kubectl.run("wait", "-n", namespace, "--for=condition=WorkspaceSucceeded", "workspace/w2",
+                       "--timeout=20s")
+    assert wait.returncode == 0, wait.stderr
+    kubectl.run("wait", "-n", namespace, "--for=condition=NodeClaimReady", "workspace/w2", "--timeout=20s",
+                check=True)
+    row = kubectl.run("get", "workspace", "w2", "-n", namespace, "--no-headers", check=True).stdout.split()
+    assert row[:5] == ["w2", "Standard_NC6s_v3", "True", "True", "True"]
+    stored = kubectl.json("get", "workspace", "w2", "-n", namespace)
+    conditions = {c["type"]: c for c in stored["status"]["conditions"]}
+    assert conditions["InferenceReady"]["observedGeneration"] == gen
+    assert conditions["ResourceReady"]["reason"] == "ResourceReady"
+    assert stored["status"]["workerNodes"] == ["node-a"]
+    out, err = viewer.communicate(timeout=40)
+    assert viewer.returncode == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 4 and all(f"{namespace}/w2" in line for line in lines)
+    assert "nodes.ready" in lines[1] and "node-a" in lines[1]
+    assert "NodeClaimReady=True (ClaimsReady) 1/1 claims ready" in lines[3]
+
+
+async def test_failures_post_kubernetes_warning_events(kubectl: Kubectl, namespace: str, nc: Client,
+                                                       services: Services) -> None:
+    await start_watcher(services)
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w3"), check=True)
+    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w3", ordered_consumer=True)
+    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    failed = ev.NodesFailed(workspace=observed.workspace, generation=1, provider="aks", reason="QuotaExceeded",
+                            message="Operation could not be completed as it results in exceeding approved quota")
+    await Publisher(nc.jetstream()).publish(failed)
+    await Publisher(nc.jetstream()).publish(failed)  # a retried publish: deduped, one Event
+    kubectl.run("wait", "-n", namespace, "--for=condition=ResourceReady=False", "workspace/w3", "--timeout=20s",
+                check=True)
+    await until(lambda: "QuotaExceeded" in kubectl.run("get", "events", "-n", namespace).stdout, what="k8s Event")
+    items = kubectl.json("get", "events", "-n", namespace, "--field-selector", "reason=QuotaExceeded")["items"]
+    assert len(items) == 1 and items[0]["type"] == "Warning"
+    assert items[0]["involvedObject"]["name"] == "w3" and "quota" in items[0]["message"]
+
+
+async def test_delete_waits_for_cleanup_owners_then_the_object_goes(
+        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    await start_watcher(services, KAITEN_CLEANUP_OWNERS="provisioner")
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w4"), check=True)
+    sub = await nc.jetstream().subscribe(f"kaiten.workspace.*.{namespace}.w4", ordered_consumer=True)
+    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    kubectl.run("delete", "workspace", "w4", "-n", namespace, "--wait=false", check=True)
+    deleting = ev.decode((await sub.next_msg(timeout=5)).data)
+    assert isinstance(deleting, ev.WorkspaceDeleting) and deleting.workspace == observed.workspace
+    await asyncio.sleep(1.0)
+    assert kubectl.run("get", "workspace", "w4", "-n", namespace).returncode == 0, "went before cleanup"
+    await Publisher(nc.jetstream()).publish(ev.CleanupDone(workspace=observed.workspace, generation=1,
+                                                           owner="provisioner"))
+    gone = kubectl.run("wait", "-n", namespace, "--for=delete", "workspace/w4", "--timeout=20s")
+    assert gone.returncode == 0, gone.stderr
+
+
+async def test_delete_without_owners_releases_at_once(kubectl: Kubectl, namespace: str, nc: Client,
+                                                      services: Services) -> None:
+    await start_watcher(services)
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w5"), check=True)
+    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w5", ordered_consumer=True)
+    await sub.next_msg(timeout=5)
+    result = kubectl.run("delete", "workspace", "w5", "-n", namespace, "--timeout=20s")
+    assert result.returncode == 0, result.stderr
+    assert (await counts(nc, "deleting", namespace)) == {"w5": 1}
+
+
+async def test_sigkill_mid_apply_loses_nothing_and_duplicates_nothing(
+        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    proc = await start_watcher(services)
+    names = [f"k{i}" for i in range(12)]
+    for index, name in enumerate(names):
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace(name), check=True)
+        if index == 5:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.proc.wait()  # type: ignore[union-attr]
+    assert not proc.alive()
+    await start_watcher(services)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(await counts(nc, "observed", namespace)) < len(names):
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.5)  # time for any duplicate to show up
+    assert (await counts(nc, "observed", namespace)) == dict.fromkeys(names, 1)
+    for name in names:
+        assert "kaito.sh/workspace-cleanup" in kubectl.json("get", "workspace", name, "-n", namespace)[
+            "metadata"]["finalizers"]
+
+
+async def test_two_replicas_publish_each_generation_once(kubectl: Kubectl, namespace: str, nc: Client,
+                                                         services: Services) -> None:
+    await start_watcher(services)
+    await start_watcher(services)
+    names = [f"r{i}" for i in range(6)]
+    for name in names:
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace(name), check=True)
+    for name in names[:3]:
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace(name, count=2), check=True)
+    expected = {name: 2 if name in names[:3] else 1 for name in names}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and await counts(nc, "observed", namespace) != expected:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.5)
+    assert await counts(nc, "observed", namespace) == expected

@@ -1,0 +1,88 @@
+"""Pure watcher and status-writer logic, by table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.watcher.deciding import Action, Published, decide
+from services.watcher.status.conditions import ConditionUpdate, finalizer_removable, fold, merge_conditions
+from services.watcher.status.writing import status_patch
+from shared import events as ev
+from shared.api.crd import FINALIZER
+
+REF = ev.WorkspaceRef(namespace="ns", name="w", uid="u1")
+
+
+def obj(generation: int = 1, finalizers: tuple[str, ...] = (FINALIZER,), deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "w", "namespace": "ns", "uid": "u1", "generation": generation,
+                            "finalizers": list(finalizers), "resourceVersion": "7"}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-21T00:00:00Z"
+    return {"metadata": meta}
+
+
+@pytest.mark.parametrize(("o", "published", "expected"), [
+    (obj(finalizers=()), Published(), [Action.ADD_FINALIZER]),
+    (obj(finalizers=("other",)), Published(), [Action.ADD_FINALIZER]),
+    (obj(), Published(), [Action.PUBLISH_OBSERVED]),
+    (obj(generation=2), Published(generation=1), [Action.PUBLISH_OBSERVED]),
+    (obj(generation=2), Published(generation=2), []),  # label/status-only change: same generation
+    (obj(generation=1), Published(generation=2), []),  # a stale view (older than what we published)
+    (obj(deleting=True), Published(generation=1), [Action.PUBLISH_DELETING]),
+    (obj(deleting=True), Published(generation=1, deleting=True), []),
+    (obj(deleting=True, finalizers=()), Published(), []),  # not ours to clean up
+])
+def test_decide(o: dict[str, Any], published: Published, expected: list[Action]) -> None:
+    assert decide(o, published) == expected
+
+
+def test_merge_keeps_transition_time_when_status_unchanged() -> None:
+    first = merge_conditions([], [ConditionUpdate("InferenceReady", "False", "Pending", "", 1)], "t1")
+    second = merge_conditions(first, [ConditionUpdate("InferenceReady", "False", "StillPending", "m", 1)], "t2")
+    third = merge_conditions(second, [ConditionUpdate("InferenceReady", "True", "Ready", "", 1)], "t3")
+    assert second[0]["lastTransitionTime"] == "t1" and second[0]["reason"] == "StillPending"
+    assert third[0]["lastTransitionTime"] == "t3" and third[0]["status"] == "True"
+
+
+def test_merge_never_lets_an_older_generation_overwrite_a_newer_one() -> None:
+    current = merge_conditions([], [ConditionUpdate("ResourceReady", "True", "Ready", "", 3)], "t1")
+    after = merge_conditions(current, [ConditionUpdate("ResourceReady", "False", "Old", "", 2)], "t2")
+    assert after == current
+
+
+def test_fold_coalesces_a_burst_in_order() -> None:
+    events: list[ev.AnyEvent] = [
+        ev.NodesRequested(workspace=REF, generation=1, provider="local", count=1, instance_type="local"),
+        ev.NodesReady(workspace=REF, generation=1, provider="local", nodes=("n1",)),
+        ev.InferenceReady(workspace=REF, generation=1, endpoint="http://127.0.0.1:8000"),
+    ]
+    change = fold(events)
+    merged = {c["type"]: c for c in merge_conditions([], change.conditions, "t")}
+    assert merged["ResourceReady"]["status"] == "True"
+    assert merged["NodesReady"]["status"] == "True"
+    assert merged["WorkspaceSucceeded"]["status"] == "True"
+    assert change.worker_nodes == ("n1",)
+
+
+def test_failures_become_false_conditions_and_warnings() -> None:
+    change = fold([ev.PlanRejected(workspace=REF, generation=2, reason="UnknownPreset", message="no such preset")])
+    assert {(c.type, c.status, c.reason) for c in change.conditions} >= {
+        ("ResourceReady", "False", "UnknownPreset"), ("WorkspaceSucceeded", "False", "UnknownPreset")}
+    assert change.warnings and change.warnings[0].reason == "UnknownPreset"
+
+
+def test_status_patch_is_none_when_nothing_changes() -> None:
+    change = fold([ev.ConditionReported(workspace=REF, generation=1, type="X", status="True", reason="R")])
+    o = obj()
+    patch = status_patch(o, change, "t")
+    assert patch is not None and patch["metadata"]["resourceVersion"] == "7"
+    o["status"] = patch["status"]
+    assert status_patch(o, change, "t2") is None
+
+
+def test_finalizer_waits_for_every_owner() -> None:
+    assert finalizer_removable([], [])
+    assert not finalizer_removable(["provisioner"], ["provisioner", "workload"])
+    assert finalizer_removable(["workload", "provisioner"], ["provisioner", "workload"])
