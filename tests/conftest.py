@@ -112,9 +112,9 @@ class Services:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{tail(p.log_path, 200)}" for p in self.procs)
 
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            proc.stop()
+    def stop_all(self) -> list[str]:
+        """Stop every service; returns the names of those that ignored SIGTERM and had to be killed."""
+        return [proc.name for proc in self.procs if not proc.stop(timeout=10)]
 
 
 @pytest.fixture
@@ -129,7 +129,8 @@ def services(tmp_path: Path, nats_server: NatsServer, controlplane: ControlPlane
     try:
         yield svc
     finally:
-        svc.stop_all()
+        killed = svc.stop_all()
+    assert not killed, f"did not stop on SIGTERM within 10s: {killed}\n{svc.logs()}"
     for proc in svc.procs:
         text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
         assert "Traceback" not in text, f"traceback in {proc.name} log:\n{text[-4000:]}"

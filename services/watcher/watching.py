@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-from kubernetes_asyncio import watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
@@ -23,7 +22,7 @@ from nats.js.kv import KeyValue
 
 from services.watcher.deciding import Action, Published, decide
 from services.watcher.settings import WatcherSettings
-from shared.api.crd import FINALIZER, GROUP, PLURAL
+from shared.api.crd import FINALIZER
 from shared.api.workspace import spec_of
 from shared.bus.backoff import delay_for
 from shared.bus.publishing import Publisher
@@ -113,7 +112,7 @@ class WorkspaceWatcher:
                     continue
                 failures += 1
                 await self._pause(failures, f"apiserver: HTTP {exc.status} {exc.reason}")
-            except (OSError, TimeoutError, Exception) as exc:  # NATS/apiserver unreachable: relist later
+            except Exception as exc:  # NATS or apiserver unreachable, or a bad response: relist later
                 failures += 1
                 await self._pause(failures, repr(exc))
 
@@ -129,25 +128,20 @@ class WorkspaceWatcher:
         return str(listing["metadata"]["resourceVersion"])
 
     async def _watch(self, resource_version: str, *, until: float) -> None:
-        objects = self._workspaces.objects
-        version = self._workspaces.version
-        if self._settings.namespace:
-            func, args = objects.list_namespaced_custom_object, (GROUP, version, self._settings.namespace, PLURAL)
-        else:
-            func, args = objects.list_cluster_custom_object, (GROUP, version, PLURAL)
-        stream = watch.Watch().stream(func, *args, resource_version=resource_version,
-                                      allow_watch_bookmarks=True,
-                                      timeout_seconds=self._settings.watch_timeout_s)
-        async with contextlib.aclosing(stream) as events:
+        stream = self._workspaces.watch(self._settings.namespace or None, resource_version=resource_version,
+                                        timeout_seconds=self._settings.watch_timeout_s)
+        try:
             while time.monotonic() < until:
                 try:
-                    event = await asyncio.wait_for(anext(events), self._settings.inactivity_timeout_s)
+                    event = await asyncio.wait_for(anext(stream), self._settings.inactivity_timeout_s)
                 except StopAsyncIteration:
                     return  # server-side timeout: relist (cheap, and repairs anything missed)
                 except TimeoutError:
                     log.info("no watch events for %.0fs; rewatching", self._settings.inactivity_timeout_s)
                     return
                 await self._on_event(event)
+        finally:
+            await stream.close()
 
     async def _on_event(self, event: dict[str, Any]) -> None:
         kind, obj = event["type"], event.get("raw_object") or event.get("object")

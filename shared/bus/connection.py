@@ -28,7 +28,11 @@ async def connect(
     one minute by default); past that the client closes and the service's supervisor restarts it.
     """
 
+    client: list[Client] = []  # set once connected; lets the callback tell a drain from a failure
+
     async def on_disconnect() -> None:
+        if client and (client[0].is_draining or client[0].is_closed):
+            return
         log.warning("NATS disconnected (%s); reconnecting", name)
 
     async def on_reconnect() -> None:
@@ -38,7 +42,7 @@ async def connect(
         log.warning("NATS error (%s): %s", name, err)
 
     try:
-        return await asyncio.wait_for(
+        nc = await asyncio.wait_for(
             nats.connect(
                 url,
                 name=name,
@@ -55,3 +59,5 @@ async def connect(
         )
     except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
         raise BusUnavailable(f"NATS at {url} not reachable within {connect_timeout:g}s: {exc}") from exc
+    client.append(nc)
+    return nc

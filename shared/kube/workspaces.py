@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubernetes_asyncio import client
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from shared.api.crd import GROUP, KIND, PLURAL, STORAGE_VERSION
@@ -32,6 +32,15 @@ class Workspaces:
         else:
             result = await self._objects.list_cluster_custom_object(GROUP, self.version, PLURAL)
         return dict(result)
+
+    def watch(self, namespace: str | None, *, resource_version: str, timeout_seconds: int) -> watch.Watch:
+        """A watch stream from ``resource_version``; the caller must ``await stream.close()``."""
+        if namespace:
+            func, args = self._objects.list_namespaced_custom_object, (GROUP, self.version, namespace, PLURAL)
+        else:
+            func, args = self._objects.list_cluster_custom_object, (GROUP, self.version, PLURAL)
+        return watch.Watch().stream(func, *args, resource_version=resource_version,
+                                    allow_watch_bookmarks=True, timeout_seconds=timeout_seconds)
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -78,10 +78,13 @@ class ManagedProcess:
         return StartFailed(f"{self.name} {what} ({state}); last log lines from {self.log_path}:\n"
                            f"{tail(self.log_path)}")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the process group we created, then SIGKILL it after ``timeout`` s."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM the process group we created, then SIGKILL it after ``timeout`` s.
+
+        Returns True when it stopped gracefully (or had already exited), False when it had to be killed.
+        """
         if self.proc is None or self.proc.poll() is not None:
-            return
+            return True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
@@ -90,6 +93,8 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
+            return False
+        return True
 
 
 def wait_until(predicate: object, *, timeout: float, interval: float = 0.05) -> bool:
