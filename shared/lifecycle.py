@@ -17,7 +17,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kubernetes_asyncio import client as kclient
 from nats.aio.client import Client
@@ -70,8 +70,12 @@ def setup_logging(service: str, level: str) -> None:
 async def serve(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging(service, settings.log_level)
-    nc = await connect(settings.nats_url, name=service, connect_timeout=settings.connect_timeout_s,
-                       user_credentials=settings.nats_credentials)
+    nc = await connect(
+        settings.nats_url,
+        name=service,
+        connect_timeout=settings.connect_timeout_s,
+        user_credentials=settings.nats_credentials,
+    )
     js = nc.jetstream()
     await declare_stream(js)
     api = await api_client(settings.kubeconfig) if needs_kube else None
@@ -101,7 +105,9 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
 
 
 async def _supervise(components: Sequence[Component], stopping: asyncio.Event) -> int:
-    waits = {asyncio.create_task(c.wait(), name=f"wait:{c.name}"): c for c in components}
+    waits: dict[asyncio.Task[Any], Component] = {
+        asyncio.create_task(c.wait(), name=f"wait:{c.name}"): c for c in components
+    }
     stop_wait = asyncio.create_task(stopping.wait(), name="wait:signal")
     done, _ = await asyncio.wait([stop_wait, *waits], return_when=asyncio.FIRST_COMPLETED)
     for task in [stop_wait, *waits]:

@@ -34,11 +34,18 @@ SEEDS = REPO / "examples" / "seed"
 class Kubectl:
     kubeconfig: Path
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = False,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["kubectl", *args], input=stdin, capture_output=True, text=True,
-                                env={**os.environ, "KUBECONFIG": str(self.kubeconfig)}, timeout=timeout,
-                                check=False)
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["kubectl", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+            timeout=timeout,
+            check=False,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
@@ -53,7 +60,9 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
     try:
         kubectl = Kubectl(cp.kubeconfig)
         kubectl.run("apply", "-f", str(CRD_PATH), check=True)
-        kubectl.run("wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s", check=True)
+        kubectl.run(
+            "wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s", check=True
+        )
         yield cp
     finally:
         cp.stop()
@@ -118,14 +127,18 @@ class Services:
 
 
 @pytest.fixture
-def services(tmp_path: Path, nats_server: NatsServer, controlplane: ControlPlane,
-             namespace: str) -> Iterator[Services]:
-    svc = Services(log_dir=tmp_path / "logs", env={
-        "KAITEN_NATS_URL": nats_server.url,
-        "KUBECONFIG": str(controlplane.kubeconfig),
-        "KAITEN_NAMESPACE": namespace,
-        "KAITEN_LOG_LEVEL": "INFO",
-    })
+def services(
+    tmp_path: Path, nats_server: NatsServer, controlplane: ControlPlane, namespace: str
+) -> Iterator[Services]:
+    svc = Services(
+        log_dir=tmp_path / "logs",
+        env={
+            "KAITEN_NATS_URL": nats_server.url,
+            "KUBECONFIG": str(controlplane.kubeconfig),
+            "KAITEN_NAMESPACE": namespace,
+            "KAITEN_LOG_LEVEL": "INFO",
+        },
+    )
     try:
         yield svc
     finally:

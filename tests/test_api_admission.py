@@ -21,20 +21,29 @@ Obj = dict[str, Any]
 
 def inference_ws(name: str = "ws") -> Obj:
     return {
-        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": name},
+        "apiVersion": "kaito.sh/v1alpha1",
+        "kind": "Workspace",
+        "metadata": {"name": name},
         "resource": {"instanceType": "Standard_NC6s_v3", "labelSelector": {"matchLabels": {"apps": "x"}}},
-        "inference": {"preset": {"name": "phi-3-mini-4k-instruct"},
-                      "adapters": [{"source": {"name": "a1", "image": "reg.example/a1:1"}, "strength": "0.5"}]},
+        "inference": {
+            "preset": {"name": "phi-3-mini-4k-instruct"},
+            "adapters": [{"source": {"name": "a1", "image": "reg.example/a1:1"}, "strength": "0.5"}],
+        },
     }
 
 
 def tuning_ws(name: str = "ws") -> Obj:
     return {
-        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": name},
+        "apiVersion": "kaito.sh/v1beta1",
+        "kind": "Workspace",
+        "metadata": {"name": name},
         "resource": {"instanceType": "Standard_NC6s_v3", "labelSelector": {"matchLabels": {"app": "t"}}},
-        "tuning": {"preset": {"name": "phi-3-mini-128k-instruct"}, "method": "qlora",
-                   "input": {"urls": ["https://data.example/train.parquet"]},
-                   "output": {"image": "reg.example/out:1", "imagePushSecret": "push"}},
+        "tuning": {
+            "preset": {"name": "phi-3-mini-128k-instruct"},
+            "method": "qlora",
+            "input": {"urls": ["https://data.example/train.parquet"]},
+            "output": {"image": "reg.example/out:1", "imagePushSecret": "push"},
+        },
     }
 
 
@@ -50,6 +59,7 @@ def drop(path: str) -> Callable[[Obj], None]:
         for part in parents:
             obj = obj[int(part)] if part.isdigit() else obj[part]
         del obj[last]
+
     return run
 
 
@@ -59,6 +69,7 @@ def setv(path: str, value: Any) -> Callable[[Obj], None]:
         for part in parents:
             obj = obj[int(part)] if part.isdigit() else obj.setdefault(part, {})
         obj[last] = value
+
     return run
 
 
@@ -66,103 +77,233 @@ def both(*changes: Callable[[Obj], None]) -> Callable[[Obj], None]:
     def run(obj: Obj) -> None:
         for change in changes:
             change(obj)
+
     return run
 
 
 # (id, manifest, a piece of the message kubectl must print)
 INVALID: list[tuple[str, Obj, str]] = [
-    ("neither-inference-nor-tuning", edit(inference_ws, drop("inference")), "exactly one of inference or tuning"),
-    ("both-inference-and-tuning", edit(inference_ws, setv("tuning", tuning_ws()["tuning"])),
-     "exactly one of inference or tuning"),
+    (
+        "neither-inference-nor-tuning",
+        edit(inference_ws, drop("inference")),
+        "exactly one of inference or tuning",
+    ),
+    (
+        "both-inference-and-tuning",
+        edit(inference_ws, setv("tuning", tuning_ws()["tuning"])),
+        "exactly one of inference or tuning",
+    ),
     ("no-resource", edit(inference_ws, drop("resource")), "resource: Required value"),
-    ("no-label-selector", edit(inference_ws, drop("resource.labelSelector")), "labelSelector: Required value"),
-    ("empty-label-selector", edit(inference_ws, setv("resource.labelSelector", {})),
-     "labelSelector must select something"),
-    ("selector-in-without-values", edit(inference_ws, setv("resource.labelSelector.matchExpressions",
-                                                           [{"key": "a", "operator": "In"}])),
-     "operators In/NotIn need values"),
-    ("selector-exists-with-values", edit(inference_ws, setv("resource.labelSelector.matchExpressions",
-                                                            [{"key": "a", "operator": "Exists", "values": ["x"]}])),
-     "Exists/DoesNotExist take none"),
-    ("selector-bad-operator", edit(inference_ws, setv("resource.labelSelector.matchExpressions",
-                                                      [{"key": "a", "operator": "Near", "values": ["x"]}])),
-     'Unsupported value: "Near"'),
+    (
+        "no-label-selector",
+        edit(inference_ws, drop("resource.labelSelector")),
+        "labelSelector: Required value",
+    ),
+    (
+        "empty-label-selector",
+        edit(inference_ws, setv("resource.labelSelector", {})),
+        "labelSelector must select something",
+    ),
+    (
+        "selector-in-without-values",
+        edit(inference_ws, setv("resource.labelSelector.matchExpressions", [{"key": "a", "operator": "In"}])),
+        "operators In/NotIn need values",
+    ),
+    (
+        "selector-exists-with-values",
+        edit(
+            inference_ws,
+            setv(
+                "resource.labelSelector.matchExpressions",
+                [{"key": "a", "operator": "Exists", "values": ["x"]}],
+            ),
+        ),
+        "Exists/DoesNotExist take none",
+    ),
+    (
+        "selector-bad-operator",
+        edit(
+            inference_ws,
+            setv(
+                "resource.labelSelector.matchExpressions", [{"key": "a", "operator": "Near", "values": ["x"]}]
+            ),
+        ),
+        'Unsupported value: "Near"',
+    ),
     ("count-zero", edit(inference_ws, setv("resource.count", 0)), "should be greater than or equal to 1"),
-    ("count-not-a-number", edit(inference_ws, setv("resource.count", "two")), 'must be of type integer'),
+    ("count-not-a-number", edit(inference_ws, setv("resource.count", "two")), "must be of type integer"),
     ("count-too-large", edit(inference_ws, setv("resource.count", 1000)), "less than or equal to 64"),
-    ("instance-type-with-spaces", edit(inference_ws, setv("resource.instanceType", "Standard NC6s")),
-     "resource.instanceType must look like Standard_NC6s_v3"),
-    ("preferred-nodes-duplicate", edit(inference_ws, setv("resource.preferredNodes", ["n1", "n1"])),
-     "Duplicate value"),
-    ("preset-and-template", edit(inference_ws, setv("inference.template", {"spec": {"containers": []}})),
-     "inference needs exactly one of preset or template"),
-    ("neither-preset-nor-template", edit(inference_ws, both(drop("inference.preset"), drop("inference.adapters"))),
-     "inference needs exactly one of preset or template"),
-    ("adapters-with-template", edit(inference_ws, both(drop("inference.preset"),
-                                                       setv("inference.template", {"spec": {}}))),
-     "inference.adapters apply to a preset model"),
+    (
+        "instance-type-with-spaces",
+        edit(inference_ws, setv("resource.instanceType", "Standard NC6s")),
+        "resource.instanceType must look like Standard_NC6s_v3",
+    ),
+    (
+        "preferred-nodes-duplicate",
+        edit(inference_ws, setv("resource.preferredNodes", ["n1", "n1"])),
+        "Duplicate value",
+    ),
+    (
+        "preset-and-template",
+        edit(inference_ws, setv("inference.template", {"spec": {"containers": []}})),
+        "inference needs exactly one of preset or template",
+    ),
+    (
+        "neither-preset-nor-template",
+        edit(inference_ws, both(drop("inference.preset"), drop("inference.adapters"))),
+        "inference needs exactly one of preset or template",
+    ),
+    (
+        "adapters-with-template",
+        edit(inference_ws, both(drop("inference.preset"), setv("inference.template", {"spec": {}}))),
+        "inference.adapters apply to a preset model",
+    ),
     ("empty-preset-name", edit(inference_ws, setv("inference.preset.name", "")), "at least 1 chars long"),
-    ("preset-name-with-spaces", edit(inference_ws, setv("inference.preset.name", "phi 3")),
-     "inference.preset.name must be a preset name"),
-    ("private-preset-without-image", edit(inference_ws, setv("inference.preset.accessMode", "private")),
-     "accessMode private needs presetOptions.image"),
-    ("bad-access-mode", edit(inference_ws, setv("inference.preset.accessMode", "secret")),
-     'Unsupported value: "secret"'),
-    ("strength-above-one", edit(inference_ws, setv("inference.adapters.0.strength", "1.5")),
-     "strength must be a number between 0 and 1"),
-    ("strength-not-a-number", edit(inference_ws, setv("inference.adapters.0.strength", "high")),
-     "strength must be a number between 0 and 1"),
-    ("strength-negative", edit(inference_ws, setv("inference.adapters.0.strength", "-0.1")),
-     "strength must be a number between 0 and 1"),
-    ("adapter-without-image", edit(inference_ws, drop("inference.adapters.0.source.image")),
-     "image: Required value"),
-    ("adapter-bad-name", edit(inference_ws, setv("inference.adapters.0.source.name", "My Adapter")),
-     "source.name must be lowercase letters"),
-    ("adapter-names-not-unique", edit(inference_ws, setv("inference.adapters", [
-        {"source": {"name": "a", "image": "r/a:1"}}, {"source": {"name": "a", "image": "r/b:1"}}])),
-     "source.name must be unique"),
-    ("adapter-image-with-spaces", edit(inference_ws, setv("inference.adapters.0.source.image", "r/a 1")),
-     "must be an image reference without spaces"),
-    ("bad-workspace-name", edit(inference_ws, setv("metadata.name", "ws.with.dots")),
-     "metadata.name must be a DNS label"),
-    ("unknown-field-typo", edit(inference_ws, setv("resource.instancetype", "Standard_NC6s_v3")),
-     'unknown field "resource.instancetype"'),
+    (
+        "preset-name-with-spaces",
+        edit(inference_ws, setv("inference.preset.name", "phi 3")),
+        "inference.preset.name must be a preset name",
+    ),
+    (
+        "private-preset-without-image",
+        edit(inference_ws, setv("inference.preset.accessMode", "private")),
+        "accessMode private needs presetOptions.image",
+    ),
+    (
+        "bad-access-mode",
+        edit(inference_ws, setv("inference.preset.accessMode", "secret")),
+        'Unsupported value: "secret"',
+    ),
+    (
+        "strength-above-one",
+        edit(inference_ws, setv("inference.adapters.0.strength", "1.5")),
+        "strength must be a number between 0 and 1",
+    ),
+    (
+        "strength-not-a-number",
+        edit(inference_ws, setv("inference.adapters.0.strength", "high")),
+        "strength must be a number between 0 and 1",
+    ),
+    (
+        "strength-negative",
+        edit(inference_ws, setv("inference.adapters.0.strength", "-0.1")),
+        "strength must be a number between 0 and 1",
+    ),
+    (
+        "adapter-without-image",
+        edit(inference_ws, drop("inference.adapters.0.source.image")),
+        "image: Required value",
+    ),
+    (
+        "adapter-bad-name",
+        edit(inference_ws, setv("inference.adapters.0.source.name", "My Adapter")),
+        "source.name must be lowercase letters",
+    ),
+    (
+        "adapter-names-not-unique",
+        edit(
+            inference_ws,
+            setv(
+                "inference.adapters",
+                [{"source": {"name": "a", "image": "r/a:1"}}, {"source": {"name": "a", "image": "r/b:1"}}],
+            ),
+        ),
+        "source.name must be unique",
+    ),
+    (
+        "adapter-image-with-spaces",
+        edit(inference_ws, setv("inference.adapters.0.source.image", "r/a 1")),
+        "must be an image reference without spaces",
+    ),
+    (
+        "bad-workspace-name",
+        edit(inference_ws, setv("metadata.name", "ws.with.dots")),
+        "metadata.name must be a DNS label",
+    ),
+    (
+        "unknown-field-typo",
+        edit(inference_ws, setv("resource.instancetype", "Standard_NC6s_v3")),
+        'unknown field "resource.instancetype"',
+    ),
     ("tuning-bad-method", edit(tuning_ws, setv("tuning.method", "full")), 'Unsupported value: "full"'),
     ("tuning-without-preset", edit(tuning_ws, drop("tuning.preset")), "preset: Required value"),
     ("tuning-without-input", edit(tuning_ws, drop("tuning.input")), "input: Required value"),
-    ("tuning-input-urls-and-image", edit(tuning_ws, setv("tuning.input.image", "r/data:1")),
-     "tuning.input needs exactly one of urls, image or volumeSource"),
-    ("tuning-input-empty", edit(tuning_ws, setv("tuning.input", {})),
-     "tuning.input needs exactly one of urls, image or volumeSource"),
-    ("tuning-input-ftp-url", edit(tuning_ws, setv("tuning.input.urls", ["ftp://data.example/x.parquet"])),
-     "tuning.input.urls must be http:// or https:// URLs"),
-    ("tuning-input-file-url", edit(tuning_ws, setv("tuning.input.urls", ["file:///etc/passwd"])),
-     "tuning.input.urls must be http:// or https:// URLs"),
+    (
+        "tuning-input-urls-and-image",
+        edit(tuning_ws, setv("tuning.input.image", "r/data:1")),
+        "tuning.input needs exactly one of urls, image or volumeSource",
+    ),
+    (
+        "tuning-input-empty",
+        edit(tuning_ws, setv("tuning.input", {})),
+        "tuning.input needs exactly one of urls, image or volumeSource",
+    ),
+    (
+        "tuning-input-ftp-url",
+        edit(tuning_ws, setv("tuning.input.urls", ["ftp://data.example/x.parquet"])),
+        "tuning.input.urls must be http:// or https:// URLs",
+    ),
+    (
+        "tuning-input-file-url",
+        edit(tuning_ws, setv("tuning.input.urls", ["file:///etc/passwd"])),
+        "tuning.input.urls must be http:// or https:// URLs",
+    ),
     ("tuning-input-no-urls", edit(tuning_ws, setv("tuning.input.urls", [])), "should have at least 1 items"),
-    ("tuning-output-image-without-secret", edit(tuning_ws, drop("tuning.output.imagePushSecret")),
-     "tuning.output.image needs tuning.output.imagePushSecret"),
-    ("tuning-output-image-and-volume", edit(tuning_ws, setv("tuning.output.volumeSource", {"emptyDir": {}})),
-     "tuning.output needs exactly one of image or volumeSource"),
-    ("tuning-output-empty", edit(tuning_ws, setv("tuning.output", {})),
-     "tuning.output needs exactly one of image or volumeSource"),
+    (
+        "tuning-output-image-without-secret",
+        edit(tuning_ws, drop("tuning.output.imagePushSecret")),
+        "tuning.output.image needs tuning.output.imagePushSecret",
+    ),
+    (
+        "tuning-output-image-and-volume",
+        edit(tuning_ws, setv("tuning.output.volumeSource", {"emptyDir": {}})),
+        "tuning.output needs exactly one of image or volumeSource",
+    ),
+    (
+        "tuning-output-empty",
+        edit(tuning_ws, setv("tuning.output", {})),
+        "tuning.output needs exactly one of image or volumeSource",
+    ),
     ("tuning-multi-node", edit(tuning_ws, setv("resource.count", 2)), "tuning runs on a single node"),
-    ("pull-secret-with-space", edit(inference_ws, setv("inference.preset.presetOptions.imagePullSecrets",
-                                                     ["has space"])),
-     "must be a Secret name without spaces"),
+    (
+        "pull-secret-with-space",
+        edit(inference_ws, setv("inference.preset.presetOptions.imagePullSecrets", ["has space"])),
+        "must be a Secret name without spaces",
+    ),
 ]
 
 # (id, first manifest, changed manifest, message)
 IMMUTABLE: list[tuple[str, Obj, Obj, str]] = [
-    ("instance-type", inference_ws(), edit(inference_ws, setv("resource.instanceType", "Standard_NC12s_v3")),
-     "resource.instanceType is immutable"),
-    ("instance-type-removed", inference_ws(), edit(inference_ws, drop("resource.instanceType")),
-     "resource.instanceType is immutable"),
-    ("label-selector", inference_ws(), edit(inference_ws, setv("resource.labelSelector.matchLabels", {"apps": "y"})),
-     "resource.labelSelector is immutable"),
-    ("inference-preset", inference_ws(), edit(inference_ws, setv("inference.preset.name", "mistral-7b")),
-     "inference.preset.name is immutable"),
-    ("tuning-preset", tuning_ws(), edit(tuning_ws, setv("tuning.preset.name", "phi-4")),
-     "tuning.preset.name is immutable"),
+    (
+        "instance-type",
+        inference_ws(),
+        edit(inference_ws, setv("resource.instanceType", "Standard_NC12s_v3")),
+        "resource.instanceType is immutable",
+    ),
+    (
+        "instance-type-removed",
+        inference_ws(),
+        edit(inference_ws, drop("resource.instanceType")),
+        "resource.instanceType is immutable",
+    ),
+    (
+        "label-selector",
+        inference_ws(),
+        edit(inference_ws, setv("resource.labelSelector.matchLabels", {"apps": "y"})),
+        "resource.labelSelector is immutable",
+    ),
+    (
+        "inference-preset",
+        inference_ws(),
+        edit(inference_ws, setv("inference.preset.name", "mistral-7b")),
+        "inference.preset.name is immutable",
+    ),
+    (
+        "tuning-preset",
+        tuning_ws(),
+        edit(tuning_ws, setv("tuning.preset.name", "phi-4")),
+        "tuning.preset.name is immutable",
+    ),
     ("inference-to-tuning", inference_ws(), tuning_ws(), "cannot switch between inference and tuning"),
 ]
 
@@ -173,8 +314,9 @@ def test_there_are_at_least_30_invalid_manifests() -> None:
 
 
 @pytest.mark.parametrize(("case", "manifest", "message"), INVALID, ids=[c[0] for c in INVALID])
-def test_invalid_manifest_is_rejected_with_its_message(kubectl: Kubectl, namespace: str, case: str,
-                                                       manifest: Obj, message: str) -> None:
+def test_invalid_manifest_is_rejected_with_its_message(
+    kubectl: Kubectl, namespace: str, case: str, manifest: Obj, message: str
+) -> None:
     result = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
     assert result.returncode != 0, f"{case} was accepted"
     assert message in result.stderr, f"{case}: expected {message!r} in:\n{result.stderr}"
@@ -183,8 +325,9 @@ def test_invalid_manifest_is_rejected_with_its_message(kubectl: Kubectl, namespa
 
 
 @pytest.mark.parametrize(("case", "first", "changed", "message"), IMMUTABLE, ids=[c[0] for c in IMMUTABLE])
-def test_immutable_fields_cannot_change(kubectl: Kubectl, namespace: str, case: str, first: Obj,
-                                        changed: Obj, message: str) -> None:
+def test_immutable_fields_cannot_change(
+    kubectl: Kubectl, namespace: str, case: str, first: Obj, changed: Obj, message: str
+) -> None:
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(first), check=True)
     result = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(changed))
     assert result.returncode != 0, f"{case}: change was accepted"
@@ -194,16 +337,41 @@ def test_immutable_fields_cannot_change(kubectl: Kubectl, namespace: str, case: 
 VALID: list[tuple[str, Obj]] = [
     ("inference-base", inference_ws()),
     ("no-instance-type", edit(inference_ws, drop("resource.instanceType"))),
-    ("match-expressions-only", edit(inference_ws, setv("resource.labelSelector",
-                                                       {"matchExpressions": [{"key": "a", "operator": "Exists"}]}))),
-    ("template-instead-of-preset", edit(inference_ws, both(drop("inference.adapters"), drop("inference.preset"),
-                                                           setv("inference.template", {"spec": {"containers": [
-                                                               {"name": "m", "image": "r/m:1"}]}})))),
+    (
+        "match-expressions-only",
+        edit(
+            inference_ws,
+            setv("resource.labelSelector", {"matchExpressions": [{"key": "a", "operator": "Exists"}]}),
+        ),
+    ),
+    (
+        "template-instead-of-preset",
+        edit(
+            inference_ws,
+            both(
+                drop("inference.adapters"),
+                drop("inference.preset"),
+                setv("inference.template", {"spec": {"containers": [{"name": "m", "image": "r/m:1"}]}}),
+            ),
+        ),
+    ),
     ("strength-zero", edit(inference_ws, setv("inference.adapters.0.strength", "0"))),
     ("strength-one-point-zero", edit(inference_ws, setv("inference.adapters.0.strength", "1.0"))),
     ("strength-fraction", edit(inference_ws, setv("inference.adapters.0.strength", ".25"))),
-    ("private-with-image", edit(inference_ws, setv("inference.preset", {
-        "name": "phi-3-mini-4k-instruct", "accessMode": "private", "presetOptions": {"image": "r/p:1"}}))),
+    (
+        "private-with-image",
+        edit(
+            inference_ws,
+            setv(
+                "inference.preset",
+                {
+                    "name": "phi-3-mini-4k-instruct",
+                    "accessMode": "private",
+                    "presetOptions": {"image": "r/p:1"},
+                },
+            ),
+        ),
+    ),
     ("tuning-base", tuning_ws()),
     ("tuning-http-url", edit(tuning_ws, setv("tuning.input.urls", ["http://127.0.0.1:8000/d.parquet"]))),
     ("tuning-input-image", edit(tuning_ws, setv("tuning.input", {"image": "r/data:1"}))),
@@ -224,15 +392,29 @@ def test_valid_variant_is_accepted(kubectl: Kubectl, namespace: str, case: str, 
 
 
 def test_tuning_method_defaults_to_lora(kubectl: Kubectl, namespace: str) -> None:
-    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(edit(tuning_ws, drop("tuning.method"))),
-                check=True)
+    kubectl.run(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        stdin=json.dumps(edit(tuning_ws, drop("tuning.method"))),
+        check=True,
+    )
     assert kubectl.json("get", "workspace", "ws", "-n", namespace)["tuning"]["method"] == "lora"
 
 
 def test_allowed_updates_bump_generation(kubectl: Kubectl, namespace: str) -> None:
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(inference_ws()), check=True)
-    kubectl.run("apply", "-n", namespace, "-f", "-", check=True,
-                stdin=json.dumps(edit(inference_ws, setv("inference.adapters.0.strength", "0.7"))))
+    kubectl.run(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        check=True,
+        stdin=json.dumps(edit(inference_ws, setv("inference.adapters.0.strength", "0.7"))),
+    )
     assert kubectl.json("get", "workspace", "ws", "-n", namespace)["metadata"]["generation"] == 2
 
 
@@ -244,15 +426,26 @@ def test_seed_manifests_apply_unchanged_and_show_seed_columns(kubectl: Kubectl, 
         assert result.returncode == 0, f"{path.name}: {result.stderr}"
     header = kubectl.run("get", "workspace", "-n", namespace, check=True).stdout.splitlines()[0].split()
     assert header == ["NAME", "INSTANCE", "RESOURCEREADY", "INFERENCEREADY", "WORKSPACEREADY", "AGE"]
-    wide = kubectl.run("get", "workspace", "-n", namespace, "-o", "wide", check=True).stdout.splitlines()[0].split()
+    wide = (
+        kubectl.run("get", "workspace", "-n", namespace, "-o", "wide", check=True)
+        .stdout.splitlines()[0]
+        .split()
+    )
     assert wide[:6] == header and "JOBSTARTED" in wide
     for path in seeds:
         doc = yaml.safe_load(path.read_text())
         stored = kubectl.json("get", "workspace", doc["metadata"]["name"], "-n", namespace)
-        assert WorkspaceV1Alpha1.model_validate({**stored, "apiVersion": "kaito.sh/v1alpha1"}).resource.instance_type \
+        assert (
+            WorkspaceV1Alpha1.model_validate(
+                {**stored, "apiVersion": "kaito.sh/v1alpha1"}
+            ).resource.instance_type
             == "Standard_NC6s_v3"
+        )
         beta = kubectl.json("get", f"workspaces.v1beta1.kaito.sh/{doc['metadata']['name']}", "-n", namespace)
-        assert WorkspaceV1Beta1.model_validate(beta).preset_name == (doc.get("inference") or doc["tuning"])["preset"]["name"]
+        assert (
+            WorkspaceV1Beta1.model_validate(beta).preset_name
+            == (doc.get("inference") or doc["tuning"])["preset"]["name"]
+        )
 
 
 def test_committed_crd_is_generated_from_the_definition() -> None:

@@ -25,8 +25,9 @@ def ref(name: str, ns: str = "default") -> ev.WorkspaceRef:
 
 
 def cond(name: str, n: int, *, generation: int = 1) -> ev.ConditionReported:
-    return ev.ConditionReported(workspace=ref(name), generation=generation, type=f"Step{n}", status="True",
-                                reason="Test")
+    return ev.ConditionReported(
+        workspace=ref(name), generation=generation, type=f"Step{n}", status="True", reason="Test"
+    )
 
 
 async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -38,8 +39,9 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no
 
 def runner(nc: Client, handler, durable: str = "test", **spec_kw) -> ConsumerRunner:  # type: ignore[no-untyped-def]
     spec = ConsumerSpec(durable=durable, filter_subjects=[ev.subject_filter("status")], **spec_kw)
-    return ConsumerRunner(nc=nc, spec=spec, handler=handler, publisher=Publisher(nc.jetstream()),
-                          reporter="test")
+    return ConsumerRunner(
+        nc=nc, spec=spec, handler=handler, publisher=Publisher(nc.jetstream()), reporter="test"
+    )
 
 
 async def stream_count(nc: Client, subject: str) -> int:
@@ -52,8 +54,14 @@ async def test_declare_is_idempotent(nc: Client) -> None:
     await declare_stream(js)
     await declare_stream(js)
     for _ in range(2):
-        await declare_consumer(js, stream=ev.STREAM, durable="d", filter_subjects=["kaiten.plan.>"],
-                               ack_wait=5, max_ack_pending=10)
+        await declare_consumer(
+            js,
+            stream=ev.STREAM,
+            durable="d",
+            filter_subjects=["kaiten.plan.>"],
+            ack_wait=5,
+            max_ack_pending=10,
+        )
     info = await js.consumer_info(ev.STREAM, "d")
     assert info.config.filter_subjects == ["kaiten.plan.>"] or info.config.filter_subject == "kaiten.plan.>"
 
@@ -71,8 +79,12 @@ async def test_publish_dedupes_by_msg_id_and_carries_trace_context(nc: Client) -
 
 
 async def test_events_round_trip_and_subjects() -> None:
-    observed = ev.WorkspaceObserved(workspace=ref("w", "ns1"), generation=3, api_version="kaito.sh/v1alpha1",
-                                    spec={"resource": {"count": 1}})
+    observed = ev.WorkspaceObserved(
+        workspace=ref("w", "ns1"),
+        generation=3,
+        api_version="kaito.sh/v1alpha1",
+        spec={"resource": {"count": 1}},
+    )
     assert ev.subject_for(observed) == "kaiten.workspace.observed.ns1.w"
     assert ev.decode(ev.encode(observed)) == observed
     assert ev.dedupe_id(observed) == "uid-ns1-w:3:workspace.observed"
@@ -235,6 +247,7 @@ async def test_two_replicas_share_work_and_never_handle_one_workspace_at_once(nc
             per_replica[index] += len(events)
             seen[key] += [int(e.type.removeprefix("Step")) for e in events]  # type: ignore[union-attr]
             active.discard(key)
+
         return handler
 
     pub = Publisher(nc.jetstream())

@@ -19,8 +19,9 @@ LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+
 
 def sockets(pids: set[int], *, listening: bool) -> list[tuple[str, str, int]]:
     """(local, peer, pid) of TCP sockets owned by ``pids`` (from ``ss``)."""
-    out = subprocess.run(["ss", "-Htnp", *(["-l"] if listening else [])], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["ss", "-Htnp", *(["-l"] if listening else [])], capture_output=True, text=True, check=True
+    ).stdout
     found = []
     for line in out.splitlines():
         cols = line.split()
@@ -30,9 +31,14 @@ def sockets(pids: set[int], *, listening: bool) -> list[tuple[str, str, int]]:
     return found
 
 
-async def test_every_listener_and_connection_is_on_loopback(controlplane: ControlPlane, nats_server: NatsServer,
-                                                            nc: Client, services: Services, kubectl: Kubectl,
-                                                            namespace: str) -> None:
+async def test_every_listener_and_connection_is_on_loopback(
+    controlplane: ControlPlane,
+    nats_server: NatsServer,
+    nc: Client,
+    services: Services,
+    kubectl: Kubectl,
+    namespace: str,
+) -> None:
     watcher = services.start("services.watcher")
     for _ in range(300):
         if watcher.log_path.exists() and "watcher ready" in watcher.log_path.read_text():
@@ -41,7 +47,10 @@ async def test_every_listener_and_connection_is_on_loopback(controlplane: Contro
     pids = {p.pid for p in controlplane.processes} | {nats_server.process.pid, watcher.pid}
     listeners = sockets(pids, listening=True)
     connections = sockets(pids, listening=False)
-    assert {pid for _, _, pid in listeners} >= {nats_server.process.pid, *(p.pid for p in controlplane.processes)}
+    assert {pid for _, _, pid in listeners} >= {
+        nats_server.process.pid,
+        *(p.pid for p in controlplane.processes),
+    }
     assert connections, "expected the watcher's connections to NATS and the apiserver"
     bad = [s for s in listeners if not LOOPBACK.match(s[0])]
     bad += [s for s in connections if not (LOOPBACK.match(s[0]) and LOOPBACK.match(s[1]))]

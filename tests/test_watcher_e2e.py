@@ -35,28 +35,43 @@ async def until(predicate: Callable[[], object], timeout: float = 15.0, what: st
 
 async def start_watcher(services: Services, **env: str) -> ManagedProcess:
     proc = services.start("services.watcher", **env)
-    await until(lambda: "watcher ready" in proc.log_path.read_text(errors="replace") if proc.log_path.exists()
-                else False, timeout=30, what=f"watcher ready\n{services.logs()}")
+    await until(
+        lambda: (
+            "watcher ready" in proc.log_path.read_text(errors="replace") if proc.log_path.exists() else False
+        ),
+        timeout=30,
+        what=f"watcher ready\n{services.logs()}",
+    )
     return proc
 
 
 async def counts(nc: Client, kind: str, namespace: str) -> dict[str, int]:
     """Messages stored per Workspace name for ``kaiten.workspace.<kind>.<namespace>.*``."""
-    info = await nc.jetstream().stream_info(ev.STREAM, subjects_filter=f"kaiten.workspace.{kind}.{namespace}.*")
+    info = await nc.jetstream().stream_info(
+        ev.STREAM, subjects_filter=f"kaiten.workspace.{kind}.{namespace}.*"
+    )
     return {subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()}
 
 
 def workspace(name: str, *, count: int = 1) -> str:
-    return json.dumps({
-        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": name},
-        "resource": {"count": count, "instanceType": "Standard_NC6s_v3",
-                     "labelSelector": {"matchLabels": {"apps": name}}},
-        "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
-    })
+    return json.dumps(
+        {
+            "apiVersion": "kaito.sh/v1alpha1",
+            "kind": "Workspace",
+            "metadata": {"name": name},
+            "resource": {
+                "count": count,
+                "instanceType": "Standard_NC6s_v3",
+                "labelSelector": {"matchLabels": {"apps": name}},
+            },
+            "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
+        }
+    )
 
 
-async def test_seed_manifests_are_observed_within_a_second(kubectl: Kubectl, namespace: str, nc: Client,
-                                                           services: Services) -> None:
+async def test_seed_manifests_are_observed_within_a_second(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.*", ordered_consumer=True)
     for path in sorted(SEEDS.glob("*.yaml")):
@@ -68,7 +83,9 @@ async def test_seed_manifests_are_observed_within_a_second(kubectl: Kubectl, nam
         assert isinstance(event, ev.WorkspaceObserved)
         assert latency < 1.0, f"{name} observed after {latency:.2f}s"
         stored = kubectl.json("get", "workspace", name, "-n", namespace)
-        assert event.workspace == ev.WorkspaceRef(namespace=namespace, name=name, uid=stored["metadata"]["uid"])
+        assert event.workspace == ev.WorkspaceRef(
+            namespace=namespace, name=name, uid=stored["metadata"]["uid"]
+        )
         assert event.generation == 1 and event.spec == spec_of(stored)
         assert "kaito.sh/workspace-cleanup" in stored["metadata"]["finalizers"]
     header = kubectl.run("get", "workspace", "-n", namespace, check=True).stdout.split()[:6]
@@ -76,7 +93,8 @@ async def test_seed_manifests_are_observed_within_a_second(kubectl: Kubectl, nam
 
 
 async def test_label_edit_emits_nothing_and_spec_edit_emits_a_new_generation(
-        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services)
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w1"), check=True)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w1", ordered_consumer=True)
@@ -94,30 +112,57 @@ async def test_label_edit_emits_nothing_and_spec_edit_emits_a_new_generation(
 
 
 async def test_condition_events_reach_kubectl_and_kaiten_events(
-        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services)
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w2"), check=True)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w2", ordered_consumer=True)
     observed = ev.decode((await sub.next_msg(timeout=5)).data)
     ref, gen = observed.workspace, observed.generation
     viewer = subprocess.Popen(
-        [str(KAITEN), "events", "-n", namespace, "--since", "10m", "--count", "4",
-         "--timeout", "30", "--nats", services.env["KAITEN_NATS_URL"]],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        [
+            str(KAITEN),
+            "events",
+            "-n",
+            namespace,
+            "--since",
+            "10m",
+            "--count",
+            "4",
+            "--timeout",
+            "30",
+            "--nats",
+            services.env["KAITEN_NATS_URL"],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     pub = Publisher(nc.jetstream())
     for event in (
-        ev.NodesRequested(workspace=ref, generation=gen, provider="byo", count=1, instance_type="Standard_NC6s_v3"),
+        ev.NodesRequested(
+            workspace=ref, generation=gen, provider="byo", count=1, instance_type="Standard_NC6s_v3"
+        ),
         ev.NodesReady(workspace=ref, generation=gen, provider="byo", nodes=("node-a",)),
         ev.InferenceReady(workspace=ref, generation=gen, endpoint="http://w2.svc"),
-        ev.ConditionReported(workspace=ref, generation=gen, type="NodeClaimReady", status="True",
-                             reason="ClaimsReady", message="1/1 claims ready"),
+        ev.ConditionReported(
+            workspace=ref,
+            generation=gen,
+            type="NodeClaimReady",
+            status="True",
+            reason="ClaimsReady",
+            message="1/1 claims ready",
+        ),
     ):
         await pub.publish(event)
-    wait = kubectl.run("wait", "-n", namespace, "--for=condition=WorkspaceSucceeded", "workspace/w2",
-                       "--timeout=20s")
+    wait = kubectl.run(
+        "wait", "-n", namespace, "--for=condition=WorkspaceSucceeded", "workspace/w2", "--timeout=20s"
+    )
     assert wait.returncode == 0, wait.stderr
-    kubectl.run("wait", "-n", namespace, "--for=condition=NodeClaimReady", "workspace/w2", "--timeout=20s",
-                check=True)
+    kubectl.run(
+        "wait", "-n", namespace, "--for=condition=NodeClaimReady", "workspace/w2", "--timeout=20s", check=True
+    )
     row = kubectl.run("get", "workspace", "w2", "-n", namespace, "--no-headers", check=True).stdout.split()
     assert row[:5] == ["w2", "Standard_NC6s_v3", "True", "True", "True"]
     stored = kubectl.json("get", "workspace", "w2", "-n", namespace)
@@ -133,26 +178,44 @@ async def test_condition_events_reach_kubectl_and_kaiten_events(
     assert "NodeClaimReady=True (ClaimsReady) 1/1 claims ready" in lines[3]
 
 
-async def test_failures_post_kubernetes_warning_events(kubectl: Kubectl, namespace: str, nc: Client,
-                                                       services: Services) -> None:
+async def test_failures_post_kubernetes_warning_events(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services)
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w3"), check=True)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w3", ordered_consumer=True)
     observed = ev.decode((await sub.next_msg(timeout=5)).data)
-    failed = ev.NodesFailed(workspace=observed.workspace, generation=1, provider="aks", reason="QuotaExceeded",
-                            message="Operation could not be completed as it results in exceeding approved quota")
+    failed = ev.NodesFailed(
+        workspace=observed.workspace,
+        generation=1,
+        provider="aks",
+        reason="QuotaExceeded",
+        message="Operation could not be completed as it results in exceeding approved quota",
+    )
     await Publisher(nc.jetstream()).publish(failed)
     await Publisher(nc.jetstream()).publish(failed)  # a retried publish: deduped, one Event
-    kubectl.run("wait", "-n", namespace, "--for=condition=ResourceReady=False", "workspace/w3", "--timeout=20s",
-                check=True)
-    await until(lambda: "QuotaExceeded" in kubectl.run("get", "events", "-n", namespace).stdout, what="k8s Event")
-    items = kubectl.json("get", "events", "-n", namespace, "--field-selector", "reason=QuotaExceeded")["items"]
+    kubectl.run(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=ResourceReady=False",
+        "workspace/w3",
+        "--timeout=20s",
+        check=True,
+    )
+    await until(
+        lambda: "QuotaExceeded" in kubectl.run("get", "events", "-n", namespace).stdout, what="k8s Event"
+    )
+    items = kubectl.json("get", "events", "-n", namespace, "--field-selector", "reason=QuotaExceeded")[
+        "items"
+    ]
     assert len(items) == 1 and items[0]["type"] == "Warning"
     assert items[0]["involvedObject"]["name"] == "w3" and "quota" in items[0]["message"]
 
 
 async def test_delete_waits_for_cleanup_owners_then_the_object_goes(
-        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services, KAITEN_CLEANUP_OWNERS="provisioner")
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w4"), check=True)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.*.{namespace}.w4", ordered_consumer=True)
@@ -162,14 +225,16 @@ async def test_delete_waits_for_cleanup_owners_then_the_object_goes(
     assert isinstance(deleting, ev.WorkspaceDeleting) and deleting.workspace == observed.workspace
     await asyncio.sleep(1.0)
     assert kubectl.run("get", "workspace", "w4", "-n", namespace).returncode == 0, "went before cleanup"
-    await Publisher(nc.jetstream()).publish(ev.CleanupDone(workspace=observed.workspace, generation=1,
-                                                           owner="provisioner"))
+    await Publisher(nc.jetstream()).publish(
+        ev.CleanupDone(workspace=observed.workspace, generation=1, owner="provisioner")
+    )
     gone = kubectl.run("wait", "-n", namespace, "--for=delete", "workspace/w4", "--timeout=20s")
     assert gone.returncode == 0, gone.stderr
 
 
-async def test_delete_without_owners_releases_at_once(kubectl: Kubectl, namespace: str, nc: Client,
-                                                      services: Services) -> None:
+async def test_delete_without_owners_releases_at_once(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services)
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w5"), check=True)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w5", ordered_consumer=True)
@@ -180,7 +245,8 @@ async def test_delete_without_owners_releases_at_once(kubectl: Kubectl, namespac
 
 
 async def test_sigkill_mid_apply_loses_nothing_and_duplicates_nothing(
-        kubectl: Kubectl, namespace: str, nc: Client, services: Services) -> None:
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     proc = await start_watcher(services)
     names = [f"k{i}" for i in range(12)]
     for index, name in enumerate(names):
@@ -196,12 +262,15 @@ async def test_sigkill_mid_apply_loses_nothing_and_duplicates_nothing(
     await asyncio.sleep(1.5)  # time for any duplicate to show up
     assert (await counts(nc, "observed", namespace)) == dict.fromkeys(names, 1)
     for name in names:
-        assert "kaito.sh/workspace-cleanup" in kubectl.json("get", "workspace", name, "-n", namespace)[
-            "metadata"]["finalizers"]
+        assert (
+            "kaito.sh/workspace-cleanup"
+            in kubectl.json("get", "workspace", name, "-n", namespace)["metadata"]["finalizers"]
+        )
 
 
-async def test_two_replicas_publish_each_generation_once(kubectl: Kubectl, namespace: str, nc: Client,
-                                                         services: Services) -> None:
+async def test_two_replicas_publish_each_generation_once(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
     await start_watcher(services)
     await start_watcher(services)
     names = [f"r{i}" for i in range(6)]

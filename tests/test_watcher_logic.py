@@ -15,32 +15,45 @@ from shared.api.crd import FINALIZER
 REF = ev.WorkspaceRef(namespace="ns", name="w", uid="u1")
 
 
-def obj(generation: int = 1, finalizers: tuple[str, ...] = (FINALIZER,), deleting: bool = False) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": "w", "namespace": "ns", "uid": "u1", "generation": generation,
-                            "finalizers": list(finalizers), "resourceVersion": "7"}
+def obj(
+    generation: int = 1, finalizers: tuple[str, ...] = (FINALIZER,), deleting: bool = False
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": "w",
+        "namespace": "ns",
+        "uid": "u1",
+        "generation": generation,
+        "finalizers": list(finalizers),
+        "resourceVersion": "7",
+    }
     if deleting:
         meta["deletionTimestamp"] = "2026-11-21T00:00:00Z"
     return {"metadata": meta}
 
 
-@pytest.mark.parametrize(("o", "published", "expected"), [
-    (obj(finalizers=()), Published(), [Action.ADD_FINALIZER]),
-    (obj(finalizers=("other",)), Published(), [Action.ADD_FINALIZER]),
-    (obj(), Published(), [Action.PUBLISH_OBSERVED]),
-    (obj(generation=2), Published(generation=1), [Action.PUBLISH_OBSERVED]),
-    (obj(generation=2), Published(generation=2), []),  # label/status-only change: same generation
-    (obj(generation=1), Published(generation=2), []),  # a stale view (older than what we published)
-    (obj(deleting=True), Published(generation=1), [Action.PUBLISH_DELETING]),
-    (obj(deleting=True), Published(generation=1, deleting=True), []),
-    (obj(deleting=True, finalizers=()), Published(), []),  # not ours to clean up
-])
+@pytest.mark.parametrize(
+    ("o", "published", "expected"),
+    [
+        (obj(finalizers=()), Published(), [Action.ADD_FINALIZER]),
+        (obj(finalizers=("other",)), Published(), [Action.ADD_FINALIZER]),
+        (obj(), Published(), [Action.PUBLISH_OBSERVED]),
+        (obj(generation=2), Published(generation=1), [Action.PUBLISH_OBSERVED]),
+        (obj(generation=2), Published(generation=2), []),  # label/status-only change: same generation
+        (obj(generation=1), Published(generation=2), []),  # a stale view (older than what we published)
+        (obj(deleting=True), Published(generation=1), [Action.PUBLISH_DELETING]),
+        (obj(deleting=True), Published(generation=1, deleting=True), []),
+        (obj(deleting=True, finalizers=()), Published(), []),  # not ours to clean up
+    ],
+)
 def test_decide(o: dict[str, Any], published: Published, expected: list[Action]) -> None:
     assert decide(o, published) == expected
 
 
 def test_merge_keeps_transition_time_when_status_unchanged() -> None:
     first = merge_conditions([], [ConditionUpdate("InferenceReady", "False", "Pending", "", 1)], "t1")
-    second = merge_conditions(first, [ConditionUpdate("InferenceReady", "False", "StillPending", "m", 1)], "t2")
+    second = merge_conditions(
+        first, [ConditionUpdate("InferenceReady", "False", "StillPending", "m", 1)], "t2"
+    )
     third = merge_conditions(second, [ConditionUpdate("InferenceReady", "True", "Ready", "", 1)], "t3")
     assert second[0]["lastTransitionTime"] == "t1" and second[0]["reason"] == "StillPending"
     assert third[0]["lastTransitionTime"] == "t3" and third[0]["status"] == "True"
@@ -67,9 +80,13 @@ def test_fold_coalesces_a_burst_in_order() -> None:
 
 
 def test_failures_become_false_conditions_and_warnings() -> None:
-    change = fold([ev.PlanRejected(workspace=REF, generation=2, reason="UnknownPreset", message="no such preset")])
+    change = fold(
+        [ev.PlanRejected(workspace=REF, generation=2, reason="UnknownPreset", message="no such preset")]
+    )
     assert {(c.type, c.status, c.reason) for c in change.conditions} >= {
-        ("ResourceReady", "False", "UnknownPreset"), ("WorkspaceSucceeded", "False", "UnknownPreset")}
+        ("ResourceReady", "False", "UnknownPreset"),
+        ("WorkspaceSucceeded", "False", "UnknownPreset"),
+    }
     assert change.warnings and change.warnings[0].reason == "UnknownPreset"
 
 

@@ -31,13 +31,20 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     settings = runtime.settings
     assert isinstance(settings, WatcherSettings) and runtime.api is not None
     workspaces = Workspaces(runtime.api)
-    watcher = WorkspaceWatcher(workspaces=workspaces, publisher=runtime.publisher,
-                               store=await PublishedStore.open(runtime.js), settings=settings)
+    watcher = WorkspaceWatcher(
+        workspaces=workspaces,
+        publisher=runtime.publisher,
+        store=await PublishedStore.open(runtime.js),
+        settings=settings,
+    )
     writer = StatusWriter(workspaces=workspaces, cleanup_owners=settings.cleanup_owners)
     status = ConsumerRunner(
         nc=runtime.nc,
-        spec=ConsumerSpec(durable=STATUS_DURABLE, filter_subjects=status_subjects(),
-                          fetch_batch=settings.status_coalesce_batch),
+        spec=ConsumerSpec(
+            durable=STATUS_DURABLE,
+            filter_subjects=status_subjects(),
+            fetch_batch=settings.status_coalesce_batch,
+        ),
         handler=writer.handle,
         publisher=runtime.publisher,
         reporter="status-writer",

@@ -12,5 +12,5 @@ class WatcherSettings(ServiceSettings):
     inactivity_timeout_s: float = 300.0  # no event (not even a bookmark) for this long: rewatch
     # Owners of external state that must report CleanupDone before the finalizer goes. Empty until
     # the provisioner and workload exist (later issues add "provisioner", "workload").
-    cleanup_owners: list[str] = []
+    cleanup_owners: tuple[str, ...] = ()
     status_coalesce_batch: int = 64  # status events of one Workspace folded into one patch

@@ -44,8 +44,9 @@ class PublishedStore:
         try:
             kv = await js.key_value(PUBLISHED_BUCKET)
         except BucketNotFoundError:
-            kv = await js.create_key_value(KeyValueConfig(bucket=PUBLISHED_BUCKET, history=1,
-                                                          storage=StorageType.FILE))
+            kv = await js.create_key_value(
+                KeyValueConfig(bucket=PUBLISHED_BUCKET, history=1, storage=StorageType.FILE)
+            )
         return cls(kv)
 
     async def get(self, uid: str) -> Published:
@@ -57,8 +58,9 @@ class PublishedStore:
         return Published(generation=int(data.get("generation", 0)), deleting=bool(data.get("deleting")))
 
     async def put(self, uid: str, published: Published) -> None:
-        await self._kv.put(uid, json.dumps({"generation": published.generation,
-                                            "deleting": published.deleting}).encode())
+        await self._kv.put(
+            uid, json.dumps({"generation": published.generation, "deleting": published.deleting}).encode()
+        )
 
     async def forget(self, uid: str) -> None:
         with contextlib.suppress(KeyNotFoundError):
@@ -75,8 +77,14 @@ class WorkspaceWatcher:
 
     name = "watcher"
 
-    def __init__(self, *, workspaces: Workspaces, publisher: Publisher, store: PublishedStore,
-                 settings: WatcherSettings) -> None:
+    def __init__(
+        self,
+        *,
+        workspaces: Workspaces,
+        publisher: Publisher,
+        store: PublishedStore,
+        settings: WatcherSettings,
+    ) -> None:
         self._workspaces = workspaces
         self._publisher = publisher
         self._store = store
@@ -122,14 +130,17 @@ class WorkspaceWatcher:
         await asyncio.sleep(wait)
 
     async def _relist(self) -> str:
-        listing = await self._workspaces.list(self._settings.namespace or None)
+        listing = await self._workspaces.list_all(self._settings.namespace or None)
         for obj in listing.get("items", []):
             await self.reconcile(obj)
         return str(listing["metadata"]["resourceVersion"])
 
     async def _watch(self, resource_version: str, *, until: float) -> None:
-        stream = self._workspaces.watch(self._settings.namespace or None, resource_version=resource_version,
-                                        timeout_seconds=self._settings.watch_timeout_s)
+        stream = self._workspaces.watch(
+            self._settings.namespace or None,
+            resource_version=resource_version,
+            timeout_seconds=self._settings.watch_timeout_s,
+        )
         try:
             while time.monotonic() < until:
                 try:
@@ -181,8 +192,11 @@ class WorkspaceWatcher:
             api_version=str(obj.get("apiVersion", "")),
             spec=spec_of(obj),
             labels=dict(meta.get("labels") or {}),
-            annotations={k: v for k, v in (meta.get("annotations") or {}).items()
-                         if k != "kubectl.kubernetes.io/last-applied-configuration"},
+            annotations={
+                k: v
+                for k, v in (meta.get("annotations") or {}).items()
+                if k != "kubectl.kubernetes.io/last-applied-configuration"
+            },
         )
         await self._publisher.publish(event)
         self.published += 1

@@ -47,9 +47,16 @@ def string(max_length: int = 253, **extra: Any) -> Schema:
 def secret_name(what: str) -> Schema:
     # Deliberately loose: the seed manifests carry placeholders such as ACR_REGISTRY_SECRET_HERE and
     # must apply unchanged; a missing Secret is reported in status when it is read.
-    return string(253, minLength=1, x_rules=[rule(
-        "!self.matches('\\\\s')", f"{what} must be a Secret name without spaces",
-    )])
+    return string(
+        253,
+        minLength=1,
+        x_rules=[
+            rule(
+                "!self.matches('\\\\s')",
+                f"{what} must be a Secret name without spaces",
+            )
+        ],
+    )
 
 
 def string_list(max_items: int, item: Schema) -> Schema:
@@ -57,9 +64,16 @@ def string_list(max_items: int, item: Schema) -> Schema:
 
 
 def image_ref(what: str) -> Schema:
-    return string(512, minLength=1, x_rules=[rule(
-        "!self.matches('\\\\s')", f"{what} must be an image reference without spaces",
-    )])
+    return string(
+        512,
+        minLength=1,
+        x_rules=[
+            rule(
+                "!self.matches('\\\\s')",
+                f"{what} must be an image reference without spaces",
+            )
+        ],
+    )
 
 
 def preserved(description: str) -> Schema:
@@ -71,27 +85,34 @@ def label_selector() -> Schema:
         "type": "object",
         "description": "Selects the nodes of this Workspace; nodes Kaiten provisions carry these labels.",
         "properties": {
-            "matchLabels": {"type": "object", "maxProperties": 32,
-                            "additionalProperties": string(63)},
-            "matchExpressions": {"type": "array", "maxItems": 16, "items": {
-                "type": "object",
-                "required": ["key", "operator"],
-                "properties": {
-                    "key": string(317, minLength=1),
-                    "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                    "values": string_list(64, string(63)),
+            "matchLabels": {"type": "object", "maxProperties": 32, "additionalProperties": string(63)},
+            "matchExpressions": {
+                "type": "array",
+                "maxItems": 16,
+                "items": {
+                    "type": "object",
+                    "required": ["key", "operator"],
+                    "properties": {
+                        "key": string(317, minLength=1),
+                        "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                        "values": string_list(64, string(63)),
+                    },
+                    "x-kubernetes-validations": [
+                        rule(
+                            "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0)"
+                            " : (!has(self.values) || size(self.values) == 0)",
+                            "matchExpressions: operators In/NotIn need values, Exists/DoesNotExist take none",
+                        )
+                    ],
                 },
-                "x-kubernetes-validations": [rule(
-                    "self.operator in ['In', 'NotIn'] ? (has(self.values) && size(self.values) > 0)"
-                    " : (!has(self.values) || size(self.values) == 0)",
-                    "matchExpressions: operators In/NotIn need values, Exists/DoesNotExist take none",
-                )],
-            }},
+            },
         },
         "x-kubernetes-validations": [
-            rule("(has(self.matchLabels) && size(self.matchLabels) > 0) || "
-                 "(has(self.matchExpressions) && size(self.matchExpressions) > 0)",
-                 "resource.labelSelector must select something: set matchLabels or matchExpressions"),
+            rule(
+                "(has(self.matchLabels) && size(self.matchLabels) > 0) || "
+                "(has(self.matchExpressions) && size(self.matchExpressions) > 0)",
+                "resource.labelSelector must select something: set matchLabels or matchExpressions",
+            ),
             rule("self == oldSelf", "resource.labelSelector is immutable; create a new Workspace to move it"),
         ],
     }
@@ -102,22 +123,41 @@ def resource() -> Schema:
         "type": "object",
         "required": ["labelSelector"],
         "properties": {
-            "count": {"type": "integer", "minimum": 1, "maximum": 64, "default": 1,
-                      "description": "Number of GPU nodes (the planner may require more)."},
-            "instanceType": string(64, minLength=1, description="GPU VM size, e.g. Standard_NC6s_v3; "
-                                   "omit it to let the planner choose the cheapest that fits.",
-                                   x_rules=[rule("self.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$')",
-                                                 "resource.instanceType must look like Standard_NC6s_v3 or "
-                                                 "g5.xlarge (letters, digits, '_', '-', '.')")]),
+            "count": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 64,
+                "default": 1,
+                "description": "Number of GPU nodes (the planner may require more).",
+            },
+            "instanceType": string(
+                64,
+                minLength=1,
+                description="GPU VM size, e.g. Standard_NC6s_v3; "
+                "omit it to let the planner choose the cheapest that fits.",
+                x_rules=[
+                    rule(
+                        "self.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$')",
+                        "resource.instanceType must look like Standard_NC6s_v3 or "
+                        "g5.xlarge (letters, digits, '_', '-', '.')",
+                    )
+                ],
+            ),
             "labelSelector": label_selector(),
-            "preferredNodes": {"type": "array", "maxItems": 64, "items": string(253),
-                               "x-kubernetes-list-type": "set"},
+            "preferredNodes": {
+                "type": "array",
+                "maxItems": 64,
+                "items": string(253),
+                "x-kubernetes-list-type": "set",
+            },
         },
-        "x-kubernetes-validations": [rule(
-            "has(self.instanceType) == has(oldSelf.instanceType) && "
-            "(!has(self.instanceType) || self.instanceType == oldSelf.instanceType)",
-            "resource.instanceType is immutable; create a new Workspace for another instance type",
-        )],
+        "x-kubernetes-validations": [
+            rule(
+                "has(self.instanceType) == has(oldSelf.instanceType) && "
+                "(!has(self.instanceType) || self.instanceType == oldSelf.instanceType)",
+                "resource.instanceType is immutable; create a new Workspace for another instance type",
+            )
+        ],
     }
 
 
@@ -126,23 +166,36 @@ def preset(section: str) -> Schema:
         "type": "object",
         "required": ["name"],
         "properties": {
-            "name": string(128, minLength=1, x_rules=[rule(
-                "self.matches('^[A-Za-z0-9][A-Za-z0-9._/-]*$')",
-                f"{section}.preset.name must be a preset name such as phi-3-mini-4k-instruct",
-            )]),
+            "name": string(
+                128,
+                minLength=1,
+                x_rules=[
+                    rule(
+                        "self.matches('^[A-Za-z0-9][A-Za-z0-9._/-]*$')",
+                        f"{section}.preset.name must be a preset name such as phi-3-mini-4k-instruct",
+                    )
+                ],
+            ),
             "accessMode": {"type": "string", "enum": ["public", "private"]},
-            "presetOptions": {"type": "object", "properties": {
-                "image": image_ref(f"{section}.preset.presetOptions.image"),
-                "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
-                "modelAccessSecret": secret_name(f"{section}.preset.presetOptions.modelAccessSecret"),
-            }},
+            "presetOptions": {
+                "type": "object",
+                "properties": {
+                    "image": image_ref(f"{section}.preset.presetOptions.image"),
+                    "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
+                    "modelAccessSecret": secret_name(f"{section}.preset.presetOptions.modelAccessSecret"),
+                },
+            },
         },
         "x-kubernetes-validations": [
-            rule("self.name == oldSelf.name",
-                 f"{section}.preset.name is immutable; create a new Workspace for another model"),
-            rule("!has(self.accessMode) || self.accessMode == 'public' || "
-                 "(has(self.presetOptions) && has(self.presetOptions.image))",
-                 f"{section}.preset.accessMode private needs presetOptions.image"),
+            rule(
+                "self.name == oldSelf.name",
+                f"{section}.preset.name is immutable; create a new Workspace for another model",
+            ),
+            rule(
+                "!has(self.accessMode) || self.accessMode == 'public' || "
+                "(has(self.presetOptions) && has(self.presetOptions.image))",
+                f"{section}.preset.accessMode private needs presetOptions.image",
+            ),
         ],
     }
 
@@ -155,24 +208,42 @@ def adapters() -> Schema:
             "type": "object",
             "required": ["source"],
             "properties": {
-                "source": {"type": "object", "required": ["name", "image"], "properties": {
-                    "name": string(63, minLength=1, x_rules=[rule(
-                        "self.matches('^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$')",
-                        "inference.adapters[].source.name must be lowercase letters, digits, '-', '_', '.'",
-                    )]),
-                    "image": image_ref("inference.adapters[].source.image"),
-                    "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
-                }},
-                "strength": string(16, x_rules=[rule(
-                    "self.matches('^(0(\\\\.[0-9]+)?|1(\\\\.0+)?|\\\\.[0-9]+)$')",
-                    "inference.adapters[].strength must be a number between 0 and 1, e.g. \"0.5\"",
-                )]),
+                "source": {
+                    "type": "object",
+                    "required": ["name", "image"],
+                    "properties": {
+                        "name": string(
+                            63,
+                            minLength=1,
+                            x_rules=[
+                                rule(
+                                    "self.matches('^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$')",
+                                    "inference.adapters[].source.name must be lowercase letters, "
+                                    "digits, '-', '_', '.'",
+                                )
+                            ],
+                        ),
+                        "image": image_ref("inference.adapters[].source.image"),
+                        "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
+                    },
+                },
+                "strength": string(
+                    16,
+                    x_rules=[
+                        rule(
+                            "self.matches('^(0(\\\\.[0-9]+)?|1(\\\\.0+)?|\\\\.[0-9]+)$')",
+                            'inference.adapters[].strength must be a number between 0 and 1, e.g. "0.5"',
+                        )
+                    ],
+                ),
             },
         },
-        "x-kubernetes-validations": [rule(
-            "self.all(a, self.exists_one(b, b.source.name == a.source.name))",
-            "inference.adapters[].source.name must be unique",
-        )],
+        "x-kubernetes-validations": [
+            rule(
+                "self.all(a, self.exists_one(b, b.source.name == a.source.name))",
+                "inference.adapters[].source.name must be unique",
+            )
+        ],
     }
 
 
@@ -181,21 +252,30 @@ def inference() -> Schema:
         "type": "object",
         "properties": {
             "preset": preset("inference"),
-            "config": string(253, description="Name of a ConfigMap with inference parameters.",
-                             x_rules=[rule(f"self.matches('{DNS_SUBDOMAIN}')",
-                                           "inference.config must be a ConfigMap name")]),
-            "template": {"type": "object", "required": ["spec"],
-                         "x-kubernetes-preserve-unknown-fields": True,
-                         "description": "A pod template for a custom model (instead of a preset).",
-                         "properties": {"metadata": preserved("pod metadata"),
-                                        "spec": preserved("pod spec")}},
+            "config": string(
+                253,
+                description="Name of a ConfigMap with inference parameters.",
+                x_rules=[
+                    rule(f"self.matches('{DNS_SUBDOMAIN}')", "inference.config must be a ConfigMap name")
+                ],
+            ),
+            "template": {
+                "type": "object",
+                "required": ["spec"],
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": "A pod template for a custom model (instead of a preset).",
+                "properties": {"metadata": preserved("pod metadata"), "spec": preserved("pod spec")},
+            },
             "adapters": adapters(),
         },
         "x-kubernetes-validations": [
-            rule("has(self.preset) != has(self.template)",
-                 "inference needs exactly one of preset or template"),
-            rule("!has(self.adapters) || size(self.adapters) == 0 || has(self.preset)",
-                 "inference.adapters apply to a preset model: set inference.preset"),
+            rule(
+                "has(self.preset) != has(self.template)", "inference needs exactly one of preset or template"
+            ),
+            rule(
+                "!has(self.adapters) || size(self.adapters) == 0 || has(self.preset)",
+                "inference.adapters apply to a preset model: set inference.preset",
+            ),
         ],
     }
 
@@ -207,25 +287,39 @@ def tuning() -> Schema:
         "properties": {
             "preset": preset("tuning"),
             "method": {"type": "string", "enum": ["lora", "qlora"], "default": "lora"},
-            "config": string(253, x_rules=[rule(f"self.matches('{DNS_SUBDOMAIN}')",
-                                                "tuning.config must be a ConfigMap name")]),
+            "config": string(
+                253,
+                x_rules=[rule(f"self.matches('{DNS_SUBDOMAIN}')", "tuning.config must be a ConfigMap name")],
+            ),
             "input": {
                 "type": "object",
                 "properties": {
                     "name": string(63),
-                    "urls": {"type": "array", "minItems": 1, "maxItems": 100, "items": string(2048, x_rules=[
-                        rule("self.startsWith('https://') || self.startsWith('http://')",
-                             "tuning.input.urls must be http:// or https:// URLs"),
-                        rule("isURL(self)", "tuning.input.urls entries must be valid URLs"),
-                    ])},
+                    "urls": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 100,
+                        "items": string(
+                            2048,
+                            x_rules=[
+                                rule(
+                                    "self.startsWith('https://') || self.startsWith('http://')",
+                                    "tuning.input.urls must be http:// or https:// URLs",
+                                ),
+                                rule("isURL(self)", "tuning.input.urls entries must be valid URLs"),
+                            ],
+                        ),
+                    },
                     "image": image_ref("tuning.input.image"),
                     "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
                     "volumeSource": preserved("a Kubernetes volume source holding the dataset"),
                 },
-                "x-kubernetes-validations": [rule(
-                    "[has(self.urls), has(self.image), has(self.volumeSource)].exists_one(x, x)",
-                    "tuning.input needs exactly one of urls, image or volumeSource",
-                )],
+                "x-kubernetes-validations": [
+                    rule(
+                        "[has(self.urls), has(self.image), has(self.volumeSource)].exists_one(x, x)",
+                        "tuning.input needs exactly one of urls, image or volumeSource",
+                    )
+                ],
             },
             "output": {
                 "type": "object",
@@ -235,11 +329,15 @@ def tuning() -> Schema:
                     "volumeSource": preserved("a Kubernetes volume source to write the adapter to"),
                 },
                 "x-kubernetes-validations": [
-                    rule("has(self.image) != has(self.volumeSource)",
-                         "tuning.output needs exactly one of image or volumeSource"),
-                    rule("!has(self.image) || has(self.imagePushSecret)",
-                         "tuning.output.image needs tuning.output.imagePushSecret "
-                         "(a docker-config-json Secret allowed to push)"),
+                    rule(
+                        "has(self.image) != has(self.volumeSource)",
+                        "tuning.output needs exactly one of image or volumeSource",
+                    ),
+                    rule(
+                        "!has(self.image) || has(self.imagePushSecret)",
+                        "tuning.output.image needs tuning.output.imagePushSecret "
+                        "(a docker-config-json Secret allowed to push)",
+                    ),
                 ],
             },
         },
@@ -263,11 +361,20 @@ def status() -> Schema:
         "type": "object",
         "properties": {
             "workerNodes": string_list(256, string(253)),
-            "conditions": {"type": "array", "maxItems": 64, "items": condition,
-                           "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-            "cleanedUpBy": {"type": "array", "maxItems": 16, "items": string(63),
-                            "x-kubernetes-list-type": "set",
-                            "description": "Owners of external state that finished cleanup."},
+            "conditions": {
+                "type": "array",
+                "maxItems": 64,
+                "items": condition,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+            "cleanedUpBy": {
+                "type": "array",
+                "maxItems": 16,
+                "items": string(63),
+                "x-kubernetes-list-type": "set",
+                "description": "Owners of external state that finished cleanup.",
+            },
         },
     }
 
@@ -287,15 +394,24 @@ def workspace_schema() -> Schema:
             "status": status(),
         },
         "x-kubernetes-validations": [
-            rule("has(self.inference) != has(self.tuning)",
-                 "a Workspace needs exactly one of inference or tuning"),
-            rule("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-                 "metadata.name must be a DNS label (lowercase letters, digits, '-', starting with a "
-                 "letter, at most 63 characters): the Workspace's Service is named after it"),
-            rule("has(self.inference) == has(oldSelf.inference)",
-                 "a Workspace cannot switch between inference and tuning; create a new Workspace"),
-            rule("!has(self.tuning) || !has(self.resource.count) || self.resource.count == 1",
-                 "tuning runs on a single node: resource.count must be 1"),
+            rule(
+                "has(self.inference) != has(self.tuning)",
+                "a Workspace needs exactly one of inference or tuning",
+            ),
+            rule(
+                "self.metadata.name.size() <= 63 && "
+                "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "metadata.name must be a DNS label (lowercase letters, digits, '-', starting with a "
+                "letter, at most 63 characters): the Workspace's Service is named after it",
+            ),
+            rule(
+                "has(self.inference) == has(oldSelf.inference)",
+                "a Workspace cannot switch between inference and tuning; create a new Workspace",
+            ),
+            rule(
+                "!has(self.tuning) || !has(self.resource.count) || self.resource.count == 1",
+                "tuning runs on a single node: resource.count must be 1",
+            ),
         ],
     }
 
@@ -314,8 +430,11 @@ def _lower(schema: Any) -> Any:
 
 def printer_columns() -> list[Schema]:
     def cond(name: str, condition: str, priority: int = 0) -> Schema:
-        col: Schema = {"name": name, "type": "string",
-                       "jsonPath": f'.status.conditions[?(@.type=="{condition}")].status'}
+        col: Schema = {
+            "name": name,
+            "type": "string",
+            "jsonPath": f'.status.conditions[?(@.type=="{condition}")].status',
+        }
         if priority:
             col["priority"] = priority
         return col
@@ -341,17 +460,26 @@ def crd() -> Schema:
         "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/part-of": "kaiten"}},
         "spec": {
             "group": GROUP,
-            "names": {"kind": KIND, "listKind": "WorkspaceList", "plural": PLURAL, "singular": "workspace",
-                      "shortNames": ["wk"], "categories": ["kaito", "kaiten"]},
+            "names": {
+                "kind": KIND,
+                "listKind": "WorkspaceList",
+                "plural": PLURAL,
+                "singular": "workspace",
+                "shortNames": ["wk"],
+                "categories": ["kaito", "kaiten"],
+            },
             "scope": "Namespaced",
-            "versions": [{
-                "name": version,
-                "served": True,
-                "storage": version == STORAGE_VERSION,
-                "schema": {"openAPIV3Schema": schema},
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": printer_columns(),
-            } for version in VERSIONS],
+            "versions": [
+                {
+                    "name": version,
+                    "served": True,
+                    "storage": version == STORAGE_VERSION,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": printer_columns(),
+                }
+                for version in VERSIONS
+            ],
         },
     }
 

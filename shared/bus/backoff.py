@@ -13,4 +13,4 @@ def delay_for(attempt: int, *, base: float = 0.5, cap: float = 30.0, key: str = 
     """
     raw = min(cap, base * (2 ** max(0, attempt - 1)))
     jitter = (zlib.crc32(f"{key}:{attempt}".encode()) % 1000) / 1000.0  # 0 … 1
-    return round(min(cap, raw * (0.8 + 0.4 * jitter)), 3)
+    return float(round(min(cap, raw * (0.8 + 0.4 * jitter)), 3))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -212,7 +213,7 @@ class ConsumerRunner:
         self._inflight += len(group.msgs)
         task = asyncio.create_task(self._run_group(group, previous), name=f"group:{group.key}")
         self._tails[group.key] = task
-        task.add_done_callback(lambda t, key=group.key: self._forget(key, t))
+        task.add_done_callback(functools.partial(self._forget, group.key))
 
     def _forget(self, key: str, task: asyncio.Task[None]) -> None:
         if self._tails.get(key) is task:
@@ -270,8 +271,12 @@ class ConsumerRunner:
                 events.append(decode(msg.data))
                 kept.append(msg)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.error("consumer %s: undecodable message on %s, terminated: %s",
-                          self._spec.durable, msg.subject, exc)
+                log.error(
+                    "consumer %s: undecodable message on %s, terminated: %s",
+                    self._spec.durable,
+                    msg.subject,
+                    exc,
+                )
                 await msg.term()
         group.msgs = kept
         return events
@@ -320,8 +325,14 @@ class ConsumerRunner:
             await msg.nak(delay=delay)
         elif attempt < spec.max_attempts:
             delay = delay_for(attempt, key=msg.subject)
-            log.warning("%s: failed (attempt %d/%d), retry in %.2fs: %r",
-                        where, attempt, spec.max_attempts, delay, exc)
+            log.warning(
+                "%s: failed (attempt %d/%d), retry in %.2fs: %r",
+                where,
+                attempt,
+                spec.max_attempts,
+                delay,
+                exc,
+            )
             await msg.nak(delay=delay)
         else:
             log.error("%s: failed %d times, giving up: %r", where, attempt, exc)

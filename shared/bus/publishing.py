@@ -37,7 +37,9 @@ class Publisher:
                     if attempt == self._attempts:
                         raise Transient(f"publish {subject} failed after {attempt} attempts: {exc}") from exc
                     wait = delay_for(attempt, base=0.2, cap=2.0, key=msg_id)
-                    log.warning("publish %s attempt %d failed (%s); retrying in %.2fs", subject, attempt, exc, wait)
+                    log.warning(
+                        "publish %s attempt %d failed (%s); retrying in %.2fs", subject, attempt, exc, wait
+                    )
                     await asyncio.sleep(wait)
                     continue
                 if ack.duplicate:

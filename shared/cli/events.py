@@ -9,7 +9,7 @@ import json
 from typing import Any, TextIO
 
 import msgspec
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import events as ev
 from shared.bus.connection import connect
@@ -28,7 +28,11 @@ def describe(event: ev.AnyEvent) -> str:
         case ev.WorkspaceObserved():
             detail = f"{event.api_version} {', '.join(sorted(event.spec))}"
         case _:
-            fields = {k: v for k, v in msgspec.structs.asdict(event).items() if k not in ENVELOPE and v not in ("", None)}
+            fields = {
+                k: v
+                for k, v in msgspec.structs.asdict(event).items()
+                if k not in ENVELOPE and v not in ("", None)
+            }
             detail = " ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, dict))
     return f"{head} {detail}".rstrip()
 
@@ -39,9 +43,18 @@ def as_json(event: ev.AnyEvent) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-async def follow(*, nats_url: str, namespace: str | None, name: str | None, since: dt.datetime | None,
-                 as_json: bool, count: int | None, timeout: float | None, everything: bool,
-                 out: TextIO) -> int:
+async def follow(
+    *,
+    nats_url: str,
+    namespace: str | None,
+    name: str | None,
+    since: dt.datetime | None,
+    as_json: bool,
+    count: int | None,
+    stop_after: float | None,
+    everything: bool,
+    out: TextIO,
+) -> int:
     nc = await connect(nats_url, name="kaiten-events", connect_timeout=5, max_reconnect_attempts=5)
     js = nc.jetstream()
     subject = ev.subject_filter("*", "*", namespace or "*", name or "*")
@@ -54,7 +67,7 @@ async def follow(*, nats_url: str, namespace: str | None, name: str | None, sinc
     sub = await js.subscribe(subject, **kwargs)
     shown = 0
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(stop_after):
             async for msg in sub.messages:
                 try:
                     event = ev.decode(msg.data)
@@ -79,7 +92,5 @@ def _render(event: ev.AnyEvent, json_lines: bool) -> str:
     return as_json(event) if json_lines else describe(event)
 
 
-def _start_time_config(since: dt.datetime) -> Any:
-    from nats.js.api import ConsumerConfig
-
-    return ConsumerConfig(opt_start_time=since.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"))
+def _start_time_config(since: dt.datetime) -> ConsumerConfig:
+    return ConsumerConfig(opt_start_time=since.astimezone(dt.UTC))

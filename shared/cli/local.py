@@ -25,8 +25,12 @@ from shared.local.procs import ManagedProcess, StartFailed
 
 SERVICES = ("services.watcher",)
 NOT_YET = {
-    "planner": "issue 3", "provisioner": "issue 6", "workload": "issue 7",
-    "serving (Ray Serve + SmolLM2)": "issue 4", "tuning": "issue 5", "sample Workspace": "issue 8",
+    "planner": "issue 3",
+    "provisioner": "issue 6",
+    "workload": "issue 7",
+    "serving (Ray Serve + SmolLM2)": "issue 4",
+    "tuning": "issue 5",
+    "sample Workspace": "issue 8",
 }
 
 
@@ -56,8 +60,11 @@ def up(root: Path) -> int:
     root.mkdir(parents=True, exist_ok=True)
     pid_file = root / "up.pid"
     if (pid := _already_running(pid_file)) is not None:
-        print(f"kaiten up is already running (pid {pid}, state in {root}); stop it with Ctrl-C there "
-              f"or `kill {pid}`", file=sys.stderr)
+        print(
+            f"kaiten up is already running (pid {pid}, state in {root}); stop it with Ctrl-C there "
+            f"or `kill {pid}`",
+            file=sys.stderr,
+        )
         return 1
     pid_file.write_text(str(os.getpid()))
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -74,16 +81,21 @@ def up(root: Path) -> int:
         env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "KAITEN_NATS_URL": nats.url}
         subprocess.run(["kubectl", "apply", "-f", str(CRD_PATH)], env=env, check=True, capture_output=True)
         print("✓ Workspace CRD     workspaces.kaito.sh (v1alpha1, v1beta1)", flush=True)
-        (root / "endpoints.json").write_text(json.dumps({"nats_url": nats.url, "kubeconfig": str(cp.kubeconfig)}))
+        (root / "endpoints.json").write_text(
+            json.dumps({"nats_url": nats.url, "kubeconfig": str(cp.kubeconfig)})
+        )
         procs = [_service(module, root, env) for module in SERVICES]
         print(f"✓ services           {', '.join(m.split('.')[-1] for m in SERVICES)}", flush=True)
         for part, issue in NOT_YET.items():
             print(f"· not yet            {part} ({issue})", flush=True)
-        print(f"\nup in {time.monotonic() - started:.1f}s. In another terminal:\n"
-              f"  export KUBECONFIG={cp.kubeconfig}\n"
-              f"  kubectl apply -f examples/seed/workspace-phi-3-mini.yaml && kubectl get workspace\n"
-              f"  kaiten events\n"
-              f"Logs: {root}/*.log. Ctrl-C stops everything.", flush=True)
+        print(
+            f"\nup in {time.monotonic() - started:.1f}s. In another terminal:\n"
+            f"  export KUBECONFIG={cp.kubeconfig}\n"
+            f"  kubectl apply -f examples/seed/workspace-phi-3-mini.yaml && kubectl get workspace\n"
+            f"  kaiten events\n"
+            f"Logs: {root}/*.log. Ctrl-C stops everything.",
+            flush=True,
+        )
         _supervise(procs, root, env)
     except (KeyboardInterrupt, _Stop):
         print("\nstopping ...", flush=True)
@@ -102,8 +114,12 @@ def up(root: Path) -> int:
 
 
 def _service(module: str, root: Path, env: dict[str, str]) -> ManagedProcess:
-    return ManagedProcess(name=module, argv=[sys.executable, "-m", module],
-                          log_path=root / f"{module.split('.')[-1]}.log", env=env).start()
+    return ManagedProcess(
+        name=module,
+        argv=[sys.executable, "-m", module],
+        log_path=root / f"{module.split('.')[-1]}.log",
+        env=env,
+    ).start()
 
 
 def _supervise(procs: list[ManagedProcess], root: Path, env: dict[str, str]) -> None:
@@ -116,7 +132,10 @@ def _supervise(procs: list[ManagedProcess], root: Path, env: dict[str, str]) -> 
                 continue
             restarts[index] += 1
             wait = delay_for(restarts[index], base=1.0, cap=30.0)
-            print(f"! {proc.name} exited ({proc.proc.returncode if proc.proc else '?'}); restart "
-                  f"#{restarts[index]} in {wait:.0f}s — see {proc.log_path}", flush=True)
+            print(
+                f"! {proc.name} exited ({proc.proc.returncode if proc.proc else '?'}); restart "
+                f"#{restarts[index]} in {wait:.0f}s — see {proc.log_path}",
+                flush=True,
+            )
             time.sleep(wait)
             procs[index] = _service(proc.name, root, env)

@@ -29,7 +29,9 @@ def parse_since(text: str) -> dt.datetime:
     try:
         parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--since takes 90s/5m/2h/1d or an RFC 3339 time, not {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"--since takes 90s/5m/2h/1d or an RFC 3339 time, not {text!r}"
+        ) from exc
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
@@ -43,20 +45,28 @@ def default_nats_url() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kaiten", description="Kaiten: LLM inference and fine-tuning "
-                                     "on Kubernetes from one Workspace resource.")
+    parser = argparse.ArgumentParser(
+        prog="kaiten",
+        description="Kaiten: LLM inference and fine-tuning on Kubernetes from one Workspace resource.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     events = sub.add_parser("events", help="follow Workspace status events")
     events.add_argument("name", nargs="?", help="one Workspace (default: all)")
     events.add_argument("-n", "--namespace", help="one namespace (default: all)")
-    events.add_argument("-A", "--all-events", action="store_true",
-                        help="also show observed/progress events, not only status-bearing ones")
+    events.add_argument(
+        "-A",
+        "--all-events",
+        action="store_true",
+        help="also show observed/progress events, not only status-bearing ones",
+    )
     events.add_argument("--since", type=parse_since, help="replay from this long ago (5m, 2h) or a time")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.add_argument("--count", type=int, help="exit after this many events")
     events.add_argument("--timeout", type=float, help="exit after this many seconds")
-    events.add_argument("--nats", default=None, help="NATS URL (default: $KAITEN_NATS_URL, then `kaiten up`'s)")
+    events.add_argument(
+        "--nats", default=None, help="NATS URL (default: $KAITEN_NATS_URL, then `kaiten up`'s)"
+    )
 
     up = sub.add_parser("up", help="run the whole system on this machine (foreground)")
     up.add_argument("--state-dir", type=Path, default=None, help=f"default: {local.state_dir()}")
@@ -66,10 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "events":
-        code = asyncio.run(follow(
-            nats_url=args.nats or default_nats_url(), namespace=args.namespace, name=args.name,
-            since=args.since, as_json=args.json, count=args.count, timeout=args.timeout,
-            everything=args.all_events, out=sys.stdout))
+        code = asyncio.run(
+            follow(
+                nats_url=args.nats or default_nats_url(),
+                namespace=args.namespace,
+                name=args.name,
+                since=args.since,
+                as_json=args.json,
+                count=args.count,
+                stop_after=args.timeout,
+                everything=args.all_events,
+                out=sys.stdout,
+            )
+        )
         sys.exit(code)
     if args.command == "up":
         sys.exit(local.up(args.state_dir or local.state_dir()))

@@ -12,5 +12,5 @@ async def api_client(kubeconfig: str | None = None) -> client.ApiClient:
     path = kubeconfig or os.environ.get("KUBECONFIG")
     if path:
         return await config.new_client_from_config(config_file=path, persist_config=False)
-    config.load_incluster_config()
+    config.load_incluster_config()  # type: ignore[no-untyped-call]
     return client.ApiClient()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from kubernetes_asyncio import client, watch
@@ -10,8 +11,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from shared.api.crd import GROUP, KIND, PLURAL, STORAGE_VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 FIELD_MANAGER = "kaiten"
+Obj = dict[str, Any]
 
 
 class Workspaces:
@@ -22,11 +23,7 @@ class Workspaces:
         self._core = client.CoreV1Api(api)
         self.version = version
 
-    @property
-    def objects(self) -> client.CustomObjectsApi:
-        return self._objects
-
-    async def list(self, namespace: str | None = None) -> dict[str, Any]:
+    async def list_all(self, namespace: str | None = None) -> Obj:
         if namespace:
             result = await self._objects.list_namespaced_custom_object(GROUP, self.version, namespace, PLURAL)
         else:
@@ -35,45 +32,89 @@ class Workspaces:
 
     def watch(self, namespace: str | None, *, resource_version: str, timeout_seconds: int) -> watch.Watch:
         """A watch stream from ``resource_version``; the caller must ``await stream.close()``."""
+        common = {
+            "resource_version": resource_version,
+            "allow_watch_bookmarks": True,
+            "timeout_seconds": timeout_seconds,
+        }
         if namespace:
-            func, args = self._objects.list_namespaced_custom_object, (GROUP, self.version, namespace, PLURAL)
-        else:
-            func, args = self._objects.list_cluster_custom_object, (GROUP, self.version, PLURAL)
-        return watch.Watch().stream(func, *args, resource_version=resource_version,
-                                    allow_watch_bookmarks=True, timeout_seconds=timeout_seconds)
+            return watch.Watch().stream(
+                self._objects.list_namespaced_custom_object, GROUP, self.version, namespace, PLURAL, **common
+            )
+        return watch.Watch().stream(
+            self._objects.list_cluster_custom_object, GROUP, self.version, PLURAL, **common
+        )
 
-    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+    async def get(self, namespace: str, name: str) -> Obj | None:
         try:
-            return dict(await self._objects.get_namespaced_custom_object(GROUP, self.version, namespace,
-                                                                         PLURAL, name))
+            return dict(
+                await self._objects.get_namespaced_custom_object(GROUP, self.version, namespace, PLURAL, name)
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return dict(await self._objects.patch_namespaced_custom_object_status(
-            GROUP, self.version, namespace, PLURAL, name, patch,
-            _content_type=MERGE_PATCH, field_manager=FIELD_MANAGER))
+    async def patch_status(self, namespace: str, name: str, patch: Obj) -> Obj:
+        """A JSON merge patch of ``/status`` (carry ``metadata.resourceVersion`` for a precondition)."""
+        return dict(
+            await self._objects.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
+                GROUP,
+                self.version,
+                namespace,
+                PLURAL,
+                name,
+                patch,
+                _content_type=MERGE_PATCH,
+                field_manager=FIELD_MANAGER,
+            )
+        )
 
-    async def patch(self, namespace: str, name: str, patch: dict[str, Any] | list[dict[str, Any]],
-                    *, content_type: str = MERGE_PATCH) -> dict[str, Any]:
-        return dict(await self._objects.patch_namespaced_custom_object(
-            GROUP, self.version, namespace, PLURAL, name, patch,
-            _content_type=content_type, field_manager=FIELD_MANAGER))
+    async def patch(self, namespace: str, name: str, patch: Obj) -> Obj:
+        """A JSON merge patch of the object (carry ``metadata.resourceVersion`` for a precondition)."""
+        return dict(
+            await self._objects.patch_namespaced_custom_object(  # type: ignore[call-arg]
+                GROUP,
+                self.version,
+                namespace,
+                PLURAL,
+                name,
+                patch,
+                _content_type=MERGE_PATCH,
+                field_manager=FIELD_MANAGER,
+            )
+        )
 
-    async def post_event(self, *, obj_ref: dict[str, str], name: str, event_type: str, reason: str,
-                         message: str, component: str, timestamp: str) -> None:
+    async def post_event(
+        self,
+        *,
+        obj_ref: dict[str, str],
+        name: str,
+        event_type: str,
+        reason: str,
+        message: str,
+        component: str,
+    ) -> None:
         """A core/v1 Event on the Workspace; ``name`` is deterministic, so a redelivery is a no-op."""
+        now = dt.datetime.now(dt.UTC)
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(name=name, namespace=obj_ref["namespace"]),
             involved_object=client.V1ObjectReference(
-                api_version=f"{GROUP}/{self.version}", kind=KIND, name=obj_ref["name"],
-                namespace=obj_ref["namespace"], uid=obj_ref["uid"]),
-            type=event_type, reason=reason, message=message[:1024],
+                api_version=f"{GROUP}/{self.version}",
+                kind=KIND,
+                name=obj_ref["name"],
+                namespace=obj_ref["namespace"],
+                uid=obj_ref["uid"],
+            ),
+            type=event_type,
+            reason=reason,
+            message=message[:1024],
             source=client.V1EventSource(component=component),
-            first_timestamp=timestamp, last_timestamp=timestamp, count=1,
-            reporting_component=component, reporting_instance=component,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            reporting_component=component,
+            reporting_instance=component,
         )
         try:
             await self._core.create_namespaced_event(obj_ref["namespace"], body)

@@ -57,14 +57,20 @@ def ensure_binaries(progress: object = None) -> dict[str, Path]:
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOSUMDB": "off"}
     # GOSUMDB=off: the checksum database may be unreachable; go.sum in the repo pins every module hash.
     for name in missing:
-        say(f"building {name} {K8S_VERSION if name != 'etcd' else ETCD_VERSION} from Go modules "
-            f"(first run only; {BUILD_ESTIMATE}) ...")
+        say(
+            f"building {name} {K8S_VERSION if name != 'etcd' else ETCD_VERSION} from Go modules "
+            f"(first run only; {BUILD_ESTIMATE}) ..."
+        )
         started = time.monotonic()
         tmp = bins[name].with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
             ["go", "build", "-trimpath", f"-ldflags={_ldflags(name)}", "-o", str(tmp), packages[name]],
-            cwd=module, env=env, capture_output=True, text=True, check=False,
+            cwd=module,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise StartFailed(f"go build {packages[name]} failed:\n{result.stderr[-4000:]}")
@@ -79,8 +85,10 @@ def _ldflags(name: str) -> str:
         return "-s -w"
     major, minor = K8S_VERSION.lstrip("v").split(".")[:2]
     pkg = "k8s.io/component-base/version"
-    return (f"-s -w -X {pkg}.gitVersion={K8S_VERSION} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} "
-            f"-X {pkg}.gitTreeState=clean")
+    return (
+        f"-s -w -X {pkg}.gitVersion={K8S_VERSION} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} "
+        f"-X {pkg}.gitTreeState=clean"
+    )
 
 
 # --- certificates ---------------------------------------------------------------------------------
@@ -96,8 +104,9 @@ def _write_certs(pki: Path) -> None:
     now = dt.datetime.now(dt.UTC)
 
     def key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def name(cn: str, org: str | None = None) -> x509.Name:
         attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
@@ -106,22 +115,40 @@ def _write_certs(pki: Path) -> None:
         return x509.Name(attrs)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("kaiten-local-ca")).issuer_name(name("kaiten-local-ca"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("kaiten-local-ca"))
+        .issuer_name(name("kaiten-local-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def leaf(cn: str, org: str | None, usage: x509.ObjectIdentifier, san: bool) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(cn, org)).issuer_name(ca.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn, org))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            ]), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
         cert = builder.sign(ca_key, hashes.SHA256())
         return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
 
@@ -134,8 +161,11 @@ def _write_certs(pki: Path) -> None:
     (pki / "admin.key").write_bytes(admin_key)
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (pki / "sa.key").write_bytes(key_pem(sa))
-    (pki / "sa.pub").write_bytes(sa.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (pki / "sa.pub").write_bytes(
+        sa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     for path in pki.iterdir():
         path.chmod(0o600)
 
@@ -208,17 +238,35 @@ class ControlPlane:
         data = self.state_dir / "etcd"
         etcd = ManagedProcess(
             name="etcd",
-            argv=[str(binary), "--name", "kaiten", "--data-dir", str(data),
-                  "--listen-client-urls", url, "--advertise-client-urls", url,
-                  "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                  "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                  "--initial-cluster", f"kaiten=http://127.0.0.1:{peer}",
-                  "--unsafe-no-fsync", "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn"],
+            argv=[
+                str(binary),
+                "--name",
+                "kaiten",
+                "--data-dir",
+                str(data),
+                "--listen-client-urls",
+                url,
+                "--advertise-client-urls",
+                url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"kaiten=http://127.0.0.1:{peer}",
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes",
+                str(2 * 1024**3),
+                "--log-level",
+                "warn",
+            ],
             log_path=self.state_dir / "etcd.log",
         ).start()
         self.processes.append(etcd)
-        if not wait_until(lambda: port_open("127.0.0.1", client) or not etcd.alive(), timeout=30) \
-                or not etcd.alive():
+        if (
+            not wait_until(lambda: port_open("127.0.0.1", client) or not etcd.alive(), timeout=30)
+            or not etcd.alive()
+        ):
             raise etcd.fail(f"did not listen on 127.0.0.1:{client}")
         return url
 
@@ -226,25 +274,44 @@ class ControlPlane:
         self.api_port = free_port()
         api = ManagedProcess(
             name="kube-apiserver",
-            argv=[str(binary),
-                  "--etcd-servers", etcd_url,
-                  "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-                  "--secure-port", str(self.api_port),
-                  "--cert-dir", str(self.state_dir / "apiserver-certs"),
-                  "--tls-cert-file", str(pki / "apiserver.crt"),
-                  "--tls-private-key-file", str(pki / "apiserver.key"),
-                  "--client-ca-file", str(pki / "ca.crt"),
-                  "--service-account-issuer", "https://kubernetes.default.svc",
-                  "--service-account-key-file", str(pki / "sa.pub"),
-                  "--service-account-signing-key-file", str(pki / "sa.key"),
-                  "--service-cluster-ip-range", "10.0.0.0/24",
-                  "--authorization-mode", "RBAC",
-                  "--allow-privileged=true",
-                  "--endpoint-reconciler-type", "none",
-                  "--disable-admission-plugins", "ServiceAccount",
-                  "--enable-priority-and-fairness=false",
-                  "--profiling=false",
-                  "--v", "1"],
+            argv=[
+                str(binary),
+                "--etcd-servers",
+                etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(self.api_port),
+                "--cert-dir",
+                str(self.state_dir / "apiserver-certs"),
+                "--tls-cert-file",
+                str(pki / "apiserver.crt"),
+                "--tls-private-key-file",
+                str(pki / "apiserver.key"),
+                "--client-ca-file",
+                str(pki / "ca.crt"),
+                "--service-account-issuer",
+                "https://kubernetes.default.svc",
+                "--service-account-key-file",
+                str(pki / "sa.pub"),
+                "--service-account-signing-key-file",
+                str(pki / "sa.key"),
+                "--service-cluster-ip-range",
+                "10.0.0.0/24",
+                "--authorization-mode",
+                "RBAC",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type",
+                "none",
+                "--disable-admission-plugins",
+                "ServiceAccount",
+                "--enable-priority-and-fairness=false",
+                "--profiling=false",
+                "--v",
+                "1",
+            ],
             log_path=self.state_dir / "kube-apiserver.log",
         ).start()
         self.processes.append(api)
@@ -255,7 +322,7 @@ class ControlPlane:
             if not api.alive():
                 return True
             try:
-                with urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=2) as resp:
+                with urllib.request.urlopen(f"{self.server}/readyz", context=context, timeout=2) as resp:  # noqa: S310 - our https URL
                     return bool(resp.status == 200)
             except OSError:
                 return False

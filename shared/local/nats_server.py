@@ -34,12 +34,27 @@ class NatsServer:
         store.mkdir(parents=True, exist_ok=True)
         self.process = ManagedProcess(
             name="nats-server",
-            argv=[str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store),
-                  "-n", "kaiten-local"],
+            argv=[
+                str(nats_server_binary()),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(store),
+                "-n",
+                "kaiten-local",
+            ],
             log_path=self.state_dir / "nats-server.log",
         ).start()
-        if not wait_until(lambda: port_open("127.0.0.1", self.port) or not self.process.alive(),
-                          timeout=self.startup_timeout) or not self.process.alive():
+        if (
+            not wait_until(
+                lambda: port_open("127.0.0.1", self.port) or not self.process.alive(),
+                timeout=self.startup_timeout,
+            )
+            or not self.process.alive()
+        ):
             self.process.stop()
             raise self.process.fail(f"did not accept connections on 127.0.0.1:{self.port}")
         return self

@@ -75,8 +75,9 @@ class ManagedProcess:
     def fail(self, what: str) -> StartFailed:
         code = self.proc.poll() if self.proc else None
         state = f"exited with {code}" if code is not None else "still running"
-        return StartFailed(f"{self.name} {what} ({state}); last log lines from {self.log_path}:\n"
-                           f"{tail(self.log_path)}")
+        return StartFailed(
+            f"{self.name} {what} ({state}); last log lines from {self.log_path}:\n{tail(self.log_path)}"
+        )
 
     def stop(self, timeout: float = 10.0) -> bool:
         """SIGTERM the process group we created, then SIGKILL it after ``timeout`` s.

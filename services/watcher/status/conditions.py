@@ -52,34 +52,54 @@ def _failure(change: StatusChange, event: ev.Event, reason: str, message: str, *
     change.warnings.append(Warning(reason, message, ev.dedupe_id(event)))
 
 
-def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:  # noqa: C901 - one arm per kind
+def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:
     match event:
         case ev.PlanResolved():
             change.conditions.append(_c("Planned", "True", "PlanResolved", event.explanation, event))
         case ev.PlanRejected():
-            _failure(change, event, event.reason, event.message, "Planned", "ResourceReady", "WorkspaceSucceeded")
+            _failure(
+                change, event, event.reason, event.message, "Planned", "ResourceReady", "WorkspaceSucceeded"
+            )
         case ev.NodesRequested():
-            what = f"{event.count} × {event.instance_type}" if event.instance_type else f"{event.count} node(s)"
+            what = (
+                f"{event.count} × {event.instance_type}" if event.instance_type else f"{event.count} node(s)"
+            )
             msg = f"requested {what} from {event.provider}"
-            change.conditions += [_c("NodesReady", "False", "NodesRequested", msg, event),
-                                  _c("ResourceReady", "False", "Provisioning", msg, event)]
+            change.conditions += [
+                _c("NodesReady", "False", "NodesRequested", msg, event),
+                _c("ResourceReady", "False", "Provisioning", msg, event),
+            ]
         case ev.NodesReady():
             msg = f"{len(event.nodes)} node(s) ready: {', '.join(event.nodes)}"
-            change.conditions += [_c("NodesReady", "True", "NodesReady", msg, event),
-                                  _c("ResourceReady", "True", "ResourceReady", msg, event)]
+            change.conditions += [
+                _c("NodesReady", "True", "NodesReady", msg, event),
+                _c("ResourceReady", "True", "ResourceReady", msg, event),
+            ]
             change.worker_nodes = tuple(event.nodes)
         case ev.NodesFailed():
-            _failure(change, event, event.reason, event.message, "NodesReady", "ResourceReady", "WorkspaceSucceeded")
+            _failure(
+                change,
+                event,
+                event.reason,
+                event.message,
+                "NodesReady",
+                "ResourceReady",
+                "WorkspaceSucceeded",
+            )
         case ev.InferenceReady():
             msg = f"serving at {event.endpoint}" if event.endpoint else "inference is ready"
-            change.conditions += [_c("InferenceReady", "True", "InferenceReady", msg, event),
-                                  _c("WorkspaceSucceeded", "True", "WorkspaceSucceeded", msg, event)]
+            change.conditions += [
+                _c("InferenceReady", "True", "InferenceReady", msg, event),
+                _c("WorkspaceSucceeded", "True", "WorkspaceSucceeded", msg, event),
+            ]
         case ev.InferenceFailed():
             _failure(change, event, event.reason, event.message, "InferenceReady", "WorkspaceSucceeded")
         case ev.JobStarted():
             msg = f"tuning job {event.job} started" if event.job else "tuning job started"
-            change.conditions += [_c("JobStarted", "True", "JobStarted", msg, event),
-                                  _c("WorkspaceSucceeded", "Unknown", "JobRunning", msg, event)]
+            change.conditions += [
+                _c("JobStarted", "True", "JobStarted", msg, event),
+                _c("WorkspaceSucceeded", "Unknown", "JobRunning", msg, event),
+            ]
         case ev.JobSucceeded():
             msg = f"adapter written to {event.output}" if event.output else "tuning job succeeded"
             change.conditions.append(_c("WorkspaceSucceeded", "True", "JobSucceeded", msg, event))
@@ -105,8 +125,9 @@ def fold(events: Iterable[ev.AnyEvent]) -> StatusChange:
     return change
 
 
-def merge_conditions(current: Sequence[dict[str, Any]], updates: Sequence[ConditionUpdate],
-                     now: str) -> list[dict[str, Any]]:
+def merge_conditions(
+    current: Sequence[dict[str, Any]], updates: Sequence[ConditionUpdate], now: str
+) -> list[dict[str, Any]]:
     """The new ``status.conditions`` list (a merge patch replaces lists whole)."""
     merged = {c["type"]: dict(c) for c in current if "type" in c}
     order = [c["type"] for c in current if "type" in c]

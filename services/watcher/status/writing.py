@@ -73,22 +73,33 @@ class StatusWriter:
     async def _apply_once(self, ref: WorkspaceRef, change: StatusChange) -> None:
         obj = await self._workspaces.get(ref.namespace, ref.name)
         if obj is None or obj["metadata"].get("uid") != ref.uid:
-            log.info("[%s] gone (uid %s); dropping %d condition update(s)", ref.key, ref.uid,
-                     len(change.conditions))
+            log.info(
+                "[%s] gone (uid %s); dropping %d condition update(s)",
+                ref.key,
+                ref.uid,
+                len(change.conditions),
+            )
             return
         now = now_rfc3339()
         patch = status_patch(obj, change, now)
         if patch is not None:
             obj = await self._workspaces.patch_status(ref.namespace, ref.name, patch)
             self.patches += 1
-            log.info("[%s] status: %s", ref.key, ", ".join(f"{c.type}={c.status}" for c in change.conditions)
-                     or "cleanup progress")
+            log.info(
+                "[%s] status: %s",
+                ref.key,
+                ", ".join(f"{c.type}={c.status}" for c in change.conditions) or "cleanup progress",
+            )
         for warning in change.warnings:
             name = f"{ref.name}.{hashlib.sha1(warning.dedupe.encode()).hexdigest()[:16]}"  # noqa: S324 - a name, not security
             await self._workspaces.post_event(
-                obj_ref={"namespace": ref.namespace, "name": ref.name, "uid": ref.uid}, name=name,
-                event_type="Warning", reason=warning.reason, message=warning.message,
-                component=COMPONENT, timestamp=now)
+                obj_ref={"namespace": ref.namespace, "name": ref.name, "uid": ref.uid},
+                name=name,
+                event_type="Warning",
+                reason=warning.reason,
+                message=warning.message,
+                component=COMPONENT,
+            )
         await self._maybe_release(ref, obj)
 
     async def _maybe_release(self, ref: WorkspaceRef, obj: dict[str, Any]) -> None:
@@ -101,6 +112,9 @@ class StatusWriter:
             log.info("[%s] waiting for cleanup by %s", ref.key, sorted(set(self._owners) - set(cleaned)))
             return
         finalizers.remove(FINALIZER)
-        await self._workspaces.patch(ref.namespace, ref.name, {
-            "metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}})
+        await self._workspaces.patch(
+            ref.namespace,
+            ref.name,
+            {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}},
+        )
         log.info("[%s] cleanup complete; finalizer removed", ref.key)

@@ -1,0 +1,51 @@
+# The developer loop is CI's loop: README, .ci/run and developers all run `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
+
+.PHONY: setup lock controlplane lint typecheck test test-fast up crd bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet uv
+
+# Install exactly what requirements/dev.lock pins (hash-checked), then the project itself, editable.
+setup: $(PY)
+	$(UV) pip install --quiet --python $(PY) --require-hashes -r requirements/dev.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock: $(PY)
+	$(UV) pip compile pyproject.toml --extra dev --extra local --generate-hashes --python-version 3.11 \
+		-o requirements/dev.lock
+
+# Build (first time only, then cached) the real etcd + kube-apiserver from Go modules.
+controlplane: setup
+	$(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries()"
+
+crd: setup
+	$(PY) -m shared.api.crd
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+# Everything: lint, strict types, then every test against real NATS, etcd, kube-apiserver and kubectl.
+test: lint typecheck controlplane
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not controlplane and not slow"
+
+up: setup controlplane
+	$(VENV)/bin/kaiten up
+
+bench: setup
+	$(PY) benchmarks/bus_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,104 @@
+"""Bus overhead: Kaiten's Publisher and ConsumerRunner against raw nats-py, in the same run.
+
+Starts a real nats-server (JetStream, temp store) on 127.0.0.1 and measures:
+- publish: ``js.publish`` (baseline) vs ``Publisher.publish`` (msgspec encode, Nats-Msg-Id, trace headers);
+- consume: pull ``fetch`` + ``ack`` (baseline) vs ``ConsumerRunner`` (per-Workspace ordering, KV lease,
+  heartbeats, decode) with a no-op handler, over 64 Workspaces.
+Prints a table; the ratio column (ours / baseline throughput) is what to compare between runs.
+
+    python benchmarks/bus_throughput.py [--messages 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nats
+
+from shared import events as ev
+from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.publishing import Publisher
+from shared.bus.streams import declare_stream
+from shared.local.nats_server import NatsServer
+
+
+def sample(i: int, workspaces: int) -> ev.ConditionReported:
+    ref = ev.WorkspaceRef(namespace="bench", name=f"w{i % workspaces}", uid=f"u{i % workspaces}")
+    return ev.ConditionReported(workspace=ref, generation=1, type=f"T{i}", status="True", reason="Bench")
+
+
+async def bench_publish(url: str, n: int, workspaces: int) -> tuple[float, float]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await declare_stream(js)
+    events = [sample(i, workspaces) for i in range(n)]
+    started = time.perf_counter()
+    for event in events:
+        await js.publish(f"kaiten.raw.x.bench.{event.workspace.name}", ev.encode(event))
+    raw = n / (time.perf_counter() - started)
+    pub = Publisher(js)
+    started = time.perf_counter()
+    for event in events:
+        await pub.publish(event)
+    ours = n / (time.perf_counter() - started)
+    await nc.close()
+    return raw, ours
+
+
+async def bench_consume(url: str, n: int) -> tuple[float, float]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    psub = await js.pull_subscribe("kaiten.raw.>", durable="raw-bench")
+    started = time.perf_counter()
+    got = 0
+    while got < n:
+        for msg in await psub.fetch(256, timeout=5):
+            ev.decode(msg.data)
+            await msg.ack()
+            got += 1
+    raw = n / (time.perf_counter() - started)
+
+    done = asyncio.Event()
+    count = 0
+
+    async def handler(batch: Sequence[ev.AnyEvent]) -> None:
+        nonlocal count
+        count += len(batch)
+        if count >= n:
+            done.set()
+
+    runner = ConsumerRunner(
+        nc=nc,
+        spec=ConsumerSpec(durable="ours-bench", filter_subjects=["kaiten.status.>"], fetch_batch=256,
+                          max_concurrency=64),
+        handler=handler, publisher=Publisher(js), reporter="bench")
+    started = time.perf_counter()
+    await runner.start()
+    await asyncio.wait_for(done.wait(), timeout=300)
+    ours = n / (time.perf_counter() - started)
+    await runner.stop()
+    await nc.close()
+    return raw, ours
+
+
+async def main(n: int, workspaces: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
+        pub_raw, pub_ours = await bench_publish(server.url, n, workspaces)
+        con_raw, con_ours = await bench_consume(server.url, n)
+    print(f"{n} messages, {workspaces} Workspaces, nats-server on 127.0.0.1\n")
+    print(f"{'path':<10}{'baseline msg/s':>16}{'kaiten msg/s':>15}{'ratio':>8}")
+    for path, raw, ours in (("publish", pub_raw, pub_ours), ("consume", con_raw, con_ours)):
+        print(f"{path:<10}{raw:>16.0f}{ours:>15.0f}{ours / raw:>8.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--workspaces", type=int, default=64)
+    args = parser.parse_args()
+    asyncio.run(main(args.messages, args.workspaces))
