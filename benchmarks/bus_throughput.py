@@ -74,9 +74,13 @@ async def bench_consume(url: str, n: int) -> tuple[float, float]:
 
     runner = ConsumerRunner(
         nc=nc,
-        spec=ConsumerSpec(durable="ours-bench", filter_subjects=["kaiten.status.>"], fetch_batch=256,
-                          max_concurrency=64),
-        handler=handler, publisher=Publisher(js), reporter="bench")
+        spec=ConsumerSpec(
+            durable="ours-bench", filter_subjects=["kaiten.status.>"], fetch_batch=256, max_concurrency=64
+        ),
+        handler=handler,
+        publisher=Publisher(js),
+        reporter="bench",
+    )
     started = time.perf_counter()
     await runner.start()
     await asyncio.wait_for(done.wait(), timeout=300)

@@ -67,7 +67,8 @@ def up(root: Path) -> int:
         )
         return 1
     pid_file.write_text(str(os.getpid()))
-    signal.signal(signal.SIGTERM, _raise_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job may inherit it ignored
+        signal.signal(sig, _raise_stop)
     started = time.monotonic()
     nats = cp = None
     procs: list[ManagedProcess] = []

@@ -1,0 +1,61 @@
+"""``kaiten up`` as a newcomer runs it: comes up, is usable with kubectl, refuses a second start, and
+leaves no process behind when stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SEEDS, Kubectl
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
+KAITEN = Path(sys.executable).parent / "kaiten"
+
+
+def ours(state: Path) -> list[str]:
+    """Processes whose command line names our state dir (read-only: we never kill by name)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if str(state) in line and "ps -eo" not in line]
+
+
+def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "KAITEN_STATE_DIR": str(state)}
+    up = subprocess.Popen(
+        [str(KAITEN), "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        assert up.stdout is not None
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            lines.append(line)
+            if line.startswith("up in") or not line:
+                break
+        text = "".join(lines)
+        assert "✓ kube-apiserver" in text and "✓ services           watcher" in text, text
+        assert "not yet            planner" in text
+        kubeconfig = state / "controlplane" / "kubeconfig"
+        assert f"export KUBECONFIG={kubeconfig}" in "".join([*lines, up.stdout.readline()])
+        kubectl = Kubectl(kubeconfig)
+        kubectl.run("apply", "-f", str(SEEDS / "workspace-phi-3-mini.yaml"), check=True)
+        assert "workspace-phi-3-mini" in kubectl.run("get", "workspace", check=True).stdout
+        again = subprocess.run([str(KAITEN), "up"], env=env, capture_output=True, text=True, timeout=30)
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=30)
+    assert up.returncode == 0
+    assert ours(state) == []
