@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
 from shared import events as ev
 from shared.api.workspace import spec_of
@@ -69,6 +70,19 @@ def workspace(name: str, *, count: int = 1) -> str:
     )
 
 
+async def apply_and_observe(
+    kubectl: Kubectl, nc: Client, namespace: str, name: str, kinds: str = "observed"
+) -> tuple[ev.WorkspaceObserved, JetStreamContext.PushSubscription]:
+    """Apply ``workspace(name)``; return its first "observed" event and the subscription (for more)."""
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace(name), check=True)
+    sub = await nc.jetstream().subscribe(
+        f"kaiten.workspace.{kinds}.{namespace}.{name}", ordered_consumer=True
+    )
+    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    assert isinstance(observed, ev.WorkspaceObserved)
+    return observed, sub
+
+
 async def test_seed_manifests_are_observed_within_a_second(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
@@ -96,9 +110,7 @@ async def test_label_edit_emits_nothing_and_spec_edit_emits_a_new_generation(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
     await start_watcher(services)
-    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w1"), check=True)
-    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w1", ordered_consumer=True)
-    first = ev.decode((await sub.next_msg(timeout=5)).data)
+    first, sub = await apply_and_observe(kubectl, nc, namespace, "w1")
     assert first.generation == 1
     kubectl.run("label", "workspace", "w1", "-n", namespace, "team=a", check=True)
     kubectl.run("annotate", "workspace", "w1", "-n", namespace, "note=x", check=True)
@@ -115,9 +127,7 @@ async def test_condition_events_reach_kubectl_and_kaiten_events(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
     await start_watcher(services)
-    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w2"), check=True)
-    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w2", ordered_consumer=True)
-    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    observed, _ = await apply_and_observe(kubectl, nc, namespace, "w2")
     ref, gen = observed.workspace, observed.generation
     viewer = subprocess.Popen(
         [
@@ -182,9 +192,7 @@ async def test_failures_post_kubernetes_warning_events(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
     await start_watcher(services)
-    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w3"), check=True)
-    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w3", ordered_consumer=True)
-    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    observed, _ = await apply_and_observe(kubectl, nc, namespace, "w3")
     failed = ev.NodesFailed(
         workspace=observed.workspace,
         generation=1,
@@ -217,9 +225,7 @@ async def test_delete_waits_for_cleanup_owners_then_the_object_goes(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
     await start_watcher(services, KAITEN_CLEANUP_OWNERS="provisioner")
-    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w4"), check=True)
-    sub = await nc.jetstream().subscribe(f"kaiten.workspace.*.{namespace}.w4", ordered_consumer=True)
-    observed = ev.decode((await sub.next_msg(timeout=5)).data)
+    observed, sub = await apply_and_observe(kubectl, nc, namespace, "w4", kinds="*")
     kubectl.run("delete", "workspace", "w4", "-n", namespace, "--wait=false", check=True)
     deleting = ev.decode((await sub.next_msg(timeout=5)).data)
     assert isinstance(deleting, ev.WorkspaceDeleting) and deleting.workspace == observed.workspace
@@ -236,9 +242,7 @@ async def test_delete_without_owners_releases_at_once(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
     await start_watcher(services)
-    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w5"), check=True)
-    sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.w5", ordered_consumer=True)
-    await sub.next_msg(timeout=5)
+    await apply_and_observe(kubectl, nc, namespace, "w5")
     result = kubectl.run("delete", "workspace", "w5", "-n", namespace, "--timeout=20s")
     assert result.returncode == 0, result.stderr
     assert (await counts(nc, "deleting", namespace)) == {"w5": 1}

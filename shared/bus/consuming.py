@@ -55,6 +55,7 @@ class ConsumerSpec:
     fetch_batch: int = 64  # messages per pull; a burst of one Workspace arrives together
     max_concurrency: int = 16  # Workspaces handled at once by one replica
     max_attempts: int = 8  # deliveries before an unknown error becomes a terminal status
+    max_transient_attempts: int = 32  # transient errors get longer (backoff caps at 30 s: ~15 min)
     lease_ttl: float = 30.0  # s; a crashed replica's lease on a Workspace expires after this
     busy_delay: float = 0.25  # s; redelivery delay when another replica holds the Workspace
     failure_condition: str = "WorkspaceSucceeded"  # condition set False when a message is given up
@@ -318,7 +319,10 @@ class ConsumerRunner:
         if isinstance(exc, InvalidInput):
             log.warning("%s: invalid input, giving up: %s", where, exc)
             await self._give_up(msg, event, exc.reason, str(exc))
-        elif isinstance(exc, Transient | TimeoutError | ConnectionError) and attempt < spec.max_attempts * 4:
+        elif (
+            isinstance(exc, Transient | TimeoutError | ConnectionError)
+            and attempt < spec.max_transient_attempts
+        ):
             retry_after = exc.retry_after if isinstance(exc, Transient) else None
             delay = retry_after if retry_after is not None else delay_for(attempt, key=msg.subject)
             log.warning("%s: transient error (attempt %d), retry in %.2fs: %s", where, attempt, delay, exc)

@@ -55,31 +55,24 @@ class Workspaces:
                 return None
             raise
 
-    async def patch_status(self, namespace: str, name: str, patch: Obj) -> Obj:
-        """A JSON merge patch of ``/status`` (carry ``metadata.resourceVersion`` for a precondition)."""
-        return dict(
-            await self._objects.patch_namespaced_custom_object_status(  # type: ignore[call-arg]
-                GROUP,
-                self.version,
-                namespace,
-                PLURAL,
-                name,
-                patch,
-                _content_type=MERGE_PATCH,
-                field_manager=FIELD_MANAGER,
-            )
-        )
+    async def patch(self, namespace: str, name: str, patch: Obj, *, status: bool = False) -> Obj:
+        """A JSON merge patch of the object, or of ``/status`` with ``status=True``.
 
-    async def patch(self, namespace: str, name: str, patch: Obj) -> Obj:
-        """A JSON merge patch of the object (carry ``metadata.resourceVersion`` for a precondition)."""
+        Carry ``metadata.resourceVersion`` in ``patch`` for an optimistic-concurrency precondition.
+        """
+        method = (
+            self._objects.patch_namespaced_custom_object_status
+            if status
+            else self._objects.patch_namespaced_custom_object
+        )
         return dict(
-            await self._objects.patch_namespaced_custom_object(  # type: ignore[call-arg]
+            await method(
                 GROUP,
                 self.version,
                 namespace,
                 PLURAL,
                 name,
-                patch,
+                patch,  # type: ignore[call-arg]
                 _content_type=MERGE_PATCH,
                 field_manager=FIELD_MANAGER,
             )

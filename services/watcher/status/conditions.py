@@ -25,7 +25,7 @@ class ConditionUpdate:
 
 
 @dataclass(frozen=True)
-class Warning:
+class KubeWarning:
     reason: str
     message: str
     dedupe: str  # stable per fact, so a redelivered event posts the same Kubernetes Event
@@ -36,7 +36,7 @@ class StatusChange:
     """Everything one batch of events of one Workspace implies."""
 
     conditions: list[ConditionUpdate] = field(default_factory=list)
-    warnings: list[Warning] = field(default_factory=list)
+    warnings: list[KubeWarning] = field(default_factory=list)
     worker_nodes: tuple[str, ...] | None = None
     cleaned_up_by: set[str] = field(default_factory=set)
     deleting: bool = False
@@ -49,7 +49,7 @@ def _c(type_: str, status: str, reason: str, message: str, event: ev.Event) -> C
 def _failure(change: StatusChange, event: ev.Event, reason: str, message: str, *types: str) -> None:
     for type_ in types:
         change.conditions.append(_c(type_, "False", reason, message, event))
-    change.warnings.append(Warning(reason, message, ev.dedupe_id(event)))
+    change.warnings.append(KubeWarning(reason, message, ev.dedupe_id(event)))
 
 
 def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:
@@ -108,7 +108,7 @@ def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:
         case ev.ConditionReported():
             change.conditions.append(_c(event.type, event.status, event.reason, event.message, event))
             if event.warning:
-                change.warnings.append(Warning(event.reason, event.message, ev.dedupe_id(event)))
+                change.warnings.append(KubeWarning(event.reason, event.message, ev.dedupe_id(event)))
         case ev.CleanupDone():
             change.cleaned_up_by.add(event.owner)
         case ev.WorkspaceDeleting():

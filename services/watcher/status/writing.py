@@ -83,7 +83,7 @@ class StatusWriter:
         now = now_rfc3339()
         patch = status_patch(obj, change, now)
         if patch is not None:
-            obj = await self._workspaces.patch_status(ref.namespace, ref.name, patch)
+            obj = await self._workspaces.patch(ref.namespace, ref.name, patch, status=True)
             self.patches += 1
             log.info(
                 "[%s] status: %s",
