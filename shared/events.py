@@ -214,14 +214,6 @@ StatusEvent = ConditionReported | CleanupDone
 
 AnyEvent = WorkspaceEvent | PlanEvent | NodesEvent | WorkloadEvent | TuningEvent | StatusEvent
 
-FAMILIES: dict[str, Any] = {
-    "workspace": WorkspaceEvent,
-    "plan": PlanEvent,
-    "nodes": NodesEvent,
-    "workload": WorkloadEvent,
-    "tuning": TuningEvent,
-    "status": StatusEvent,
-}
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
@@ -253,20 +245,3 @@ def encode(event: Event) -> bytes:
 def decode(data: bytes) -> AnyEvent:
     """Decode any Kaiten event; raises ``msgspec.ValidationError``/``DecodeError`` on bad input."""
     return _decoder.decode(data)
-
-
-STATUS_BEARING: tuple[type[Event], ...] = (
-    WorkspaceDeleting,
-    PlanResolved,
-    PlanRejected,
-    NodesRequested,
-    NodesReady,
-    NodesFailed,
-    InferenceReady,
-    InferenceFailed,
-    JobStarted,
-    JobSucceeded,
-    JobFailed,
-    ConditionReported,
-    CleanupDone,
-)

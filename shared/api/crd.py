@@ -27,7 +27,6 @@ CRD_PATH = Path(__file__).resolve().parents[2] / "deploy" / "crds" / "kaito.sh_w
 
 Schema = dict[str, Any]
 
-DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 

@@ -175,10 +175,6 @@ class ConsumerRunner:
         if self._loop_task is not None:
             await self._loop_task
 
-    @property
-    def running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
-
     # --- intake ---------------------------------------------------------------------------------
 
     async def _pull_loop(self) -> None:
