@@ -90,7 +90,6 @@ class WorkspaceWatcher:
         self._store = store
         self._settings = settings
         self._task: asyncio.Task[None] | None = None
-        self.published = 0  # events published by this replica (for tests and status)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="watcher:loop")
@@ -179,7 +178,6 @@ class WorkspaceWatcher:
             elif action is Action.PUBLISH_DELETING:
                 generation = int(obj["metadata"].get("generation") or 0)
                 await self._publisher.publish(WorkspaceDeleting(workspace=ref, generation=generation))
-                self.published += 1
                 log.info("[%s] deleting (uid %s)", ref.key, ref.uid)
                 published = Published(generation=published.generation, deleting=True)
                 await self._store.put(ref.uid, published)
@@ -199,15 +197,12 @@ class WorkspaceWatcher:
             },
         )
         await self._publisher.publish(event)
-        self.published += 1
         log.info("[%s] observed generation %d (uid %s)", ref.key, event.generation, ref.uid)
 
     async def _add_finalizer(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        finalizers = [*(meta.get("finalizers") or []), FINALIZER]
-        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        finalizers = [*(obj["metadata"].get("finalizers") or []), FINALIZER]
         try:
-            await self._workspaces.patch(meta["namespace"], meta["name"], patch)
+            await self._workspaces.patch_finalizers(obj, finalizers)
         except ApiException as exc:
             if exc.status not in (404, 409):  # gone, or changed meanwhile: the next event decides again
                 raise

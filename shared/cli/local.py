@@ -19,7 +19,7 @@ from types import FrameType
 
 from shared.api.crd import CRD_PATH
 from shared.bus.backoff import delay_for
-from shared.local.controlplane import ControlPlane, binaries
+from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
 from shared.local.procs import ManagedProcess, StartFailed
 
@@ -73,8 +73,6 @@ def up(root: Path) -> int:
     nats = cp = None
     procs: list[ManagedProcess] = []
     try:
-        if not all(p.exists() for p in binaries().values()):
-            print("first run: building etcd and kube-apiserver from Go modules (one time) ...", flush=True)
         nats = NatsServer(root / "nats").start()
         print(f"✓ NATS JetStream     {nats.url}", flush=True)
         cp = ControlPlane(root / "controlplane").start()

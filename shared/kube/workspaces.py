@@ -78,6 +78,12 @@ class Workspaces:
             )
         )
 
+    async def patch_finalizers(self, obj: Obj, finalizers: list[str]) -> Obj:
+        """Replace ``metadata.finalizers``, guarded by the resourceVersion ``obj`` was read at."""
+        meta = obj["metadata"]
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+        return await self.patch(meta["namespace"], meta["name"], patch)
+
     async def post_event(
         self,
         *,

@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open, wait_until
+from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open
 
 
 def nats_server_binary() -> Path:
@@ -48,15 +48,15 @@ class NatsServer:
             ],
             log_path=self.state_dir / "nats-server.log",
         ).start()
-        if (
-            not wait_until(
-                lambda: port_open("127.0.0.1", self.port) or not self.process.alive(),
+        try:
+            self.process.wait_ready(
+                lambda: port_open("127.0.0.1", self.port),
                 timeout=self.startup_timeout,
+                what=f"did not accept connections on 127.0.0.1:{self.port}",
             )
-            or not self.process.alive()
-        ):
+        except StartFailed:
             self.process.stop()
-            raise self.process.fail(f"did not accept connections on 127.0.0.1:{self.port}")
+            raise
         return self
 
     @property

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,19 @@ class ManagedProcess:
             f"{self.name} {what} ({state}); last log lines from {self.log_path}:\n{tail(self.log_path)}"
         )
 
+    def wait_ready(
+        self, probe: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.05
+    ) -> None:
+        """Poll ``probe()`` until it passes; raise :meth:`fail` if the process dies or ``timeout`` s pass."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if probe():
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(interval)
+        raise self.fail(what)
+
     def stop(self, timeout: float = 10.0) -> bool:
         """SIGTERM the process group we created, then SIGKILL it after ``timeout`` s.
 
@@ -96,14 +109,3 @@ class ManagedProcess:
             self.proc.wait(timeout=5)
             return False
         return True
-
-
-def wait_until(predicate: object, *, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` s pass; returns the last result."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

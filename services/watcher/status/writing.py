@@ -54,7 +54,6 @@ class StatusWriter:
     def __init__(self, *, workspaces: Workspaces, cleanup_owners: Sequence[str]) -> None:
         self._workspaces = workspaces
         self._owners = tuple(cleanup_owners)
-        self.patches = 0  # status patches sent (coalescing is visible in tests)
 
     async def handle(self, events: Sequence[AnyEvent]) -> None:
         change = fold(events)
@@ -84,7 +83,6 @@ class StatusWriter:
         patch = status_patch(obj, change, now)
         if patch is not None:
             obj = await self._workspaces.patch(ref.namespace, ref.name, patch, status=True)
-            self.patches += 1
             log.info(
                 "[%s] status: %s",
                 ref.key,
@@ -112,9 +110,5 @@ class StatusWriter:
             log.info("[%s] waiting for cleanup by %s", ref.key, sorted(set(self._owners) - set(cleaned)))
             return
         finalizers.remove(FINALIZER)
-        await self._workspaces.patch(
-            ref.namespace,
-            ref.name,
-            {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}},
-        )
+        await self._workspaces.patch_finalizers(obj, finalizers)
         log.info("[%s] cleanup complete; finalizer removed", ref.key)
