@@ -261,6 +261,10 @@ def load_catalogs(extra_files: Sequence[str | Path] = ()) -> Catalogs:
         if not sku.is_cpu and sku.gpu_memory <= 0:
             raise CatalogError(f"catalog skus entry {sku.name!r}: gpu_memory is required for a GPU SKU")
     for preset in parsed["presets"].values():
+        if preset.tuning and preset.architecture is None:
+            raise CatalogError(
+                f"catalog presets entry {preset.name!r}: tuning needs architecture (layers, hidden, vocab)"
+            )
         if preset.quantization and preset.quantization not in parsed["quantizations"]:
             raise CatalogError(
                 f"catalog presets entry {preset.name!r}: unknown quantization {preset.quantization!r}"

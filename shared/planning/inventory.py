@@ -66,7 +66,9 @@ def node_shape(node: NodeInfo, catalogs: Catalogs) -> NodeShape:
     if gpu is None:
         what = f"{GPU_PRODUCT}={product!r}" if product else f"no {GPU_PRODUCT} label"
         return NodeShape(
-            None, None, f"node {node.name} has {node.gpus} GPU(s) but {what}: add the GPU to the catalog's gpu_models"
+            None,
+            None,
+            f"node {node.name} has {node.gpus} GPU(s) but {what}: add the GPU to the catalog's gpu_models",
         )
     try:
         memory = int(node.labels.get(GPU_MEMORY_MIB, "")) * 1024**2

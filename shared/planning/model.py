@@ -118,7 +118,7 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    result: dict[str, Any] = msgspec.to_builtins(plan)
+    result: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(plan))  # JSON types only
     return result
 
 

@@ -83,7 +83,11 @@ def plan(
         sku = catalogs.sku(instance_type)
         if sku is None:
             close = catalogs.close_skus(instance_type)
-            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(catalogs.skus))}"
+            hint = (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else f"; known: {', '.join(sorted(catalogs.skus))}"
+            )
             return Rejection(
                 reason="UnknownInstanceType",
                 message=f"instance type {instance_type!r} is not in the SKU catalog{hint}",
@@ -125,7 +129,9 @@ def _unknown_preset(name: str, catalogs: Catalogs) -> Rejection:
     close = catalogs.close_presets(name)
     hint = f"; close matches: {', '.join(close)}" if close else "; `kaiten plan --presets` lists them"
     return Rejection(
-        reason="UnknownPreset", message=f"preset {name!r} is not in the catalog{hint}", close_matches=tuple(close)
+        reason="UnknownPreset",
+        message=f"preset {name!r} is not in the catalog{hint}",
+        close_matches=tuple(close),
     )
 
 
@@ -210,7 +216,9 @@ def _selector_text(workspace: Workspace) -> str:
 class _Sizer:
     """Sizes one Workspace's preset on targets; all the per-target rules live here."""
 
-    def __init__(self, workspace: Workspace, preset: Preset, catalogs: Catalogs, options: PlanOptions) -> None:
+    def __init__(
+        self, workspace: Workspace, preset: Preset, catalogs: Catalogs, options: PlanOptions
+    ) -> None:
         self.ws = workspace
         self.preset = preset
         self.catalogs = catalogs
@@ -226,14 +234,24 @@ class _Sizer:
         if not fits:
             if len(sized) == 1:
                 return sized[0][1]
-            reasons = "; ".join(f"{t.sku.name}: {r.message}" for t, r in sized if isinstance(r, Rejection))
+            by_reason: dict[str, list[str]] = {}
+            for t, r in sized:
+                if isinstance(r, Rejection):
+                    by_reason.setdefault(r.short or r.reason, []).append(t.sku.name)
+            reasons = "; ".join(f"{why}: {', '.join(names)}" for why, names in by_reason.items())
             where = "the matching nodes" if targets[0].byo else f"any {targets[0].sku.cloud} instance type"
+            need = (
+                f"{sizing.gib(self.preset.weights)} weights + "
+                f"{sizing.gib(self.context * self.preset.kv_bytes_per_token)} KV for {self.context} tokens"
+            )
             return Rejection(
                 reason="NoInstanceTypeFits",
-                message=f"{self.preset.name} fits on none of {where} (≤ {max_nodes} nodes): {reasons}",
+                message=f"{self.preset.name} ({need}) fits on none of {where} within {max_nodes} node(s): {reasons}",
             )
         # cheapest total, then fewer nodes, then the cheaper node, then the name (determinism)
-        target, chosen = min(fits, key=lambda tp: (tp[1].cost_per_hour, tp[1].nodes, tp[0].sku.price_per_hour, tp[0].sku.name))
+        target, chosen = min(
+            fits, key=lambda tp: (tp[1].cost_per_hour, tp[1].nodes, tp[0].sku.price_per_hour, tp[0].sku.name)
+        )
         if not auto:
             return chosen
         cheaper = [
@@ -491,7 +509,11 @@ class _Sizer:
             f"{sku.name} CPU ({sizing.gib(memory.usable)} of {sizing.gib(sku.cpu_memory)} RAM); "
             f"max-model-len {max_len}"
         )
-        args: dict[str, EngineArg] = {"dtype": dtype, "max-model-len": max_len, "max-batch-size": sizing.CPU_BATCH}
+        args: dict[str, EngineArg] = {
+            "dtype": dtype,
+            "max-model-len": max_len,
+            "max-batch-size": sizing.CPU_BATCH,
+        }
         return self._plan(
             target,
             nodes=1,
