@@ -6,12 +6,14 @@ stopped by PID at teardown. Service subprocess logs are checked for tracebacks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,12 +120,30 @@ class Services:
         self.procs.append(proc)
         return proc
 
+    async def start_ready(self, module: str, *, timeout: float = 30, **extra_env: str) -> ManagedProcess:
+        """Start a service and wait for its "<service> ready" log line."""
+        proc = self.start(module, **extra_env)
+        service = module.rsplit(".", 1)[-1]
+
+        def ready() -> bool:
+            return proc.log_path.exists() and f"{service} ready" in proc.log_path.read_text(errors="replace")
+
+        await until(ready, timeout=timeout, what=f"{service} ready\n{self.logs()}")
+        return proc
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{tail(p.log_path, 200)}" for p in self.procs)
 
     def stop_all(self) -> list[str]:
         """Stop every service; returns the names of those that ignored SIGTERM and had to be killed."""
         return [proc.name for proc in self.procs if not proc.stop(timeout=10)]
+
+
+async def until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SEEDS, Kubectl
+from tests.conftest import REPO, SEEDS, Kubectl
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
 KAITEN = Path(sys.executable).parent / "kaiten"
@@ -45,13 +45,26 @@ def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
             if line.startswith("up in") or not line:
                 break
         text = "".join(lines)
-        assert "✓ kube-apiserver" in text and "✓ services           watcher" in text, text
-        assert "not yet            planner" in text
+        assert "✓ kube-apiserver" in text and "✓ services           watcher, planner" in text, text
+        assert "not yet            provisioner" in text
         kubeconfig = state / "controlplane" / "kubeconfig"
         assert f"export KUBECONFIG={kubeconfig}" in "".join([*lines, up.stdout.readline()])
         kubectl = Kubectl(kubeconfig)
+        kubectl.run("apply", "-f", str(REPO / "examples" / "local" / "workspace-smollm2.yaml"), check=True)
         kubectl.run("apply", "-f", str(SEEDS / "workspace-phi-3-mini.yaml"), check=True)
-        assert "workspace-phi-3-mini" in kubectl.run("get", "workspace", check=True).stdout
+        # the planner runs with the local provider: the CPU model fits this machine, a V100 cannot be had
+        kubectl.run(
+            "wait", "--for=condition=Planned=True", "workspace/workspace-smollm2", "--timeout=60s", check=True
+        )
+        kubectl.run(
+            "wait",
+            "--for=condition=Planned=False",
+            "workspace/workspace-phi-3-mini",
+            "--timeout=60s",
+            check=True,
+        )
+        smol = kubectl.json("get", "workspace", "workspace-smollm2")
+        assert smol["status"]["plan"]["instanceType"] == "local" and smol["status"]["targetNodeCount"] == 1
         again = subprocess.run([str(KAITEN), "up"], env=env, capture_output=True, text=True, timeout=30)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:

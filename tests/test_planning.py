@@ -68,7 +68,7 @@ class Case:
     sku: str | None  # None: let the planner choose
     expect: dict[str, Any]  # Plan attributes, or {"reject": Reason, "says": [substrings]}
     method: str | None = None
-    options: PlanOptions = PlanOptions()
+    options: PlanOptions = dataclasses.field(default_factory=PlanOptions)
     count: int = 1
 
 
@@ -383,7 +383,8 @@ CASES = [
         reject(
             "NoInstanceTypeFits",
             "KV for 1048576 tokens",
-            "needs 2 nodes > 1: Standard_ND96amsr_A100_v4, Standard_ND96isr_H100_v5, Standard_ND96isr_H200_v5",
+            "needs 2 nodes > 1: Standard_ND96amsr_A100_v4, Standard_ND96isr_H100_v5, "
+            "Standard_ND96isr_H200_v5",
         ),
         options=PlanOptions(auto_max_nodes=1, context=1048576),
     ),

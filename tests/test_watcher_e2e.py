@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,29 +20,14 @@ from shared import events as ev
 from shared.api.workspace import spec_of
 from shared.bus.publishing import Publisher
 from shared.local.procs import ManagedProcess
-from tests.conftest import REPO, SEEDS, Kubectl, Services
+from tests.conftest import REPO, SEEDS, Kubectl, Services, until
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
 KAITEN = Path(sys.executable).parent / "kaiten"  # the installed console script
 
 
-async def until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def start_watcher(services: Services, **env: str) -> ManagedProcess:
-    proc = services.start("services.watcher", **env)
-    await until(
-        lambda: (
-            "watcher ready" in proc.log_path.read_text(errors="replace") if proc.log_path.exists() else False
-        ),
-        timeout=30,
-        what=f"watcher ready\n{services.logs()}",
-    )
-    return proc
+    return await services.start_ready("services.watcher", **env)
 
 
 async def counts(nc: Client, kind: str, namespace: str) -> dict[str, int]:

@@ -367,6 +367,27 @@ def status() -> Schema:
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
+            "targetNodeCount": {
+                "type": "integer",
+                "format": "int32",
+                "minimum": 0,
+                "description": "Nodes the current plan needs (KAITO's field).",
+            },
+            "plan": {
+                "type": "object",
+                "description": "Summary of the planner's current plan "
+                "(the full plan is in the plan.resolved event).",
+                "properties": {
+                    "instanceType": string(128),
+                    "nodes": {"type": "integer", "format": "int32", "minimum": 0},
+                    "gpusPerNode": {"type": "integer", "format": "int32", "minimum": 0},
+                    "engine": string(32),
+                    "dtype": string(32),
+                    "maxModelLen": {"type": "integer", "format": "int64", "minimum": 0},
+                    "parallelism": string(64),
+                    "observedGeneration": {"type": "integer", "format": "int64", "minimum": 0},
+                },
+            },
             "cleanedUpBy": {
                 "type": "array",
                 "maxItems": 16,
@@ -448,6 +469,8 @@ def printer_columns() -> list[Schema]:
         {"name": "Preset", "type": "string", "jsonPath": ".inference.preset.name", "priority": 1},
         {"name": "TuningPreset", "type": "string", "jsonPath": ".tuning.preset.name", "priority": 1},
         {"name": "Nodes", "type": "string", "jsonPath": ".status.workerNodes", "priority": 1},
+        {"name": "Target", "type": "integer", "jsonPath": ".status.targetNodeCount", "priority": 1},
+        {"name": "Plan", "type": "string", "jsonPath": ".status.plan.instanceType", "priority": 1},
     ]
 
 

@@ -104,6 +104,7 @@ class WorkspaceStatus(_Lenient):
     worker_nodes: list[str] = Field(default_factory=list, alias="workerNodes")
     conditions: list[Condition] = []
     cleaned_up_by: list[str] = Field(default_factory=list, alias="cleanedUpBy")
+    target_node_count: int | None = Field(default=None, alias="targetNodeCount")
 
 
 class ObjectMeta(_Lenient):

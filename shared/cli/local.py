@@ -1,9 +1,9 @@
 """``kaiten up``: the system on one machine, in the foreground.
 
 What runs today: a JetStream nats-server, the real etcd + kube-apiserver (built from Go modules on
-first use), the Workspace CRD, and the watcher/status-writer service, supervised (restarted with
-backoff if it dies). The planner, provisioner, workload, serving and tuning services arrive with
-their issues; until then ``up`` says so instead of pretending.
+first use), the Workspace CRD, the watcher/status-writer and the planner (provider ``local``: it
+plans for this machine), supervised (restarted with backoff if one dies). The provisioner, workload,
+serving and tuning services arrive with their issues; until then ``up`` says so instead of pretending.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
 from shared.local.procs import ManagedProcess, StartFailed
 
-SERVICES = ("services.watcher",)
+SERVICES = ("services.watcher", "services.planner")
 NOT_YET = {
-    "planner": "issue 3",
     "provisioner": "issue 6",
     "workload": "issue 7",
     "serving (Ray Serve + SmolLM2)": "issue 4",
@@ -77,7 +76,12 @@ def up(root: Path) -> int:
         print(f"✓ NATS JetStream     {nats.url}", flush=True)
         cp = ControlPlane(root / "controlplane").start()
         print(f"✓ kube-apiserver     {cp.server}", flush=True)
-        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig), "KAITEN_NATS_URL": nats.url}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(cp.kubeconfig),
+            "KAITEN_NATS_URL": nats.url,
+            "KAITEN_PROVIDER": os.environ.get("KAITEN_PROVIDER", "local"),
+        }
         subprocess.run(["kubectl", "apply", "-f", str(CRD_PATH)], env=env, check=True, capture_output=True)
         print("✓ Workspace CRD     workspaces.kaito.sh (v1alpha1, v1beta1)", flush=True)
         (root / "endpoints.json").write_text(
@@ -90,7 +94,8 @@ def up(root: Path) -> int:
         print(
             f"\nup in {time.monotonic() - started:.1f}s. In another terminal:\n"
             f"  export KUBECONFIG={cp.kubeconfig}\n"
-            f"  kubectl apply -f examples/seed/workspace-phi-3-mini.yaml && kubectl get workspace\n"
+            f"  kubectl apply -f examples/local/workspace-smollm2.yaml && kubectl get workspace -o wide\n"
+            f"  kaiten plan -f examples/seed/workspace-phi-3-mini.yaml   # what a GPU cluster would get\n"
             f"  kaiten events\n"
             f"Logs: {root}/*.log. Ctrl-C stops everything.",
             flush=True,

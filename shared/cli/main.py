@@ -3,6 +3,7 @@
 - ``kaiten up``      start the local system (NATS, etcd + kube-apiserver, the CRDs, the services built
                      so far) in the foreground; Ctrl-C stops everything it started.
 - ``kaiten events``  follow Workspace status events as they happen.
+- ``kaiten plan``    what the planner would decide for a manifest (dry run, no cluster).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from shared.cli import local
+from shared.cli import plan as plan_cmd
 from shared.cli.events import follow
 
 
@@ -68,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nats", default=None, help="NATS URL (default: $KAITEN_NATS_URL, then `kaiten up`'s)"
     )
 
+    plan_cmd.add_parser(sub)
+
     up = sub.add_parser("up", help="run the whole system on this machine (foreground)")
     up.add_argument("--state-dir", type=Path, default=None, help=f"default: {local.state_dir()}")
     return parser
@@ -89,6 +93,13 @@ def main(argv: list[str] | None = None) -> None:
                 out=sys.stdout,
             )
         )
+        sys.exit(code)
+    if args.command == "plan":
+        try:
+            code = plan_cmd.run(args, sys.stdin, sys.stdout, sys.stderr)
+        except BrokenPipeError:  # `kaiten plan --presets | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 0
         sys.exit(code)
     if args.command == "up":
         sys.exit(local.up(args.state_dir or local.state_dir()))

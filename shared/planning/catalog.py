@@ -252,8 +252,9 @@ def load_catalogs(extra_files: Sequence[str | Path] = ()) -> Catalogs:
             except ValidationError as exc:
                 first = exc.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
+                sources = ", ".join(map(str, files))
                 raise CatalogError(
-                    f"catalog {section} entry {name!r}: {where}: {first['msg']} (files: {', '.join(map(str, files))})"
+                    f"catalog {section} entry {name!r}: {where}: {first['msg']} (files: {sources})"
                 ) from exc
     for sku in parsed["skus"].values():
         if not sku.is_cpu and sku.gpu not in parsed["gpu_models"]:

@@ -53,7 +53,7 @@ def plan(
     workspace: Workspace,
     catalogs: Catalogs,
     inventory: Sequence[NodeInfo] = (),
-    options: PlanOptions = PlanOptions(),  # noqa: B008 - frozen dataclass, safe default
+    options: PlanOptions = PlanOptions(),
 ) -> Result:
     section = workspace.tuning if workspace.tuning is not None else workspace.inference
     if section is None:
@@ -226,6 +226,10 @@ class _Sizer:
         self.tuning = workspace.tuning
         self.context = min(options.context, preset.context_limit)
 
+    def need_text(self) -> str:
+        kv = sizing.gib(self.context * self.preset.kv_bytes_per_token)
+        return f"{sizing.gib(self.preset.weights)} weights + {kv} KV for {self.context} tokens"
+
     # -- choosing among targets ---------------------------------------------------------------------
 
     def best(self, targets: Sequence[_Target], max_nodes: int, *, auto: bool) -> Result:
@@ -240,16 +244,13 @@ class _Sizer:
                     by_reason.setdefault(r.short or r.reason, []).append(t.sku.name)
             reasons = "; ".join(f"{why}: {', '.join(names)}" for why, names in by_reason.items())
             where = "the matching nodes" if targets[0].byo else f"any {targets[0].sku.cloud} instance type"
-            need = (
-                f"{sizing.gib(self.preset.weights)} weights + "
-                f"{sizing.gib(self.context * self.preset.kv_bytes_per_token)} KV for {self.context} tokens"
-            )
             return Rejection(
                 reason="NoInstanceTypeFits",
-                message=f"{self.preset.name} ({need}) fits on none of {where} within {max_nodes} node(s): {reasons}",
+                message=f"{self.preset.name} ({self.need_text()}) fits on none of {where} "
+                f"within {max_nodes} node(s): {reasons}",
             )
         # cheapest total, then fewer nodes, then the cheaper node, then the name (determinism)
-        target, chosen = min(
+        _, chosen = min(
             fits, key=lambda tp: (tp[1].cost_per_hour, tp[1].nodes, tp[0].sku.price_per_hour, tp[0].sku.name)
         )
         if not auto:
@@ -284,8 +285,8 @@ class _Sizer:
         if preset.bf16_only and not gpu.bf16:
             return Rejection(
                 reason="IncompatibleGPU",
-                message=f"{preset.name} runs only in bfloat16 (float16 overflows) and {what} has no bfloat16; "
-                "choose a GPU with compute capability ≥ 8.0 (A10, A100, H100, L4, …)",
+                message=f"{preset.name} runs only in bfloat16 (float16 overflows) and {what} has no "
+                "bfloat16; choose a GPU with compute capability ≥ 8.0 (A10, A100, H100, L4, …)",
                 short=f"{gpu.name} has no bfloat16",
             )
         quant = self.catalogs.quantizations.get(preset.quantization) if preset.quantization else None
@@ -318,8 +319,9 @@ class _Sizer:
         needed = sizing.gpus_needed(preset, usable, self.context)
         limit = min(max_nodes, len(target.nodes_available)) if target.byo else max_nodes
         nodes = None if needed is None else math.ceil(needed / sku.gpus)
-        if nodes is None or nodes > limit:
+        if needed is None or nodes is None or nodes > limit:
             return self._too_large(target, usable, needed, nodes, limit)
+        fewest = needed
 
         gpn = sku.gpus
         if nodes == 1:  # one node: the smallest tensor-parallel group that leaves half its memory for KV
@@ -327,7 +329,7 @@ class _Sizer:
                 (
                     t
                     for t in _divisors(gpn)
-                    if t >= needed and preset.weights * sizing.WEIGHT_SLACK / t <= usable / 2
+                    if t >= fewest and preset.weights * sizing.WEIGHT_SLACK / t <= usable / 2
                 ),
                 gpn,
             )
@@ -353,8 +355,7 @@ class _Sizer:
         gpus = tp * pp
         per_gpu = " per GPU" if gpus > 1 else ""
         explanation = (
-            f"{sizing.gib(preset.weights)} weights + {sizing.gib(self.context * preset.kv_bytes_per_token)} KV "
-            f"for {self.context} tokens + {sizing.gib(memory.overhead)} overhead{per_gpu} fits {gpus} × "
+            f"{self.need_text()} + {sizing.gib(memory.overhead)} overhead{per_gpu} fits {gpus} × "
             f"{gpu.name} {sku.gpu_memory // GIB} GiB (TP {tp} × PP {pp}; {sizing.gib(memory.needed)} of "
             f"{sizing.gib(usable)} usable per GPU) on {nodes} × {sku.name}"
         )
@@ -384,16 +385,15 @@ class _Sizer:
     ) -> Rejection:
         sku, gpu, preset = target.sku, target.gpu, self.preset
         assert gpu is not None
-        what = (
-            f"{sizing.gib(preset.weights)} weights + {sizing.gib(self.context * preset.kv_bytes_per_token)} KV "
-            f"for {self.context} tokens"
-        )
+        what = self.need_text()
         per = f"{sku.name} ({sku.gpus} × {gpu.name}, {sizing.gib(usable)} usable per GPU)"
         if needed is None:
-            why = f"{per}: usable memory does not even cover the {sizing.gib(sizing.GPU_OVERHEAD)} runtime overhead"
+            overhead = sizing.gib(sizing.GPU_OVERHEAD)
+            why = f"{per}: usable memory does not even cover the {overhead} runtime overhead"
             short = "GPU too small for the runtime overhead"
         elif target.byo:
-            why = f"needs {nodes} nodes like {per} ({needed} GPUs) but {len(target.nodes_available)} Ready node(s) match"
+            have = len(target.nodes_available)
+            why = f"needs {nodes} nodes like {per} ({needed} GPUs) but {have} Ready node(s) match"
             short = f"needs {nodes} nodes, {len(target.nodes_available)} match"
         else:
             why = f"needs {nodes} nodes of {per} ({needed} GPUs), more than the limit of {limit}"
@@ -431,14 +431,15 @@ class _Sizer:
         breakdown = (
             f"{sizing.gib(need.base_weights)} {'4-bit ' if method == 'qlora' else ''}base + "
             f"{sizing.gib(need.optimizer)} LoRA/optimizer + {sizing.gib(need.activations)} activations "
-            f"(batch {need.batch_size} × {need.max_seq_length} tokens) + {sizing.gib(sizing.GPU_OVERHEAD)} overhead"
+            f"(batch {need.batch_size} × {need.max_seq_length} tokens) + "
+            f"{sizing.gib(sizing.GPU_OVERHEAD)} overhead"
         )
         if gpus is None:
             return Rejection(
                 reason="ModelTooLarge",
                 message=f"{method} tuning of {preset.name} needs {breakdown} = {sizing.gib(total)}; one "
-                f"{sku.name} node has {sku.gpus} × {sizing.gib(usable)} usable and tuning runs on a single node"
-                + ("; try method qlora" if method == "lora" else ""),
+                f"{sku.name} node has {sku.gpus} × {sizing.gib(usable)} usable and tuning runs on a "
+                "single node" + ("; try method qlora" if method == "lora" else ""),
                 short=f"needs {sizing.gib(total)} on one node",
             )
         dtype, dtype_note = self._dtype(gpu)
@@ -449,7 +450,8 @@ class _Sizer:
             overhead=sizing.GPU_OVERHEAD + need.activations + math.ceil(need.optimizer / gpus),
             context_tokens=need.max_seq_length,
         )
-        explanation = f"{method} tuning: {breakdown} fits {gpus} × {gpu.name} {sku.gpu_memory // GIB} GiB on 1 × {sku.name}"
+        where = f"{gpus} × {gpu.name} {sku.gpu_memory // GIB} GiB on 1 × {sku.name}"
+        explanation = f"{method} tuning: {breakdown} fits {where}"
         if dtype_note:
             explanation += f"; {dtype_note}"
         args: dict[str, EngineArg] = {
@@ -546,7 +548,8 @@ class _Sizer:
         if total > usable:
             return Rejection(
                 reason="ModelTooLarge",
-                message=f"{method} tuning of {preset.name} on CPU needs {sizing.gib(total)}; {sku.name} offers "
+                message=f"{method} tuning of {preset.name} on CPU needs {sizing.gib(total)}; "
+                f"{sku.name} offers "
                 f"{sizing.gib(usable)} (half its RAM)",
             )
         memory = Memory(
@@ -558,8 +561,9 @@ class _Sizer:
         )
         explanation = (
             f"{method} tuning on CPU: {sizing.gib(need.base_weights)} base + {sizing.gib(need.optimizer)} "
-            f"LoRA/optimizer + {sizing.gib(need.activations)} activations + {sizing.gib(sizing.CPU_OVERHEAD)} "
-            f"overhead fits {sku.name} ({sizing.gib(usable)} of {sizing.gib(sku.cpu_memory)} RAM)"
+            f"LoRA/optimizer + {sizing.gib(need.activations)} activations + "
+            f"{sizing.gib(sizing.CPU_OVERHEAD)} overhead fits {sku.name} "
+            f"({sizing.gib(usable)} of {sizing.gib(sku.cpu_memory)} RAM)"
         )
         args: dict[str, EngineArg] = {
             "method": method,

@@ -38,6 +38,7 @@ class StatusChange:
     conditions: list[ConditionUpdate] = field(default_factory=list)
     warnings: list[KubeWarning] = field(default_factory=list)
     worker_nodes: tuple[str, ...] | None = None
+    plan: dict[str, Any] | None = None  # status.plan (a summary) and status.targetNodeCount
     cleaned_up_by: set[str] = field(default_factory=set)
     deleting: bool = False
 
@@ -56,6 +57,7 @@ def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:
     match event:
         case ev.PlanResolved():
             change.conditions.append(_c("Planned", "True", "PlanResolved", event.explanation, event))
+            change.plan = plan_status(event.plan, event.generation)
         case ev.PlanRejected():
             _failure(
                 change, event, event.reason, event.message, "Planned", "ResourceReady", "WorkspaceSucceeded"
@@ -115,6 +117,22 @@ def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:
             change.deleting = True
         case _:
             pass  # not status-bearing (observed, tuning progress)
+
+
+def plan_status(plan: dict[str, Any], generation: int) -> dict[str, Any]:
+    """The short plan summary shown in ``status.plan`` (the full plan lives in NATS KV)."""
+    summary = {
+        "instanceType": plan.get("sku", ""),
+        "nodes": int(plan.get("nodes", 0)),
+        "gpusPerNode": int(plan.get("gpus_per_node", 0)),
+        "engine": plan.get("engine", ""),
+        "dtype": plan.get("dtype", ""),
+        "maxModelLen": int(plan.get("max_model_len", 0)),
+        "parallelism": f"TP{plan.get('tensor_parallel', 1)} PP{plan.get('pipeline_parallel', 1)} "
+        f"DP{plan.get('data_parallel', 1)}",
+        "observedGeneration": generation,
+    }
+    return {key: value for key, value in summary.items() if value not in ("", None)}
 
 
 def fold(events: Iterable[ev.AnyEvent]) -> StatusChange:

@@ -40,6 +40,11 @@ def status_patch(obj: dict[str, Any], change: StatusChange, now: str) -> dict[st
         new["conditions"] = conditions
     if change.worker_nodes is not None and list(change.worker_nodes) != status.get("workerNodes"):
         new["workerNodes"] = list(change.worker_nodes)
+    if change.plan is not None:
+        current_gen = int((status.get("plan") or {}).get("observedGeneration") or 0)
+        if change.plan["observedGeneration"] >= current_gen and change.plan != status.get("plan"):
+            new["plan"] = change.plan
+            new["targetNodeCount"] = change.plan["nodes"]
     cleaned = sorted(set(status.get("cleanedUpBy") or []) | change.cleaned_up_by)
     if cleaned != sorted(status.get("cleanedUpBy") or []):
         new["cleanedUpBy"] = cleaned

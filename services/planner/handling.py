@@ -1,0 +1,145 @@
+"""The planner's consumer handler: observed generation → plan → KV + event; deleting → forget."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from kubernetes_asyncio import client as kclient
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from services.planner.store import PlanStore, StoredPlan
+from shared import events as ev
+from shared.api.workspace import Workspace
+from shared.bus.errors import InvalidInput
+from shared.bus.publishing import Publisher
+from shared.kube.errors import classify
+from shared.planning.catalog import Catalogs
+from shared.planning.model import NodeInfo, Plan, plan_to_dict
+from shared.planning.planner import PlanOptions, plan
+
+log = logging.getLogger("kaiten.planner")
+
+
+def needs_inventory(workspace: Workspace, options: PlanOptions) -> bool:
+    """Existing nodes matter for provider byo, or when instanceType is omitted (bring-your-own)."""
+    if options.provider == "local":
+        return False
+    return options.provider == "byo" or not workspace.resource.instance_type
+
+
+def selector_string(workspace: Workspace) -> str:
+    """The labelSelector in the apiserver's query syntax (a server-side pre-filter)."""
+    sel = workspace.resource.label_selector
+    parts = [f"{k}={v}" for k, v in sorted(sel.match_labels.items())]
+    for req in sel.match_expressions:
+        values = ",".join(req.values)
+        parts.append(
+            {
+                "In": f"{req.key} in ({values})",
+                "NotIn": f"{req.key} notin ({values})",
+                "Exists": req.key,
+                "DoesNotExist": f"!{req.key}",
+            }[req.operator]
+        )
+    return ",".join(parts)
+
+
+class Planner:
+    def __init__(
+        self,
+        *,
+        catalogs: Catalogs,
+        options: PlanOptions,
+        store: PlanStore,
+        publisher: Publisher,
+        api: kclient.ApiClient | None,
+    ) -> None:
+        self._catalogs = catalogs
+        self._options = options
+        self._store = store
+        self._publisher = publisher
+        self._api = api
+        self._core = kclient.CoreV1Api(api) if api is not None else None
+
+    async def handle(self, events: Sequence[ev.AnyEvent]) -> None:
+        last = events[-1]
+        if isinstance(last, ev.WorkspaceDeleting):
+            stored = await self._store.get(last.workspace)
+            if stored is not None and stored.uid == last.workspace.uid:  # not a recreated namesake's
+                await self._store.forget(last.workspace)
+            return
+        observed = [e for e in events if isinstance(e, ev.WorkspaceObserved)]
+        if observed:
+            await self._plan(max(observed, key=lambda e: e.generation))  # only the newest matters
+
+    async def _plan(self, event: ev.WorkspaceObserved) -> None:
+        ref = event.workspace
+        stored = await self._store.get(ref)
+        if stored is not None and stored.uid == ref.uid and stored.generation > event.generation:
+            log.info(
+                "[%s] generation %d is older than the planned %d: dropped",
+                ref.key,
+                event.generation,
+                stored.generation,
+            )
+            return
+        workspace = self._workspace(event)
+        inventory = await self._inventory(workspace, ref) if needs_inventory(workspace, self._options) else []
+        result = plan(workspace, self._catalogs, inventory, self._options)
+        common: dict[str, Any] = {
+            "workspace": ref,
+            "generation": event.generation,
+            "correlation_id": event.correlation_id or event.event_id,
+        }
+        if isinstance(result, Plan):
+            data = plan_to_dict(result)
+            await self._store.put(ref, StoredPlan(uid=ref.uid, generation=event.generation, plan=data))
+            await self._publisher.publish(
+                ev.PlanResolved(plan=data, explanation=result.explanation, **common)
+            )
+            log.info("[%s] gen %d: %s — %s", ref.key, event.generation, result.summary(), result.explanation)
+        else:
+            await self._store.put(
+                ref,
+                StoredPlan(
+                    uid=ref.uid, generation=event.generation, reason=result.reason, message=result.message
+                ),
+            )
+            await self._publisher.publish(
+                ev.PlanRejected(reason=result.reason, message=result.message, **common)
+            )
+            log.info("[%s] gen %d rejected: %s: %s", ref.key, event.generation, result.reason, result.message)
+
+    def _workspace(self, event: ev.WorkspaceObserved) -> Workspace:
+        ref = event.workspace
+        doc = {
+            "apiVersion": event.api_version,
+            "kind": "Workspace",
+            "metadata": {
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+                "generation": event.generation,
+            },
+            **event.spec,
+        }
+        try:
+            return Workspace.model_validate(doc)
+        except ValidationError as exc:  # the CRD admits only valid specs; this is a version skew
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise InvalidInput(
+                f"spec cannot be planned: {where}: {first['msg']}", reason="InvalidSpec"
+            ) from exc
+
+    async def _inventory(self, workspace: Workspace, ref: ev.WorkspaceRef) -> list[NodeInfo]:
+        if self._core is None or self._api is None:
+            return []
+        try:
+            nodes = await self._core.list_node(label_selector=selector_string(workspace))
+        except ApiException as exc:
+            raise classify(exc, f"[{ref.key}] list nodes") from exc
+        return [NodeInfo.from_node(self._api.sanitize_for_serialization(n)) for n in nodes.items]
