@@ -99,6 +99,28 @@ def test_status_patch_is_none_when_nothing_changes() -> None:
     assert status_patch(o, change, "t2") is None
 
 
+def test_plan_sets_target_node_count_and_summary_never_from_an_older_generation() -> None:
+    plan = {"sku": "Standard_NC24ads_A100_v4", "nodes": 2, "gpus_per_node": 1, "engine": "vllm"}
+    plan |= {"dtype": "bfloat16", "max_model_len": 32768, "tensor_parallel": 1, "pipeline_parallel": 2}
+    o = obj()
+    patch = status_patch(o, fold([ev.PlanResolved(workspace=REF, generation=2, plan=plan)]), "t")
+    assert patch is not None
+    assert patch["status"]["targetNodeCount"] == 2
+    assert patch["status"]["plan"] == {
+        "instanceType": "Standard_NC24ads_A100_v4",
+        "nodes": 2,
+        "gpusPerNode": 1,
+        "engine": "vllm",
+        "dtype": "bfloat16",
+        "maxModelLen": 32768,
+        "parallelism": "TP1 PP2 DP1",
+        "observedGeneration": 2,
+    }
+    o["status"] = patch["status"]
+    older = fold([ev.PlanResolved(workspace=REF, generation=1, plan={**plan, "nodes": 5})])
+    assert "targetNodeCount" not in (status_patch(o, older, "t2") or {"status": {}})["status"]
+
+
 def test_finalizer_waits_for_every_owner() -> None:
     assert finalizer_removable([], [])
     assert not finalizer_removable(["provisioner"], ["provisioner", "workload"])
