@@ -12,10 +12,10 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from shared.bus.streams import key_value
 from shared.events import WorkspaceRef
 
 PLANS_BUCKET = "kaiten_plans"
@@ -39,13 +39,7 @@ class PlanStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> PlanStore:
-        try:
-            kv = await js.key_value(PLANS_BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(bucket=PLANS_BUCKET, history=1, storage=StorageType.FILE)
-            )
-        return cls(kv)
+        return cls(await key_value(js, PLANS_BUCKET))
 
     async def get(self, ref: WorkspaceRef) -> StoredPlan | None:
         try:

@@ -16,8 +16,7 @@ from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from services.watcher.deciding import Action, Published, decide
@@ -26,6 +25,7 @@ from shared.api.crd import FINALIZER
 from shared.api.workspace import spec_of
 from shared.bus.backoff import delay_for
 from shared.bus.publishing import Publisher
+from shared.bus.streams import key_value
 from shared.events import WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
 from shared.kube.workspaces import Workspaces
 
@@ -41,13 +41,7 @@ class PublishedStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> PublishedStore:
-        try:
-            kv = await js.key_value(PUBLISHED_BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(
-                KeyValueConfig(bucket=PUBLISHED_BUCKET, history=1, storage=StorageType.FILE)
-            )
-        return cls(kv)
+        return cls(await key_value(js, PUBLISHED_BUCKET))
 
     async def get(self, uid: str) -> Published:
         try:

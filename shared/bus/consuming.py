@@ -28,14 +28,13 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from shared.bus.backoff import delay_for
 from shared.bus.errors import InvalidInput, Transient
 from shared.bus.publishing import Publisher
-from shared.bus.streams import declare_consumer
+from shared.bus.streams import declare_consumer, key_value
 from shared.events import STREAM, AnyEvent, ConditionReported, decode
 from shared.telemetry import consume_span
 
@@ -82,12 +81,7 @@ class _Leases:
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, role: str, ttl: float) -> _Leases:
-        try:
-            kv = await js.key_value(LOCK_BUCKET)
-        except BucketNotFoundError:  # first service up creates it; creation is idempotent
-            kv = await js.create_key_value(
-                KeyValueConfig(bucket=LOCK_BUCKET, ttl=ttl, history=1, storage=StorageType.FILE)
-            )
+        kv = await key_value(js, LOCK_BUCKET, ttl=ttl)
         return cls(kv, owner=uuid.uuid4().hex, role=role)
 
     def _name(self, key: str) -> str:

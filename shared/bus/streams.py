@@ -1,4 +1,4 @@
-"""Idempotent declaration of the stream and durable pull consumers."""
+"""Idempotent declaration of the stream, durable pull consumers and KV buckets."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from shared.events import STREAM, SUBJECT_ROOT
 
@@ -72,3 +74,13 @@ async def declare_consumer(
     if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) != sorted(filter_subjects):
         log.info("updating consumer %s filter to %s", durable, filter_subjects)
     await js.add_consumer(stream, config)  # add_consumer with the same durable name updates it
+
+
+async def key_value(js: JetStreamContext, bucket: str, *, ttl: float | None = None) -> KeyValue:
+    """Open a KV bucket (one value per key, on disk), creating it if this is the first service up."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:  # creation is idempotent: a racing replica gets the same bucket
+        return await js.create_key_value(
+            KeyValueConfig(bucket=bucket, ttl=ttl, history=1, storage=StorageType.FILE)
+        )

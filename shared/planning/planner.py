@@ -463,14 +463,9 @@ class _Sizer:
         }
         return self._plan(
             target,
-            nodes=1,
             gpus_per_node=gpus,
-            tp=1,
-            pp=1,
-            dp=1,
             dtype=dtype,
             max_len=need.max_seq_length,
-            engine="transformers",
             args=args,
             memory=memory,
             explanation=explanation,
@@ -518,14 +513,8 @@ class _Sizer:
         }
         return self._plan(
             target,
-            nodes=1,
-            gpus_per_node=0,
-            tp=1,
-            pp=1,
-            dp=1,
             dtype=dtype,
             max_len=max_len,
-            engine="transformers",
             args=args,
             memory=memory,
             explanation=explanation,
@@ -574,14 +563,8 @@ class _Sizer:
         }
         return self._plan(
             target,
-            nodes=1,
-            gpus_per_node=0,
-            tp=1,
-            pp=1,
-            dp=1,
             dtype="float32",
             max_len=need.max_seq_length,
-            engine="transformers",
             args=args,
             memory=memory,
             explanation=explanation,
@@ -593,19 +576,19 @@ class _Sizer:
         self,
         target: _Target,
         *,
-        nodes: int,
-        gpus_per_node: int,
-        tp: int,
-        pp: int,
-        dp: int,
         dtype: str,
         max_len: int,
-        engine: str,
         args: dict[str, EngineArg],
         memory: Memory,
         explanation: str,
         notes: tuple[str, ...] = (),
         tuning: TuningPlan | None = None,
+        engine: str = "transformers",
+        nodes: int = 1,  # the defaults are one CPU machine / one device
+        gpus_per_node: int = 0,
+        tp: int = 1,
+        pp: int = 1,
+        dp: int = 1,
     ) -> Plan:
         sku, preset = target.sku, self.preset
         return Plan(
