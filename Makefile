@@ -12,6 +12,7 @@ $(PY):
 # Install exactly what requirements/dev.lock pins (hash-checked), then the project itself, editable.
 setup: $(PY)
 	$(UV) pip install --quiet --python $(PY) --require-hashes -r requirements/dev.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps --require-hashes -r requirements/nodeps.lock
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 
 # Re-pin after changing dependencies in pyproject.toml.

@@ -1,0 +1,1 @@
+"""Inference engines behind one protocol: ``transformers`` (CPU, any GPU) and ``vllm`` (GPU)."""

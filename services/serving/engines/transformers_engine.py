@@ -1,0 +1,363 @@
+"""The ``transformers`` engine: CPU (and GPUs vLLM cannot use), with dynamic batching.
+
+Requests wait in a bounded queue (full → :class:`QueueFull`, HTTP 429). One worker thread takes up to
+``max_batch_size`` of them — the first, plus whatever arrives within ``batch_wait_ms`` — left-pads the
+prompts and runs one decode loop over the batch with a shared KV cache. Each row has its own sampling
+parameters, stop strings, token budget, deadline and LoRA adapter (peft mixed-adapter batches), streams
+its text as it is produced and leaves the batch when done; the batch ends when every row has.
+Requests arriving meanwhile form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.serving.engines.base import (
+    AdapterInfo,
+    BadRequest,
+    Chunk,
+    DeadlineExceeded,
+    EngineUnavailable,
+    GenerationRequest,
+    QueueFull,
+)
+
+log = logging.getLogger("kaiten.serving.transformers")
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass
+class _Slot:
+    """One request inside the engine: its queue of chunks back to the event loop."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Chunk | BaseException]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    emitted: str = ""
+    done: bool = False
+
+    def send(self, item: Chunk | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class TransformersEngine:
+    def __init__(
+        self,
+        *,
+        model_dir: str | Path,
+        model_name: str,
+        dtype: str = "float32",
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 10.0,
+        max_queue: int = 64,
+        max_prompt_tokens: int = 2048,
+        max_model_len: int = 8192,
+        threads: int = 1,
+        adapters: Sequence[AdapterInfo] = (),
+    ) -> None:
+        self.model_name = model_name
+        self._model_dir = str(model_dir)
+        self._dtype = dtype
+        self.max_batch_size = max_batch_size
+        self._batch_wait = batch_wait_ms / 1000
+        self._max_queue = max_queue
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_model_len = max_model_len
+        self._threads = threads
+        self._adapter_specs = list(adapters)
+        self._queue: queue.Queue[_Slot | None] = queue.Queue()
+        self._pending = 0  # slots queued, not yet in a batch
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self._ready = False
+        self._error = ""
+        self._stats = {"batches": 0.0, "batch_rows": 0.0, "last_batch_size": 0.0, "running": 0.0}
+        self.tokenizer: Any = None
+        self.model: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._worker = threading.Thread(target=self._run, name="kaiten-batcher", daemon=True)
+        self._worker.start()
+        self._ready = True
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(self._threads)
+        started = time.monotonic()
+        self.tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=getattr(torch, self._dtype))
+        if self._adapter_specs:
+            model = self._load_adapters(model)
+        self.model = model.eval()
+        eos = model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._eos.add(self.tokenizer.eos_token_id)
+        log.info(
+            "loaded %s from %s in %.1fs (%s, %d adapter(s), batch ≤ %d, %d thread(s))",
+            self.model_name,
+            self._model_dir,
+            time.monotonic() - started,
+            self._dtype,
+            len(self._adapter_specs),
+            self.max_batch_size,
+            self._threads,
+        )
+
+    def _load_adapters(self, model: Any) -> Any:
+        from peft import PeftModel
+        from peft.tuners.lora import LoraLayer
+
+        first, *rest = self._adapter_specs
+        model = PeftModel.from_pretrained(model, first.path, adapter_name=first.name)
+        for spec in rest:
+            model.load_adapter(spec.path, adapter_name=spec.name)
+        for spec in self._adapter_specs:  # KAITO's strength: scale the adapter's delta
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and spec.name in module.scaling:
+                    module.scaling[spec.name] *= spec.strength
+        return model
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        self._queue.put(None)
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.join, 30)
+
+    def healthy(self) -> tuple[bool, str]:
+        if self._error:
+            return False, self._error
+        if not self._ready or self._worker is None or not self._worker.is_alive():
+            return False, "model is loading" if not self._ready else "batch worker stopped"
+        return True, "ok"
+
+    # -- tokens ---------------------------------------------------------------------------------------
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template error is the caller's input
+            raise BadRequest(f"messages do not fit the model's chat template: {exc}") from exc
+        return self.encode(text, special=False)
+
+    def encode(self, prompt: str, special: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def adapters(self) -> list[AdapterInfo]:
+        return list(self._adapter_specs)
+
+    def stats(self) -> dict[str, float]:
+        return {**self._stats, "queue_depth": float(self._pending)}
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        ok, why = self.healthy()
+        if not ok:
+            raise EngineUnavailable(why)
+        if request.adapter and request.adapter not in {a.name for a in self._adapter_specs}:
+            raise BadRequest(f"unknown adapter {request.adapter!r}")
+        if len(request.prompt_ids) > self.max_prompt_tokens:
+            raise BadRequest(
+                f"prompt is {len(request.prompt_ids)} tokens; the limit is {self.max_prompt_tokens}"
+            )
+        budget = self.max_model_len - len(request.prompt_ids)
+        if budget <= 0:
+            raise BadRequest(f"prompt fills the model's {self.max_model_len}-token context")
+        with self._lock:
+            if self._pending >= self._max_queue:
+                raise QueueFull(f"{self._pending} requests are waiting; try again shortly")
+            self._pending += 1
+        slot = _Slot(request=request, loop=asyncio.get_running_loop(), out=asyncio.Queue())
+        self._queue.put(slot)
+        try:
+            while True:
+                item = await slot.out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            slot.cancelled.set()  # the client went away or we finished: stop spending on it
+
+    # -- the worker thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self._batch_wait
+            while len(batch) < self.max_batch_size:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            with self._lock:
+                self._pending -= len(batch)
+            live = [s for s in batch if not s.cancelled.is_set()]
+            if not live:
+                continue
+            try:
+                self._decode(live)
+            except Exception as exc:  # one bad batch must not kill the worker
+                log.exception("batch of %d failed", len(live))
+                for slot in live:
+                    if not slot.done:
+                        slot.send(EngineUnavailable(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _decode(self, slots: list[_Slot]) -> None:
+        import torch
+
+        self._stats["batches"] += 1
+        self._stats["batch_rows"] += len(slots)
+        self._stats["last_batch_size"] = len(slots)
+        self._stats["running"] = len(slots)
+        pad = self.tokenizer.pad_token_id
+        width = max(len(s.request.prompt_ids) for s in slots)
+        input_ids = torch.tensor(
+            [[pad] * (width - len(s.request.prompt_ids)) + s.request.prompt_ids for s in slots]
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(s.request.prompt_ids)) + [1] * len(s.request.prompt_ids) for s in slots]
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        budgets = [
+            min(s.request.params.max_new_tokens, self.max_model_len - len(s.request.prompt_ids))
+            for s in slots
+        ]
+        generators = [_generator(s.request.params.seed) for s in slots]
+        extra: dict[str, Any] = {}
+        if self._adapter_specs:
+            extra["adapter_names"] = [s.request.adapter or BASE for s in slots]
+        past = None
+        with torch.inference_mode():
+            for step in range(max(budgets)):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=past,
+                    use_cache=True,
+                    **extra,
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                next_ids = []
+                for row, slot in enumerate(slots):
+                    if slot.done:
+                        next_ids.append(pad)
+                        continue
+                    token = _sample(logits[row], slot, generators[row])
+                    next_ids.append(token)
+                    self._advance(slot, token, step + 1 >= budgets[row])
+                if all(s.done for s in slots):
+                    break
+                input_ids = torch.tensor(next_ids).unsqueeze(-1)
+                mask = torch.cat([mask, torch.ones((len(slots), 1), dtype=mask.dtype)], dim=-1)
+                positions = positions[:, -1:] + 1
+        self._stats["running"] = 0
+
+    def _advance(self, slot: _Slot, token: int, out_of_budget: bool) -> None:
+        """Add one token to a row; stream the new text; finish the row when it should."""
+        request = slot.request
+        if slot.cancelled.is_set():
+            slot.done = True
+            return
+        if token in self._eos:
+            slot.done = True
+            slot.send(Chunk(text="", tokens=len(slot.generated), finish_reason="stop"))
+            return
+        slot.generated.append(token)
+        text = self.decode(slot.generated)
+        finish: str | None = None
+        for stop in request.params.stop:
+            at = text.find(stop, max(0, len(slot.emitted) - len(stop)))
+            if at >= 0:
+                text, finish = text[:at], "stop"
+                break
+        if finish is None and out_of_budget:
+            finish = "length"
+        if finish is None and time.monotonic() > request.deadline:
+            slot.done = True
+            slot.send(DeadlineExceeded(f"request deadline passed after {len(slot.generated)} tokens"))
+            return
+        held = finish is None and (
+            text.endswith("\ufffd")
+            or any(
+                s.startswith(text[len(text) - i :])
+                for s in request.params.stop
+                for i in range(1, len(s))
+                if len(text) >= i
+            )
+        )
+        new = "" if held else text[len(slot.emitted) :]
+        if not held:
+            slot.emitted = text
+        if finish is not None:
+            slot.done = True
+        if new or finish is not None:
+            slot.send(Chunk(text=new, tokens=len(slot.generated), finish_reason=finish))
+
+
+def _generator(seed: int | None) -> Any:
+    import torch
+
+    if seed is None:
+        return None
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def _sample(logits: Any, slot: _Slot, generator: Any) -> int:
+    import torch
+
+    p = slot.request.params
+    if p.repetition_penalty != 1.0 and slot.generated:
+        seen = torch.tensor(sorted(set(slot.generated)))
+        values = logits[seen]
+        logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if not p.do_sample or p.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+        logits = torch.where(logits < kth, torch.full_like(logits, float("-inf")), logits)
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < p.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
