@@ -106,7 +106,7 @@ class TransformersEngine:
         model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=getattr(torch, self._dtype))
         if self._adapter_specs:
             model = self._load_adapters(model)
-        self.model = model.eval()
+        self.model = model.eval()  # type: ignore[no-untyped-call]
         eos = model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._eos.add(self.tokenizer.eos_token_id)
