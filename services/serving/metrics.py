@@ -1,0 +1,94 @@
+"""Prometheus metrics for the serving API, rendered in the text exposition format.
+
+Counters: requests (by outcome), prompt and completion tokens, 429 rejections. Histogram: time to first
+token. Gauges from the engine: queue depth, running rows, last batch size, mean batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.serving.engines.base import Chunk, EngineError
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Metrics:
+    started: float = field(default_factory=time.time)
+    requests: dict[str, int] = field(default_factory=lambda: {"ok": 0, "error": 0, "cancelled": 0})
+    rejected: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_counts: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_sum: float = 0.0
+    ttft_n: int = 0
+
+    async def observe(self, gen: AsyncIterator[Chunk], prompt_tokens: int) -> AsyncIterator[Chunk]:
+        """Wrap an engine stream: count tokens, time the first chunk, record the outcome."""
+        begun = time.monotonic()
+        first = True
+        tokens = 0
+        outcome = "cancelled"
+        try:
+            async for chunk in gen:
+                if first:
+                    self._ttft(time.monotonic() - begun)
+                    first = False
+                tokens = chunk.tokens
+                yield chunk
+            outcome = "ok"
+        except EngineError:
+            outcome = "error"
+            raise
+        finally:
+            self.requests[outcome] += 1
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += tokens
+
+    def _ttft(self, seconds: float) -> None:
+        self.ttft_sum += seconds
+        self.ttft_n += 1
+        for i, bound in enumerate(TTFT_BUCKETS):
+            if seconds <= bound:
+                self.ttft_counts[i] += 1
+
+    def render(self, engine: dict[str, float]) -> str:
+        lines = [
+            "# HELP kaiten_requests_total Generation requests by outcome.",
+            "# TYPE kaiten_requests_total counter",
+            *(f'kaiten_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()),
+            "# HELP kaiten_requests_rejected_total Requests refused with 429 (queue full).",
+            "# TYPE kaiten_requests_rejected_total counter",
+            f"kaiten_requests_rejected_total {self.rejected}",
+            "# HELP kaiten_prompt_tokens_total Prompt tokens received.",
+            "# TYPE kaiten_prompt_tokens_total counter",
+            f"kaiten_prompt_tokens_total {self.prompt_tokens}",
+            "# HELP kaiten_completion_tokens_total Tokens generated.",
+            "# TYPE kaiten_completion_tokens_total counter",
+            f"kaiten_completion_tokens_total {self.completion_tokens}",
+            "# HELP kaiten_time_to_first_token_seconds Time from request to first streamed text.",
+            "# TYPE kaiten_time_to_first_token_seconds histogram",
+            *(
+                f'kaiten_time_to_first_token_seconds_bucket{{le="{b}"}} {c}'
+                for b, c in zip(TTFT_BUCKETS, self.ttft_counts, strict=True)
+            ),
+            f'kaiten_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_n}',
+            f"kaiten_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+            f"kaiten_time_to_first_token_seconds_count {self.ttft_n}",
+            "# HELP kaiten_queue_depth Requests waiting for a batch.",
+            "# TYPE kaiten_queue_depth gauge",
+            f"kaiten_queue_depth {engine.get('queue_depth', 0):g}",
+            "# HELP kaiten_batch_size Rows in the most recent batch.",
+            "# TYPE kaiten_batch_size gauge",
+            f"kaiten_batch_size {engine.get('last_batch_size', 0):g}",
+            "# HELP kaiten_batches_total Batches run.",
+            "# TYPE kaiten_batches_total counter",
+            f"kaiten_batches_total {engine.get('batches', 0):g}",
+            "# HELP kaiten_batch_rows_total Rows run in batches (÷ batches = mean batch size).",
+            "# TYPE kaiten_batch_rows_total counter",
+            f"kaiten_batch_rows_total {engine.get('batch_rows', 0):g}",
+        ]
+        return "\n".join(lines) + "\n"

