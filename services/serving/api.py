@@ -24,6 +24,7 @@ from services.serving.engines.base import (
     Chunk,
     Engine,
     EngineError,
+    EngineUnavailable,
     GenerationRequest,
     SamplingParams,
 )
@@ -104,8 +105,20 @@ class ApiError(Exception):
         self.kind = kind
 
 
+_process_engine: Engine | None = None
+
+
+def set_process_engine(engine: Engine) -> None:
+    """The engine of this process, for apps built without one. Ray Serve serves a copy of the ingress
+    app it was given, so a replica cannot hand its engine to that app through ``app.state``."""
+    global _process_engine
+    _process_engine = engine
+
+
 def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
+    engine: Engine | None = request.app.state.engine or _process_engine
+    if engine is None:
+        raise EngineUnavailable("the model is still loading")
     return engine
 
 
@@ -155,8 +168,8 @@ def make_app(engine: Engine | None = None, limits: Limits | None = None) -> Fast
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        engine = request.app.state.engine
-        ok, why = engine.healthy() if engine is not None else (False, "no engine")
+        engine = request.app.state.engine or _process_engine
+        ok, why = engine.healthy() if engine is not None else (False, "the model is still loading")
         return JSONResponse({"status": "ok" if ok else why}, status_code=200 if ok else 503)
 
     @app.get("/metrics")

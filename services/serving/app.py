@@ -1,0 +1,95 @@
+"""The Ray Serve application: a typed :class:`ServingConfig` → one deployment with the HTTP API.
+
+Ray Serve imports ``services.serving.app:build`` with the config as its arguments (the workload
+renders it from a Plan into ``serveConfigV2`` or the local Serve REST API). Each replica loads its own
+engine; the FastAPI app is the ingress.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.serving.api import Limits, make_app, set_process_engine
+from services.serving.engines.base import AdapterInfo, Engine
+from services.serving.sources import ModelSource, resolve
+
+
+class AdapterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1)
+    path: str  # a directory with adapter_config.json + adapter_model.safetensors
+    strength: float = Field(default=1.0, ge=0, le=1)
+
+
+class ServingConfig(BaseModel):
+    """What the workload renders from a Plan; everything the server needs, nothing secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_name: str  # the name clients use (the preset name)
+    source: ModelSource
+    engine: Literal["transformers", "vllm"] = "transformers"
+    engine_args: dict[str, str | int | float | bool] = {}  # the plan's (vLLM flags, or dtype etc.)
+    adapters: list[AdapterSpec] = []
+    limits: Limits = Limits()
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_ms: float = Field(default=10.0, ge=0)
+    max_queue: int = Field(default=64, ge=1)
+    max_prompt_tokens: int = Field(default=2048, ge=1)
+    threads: int = Field(default=1, ge=1)  # torch threads; 1 when other processes share the CPU
+    replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+def build_engine(config: ServingConfig) -> Engine:
+    adapters = [AdapterInfo(name=a.name, path=a.path, strength=a.strength) for a in config.adapters]
+    if config.engine == "vllm":
+        # Not built yet: the GPU engine is the open part of issue 4 (see the README). Say so plainly
+        # rather than falling back to a CPU engine that would be mistaken for it.
+        raise NotImplementedError("the vLLM engine is not available in this build; use engine: transformers")
+    from services.serving.engines.transformers_engine import TransformersEngine
+
+    args = config.engine_args
+    return TransformersEngine(
+        model_dir=resolve(config.source),
+        model_name=config.model_name,
+        dtype=str(args.get("dtype", "float32")),
+        max_batch_size=int(args.get("max-batch-size", config.max_batch_size)),
+        batch_wait_ms=config.batch_wait_ms,
+        max_queue=config.max_queue,
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_model_len=int(args.get("max-model-len", 8192)),
+        threads=config.threads,
+        adapters=adapters,
+    )
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder (``import_path: services.serving.app:build``)."""
+    from ray import serve
+
+    config = ServingConfig.model_validate(args)
+    api = make_app(None, config.limits)
+
+    @serve.deployment(
+        name="kaiten-serving",
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        max_ongoing_requests=config.max_queue + config.max_batch_size,
+        health_check_period_s=10,
+    )
+    @serve.ingress(api)
+    class Server:
+        async def __init__(self, raw: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+            self.engine = build_engine(ServingConfig.model_validate(raw))
+            await self.engine.start()
+            set_process_engine(self.engine)
+
+        def check_health(self) -> None:
+            ok, why = self.engine.healthy()
+            if not ok:
+                raise RuntimeError(why)
+
+    return Server.bind(config.model_dump())  # type: ignore[attr-defined]
