@@ -17,34 +17,11 @@ from shared.bus.errors import InvalidInput
 from shared.bus.publishing import Publisher
 from shared.kube.errors import classify
 from shared.planning.catalog import Catalogs
+from shared.planning.inventory import selector_query
 from shared.planning.model import NodeInfo, Plan, plan_to_dict
-from shared.planning.planner import PlanOptions, plan
+from shared.planning.planner import PlanOptions, plan, uses_existing_nodes
 
 log = logging.getLogger("kaiten.planner")
-
-
-def needs_inventory(workspace: Workspace, options: PlanOptions) -> bool:
-    """Existing nodes matter for provider byo, or when instanceType is omitted (bring-your-own)."""
-    if options.provider == "local":
-        return False
-    return options.provider == "byo" or not workspace.resource.instance_type
-
-
-def selector_string(workspace: Workspace) -> str:
-    """The labelSelector in the apiserver's query syntax (a server-side pre-filter)."""
-    sel = workspace.resource.label_selector
-    parts = [f"{k}={v}" for k, v in sorted(sel.match_labels.items())]
-    for req in sel.match_expressions:
-        values = ",".join(req.values)
-        parts.append(
-            {
-                "In": f"{req.key} in ({values})",
-                "NotIn": f"{req.key} notin ({values})",
-                "Exists": req.key,
-                "DoesNotExist": f"!{req.key}",
-            }[req.operator]
-        )
-    return ",".join(parts)
 
 
 class Planner:
@@ -87,7 +64,9 @@ class Planner:
             )
             return
         workspace = self._workspace(event)
-        inventory = await self._inventory(workspace, ref) if needs_inventory(workspace, self._options) else []
+        inventory = (
+            await self._inventory(workspace, ref) if uses_existing_nodes(workspace, self._options) else []
+        )
         result = plan(workspace, self._catalogs, inventory, self._options)
         common: dict[str, Any] = {
             "workspace": ref,
@@ -139,7 +118,9 @@ class Planner:
         if self._core is None or self._api is None:
             return []
         try:
-            nodes = await self._core.list_node(label_selector=selector_string(workspace))
+            nodes = await self._core.list_node(
+                label_selector=selector_query(workspace.resource.label_selector)
+            )
         except ApiException as exc:
             raise classify(exc, f"[{ref.key}] list nodes") from exc
         return [NodeInfo.from_node(self._api.sanitize_for_serialization(n)) for n in nodes.items]

@@ -30,6 +30,23 @@ def selector_matches(selector: LabelSelector, labels: dict[str, str]) -> bool:
     return True
 
 
+def selector_query(selector: LabelSelector) -> str:
+    """The selector in Kubernetes' query syntax (``apps=phi-3,tier in (a,b)``): the apiserver's
+    ``labelSelector`` parameter, and how messages show it."""
+    parts = [f"{k}={v}" for k, v in sorted(selector.match_labels.items())]
+    for req in selector.match_expressions:
+        values = ",".join(req.values)
+        parts.append(
+            {
+                "In": f"{req.key} in ({values})",
+                "NotIn": f"{req.key} notin ({values})",
+                "Exists": req.key,
+                "DoesNotExist": f"!{req.key}",
+            }[req.operator]
+        )
+    return ",".join(parts)
+
+
 def selected(resource: ResourceSpec, inventory: Sequence[NodeInfo]) -> list[NodeInfo]:
     """Nodes matching the labelSelector (Ready or not), ``preferredNodes`` first, then by name."""
     preferred = {name: i for i, name in enumerate(resource.preferred_nodes)}

@@ -22,7 +22,7 @@ import msgspec
 from shared.api.workspace import Workspace
 from shared.planning import sizing
 from shared.planning.catalog import GIB, Catalogs, GpuModel, Preset, Sku, cc_tuple
-from shared.planning.inventory import NodeShape, node_shape, selected
+from shared.planning.inventory import NodeShape, node_shape, selected, selector_query
 from shared.planning.model import EngineArg, Memory, NodeInfo, Plan, Rejection, TuningPlan
 
 Result = Plan | Rejection
@@ -113,6 +113,14 @@ def plan(
     return sizer.best(candidates, options.auto_max_nodes, auto=True)
 
 
+def uses_existing_nodes(workspace: Workspace, options: PlanOptions) -> bool:
+    """Whether existing nodes can carry the plan: always with provider byo; otherwise only when
+    ``instanceType`` is omitted, and never on the local provider (it has one machine)."""
+    if options.provider == "local":
+        return False
+    return options.provider == "byo" or not workspace.resource.instance_type
+
+
 def _target(sku: Sku, catalogs: Catalogs) -> _Target:
     return _Target(sku=sku, gpu=None if sku.is_cpu else catalogs.gpu_models[sku.gpu])
 
@@ -176,7 +184,7 @@ def _byo_targets(
 ) -> list[_Target] | Rejection:
     """Targets made of existing nodes, grouped by shape; [] when this is not a BYO Workspace."""
     resource = workspace.resource
-    if options.provider != "byo" and (resource.instance_type or options.provider == "local"):
+    if not uses_existing_nodes(workspace, options):
         return []
     matching = selected(resource, inventory)
     ready = [n for n in matching if n.ready]
@@ -187,7 +195,7 @@ def _byo_targets(
         extra = f"; matching but not Ready: {', '.join(not_ready)}" if not_ready else ""
         return Rejection(
             reason="NoMatchingNodes",
-            message=f"no Ready node matches the labelSelector {_selector_text(workspace)}{extra}",
+            message=f"no Ready node matches labelSelector '{selector_query(resource.label_selector)}'{extra}",
         )
     groups: dict[tuple[str, str, int, int, int], tuple[NodeShape, list[str]]] = {}
     problems: list[str] = []
@@ -204,13 +212,6 @@ def _byo_targets(
         for shape, names in groups.values()
         if shape.sku is not None
     ]
-
-
-def _selector_text(workspace: Workspace) -> str:
-    sel = workspace.resource.label_selector
-    parts = [f"{k}={v}" for k, v in sorted(sel.match_labels.items())]
-    parts += [f"{r.key} {r.operator} {r.values}" for r in sel.match_expressions]
-    return "{" + ", ".join(parts) + "}"
 
 
 class _Sizer:
