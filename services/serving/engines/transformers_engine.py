@@ -311,15 +311,7 @@ class TransformersEngine:
             slot.done = True
             slot.send(DeadlineExceeded(f"request deadline passed after {len(slot.generated)} tokens"))
             return
-        held = finish is None and (
-            text.endswith("\ufffd")
-            or any(
-                s.startswith(text[len(text) - i :])
-                for s in request.params.stop
-                for i in range(1, len(s))
-                if len(text) >= i
-            )
-        )
+        held = finish is None and _incomplete(text, request.params.stop)
         new = "" if held else text[len(slot.emitted) :]
         if not held:
             slot.emitted = text
@@ -327,6 +319,11 @@ class TransformersEngine:
             slot.done = True
         if new or finish is not None:
             slot.send(Chunk(text=new, tokens=len(slot.generated), finish_reason=finish))
+
+
+def _incomplete(text: str, stops: Sequence[str]) -> bool:
+    """Hold the text back while it ends in half a UTF-8 character or in the start of a stop string."""
+    return text.endswith("\ufffd") or any(text.endswith(s[:i]) for s in stops for i in range(1, len(s)))
 
 
 def _generator(seed: int | None) -> Any:
