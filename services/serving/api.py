@@ -115,8 +115,15 @@ def set_process_engine(engine: Engine) -> None:
     _process_engine = engine
 
 
-def _engine(request: Request) -> Engine:
+def _loaded_engine(request: Request) -> Engine | None:
+    # Module-level on purpose: Ray Serve ships the app's route closures by value (cloudpickle), with a
+    # snapshot of the module globals they name, so a closure must never read ``_process_engine`` itself.
     engine: Engine | None = request.app.state.engine or _process_engine
+    return engine
+
+
+def _engine(request: Request) -> Engine:
+    engine = _loaded_engine(request)
     if engine is None:
         raise EngineUnavailable("the model is still loading")
     return engine
@@ -151,7 +158,7 @@ def make_app(engine: Engine | None = None, limits: Limits | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
-        return _error(request, 422 if request.url.path.startswith("/v1") else 400, _first_error(exc))
+        return _error(request, 422 if _openai_route(request) else 400, _first_error(exc))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -168,7 +175,7 @@ def make_app(engine: Engine | None = None, limits: Limits | None = None) -> Fast
 
     @app.get("/health")
     async def health(request: Request) -> Response:
-        engine = request.app.state.engine or _process_engine
+        engine = _loaded_engine(request)
         ok, why = engine.healthy() if engine is not None else (False, "the model is still loading")
         return JSONResponse({"status": "ok" if ok else why}, status_code=200 if ok else 503)
 
@@ -253,8 +260,16 @@ def make_app(engine: Engine | None = None, limits: Limits | None = None) -> Fast
     return app
 
 
+def _openai_route(request: Request) -> bool:
+    """An OpenAI API path, wherever the app is mounted (Ray Serve's route prefix is the root path)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.startswith("/v1/")
+
+
 def _error(request: Request, status: int, message: str, kind: str = "invalid_request_error") -> Response:
-    if request.url.path.startswith("/v1"):
+    if _openai_route(request):
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
     return JSONResponse({"detail": message}, status_code=status)
 

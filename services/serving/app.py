@@ -15,6 +15,8 @@ from services.serving.api import Limits, make_app, set_process_engine
 from services.serving.engines.base import AdapterInfo, Engine
 from services.serving.sources import ModelSource, resolve
 
+SERVE_HEADROOM = 32  # requests a replica takes beyond what its engine queues: cheap ones, or 429s
+
 
 class AdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -72,12 +74,18 @@ def build(args: dict[str, Any]) -> Any:
 
     config = ServingConfig.model_validate(args)
     api = make_app(None, config.limits)
+    ongoing = config.max_queue + config.max_batch_size + SERVE_HEADROOM
 
     @serve.deployment(
         name="kaiten-serving",
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-        max_ongoing_requests=config.max_queue + config.max_batch_size,
+        # The engine's bounded queue is the one that says 429: let every request reach the replica
+        # (rejecting there is cheap), with headroom so /health and /metrics never wait behind
+        # generations. Serve's own queue is only the outer net (503 when full): it also holds a burst
+        # for the moment the router takes to assign it, so it must not be small.
+        max_ongoing_requests=ongoing,
+        max_queued_requests=ongoing,
         health_check_period_s=10,
     )
     @serve.ingress(api)

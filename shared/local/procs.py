@@ -35,6 +35,37 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def descendants(pid: int) -> set[int]:
+    """PIDs of every process below ``pid`` (children, grandchildren, ...), read from ``ps``."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def running(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (zombies, which only await their parent, are not)."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat="], capture_output=True, text=True, check=True).stdout
+    live = {int(pid) for pid, stat in (line.split() for line in out.splitlines()) if not stat.startswith("Z")}
+    return pids & live
+
+
+def kill_pids(pids: set[int]) -> None:
+    """SIGKILL processes we started (by PID), ignoring those already gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class StartFailed(RuntimeError):
     """A component did not come up; the message carries the end of its log."""
 
@@ -92,15 +123,19 @@ class ManagedProcess:
             time.sleep(interval)
         raise self.fail(what)
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """SIGTERM the process group we created, then SIGKILL it after ``timeout`` s.
+    def stop(self, timeout: float = 10.0, *, group: bool = True) -> bool:
+        """SIGTERM the process group we created (or, ``group=False``, only the leader, for a process
+        that stops its own children in order), then SIGKILL the group after ``timeout`` s.
 
         Returns True when it stopped gracefully (or had already exited), False when it had to be killed.
         """
         if self.proc is None or self.proc.poll() is not None:
             return True
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if group:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
