@@ -48,6 +48,7 @@ up: setup controlplane
 bench: setup
 	$(PY) benchmarks/bus_throughput.py
 	$(PY) benchmarks/plan_catalog.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

