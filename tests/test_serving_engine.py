@@ -1,5 +1,6 @@
-"""The transformers engine's continuous batching on the real SmolLM2: requests that arrive while a
-batch is decoding join it, and every row's greedy output is exactly what it is alone."""
+"""The engines on the real SmolLM2: continuous batching (requests that arrive while a batch is decoding
+join it, and every row's greedy output is exactly what it is alone); adapter strength as scaled LoRA
+weights (what the vLLM engine serves); vLLM engine args and Ray placement from a real plan."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import asyncio
 import os
 from pathlib import Path
 
+from services.serving.app import AdapterSpec, ServingConfig, replica_options
 from services.serving.engines.base import AdapterInfo, GenerationRequest, SamplingParams
 from services.serving.engines.transformers_engine import TransformersEngine
+from services.serving.engines.vllm_engine import engine_kwargs, scaled_adapter
+from services.serving.sources import ModelSource
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = [
@@ -50,3 +54,93 @@ async def test_requests_join_a_running_batch_and_match_their_solo_output(
     assert together == alone
     assert stats["joined"] >= 3, stats  # most arrived while a batch was decoding
     assert stats["queue_depth"] == 0 and stats["batch_rows"] == 20, stats
+
+
+def test_adapter_strength_as_scaled_lora_b_weights(
+    model_dir: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM has no per-adapter scale, so strength s is served as a copy with lora_B × s: the same
+    delta the transformers engine applies. Checked on the weights, and on the output of one engine
+    holding the original at strength 0.5 and the scaled copy at strength 1."""
+    from safetensors.torch import load_file
+
+    half = AdapterInfo(name="half", path=str(adapter_dir), strength=0.5)
+    assert scaled_adapter(AdapterInfo(name="full", path=str(adapter_dir)), tmp_path) == adapter_dir
+    copy = scaled_adapter(half, tmp_path)
+    assert copy != adapter_dir and scaled_adapter(half, tmp_path) == copy  # made once
+    original, scaled = (
+        load_file(adapter_dir / "adapter_model.safetensors"),
+        load_file(copy / "adapter_model.safetensors"),
+    )
+    assert original.keys() == scaled.keys() and any(".lora_B." in k for k in original)
+    for key, value in original.items():
+        assert scaled[key].allclose(value * 0.5 if ".lora_B." in key else value), key
+    assert (copy / "adapter_config.json").read_text() == (adapter_dir / "adapter_config.json").read_text()
+
+    engine = TransformersEngine(
+        model_dir=model_dir,
+        model_name="smollm2",
+        adapters=[
+            half,
+            AdapterInfo(name="scaled", path=str(copy)),
+            AdapterInfo(name="full", path=str(adapter_dir)),
+        ],
+    )
+
+    async def text(adapter: str | None) -> str:
+        request = GenerationRequest(
+            prompt_ids=engine.encode(PROMPTS[1]), params=SamplingParams(max_new_tokens=12), adapter=adapter
+        )
+        return "".join([chunk.text async for chunk in engine.generate(request)])
+
+    async def outputs() -> list[str]:
+        await engine.start()
+        try:
+            return [await text(a) for a in ("half", "scaled", "full", None)]
+        finally:
+            await engine.shutdown()
+
+    half_out, scaled_out, full_out, base_out = asyncio.run(outputs())
+    assert half_out == scaled_out
+    assert len({half_out, full_out, base_out}) == 3  # strength matters: neither the base nor the full adapter
+
+
+def test_vllm_engine_args_from_a_multi_gpu_plan(adapter_dir: Path) -> None:
+    """The planner's vLLM flags become AsyncEngineArgs fields, LoRA is sized from the adapter, and a
+    tensor-parallel replica gets one placement-group bundle per GPU."""
+    from shared.api.workspace import Workspace
+    from shared.planning.catalog import load_catalogs
+    from shared.planning.model import Plan
+    from shared.planning.planner import PlanOptions, plan
+
+    ws = Workspace.model_validate(
+        {
+            "apiVersion": "kaito.sh/v1alpha1",
+            "metadata": {"name": "ws"},
+            "resource": {"instanceType": "Standard_NC12s_v3", "labelSelector": {"matchLabels": {"a": "b"}}},
+            "inference": {"preset": {"name": "mistral-7b-instruct"}},
+        }
+    )
+    got = plan(ws, load_catalogs(), [], PlanOptions(cloud="azure", provider="aks"))
+    assert isinstance(got, Plan) and got.engine == "vllm" and got.tensor_parallel == 2, got
+    config = ServingConfig(
+        model_name=got.preset,
+        source=ModelSource(kind="hf", path=got.model),
+        engine="vllm",
+        engine_args=dict(got.engine_args),
+        adapters=[AdapterSpec(name="style", path=str(adapter_dir))],
+        num_gpus=1,
+    )
+    kwargs = engine_kwargs(
+        got.model, got.preset, config.engine_args, [AdapterInfo("style", str(adapter_dir))]
+    )
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["distributed_executor_backend"] == "ray"
+    assert kwargs["dtype"] == "float16" and kwargs["served_model_name"] == [got.preset]  # V100: no bf16
+    assert kwargs["enable_lora"] is True and kwargs["max_loras"] == 1 and kwargs["max_lora_rank"] == 8
+    assert all("-" not in key for key in kwargs)
+    options = replica_options(config)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}, {"GPU": 1.0}, {"GPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert "num_gpus" not in options["ray_actor_options"]  # the GPUs are in the bundles
+    single = replica_options(ServingConfig(model_name="m", source=config.source, engine="vllm", num_gpus=1))
+    assert single == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1.0}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.serving.api import Limits, make_app, set_process_engine
 from services.serving.engines.base import AdapterInfo, Engine
@@ -44,13 +44,32 @@ class ServingConfig(BaseModel):
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> ServingConfig:
+        names = [a.name for a in self.adapters]
+        clash = sorted({n for n in names if names.count(n) > 1 or n == self.model_name})
+        if clash:
+            raise ValueError(f"adapter names must be distinct from each other and the model: {clash}")
+        return self
+
 
 def build_engine(config: ServingConfig) -> Engine:
     adapters = [AdapterInfo(name=a.name, path=a.path, strength=a.strength) for a in config.adapters]
     if config.engine == "vllm":
-        # Not built yet: the GPU engine is the open part of issue 4 (see the README). Say so plainly
-        # rather than falling back to a CPU engine that would be mistaken for it.
-        raise NotImplementedError("the vLLM engine is not available in this build; use engine: transformers")
+        from services.serving.engines.vllm_engine import VLLMEngine
+        from services.serving.sources import cache_root
+
+        # vLLM downloads a HF id itself (and reads safetensors directories); GGUF is converted first.
+        model = config.source.path if config.source.kind == "hf" else str(resolve(config.source))
+        return VLLMEngine(
+            model=model,
+            model_name=config.model_name,
+            engine_args=config.engine_args,
+            adapters=adapters,
+            max_queue=config.max_queue,
+            max_prompt_tokens=config.max_prompt_tokens,
+            adapter_cache=cache_root() / "adapters",
+        )
     from services.serving.engines.transformers_engine import TransformersEngine
 
     args = config.engine_args
@@ -68,6 +87,26 @@ def build_engine(config: ServingConfig) -> Engine:
     )
 
 
+def gpus_per_replica(config: ServingConfig) -> int:
+    args = config.engine_args
+    return int(args.get("tensor-parallel-size", 1)) * int(args.get("pipeline-parallel-size", 1))
+
+
+def replica_options(config: ServingConfig) -> dict[str, Any]:
+    """Ray resources for one replica. A vLLM replica spanning several GPUs (tensor/pipeline parallel)
+    gets a placement group, one bundle per GPU worker, as Ray Serve LLM lays it out: packed on one node
+    for tensor parallelism, spread over nodes only when pipeline parallelism splits the model."""
+    gpus = gpus_per_replica(config)
+    if config.engine != "vllm" or gpus <= 1:
+        return {"ray_actor_options": {"num_cpus": config.num_cpus, "num_gpus": config.num_gpus}}
+    spread = int(config.engine_args.get("pipeline-parallel-size", 1)) > 1
+    return {
+        "ray_actor_options": {"num_cpus": config.num_cpus},
+        "placement_group_bundles": [{"CPU": config.num_cpus}] + [{"GPU": 1.0}] * gpus,
+        "placement_group_strategy": "PACK" if spread else "STRICT_PACK",
+    }
+
+
 def build(args: dict[str, Any]) -> Any:
     """Ray Serve application builder (``import_path: services.serving.app:build``)."""
     from ray import serve
@@ -79,7 +118,7 @@ def build(args: dict[str, Any]) -> Any:
     @serve.deployment(
         name="kaiten-serving",
         num_replicas=config.replicas,
-        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        **replica_options(config),
         # The engine's bounded queue is the one that says 429: let every request reach the replica
         # (rejecting there is cheap), with headroom so /health and /metrics never wait behind
         # generations. Serve's own queue is only the outer net (503 when full): it also holds a burst

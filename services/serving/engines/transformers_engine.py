@@ -139,6 +139,9 @@ class TransformersEngine:
         self.max_model_len = max_model_len
         self._threads = threads
         self._adapter_specs = list(adapters)
+        # peft keeps adapters as module attributes: a user's name ("half", "a.b") can clash or break
+        # module paths, so peft only ever sees these.
+        self._peft_name = {a.name: f"kaiten_adapter_{i}" for i, a in enumerate(self._adapter_specs)}
         self._queue: queue.Queue[_Slot | None] = queue.Queue()
         self._pending = 0  # slots queued, not yet in a batch
         self._lock = threading.Lock()
@@ -192,13 +195,14 @@ class TransformersEngine:
         from peft.tuners.lora import LoraLayer
 
         first, *rest = self._adapter_specs
-        model = PeftModel.from_pretrained(model, first.path, adapter_name=first.name)
+        model = PeftModel.from_pretrained(model, first.path, adapter_name=self._peft_name[first.name])
         for spec in rest:
-            model.load_adapter(spec.path, adapter_name=spec.name)
+            model.load_adapter(spec.path, adapter_name=self._peft_name[spec.name])
         for spec in self._adapter_specs:  # KAITO's strength: scale the adapter's delta
+            internal = self._peft_name[spec.name]
             for module in model.modules():
-                if isinstance(module, LoraLayer) and spec.name in module.scaling:
-                    module.scaling[spec.name] *= spec.strength
+                if isinstance(module, LoraLayer) and internal in module.scaling:
+                    module.scaling[internal] *= spec.strength
         return model
 
     async def shutdown(self) -> None:
@@ -401,7 +405,7 @@ class TransformersEngine:
     def _adapter_args(self, slots: list[_Slot]) -> dict[str, Any]:
         if not self._adapter_specs:
             return {}
-        return {"adapter_names": [s.request.adapter or BASE for s in slots]}
+        return {"adapter_names": [self._peft_name.get(s.request.adapter or "", BASE) for s in slots]}
 
     def _advance(self, slot: _Slot, token: int, out_of_budget: bool) -> None:
         """Add one token to a row; stream the new text; finish the row when it should."""
