@@ -5,6 +5,7 @@ weights (what the vLLM engine serves); vLLM engine args and Ray placement from a
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from pathlib import Path
 
@@ -144,3 +145,31 @@ def test_vllm_engine_args_from_a_multi_gpu_plan(adapter_dir: Path) -> None:
     assert "num_gpus" not in options["ray_actor_options"]  # the GPUs are in the bundles
     single = replica_options(ServingConfig(model_name="m", source=config.source, engine="vllm", num_gpus=1))
     assert single == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1.0}}
+
+
+def test_catalog_figures_match_the_model_we_serve(model_dir: Path) -> None:
+    """The planner sizes SmolLM2 from the catalog; those figures must be the real model's."""
+    import json
+
+    from safetensors import safe_open
+
+    from shared.planning.catalog import GIB, load_catalogs
+
+    preset = load_catalogs().resolve_preset("smollm2")
+    assert preset is not None and preset.architecture is not None
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    layers, kv_heads = config["num_hidden_layers"], config["num_key_value_heads"]
+    assert (preset.architecture.layers, preset.architecture.hidden, preset.architecture.vocab) == (
+        layers,
+        config["hidden_size"],
+        config["vocab_size"],
+    )
+    assert preset.kv_bytes_per_token == 2 * layers * kv_heads * head_dim * 2  # K and V, 16-bit
+    assert preset.context_limit == config["max_position_embeddings"]
+    params = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                params += math.prod(f.get_slice(key).get_shape())
+    assert abs(params * 2 / GIB - preset.weights / GIB) < 0.05, (params, preset.weights)

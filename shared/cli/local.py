@@ -27,7 +27,7 @@ SERVICES = ("services.watcher", "services.planner")
 NOT_YET = {
     "provisioner": "issue 6",
     "workload": "issue 7",
-    "serving (Ray Serve + SmolLM2)": "issue 4",
+    "serving SmolLM2 on Ray Serve (built; deployed by the workload)": "issue 7",
     "tuning": "issue 5",
     "sample Workspace": "issue 8",
 }
