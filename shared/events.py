@@ -88,6 +88,9 @@ class PlanResolved(Event, frozen=True, kw_only=True, tag="plan.resolved"):
     family: ClassVar[str] = "plan"
     plan: dict[str, Any]
     explanation: str = ""
+    # The spec's resource section (labelSelector, preferredNodes, …) the plan was made for, so the
+    # provisioner's request is self-contained: nodes it creates carry the selector's labels.
+    resource: dict[str, Any] = {}
 
 
 class PlanRejected(Event, frozen=True, kw_only=True, tag="plan.rejected"):

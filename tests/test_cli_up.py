@@ -45,8 +45,8 @@ def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
             if line.startswith("up in") or not line:
                 break
         text = "".join(lines)
-        assert "✓ kube-apiserver" in text and "✓ services           watcher, planner" in text, text
-        assert "not yet            provisioner" in text
+        assert "✓ kube-apiserver" in text and "✓ services           watcher, planner, provisioner" in text
+        assert "not yet            workload" in text
         kubeconfig = state / "controlplane" / "kubeconfig"
         assert f"export KUBECONFIG={kubeconfig}" in "".join([*lines, up.stdout.readline()])
         kubectl = Kubectl(kubeconfig)
@@ -63,8 +63,17 @@ def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
             "--timeout=60s",
             check=True,
         )
+        kubectl.run(
+            "wait",
+            "--for=condition=ResourceReady",
+            "workspace/workspace-smollm2",
+            "--timeout=60s",
+            check=True,
+        )
         smol = kubectl.json("get", "workspace", "workspace-smollm2")
         assert smol["status"]["plan"]["instanceType"] == "local" and smol["status"]["targetNodeCount"] == 1
+        assert len(smol["status"]["workerNodes"]) == 1  # this machine
+        kubectl.run("delete", "workspace/workspace-smollm2", "--timeout=60s", check=True)  # cleanup reported
         again = subprocess.run([str(KAITEN), "up"], env=env, capture_output=True, text=True, timeout=30)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:

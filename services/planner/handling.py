@@ -77,7 +77,12 @@ class Planner:
             data = plan_to_dict(result)
             await self._store.put(ref, StoredPlan(uid=ref.uid, generation=event.generation, plan=data))
             await self._publisher.publish(
-                ev.PlanResolved(plan=data, explanation=result.explanation, **common)
+                ev.PlanResolved(
+                    plan=data,
+                    explanation=result.explanation,
+                    resource=dict(event.spec.get("resource") or {}),
+                    **common,
+                )
             )
             log.info("[%s] gen %d: %s — %s", ref.key, event.generation, result.summary(), result.explanation)
         else:

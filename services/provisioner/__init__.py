@@ -1,4 +1,1 @@
-"""Provisioner: GPU nodes from AKS, Karpenter NodeClaims, BYO nodes or the local machine (issue 6).
-
-Not built yet: this package only reserves its place in the layout.
-"""
+"""The provisioner: makes a plan's nodes exist (local, bring-your-own, …) and says when they are ready."""

@@ -1,9 +1,10 @@
 """``kaiten up``: the system on one machine, in the foreground.
 
 What runs today: a JetStream nats-server, the real etcd + kube-apiserver (built from Go modules on
-first use), the Workspace CRD, the watcher/status-writer and the planner (provider ``local``: it
-plans for this machine), supervised (restarted with backoff if one dies). The provisioner, workload,
-serving and tuning services arrive with their issues; until then ``up`` says so instead of pretending.
+first use), the Workspace CRD, the watcher/status-writer, the planner and the provisioner (provider
+``local``: this machine is the one node), supervised (restarted with backoff if one dies). The
+workload, serving and tuning services arrive with their issues; until then ``up`` says so instead of
+pretending.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
 from shared.local.procs import ManagedProcess, StartFailed
 
-SERVICES = ("services.watcher", "services.planner")
+SERVICES = ("services.watcher", "services.planner", "services.provisioner")
 NOT_YET = {
-    "provisioner": "issue 6",
     "workload": "issue 7",
     "serving SmolLM2 on Ray Serve (built; deployed by the workload)": "issue 7",
     "tuning": "issue 5",
@@ -81,6 +81,8 @@ def up(root: Path) -> int:
             "KUBECONFIG": str(cp.kubeconfig),
             "KAITEN_NATS_URL": nats.url,
             "KAITEN_PROVIDER": os.environ.get("KAITEN_PROVIDER", "local"),
+            # the finalizer waits for these owners of external state to report cleanup
+            "KAITEN_CLEANUP_OWNERS": "provisioner",
         }
         subprocess.run(["kubectl", "apply", "-f", str(CRD_PATH)], env=env, check=True, capture_output=True)
         print("✓ Workspace CRD     workspaces.kaito.sh (v1alpha1, v1beta1)", flush=True)

@@ -1,0 +1,3 @@
+from services.provisioner.main import main
+
+main()

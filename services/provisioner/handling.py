@@ -1,0 +1,229 @@
+"""The provisioner's work: plans become node requests, a reconcile loop drives them to ready or failed,
+and a deleted Workspace's nodes are released before cleanup is reported.
+
+- ``plan.resolved`` (newest generation of a burst): the request is recorded in KV (``pending``),
+  ``nodes.requested`` is published, and one reconcile pass runs at once.
+- The reconcile loop (:meth:`Provisioner.run`) passes over every ``pending`` entry each
+  ``reconcile_interval_s``: ``ensure`` → ``nodes.ready`` | ``nodes.failed`` | a ``NodesReady=False``
+  progress condition when the provider's message changes. A request pending past its timeout fails.
+  Transient provider errors (throttling, 5xx) are retried on the next pass, honouring ``retry_after``.
+- ``workspace.deleting``: the entry is marked ``deleting`` (so no pass re-creates anything), the
+  provider releases until nothing is left (the message is redelivered with backoff until then), the
+  entry is removed and ``status.cleanup_done`` (owner ``provisioner``) lets the finalizer go.
+
+One asyncio lock per Workspace keeps a reconcile pass and a deletion of the same Workspace from
+interleaving in this process; across replicas the consumer's per-Workspace lease orders handling, and
+providers are idempotent by construction (names from the Workspace uid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from services.provisioner.providers.base import NodeRequest, Progress, Provider, ProviderError
+from services.provisioner.store import NodeStore, StoredNodes, key_of
+from shared import events as ev
+from shared.bus.errors import Transient
+from shared.bus.publishing import Publisher
+from shared.planning.model import plan_from_dict
+
+log = logging.getLogger("kaiten.provisioner")
+OWNER = "provisioner"
+
+
+def request_from_plan(event: ev.PlanResolved) -> NodeRequest:
+    plan = plan_from_dict(event.plan)
+    resource = event.resource
+    selector = resource.get("labelSelector") or {}
+    return NodeRequest(
+        workspace=event.workspace,
+        generation=event.generation,
+        instance_type=plan.sku,
+        count=plan.nodes,
+        gpus_per_node=plan.gpus_per_node,
+        labels=dict(selector.get("matchLabels") or {}),
+        selector=dict(selector),
+        preferred_nodes=tuple(resource.get("preferredNodes") or ()),
+        byo_nodes=plan.byo_nodes,
+    )
+
+
+class Provisioner:
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        store: NodeStore,
+        publisher: Publisher,
+        interval: float = 5.0,
+        timeout: float = 1800.0,
+    ) -> None:
+        self._provider = provider
+        self._store = store
+        self._publisher = publisher
+        self._interval = interval
+        self._timeout = timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._not_before: dict[str, float] = {}  # key → monotonic time (a provider's Retry-After)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    # -- events ---------------------------------------------------------------------------------------
+
+    async def handle(self, events: Sequence[ev.AnyEvent]) -> None:
+        last = events[-1]
+        if isinstance(last, ev.WorkspaceDeleting):
+            await self._release(last)
+            return
+        plans = [e for e in events if isinstance(e, ev.PlanResolved)]
+        if plans:
+            await self._request(max(plans, key=lambda e: e.generation))
+
+    async def _request(self, event: ev.PlanResolved) -> None:
+        ref = event.workspace
+        async with self._lock(ref.key):
+            stored = await self._store.get(ref)
+            if (
+                stored is not None
+                and stored.uid == ref.uid
+                and (stored.phase == "deleting" or stored.generation > event.generation)
+            ):
+                log.info("[%s] plan of generation %d dropped (%s)", ref.key, event.generation, stored.phase)
+                return
+            request = request_from_plan(event)
+            same = stored is not None and stored.uid == ref.uid and stored.request == request
+            if same and stored is not None and stored.phase != "pending":
+                return  # a redelivery of a request already settled
+            since = stored.since if same and stored is not None else time.time()
+            await self._store.put(
+                ref,
+                StoredNodes(
+                    uid=ref.uid, generation=event.generation, request=request, phase="pending", since=since
+                ),
+            )
+            await self._publisher.publish(
+                ev.NodesRequested(
+                    workspace=ref,
+                    generation=event.generation,
+                    correlation_id=event.correlation_id,
+                    provider=self._provider.name,
+                    count=request.count,
+                    instance_type=request.instance_type,
+                )
+            )
+            log.info(
+                "[%s] gen %d: %d × %s requested from %s",
+                ref.key,
+                event.generation,
+                request.count,
+                request.instance_type,
+                self._provider.name,
+            )
+        await self.reconcile(key_of(ref))
+
+    async def _release(self, event: ev.WorkspaceDeleting) -> None:
+        ref = event.workspace
+        async with self._lock(ref.key):
+            stored = await self._store.get(ref)
+            if stored is not None and stored.uid == ref.uid and stored.phase != "deleting":
+                await self._store.put(ref, msgspec_replace(stored, phase="deleting"))
+            try:
+                gone = await self._provider.release(ref)
+            except ProviderError as exc:  # e.g. no permission to delete: say so, and keep trying
+                raise Transient(f"[{ref.key}] release: {exc.reason}: {exc.message}") from exc
+            if not gone:
+                raise Transient(f"[{ref.key}] nodes are still being deleted", retry_after=self._interval)
+            if stored is not None and stored.uid == ref.uid:
+                await self._store.forget(ref)
+            await self._publisher.publish(
+                ev.CleanupDone(workspace=ref, generation=event.generation, owner=OWNER)
+            )
+            log.info("[%s] nodes released; cleanup done", ref.key)
+
+    # -- the reconcile loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            for key in await self._store.keys():
+                if time.monotonic() < self._not_before.get(key, 0.0):
+                    continue
+                try:
+                    await self.reconcile(key)
+                except Exception:  # one Workspace's trouble must not stop the others
+                    log.exception("reconcile of %s failed", key)
+            await asyncio.sleep(self._interval)
+
+    async def reconcile(self, key: str) -> None:
+        stored = await self._store.get_key(key)
+        if stored is None or stored.phase != "pending":
+            return
+        ref = stored.request.workspace
+        async with self._lock(ref.key):
+            stored = await self._store.get_key(key)  # again, under the lock: deletion may have won
+            if stored is None or stored.phase != "pending":
+                return
+            try:
+                progress = await self._provider.ensure(stored.request)
+            except ProviderError as exc:
+                progress = Progress(state="failed", reason=exc.reason, message=exc.message)
+            except Transient as exc:
+                self._not_before[key] = time.monotonic() + (exc.retry_after or self._interval)
+                log.warning("[%s] %s; retrying", ref.key, exc)
+                return
+            except (TimeoutError, ConnectionError) as exc:
+                log.warning("[%s] provider unreachable: %r; retrying", ref.key, exc)
+                return
+            if progress.state == "pending" and time.time() - stored.since > self._timeout:
+                progress = Progress(
+                    state="failed",
+                    reason="ProvisioningTimedOut",
+                    message=f"nodes not ready after {self._timeout:.0f}s: {progress.message}",
+                )
+            await self._settle(key, stored, progress)
+
+    async def _settle(self, key: str, stored: StoredNodes, progress: Progress) -> None:
+        ref = stored.request.workspace
+        common: dict[str, Any] = {"workspace": ref, "generation": stored.generation}
+        if progress.state == "ready":
+            await self._store.put(
+                ref, msgspec_replace(stored, phase="ready", nodes=progress.nodes, message=progress.message)
+            )
+            await self._publisher.publish(
+                ev.NodesReady(provider=self._provider.name, nodes=progress.nodes, **common)
+            )
+            log.info("[%s] nodes ready: %s", ref.key, ", ".join(progress.nodes))
+        elif progress.state == "failed":
+            await self._store.put(
+                ref, msgspec_replace(stored, phase="failed", reason=progress.reason, message=progress.message)
+            )
+            await self._publisher.publish(
+                ev.NodesFailed(
+                    provider=self._provider.name, reason=progress.reason, message=progress.message, **common
+                )
+            )
+            log.warning("[%s] nodes failed: %s: %s", ref.key, progress.reason, progress.message)
+        elif progress.message != stored.message:
+            await self._store.put(
+                ref, msgspec_replace(stored, reason=progress.reason, message=progress.message)
+            )
+            await self._publisher.publish(
+                ev.ConditionReported(
+                    type="NodesReady",
+                    status="False",
+                    reason=progress.reason or "Provisioning",
+                    message=progress.message,
+                    reporter=OWNER,
+                    **common,
+                )
+            )
+
+
+def msgspec_replace(stored: StoredNodes, **changes: Any) -> StoredNodes:
+    return msgspec.structs.replace(stored, **changes)

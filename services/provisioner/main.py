@@ -1,0 +1,75 @@
+"""Wiring of the provisioner: the installation's provider, one durable consumer of plans and
+deletions, and the reconcile loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from services.provisioner.handling import Provisioner
+from services.provisioner.providers.base import Provider
+from services.provisioner.settings import ProvisionerSettings
+from services.provisioner.store import NodeStore
+from shared import events as ev
+from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.lifecycle import Component, LoopComponent, Runtime
+from shared.lifecycle import main as run_main
+
+DURABLE = "provisioner"
+PROVIDERS = ("local", "byo")  # aks and nodeclaim: issue 6, in progress
+log = logging.getLogger("kaiten.provisioner")
+
+
+def make_provider(settings: ProvisionerSettings, runtime: Runtime) -> Provider:
+    if settings.provider == "local":
+        from services.provisioner.providers.local import LocalProvider
+
+        return LocalProvider(settings.local_node_name)
+    if settings.provider == "byo":
+        from services.provisioner.providers.byo import ByoProvider
+
+        if runtime.api is None:
+            raise RuntimeError("the byo provider needs the Kubernetes API")
+        return ByoProvider(runtime.api)
+    raise SystemExit(
+        f"KAITEN_PROVIDER={settings.provider!r} is not available; choose one of {', '.join(PROVIDERS)}"
+    )
+
+
+async def build(runtime: Runtime) -> Sequence[Component]:
+    settings = runtime.settings
+    assert isinstance(settings, ProvisionerSettings)
+    provider = make_provider(settings, runtime)
+    timeout = settings.byo_wait_s if settings.provider == "byo" else settings.provision_timeout_s
+    provisioner = Provisioner(
+        provider=provider,
+        store=await NodeStore.open(runtime.js),
+        publisher=runtime.publisher,
+        interval=settings.reconcile_interval_s,
+        timeout=timeout,
+    )
+    log.info(
+        "provider %s; reconcile every %.0fs, timeout %.0fs",
+        provider.name,
+        settings.reconcile_interval_s,
+        timeout,
+    )
+    consumer = ConsumerRunner(
+        nc=runtime.nc,
+        spec=ConsumerSpec(
+            durable=DURABLE,
+            filter_subjects=[
+                ev.subject_filter("plan", "resolved"),
+                ev.subject_filter("workspace", "deleting"),
+            ],
+            failure_condition="ResourceReady",
+        ),
+        handler=provisioner.handle,
+        publisher=runtime.publisher,
+        reporter="provisioner",
+    )
+    return [consumer, LoopComponent("provisioner:reconcile", provisioner.run)]
+
+
+def main() -> None:
+    run_main("provisioner", ProvisionerSettings.from_env(), build)

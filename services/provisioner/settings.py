@@ -1,0 +1,13 @@
+"""Provisioner settings (environment ``KAITEN_*``)."""
+
+from __future__ import annotations
+
+from shared.settings import ServiceSettings
+
+
+class ProvisionerSettings(ServiceSettings):
+    provider: str = "local"  # aks | nodeclaim | byo | local: the same value the planner is given
+    local_node_name: str = ""  # the local provider's node name; empty: this machine's hostname
+    reconcile_interval_s: float = 5.0  # how often pending requests are checked again
+    provision_timeout_s: float = 1800.0  # a request still pending after this fails (AKS pools: ~10 min)
+    byo_wait_s: float = 600.0  # bring-your-own: how long to wait for enough matching Ready nodes

@@ -1,0 +1,72 @@
+"""Provisioning state per Workspace, in NATS KV (bucket ``kaiten_nodes``, key ``<namespace>.<name>``).
+
+It is what makes the provisioner restartable: the reconcile loop resumes every ``pending`` entry after a
+restart, a redelivered plan finds its request already recorded, and a deleted Workspace's entry says
+``deleting`` until the provider has released everything. Providers never keep state of their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.kv import KeyValue
+
+from services.provisioner.providers.base import NodeRequest
+from shared.bus.streams import key_value
+from shared.events import WorkspaceRef
+
+NODES_BUCKET = "kaiten_nodes"
+Phase = Literal["pending", "ready", "failed", "deleting"]
+
+
+class StoredNodes(msgspec.Struct, frozen=True, kw_only=True):
+    uid: str
+    generation: int
+    request: NodeRequest
+    phase: Phase
+    since: float  # when this request was first made (monotonic across restarts: wall clock)
+    nodes: tuple[str, ...] = ()
+    reason: str = ""
+    message: str = ""
+
+
+def key_of(ref: WorkspaceRef) -> str:
+    return f"{ref.namespace}.{ref.name}"
+
+
+class NodeStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> NodeStore:
+        return cls(await key_value(js, NODES_BUCKET))
+
+    async def get_key(self, key: str) -> StoredNodes | None:
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        return msgspec.json.decode(entry.value, type=StoredNodes)
+
+    async def get(self, ref: WorkspaceRef) -> StoredNodes | None:
+        return await self.get_key(key_of(ref))
+
+    async def put(self, ref: WorkspaceRef, stored: StoredNodes) -> None:
+        await self._kv.put(key_of(ref), msgspec.json.encode(stored))
+
+    async def forget(self, ref: WorkspaceRef) -> None:
+        with contextlib.suppress(KeyNotFoundError):
+            await self._kv.purge(key_of(ref))
+
+    async def keys(self) -> list[str]:
+        try:
+            return list(await self._kv.keys())
+        except NoKeysError:  # nats-py's answer for an empty bucket
+            return []
