@@ -13,6 +13,7 @@ Rules (see docs/events.md):
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from typing import Any, ClassVar, Literal
@@ -200,7 +201,10 @@ class ConditionReported(Event, frozen=True, kw_only=True, tag="status.condition"
     reporter: str = ""
 
     def discriminator(self) -> str:
-        return f"{self.type}:{self.status}:{self.reason}"
+        # The message is part of the fact: progress ("1 of 2 ready", then "2 of 2 …") must not be
+        # dropped as a duplicate of the first report; the same report twice still is.
+        digest = hashlib.sha256(self.message.encode()).hexdigest()[:12]
+        return f"{self.type}:{self.status}:{self.reason}:{digest}"
 
 
 class CleanupDone(Event, frozen=True, kw_only=True, tag="status.cleanup_done"):

@@ -191,35 +191,53 @@ class Provisioner:
     async def _settle(self, key: str, stored: StoredNodes, progress: Progress) -> None:
         ref = stored.request.workspace
         common: dict[str, Any] = {"workspace": ref, "generation": stored.generation}
+        name = self._provider.name
         if progress.state == "ready":
             await self._store.put(
                 ref, msgspec_replace(stored, phase="ready", nodes=progress.nodes, message=progress.message)
             )
-            await self._publisher.publish(
-                ev.NodesReady(provider=self._provider.name, nodes=progress.nodes, **common)
-            )
+            await self._condition(common, "True", "Ready", progress.message)
+            await self._publisher.publish(ev.NodesReady(provider=name, nodes=progress.nodes, **common))
             log.info("[%s] nodes ready: %s", ref.key, ", ".join(progress.nodes))
         elif progress.state == "failed":
             await self._store.put(
                 ref, msgspec_replace(stored, phase="failed", reason=progress.reason, message=progress.message)
             )
+            await self._condition(common, "False", progress.reason, progress.message)
             await self._publisher.publish(
-                ev.NodesFailed(
-                    provider=self._provider.name, reason=progress.reason, message=progress.message, **common
-                )
+                ev.NodesFailed(provider=name, reason=progress.reason, message=progress.message, **common)
             )
             log.warning("[%s] nodes failed: %s: %s", ref.key, progress.reason, progress.message)
         elif progress.message != stored.message:
             await self._store.put(
                 ref, msgspec_replace(stored, reason=progress.reason, message=progress.message)
             )
+            reason = progress.reason or "Provisioning"
+            await self._condition(common, "False", reason, progress.message)
             await self._publisher.publish(
                 ev.ConditionReported(
                     type="NodesReady",
                     status="False",
-                    reason=progress.reason or "Provisioning",
+                    reason=reason,
                     message=progress.message,
                     reporter=OWNER,
+                    **common,
+                )
+            )
+
+    async def _condition(
+        self, common: dict[str, Any], status: ev.ConditionStatus, reason: str, message: str
+    ) -> None:
+        """The provider's finer condition (``NodeClaimReady`` for NodeClaims), when it has one."""
+        if self._provider.condition:
+            await self._publisher.publish(
+                ev.ConditionReported(
+                    type=self._provider.condition,
+                    status=status,
+                    reason=reason,
+                    message=message,
+                    reporter=OWNER,
+                    warning=status == "False" and reason not in ("Provisioning", "WaitingForNodeClaims"),
                     **common,
                 )
             )

@@ -16,7 +16,7 @@ from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
 DURABLE = "provisioner"
-PROVIDERS = ("local", "byo")  # aks and nodeclaim: issue 6, in progress
+PROVIDERS = ("local", "byo", "nodeclaim")  # aks: issue 6, in progress
 log = logging.getLogger("kaiten.provisioner")
 
 
@@ -31,6 +31,17 @@ def make_provider(settings: ProvisionerSettings, runtime: Runtime) -> Provider:
         if runtime.api is None:
             raise RuntimeError("the byo provider needs the Kubernetes API")
         return ByoProvider(runtime.api)
+    if settings.provider == "nodeclaim":
+        from services.provisioner.providers.nodeclaim import NodeClaimProvider
+
+        if runtime.api is None:
+            raise RuntimeError("the nodeclaim provider needs the Kubernetes API")
+        node_class = {
+            "group": settings.nodeclass_group,
+            "kind": settings.nodeclass_kind,
+            "name": settings.nodeclass_name,
+        }
+        return NodeClaimProvider(runtime.api, node_class)
     raise SystemExit(
         f"KAITEN_PROVIDER={settings.provider!r} is not available; choose one of {', '.join(PROVIDERS)}"
     )

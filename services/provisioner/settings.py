@@ -11,3 +11,7 @@ class ProvisionerSettings(ServiceSettings):
     reconcile_interval_s: float = 5.0  # how often pending requests are checked again
     provision_timeout_s: float = 1800.0  # a request still pending after this fails (AKS pools: ~10 min)
     byo_wait_s: float = 600.0  # bring-your-own: how long to wait for enough matching Ready nodes
+    # nodeclaim: the node class every NodeClaim refers to (AKS node auto-provisioning's default here)
+    nodeclass_group: str = "karpenter.azure.com"
+    nodeclass_kind: str = "AKSNodeClass"
+    nodeclass_name: str = "default"

@@ -56,6 +56,7 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
 
 class Provider(Protocol):
     name: str
+    condition: str  # a finer condition it reports besides NodesReady ("NodeClaimReady"), or ""
 
     async def ensure(self, request: NodeRequest) -> Progress:
         """Create or resize towards the request (idempotent); report where things stand."""

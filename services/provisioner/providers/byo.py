@@ -45,6 +45,7 @@ def choose(nodes: list[NodeInfo], request: NodeRequest) -> Progress:
 
 class ByoProvider:
     name = "byo"
+    condition = ""
 
     def __init__(self, api: kclient.ApiClient) -> None:
         self._api = api

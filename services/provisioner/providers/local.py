@@ -10,6 +10,7 @@ from shared.events import WorkspaceRef
 
 class LocalProvider:
     name = "local"
+    condition = ""
 
     def __init__(self, node_name: str = "") -> None:
         self.node_name = node_name or socket.gethostname()
