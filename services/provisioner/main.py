@@ -16,7 +16,7 @@ from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
 DURABLE = "provisioner"
-PROVIDERS = ("local", "byo", "nodeclaim")  # aks: issue 6, in progress
+PROVIDERS = ("aks", "nodeclaim", "byo", "local")
 log = logging.getLogger("kaiten.provisioner")
 
 
@@ -31,6 +31,25 @@ def make_provider(settings: ProvisionerSettings, runtime: Runtime) -> Provider:
         if runtime.api is None:
             raise RuntimeError("the byo provider needs the Kubernetes API")
         return ByoProvider(runtime.api)
+    if settings.provider == "aks":
+        from services.provisioner.providers.aks import AksProvider
+
+        missing = [
+            f"KAITEN_{n.upper()}"
+            for n in ("azure_subscription_id", "azure_resource_group", "azure_cluster_name")
+            if not getattr(settings, n)
+        ]
+        if missing or runtime.api is None:
+            raise SystemExit(f"the aks provider needs {', '.join(missing) or 'the Kubernetes API'}")
+        return AksProvider(
+            api=runtime.api,
+            subscription_id=settings.azure_subscription_id,
+            resource_group=settings.azure_resource_group,
+            cluster=settings.azure_cluster_name,
+            arm_endpoint=settings.azure_arm_endpoint,
+            polling_interval=settings.azure_polling_interval_s,
+            ca_bundle=settings.azure_ca_bundle,
+        )
     if settings.provider == "nodeclaim":
         from services.provisioner.providers.nodeclaim import NodeClaimProvider
 

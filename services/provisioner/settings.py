@@ -15,3 +15,11 @@ class ProvisionerSettings(ServiceSettings):
     nodeclass_group: str = "karpenter.azure.com"
     nodeclass_kind: str = "AKSNodeClass"
     nodeclass_name: str = "default"
+    # aks: the cluster whose agent pools Kaiten manages. Credentials are never settings: azure-identity
+    # reads them itself (workload identity in a cluster; AZURE_CLIENT_ID/AZURE_TENANT_ID/... elsewhere).
+    azure_subscription_id: str = ""
+    azure_resource_group: str = ""
+    azure_cluster_name: str = ""
+    azure_arm_endpoint: str = "https://management.azure.com"
+    azure_polling_interval_s: float = 10.0  # long-running operation polls (the SDK's default is 30 s)
+    azure_ca_bundle: str = ""  # a CA file to trust for ARM and sign-in (private clouds, tests)
