@@ -85,3 +85,52 @@ class Engine(Protocol):
     def stats(self) -> dict[str, float]: ...
 
     async def shutdown(self) -> None: ...
+
+
+class HFTokenizerEngine:
+    """What both engines share: a Hugging Face tokenizer (chat template included), the adapter list,
+    and the checks every request passes before it is queued. Subclasses set ``tokenizer``,
+    ``_adapter_specs``, ``max_prompt_tokens`` and ``max_model_len``, and implement ``healthy``."""
+
+    tokenizer: Any = None
+    _adapter_specs: list[AdapterInfo]
+    max_prompt_tokens: int
+    max_model_len: int
+
+    def healthy(self) -> tuple[bool, str]:
+        raise NotImplementedError
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template error is the caller's input
+            raise BadRequest(f"messages do not fit the model's chat template: {exc}") from exc
+        return self.encode(text, special=False)
+
+    def encode(self, prompt: str, special: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def adapters(self) -> list[AdapterInfo]:
+        return list(self._adapter_specs)
+
+    def admit(self, request: GenerationRequest) -> int:
+        """Raise the error a request gets before queueing, or return its new-token budget."""
+        ok, why = self.healthy()
+        if not ok:
+            raise EngineUnavailable(why)
+        if request.adapter and request.adapter not in {a.name for a in self._adapter_specs}:
+            raise BadRequest(f"unknown adapter {request.adapter!r}")
+        if len(request.prompt_ids) > self.max_prompt_tokens:
+            raise BadRequest(
+                f"prompt is {len(request.prompt_ids)} tokens; the limit is {self.max_prompt_tokens}"
+            )
+        budget = self.max_model_len - len(request.prompt_ids)
+        if budget <= 0:
+            raise BadRequest(f"prompt fills the model's {self.max_model_len}-token context")
+        return budget

@@ -23,11 +23,11 @@ from typing import Any
 
 from services.serving.engines.base import (
     AdapterInfo,
-    BadRequest,
     Chunk,
     DeadlineExceeded,
     EngineUnavailable,
     GenerationRequest,
+    HFTokenizerEngine,
     QueueFull,
 )
 
@@ -114,7 +114,7 @@ class _Batch:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-class TransformersEngine:
+class TransformersEngine(HFTokenizerEngine):
     def __init__(
         self,
         *,
@@ -220,43 +220,13 @@ class TransformersEngine:
 
     # -- tokens ---------------------------------------------------------------------------------------
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # a template error is the caller's input
-            raise BadRequest(f"messages do not fit the model's chat template: {exc}") from exc
-        return self.encode(text, special=False)
-
-    def encode(self, prompt: str, special: bool = True) -> list[int]:
-        ids: list[int] = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
-
-    def adapters(self) -> list[AdapterInfo]:
-        return list(self._adapter_specs)
-
     def stats(self) -> dict[str, float]:
         return {**self._stats, "queue_depth": float(self._pending)}
 
     # -- requests -------------------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        ok, why = self.healthy()
-        if not ok:
-            raise EngineUnavailable(why)
-        if request.adapter and request.adapter not in {a.name for a in self._adapter_specs}:
-            raise BadRequest(f"unknown adapter {request.adapter!r}")
-        if len(request.prompt_ids) > self.max_prompt_tokens:
-            raise BadRequest(
-                f"prompt is {len(request.prompt_ids)} tokens; the limit is {self.max_prompt_tokens}"
-            )
-        budget = self.max_model_len - len(request.prompt_ids)
-        if budget <= 0:
-            raise BadRequest(f"prompt fills the model's {self.max_model_len}-token context")
+        self.admit(request)
         with self._lock:
             if self._pending >= self._max_queue:
                 raise QueueFull(f"{self._pending} requests are waiting; try again shortly")

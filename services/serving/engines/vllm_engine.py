@@ -24,11 +24,10 @@ from typing import Any
 
 from services.serving.engines.base import (
     AdapterInfo,
-    BadRequest,
     Chunk,
     DeadlineExceeded,
-    EngineUnavailable,
     GenerationRequest,
+    HFTokenizerEngine,
     QueueFull,
 )
 
@@ -97,7 +96,7 @@ def scaled_adapter(spec: AdapterInfo, cache: Path) -> Path:
     return target
 
 
-class VLLMEngine:
+class VLLMEngine(HFTokenizerEngine):
     def __init__(
         self,
         *,
@@ -158,25 +157,6 @@ class VLLMEngine:
             return False, f"vLLM engine failed: {getattr(self._engine, 'dead_error', 'unknown error')}"
         return True, "ok"
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:
-            raise BadRequest(f"messages do not fit the model's chat template: {exc}") from exc
-        return self.encode(text, special=False)
-
-    def encode(self, prompt: str, special: bool = True) -> list[int]:
-        ids: list[int] = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
-        return ids
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
-
-    def adapters(self) -> list[AdapterInfo]:
-        return list(self._adapter_specs)
-
     def stats(self) -> dict[str, float]:
         return {**self._stats, "running": float(self._in_flight), "queue_depth": 0.0}
 
@@ -184,18 +164,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        ok, why = self.healthy()
-        if not ok:
-            raise EngineUnavailable(why)
-        if request.adapter and request.adapter not in self._lora:
-            raise BadRequest(f"unknown adapter {request.adapter!r}")
-        if len(request.prompt_ids) > self.max_prompt_tokens:
-            raise BadRequest(
-                f"prompt is {len(request.prompt_ids)} tokens; the limit is {self.max_prompt_tokens}"
-            )
-        budget = self.max_model_len - len(request.prompt_ids)
-        if budget <= 0:
-            raise BadRequest(f"prompt fills the model's {self.max_model_len}-token context")
+        budget = self.admit(request)
         if self._in_flight >= self._max_in_flight:
             raise QueueFull(f"{self._in_flight} requests are in flight; try again shortly")
         p = request.params
