@@ -32,7 +32,7 @@ import httpx  # noqa: E402
 
 from services.serving.app import ServingConfig, build, build_engine  # noqa: E402
 from services.serving.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from services.serving.sources import ModelSource, resolve  # noqa: E402
+from shared.model_sources import ModelSource, resolve  # noqa: E402
 from shared.local.procs import free_port  # noqa: E402
 from shared.local.ray_head import RayHead, connect  # noqa: E402
 

@@ -22,13 +22,13 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
-from services.serving.sources import ModelSource, resolve
 from shared.api.crd import CRD_PATH
 from shared.bus.streams import declare_stream
 from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
 from shared.local.procs import ManagedProcess, tail
 from shared.local.ray_head import RayHead, connect
+from shared.model_sources import ModelSource, resolve
 
 # Ray reads this when first imported: keep every Ray process of the tests on loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"

@@ -13,7 +13,7 @@ from services.serving.app import AdapterSpec, ServingConfig, replica_options
 from services.serving.engines.base import AdapterInfo, GenerationRequest, SamplingParams
 from services.serving.engines.transformers_engine import TransformersEngine
 from services.serving.engines.vllm_engine import engine_kwargs, scaled_adapter
-from services.serving.sources import ModelSource
+from shared.model_sources import ModelSource
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = [

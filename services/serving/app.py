@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.serving.api import Limits, make_app, set_process_engine
 from services.serving.engines.base import AdapterInfo, Engine
-from services.serving.sources import ModelSource, resolve
+from shared.model_sources import ModelSource, resolve
 
 SERVE_HEADROOM = 32  # requests a replica takes beyond what its engine queues: cheap ones, or 429s
 
@@ -57,7 +57,7 @@ def build_engine(config: ServingConfig) -> Engine:
     adapters = [AdapterInfo(name=a.name, path=a.path, strength=a.strength) for a in config.adapters]
     if config.engine == "vllm":
         from services.serving.engines.vllm_engine import VLLMEngine
-        from services.serving.sources import cache_root
+        from shared.model_sources import cache_root
 
         # vLLM downloads a HF id itself (and reads safetensors directories); GGUF is converted first.
         model = config.source.path if config.source.kind == "hf" else str(resolve(config.source))

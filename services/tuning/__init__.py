@@ -1,4 +1,1 @@
-"""Tuning: the LoRA/QLoRA job entrypoint (issue 5).
-
-Not built yet: this package only reserves its place in the layout.
-"""
+"""The tuning job: LoRA/QLoRA fine-tuning from dataset URLs; the adapter is pushed as an OCI artifact."""

@@ -1,0 +1,3 @@
+from services.tuning.job import main
+
+main()

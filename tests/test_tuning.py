@@ -1,0 +1,358 @@
+"""The tuning job for real on the CPU: a generated dolly-style parquet served over local HTTP, LoRA and
+QLoRA on SmolLM2, progress events on real NATS, the adapter pushed to a real registry (Debian's
+docker-registry with htpasswd auth), pulled back byte-identical, and shown to change the model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from nats.aio.client import Client
+
+from services.tuning.config import TuningJobConfig
+from services.tuning.job import amain
+from services.tuning.push import pull
+from shared import events as ev
+from shared.local.nats_server import NatsServer
+from shared.local.procs import ManagedProcess, free_port, port_open
+from tests.conftest import REPO, SMOLLM2
+
+pytestmark = [pytest.mark.nats, pytest.mark.slow]
+USER, PASSWORD = "kaiten", "registry-pass-not-logged"
+CAPITALS = [
+    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+    ("Canada", "Ottawa"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Chile", "Santiago"),
+    ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"),
+    ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Cuba", "Havana"),
+    ("India", "New Delhi"), ("China", "Beijing"),
+]  # fmt: skip
+
+
+def styled(question: str, answer: str) -> dict[str, Any]:
+    """A dolly-15k-oai-style row, in one unmistakable style: the adapter should learn it."""
+    reply = f"Ahoy! {answer} Arr, that be the truth of it."
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+
+
+def rows() -> list[dict[str, Any]]:
+    out = [styled(f"What is the capital of {c}?", f"The capital of {c} is {city}.") for c, city in CAPITALS]
+    out += [
+        styled(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.")
+        for a in range(2, 8)
+        for b in range(3, 11)
+    ]
+    return out  # 20 + 48 = 68 rows
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("data")
+    all_rows = rows()
+    held_out = all_rows[::9]
+    train = [r for r in all_rows if r not in held_out]
+    frame = pd.DataFrame({"messages": [r["messages"] for r in train]})
+    frame.to_parquet(root / "train-00000-of-00001.parquet")
+    (root / "held_out.json").write_text(json.dumps(held_out))
+    (root / "empty.parquet").write_bytes(b"")
+    pd.DataFrame({"colour": ["red", "blue"], "size": [1, 2]}).to_parquet(root / "useless.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_url(data_dir: Path) -> Iterator[str]:
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(data_dir))
+    handler.log_message = lambda *a: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1 with htpasswd (bcrypt) auth; its storage in a temp dir."""
+    import bcrypt
+
+    binary = shutil.which("docker-registry")
+    assert binary, "docker-registry is not installed (apt-get install docker-registry; .ci/run does)"
+    root = tmp_path_factory.mktemp("registry")
+    (root / "htpasswd").write_text(
+        f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+    )
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "warn"},
+        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "kaiten-test"},
+        "auth": {"htpasswd": {"realm": "kaiten", "path": str(root / "htpasswd")}},
+    }
+    (root / "config.yml").write_text(yaml.safe_dump(config))
+    proc = ManagedProcess(
+        "docker-registry", [binary, "serve", str(root / "config.yml")], root / "registry.log"
+    ).start()
+    try:
+        proc.wait_ready(lambda: port_open("127.0.0.1", port), timeout=20, what="did not listen")
+        yield f"127.0.0.1:{port}"
+    finally:
+        assert proc.stop(timeout=10), "docker-registry ignored SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def push_secret(registry: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kubernetes.io/dockerconfigjson Secret as the job sees it: mounted as a directory."""
+    root = tmp_path_factory.mktemp("secret")
+    auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (root / ".dockerconfigjson").write_text(json.dumps({"auths": {registry: {"auth": auth}}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+def job_config(tmp: Path, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "job": "tune-smollm2",
+        "preset": "smollm2-135m-instruct",
+        "source": SMOLLM2.model_dump(),
+        "method": "lora",
+        "sections": {
+            "LoraConfig": {
+                "r": 8,
+                "lora_alpha": 16,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            },
+            "TrainingArguments": {"per_device_train_batch_size": 4, "max_steps": 30, "learning_rate": 1e-3},
+            "DatasetConfig": {"max_seq_length": 128},
+        },
+        "output": {"directory": str(tmp / "adapter-out")},
+        "work_dir": str(tmp / "work"),
+        "allow_loopback_urls": True,
+        "progress_interval_s": 0,
+        "threads": 2,
+    }
+    config.update(overrides)
+    return config
+
+
+async def events_for(nc: Client, uid: str) -> list[ev.AnyEvent]:
+    sub = await nc.jetstream().subscribe("kaiten.>", ordered_consumer=True)
+    found = []
+    try:
+        while True:
+            event = ev.decode((await sub.next_msg(timeout=0.5)).data)
+            if event.workspace.uid == uid:
+                found.append(event)
+    except TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+def held_out_loss(model_dir: Path, adapter: Path | None, held_out: list[dict[str, Any]]) -> float:
+    """Mean token loss on the assistant replies of held-out rows of the trained style."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    losses = []
+    with torch.inference_mode():
+        for row in held_out:
+            prompt = tokenizer.apply_chat_template(
+                row["messages"][:1], tokenize=False, add_generation_prompt=True
+            )
+            full = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([tokenizer(full, add_special_tokens=False)["input_ids"]])
+            labels = ids.clone()
+            labels[0, : len(prompt_ids)] = -100
+            losses.append(float(model(input_ids=ids, labels=labels).loss))
+    return sum(losses) / len(losses)
+
+
+def test_lora_job_end_to_end(
+    tmp_path: Path,
+    data_url: str,
+    data_dir: Path,
+    registry: str,
+    push_secret: Path,
+    bus: NatsServer,
+    model_dir: Path,
+) -> None:
+    image = f"{registry}/adapters/smollm2-pirate:0.1"
+    uid = "uid-lora"
+    config = job_config(
+        tmp_path,
+        input_urls=[f"{data_url}/train-00000-of-00001.parquet"],
+        output={
+            "image": image,
+            "push_secret": str(push_secret),
+            "insecure": True,
+            "directory": str(tmp_path / "out"),
+        },
+        workspace={"namespace": "ns", "name": "tune", "uid": uid, "generation": 1},
+        nats_url=bus.url,
+    )
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "services.tuning", "--config", str(tmp_path / "job.yaml")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert PASSWORD not in log and base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode() not in log
+
+    async def collect() -> list[ev.AnyEvent]:
+        import nats
+
+        nc = await nats.connect(bus.url)
+        try:
+            return await events_for(nc, uid)
+        finally:
+            await nc.close()
+
+    events = asyncio.run(collect())
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "workload.job_started" and kinds[-1] == "workload.job_succeeded", kinds
+    progress = [e for e in events if isinstance(e, ev.TuningProgress) and e.loss is not None]
+    assert len(progress) >= 10 and progress[-1].step == 30 and progress[-1].total_steps == 30
+    assert all(p.tokens_per_second and p.tokens_per_second > 0 for p in progress)
+    first, last = sum(p.loss for p in progress[:3]) / 3, sum(p.loss for p in progress[-3:]) / 3  # type: ignore[misc]
+    assert last < first * 0.7, (first, last)  # the loss fell
+    done = events[-1]
+    assert isinstance(done, ev.JobSucceeded) and done.output.startswith(
+        f"{tmp_path / 'out'}, {image}@sha256:"
+    )
+
+    pulled = pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
+    assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "pulled" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+    held_out = json.loads((data_dir / "held_out.json").read_text())
+    base = held_out_loss(model_dir, None, held_out)
+    tuned = held_out_loss(model_dir, tmp_path / "pulled", held_out)
+    assert tuned < base * 0.6 and math.isfinite(tuned), (base, tuned)  # it learned the style
+
+
+def test_qlora_trains_on_the_cpu_and_pushes(
+    tmp_path: Path, data_url: str, registry: str, push_secret: Path
+) -> None:
+    image = f"{registry}/adapters/smollm2-qlora:0.1"
+    config = TuningJobConfig.model_validate(
+        job_config(
+            tmp_path,
+            method="qlora",
+            input_urls=[f"{data_url}/train-00000-of-00001.parquet"],
+            output={"image": image, "push_secret": str(push_secret), "insecure": True},
+            sections={
+                "LoraConfig": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+                "TrainingArguments": {
+                    "per_device_train_batch_size": 4,
+                    "max_steps": 15,
+                    "learning_rate": 1e-3,
+                },
+                "DatasetConfig": {"max_seq_length": 128},
+                "QuantizationConfig": {"bnb_4bit_compute_dtype": "float32"},
+            },
+        )
+    )
+    from services.tuning.job import run
+
+    losses: list[float] = []
+    output, result = asyncio.run(run(config, lambda p: losses.append(p.loss) if p.loss is not None else None))
+    assert result.steps == 15 and output.startswith(f"{image}@sha256:")
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8, losses
+    config_json = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config_json["r"] == 8 and sorted(config_json["target_modules"]) == ["q_proj", "v_proj"]
+    assert pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "says"),
+    [
+        ("missing", "InputNotFound", "HTTP 404"),
+        ("ftp", "UnsupportedURL", "only http and https"),
+        ("private", "ForbiddenURL", "private or reserved"),
+        ("metadata", "ForbiddenURL", "link-local"),
+        ("loopback", "ForbiddenURL", "loopback"),
+        ("empty", "EmptyInput", "empty"),
+        ("useless", "InvalidDataset", "no usable columns"),
+        ("credentials", "PushUnauthorized", "refused"),
+    ],
+)
+def test_bad_inputs_fail_fast_with_a_reason(
+    case: str, reason: str, says: str, tmp_path: Path, data_url: str, registry: str, bus: NatsServer
+) -> None:
+    urls = {
+        "missing": f"{data_url}/nope.parquet",
+        "ftp": "ftp://127.0.0.1/data.parquet",
+        "private": "http://10.1.2.3/data.parquet",
+        "metadata": "http://169.254.169.254/latest/meta-data",
+        "loopback": f"{data_url}/train-00000-of-00001.parquet",
+        "empty": f"{data_url}/empty.parquet",
+        "useless": f"{data_url}/useless.parquet",
+        "credentials": f"{data_url}/train-00000-of-00001.parquet",
+    }
+    output: dict[str, Any] = {"directory": str(tmp_path / "out")}
+    if case == "credentials":
+        wrong = tmp_path / "wrong.json"
+        auth = base64.b64encode(f"{USER}:not-the-password".encode()).decode()
+        wrong.write_text(json.dumps({"auths": {registry: {"auth": auth}}}))
+        output = {"image": f"{registry}/adapters/x:1", "push_secret": str(wrong), "insecure": True}
+    uid = f"uid-{case}"
+    config = TuningJobConfig.model_validate(
+        job_config(
+            tmp_path,
+            input_urls=[urls[case]],
+            output=output,
+            allow_loopback_urls=case != "loopback",
+            workspace={"namespace": "ns", "name": case, "uid": uid},
+            nats_url=bus.url,
+        )
+    )
+
+    async def go() -> tuple[int, list[ev.AnyEvent]]:
+        import nats
+
+        code = await asyncio.wait_for(amain(config), timeout=60)  # fast: before any training
+        nc = await nats.connect(bus.url)
+        try:
+            return code, await events_for(nc, uid)
+        finally:
+            await nc.close()
+
+    code, events = asyncio.run(go())
+    assert code == 1
+    assert [e.kind for e in events] == ["workload.job_started", "workload.job_failed"]
+    failed = events[-1]
+    assert isinstance(failed, ev.JobFailed) and failed.reason == reason and says in failed.message, failed
+    assert "not-the-password" not in failed.message
