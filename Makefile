@@ -49,6 +49,7 @@ bench: setup
 	$(PY) benchmarks/bus_throughput.py
 	$(PY) benchmarks/plan_catalog.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/tuning.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

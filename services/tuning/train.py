@@ -148,7 +148,7 @@ def train(
     )
     losses: list[float] = []
     tokens = 0
-    started = time.monotonic()
+    started = time.monotonic()  # set again when training starts: rates count training time only
 
     class Report(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -182,6 +182,7 @@ def train(
         peft_config=lora,
         callbacks=[Report()],
     )
+    started = time.monotonic()
     trainer.train()
     seconds = time.monotonic() - started
     adapter = out / "adapter"
