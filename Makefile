@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 
-.PHONY: setup lock controlplane lint typecheck test test-fast up crd bench clean
+.PHONY: setup lock controlplane tools lint typecheck test test-fast up crd bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -35,8 +35,14 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# Debian tools the tests drive: the OCI registry the tuning job pushes to, and ss (iproute2).
+tools:
+	@command -v docker-registry >/dev/null && command -v ss >/dev/null || \
+		apt-get install -y -q docker-registry iproute2 >/dev/null || \
+		{ echo "install Debian's docker-registry and iproute2 (apt-get install docker-registry iproute2)"; exit 1; }
+
 # Everything: lint, strict types, then every test against real NATS, etcd, kube-apiserver and kubectl.
-test: lint typecheck controlplane
+test: lint typecheck controlplane tools
 	$(PY) -m pytest
 
 test-fast: setup
