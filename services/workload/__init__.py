@@ -1,4 +1,2 @@
-"""Workload: Ray Serve deployments and tuning jobs, readiness written back (issue 7).
-
-Not built yet: this package only reserves its place in the layout.
-"""
+"""The workload service: a plan plus ready nodes become a running workload (Ray Serve application or
+tuning job); its readiness is reported back."""

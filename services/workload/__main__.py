@@ -1,0 +1,3 @@
+from services.workload.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Workload backends: ``local`` (the local Ray cluster of ``kaiten up``); ``kuberay`` is open work."""

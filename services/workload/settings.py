@@ -1,0 +1,14 @@
+"""Workload settings (environment ``KAITEN_*``)."""
+
+from __future__ import annotations
+
+from shared.settings import ServiceSettings
+
+
+class WorkloadSettings(ServiceSettings):
+    backend: str = "local"  # local (the Ray cluster of kaiten up); kuberay is open work (issue 7)
+    ray_dashboard_url: str = ""  # the local Ray dashboard (Serve and Jobs REST APIs)
+    ray_token_path: str = ""  # the Ray cluster's auth token file (RayHead.token_path)
+    serve_port: int = 8000  # Ray Serve's HTTP proxy port on 127.0.0.1
+    reconcile_interval_s: float = 2.0  # how often deploying applications are checked
+    deploy_timeout_s: float = 900.0  # an application not RUNNING after this has failed

