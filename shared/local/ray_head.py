@@ -11,12 +11,16 @@ imports ``ray`` (:func:`connect` refuses to go on otherwise, rather than dial th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,26 +132,55 @@ class RayHead:
         return self.process.pid
 
     def stop(self) -> bool:
-        """SIGTERM our ``ray start --block`` (it stops what it started), SIGKILL the group if it lingers."""
-        below = descendants(self.process.pid) if self.process.alive() else set()
-        graceful = self.process.stop(timeout=30, group=False)
-        # Ray's workers start their own sessions, so a group kill cannot reach them: they exit once
-        # their raylet is gone; any still running after a grace period are killed by PID.
-        lingering = running(below)
-        deadline = time.monotonic() + 10
-        while lingering and time.monotonic() < deadline:
-            time.sleep(0.2)
-            lingering = running(lingering)
+        """Stop everything the head started, by PID; True when SIGTERM sufficed (no SIGKILL).
+
+        SIGTERM to ``ray start --block`` stops its children in order — but with Serve running, its
+        raylet drains slowly and ``ray start`` can wait on it for minutes. After 10 s every remaining
+        process below it gets SIGTERM too (they are all ours); whatever is still alive 20 s later is
+        killed. Workers start sessions of their own, so none of this relies on the process group.
+        """
+        proc = self.process.proc
+        if proc is None or proc.poll() is not None:
+            self._cleanup()
+            return True
+        below = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        graceful = _wait(lambda: proc.poll() is not None, 10)
+        if not graceful:
+            for pid in running(below | descendants(proc.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            graceful = _wait(lambda: proc.poll() is not None, 20)
+        lingering: set[int] = set()
+        if graceful:  # the workers exit once their raylet is gone
+            _wait(lambda: not running(below), 10)
+            lingering = running(below)
+        else:
+            lingering = running(below | descendants(proc.pid)) | {proc.pid}
         kill_pids(lingering)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        self._cleanup()
+        return graceful and not lingering
+
+    def _cleanup(self) -> None:
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return graceful and not lingering
 
     def __enter__(self) -> RayHead:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _wait(done: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def connect(head: RayHead) -> None:
