@@ -3,6 +3,7 @@ leaves no process behind when stopped."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
+from shared.local.procs import free_port
 from tests.conftest import REPO, SEEDS, Kubectl
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
@@ -26,7 +29,8 @@ def ours(state: Path) -> list[str]:
 
 def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    env = {**os.environ, "KAITEN_STATE_DIR": str(state)}
+    env = {**os.environ, "KAITEN_STATE_DIR": str(state), "KAITEN_SERVE_PORT": str(free_port())}
+    endpoints: dict[str, str] = {"ray_temp_dir": "/nonexistent-until-up-writes-it"}
     up = subprocess.Popen(
         [str(KAITEN), "up"],
         env=env,
@@ -45,8 +49,10 @@ def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
             if line.startswith("up in") or not line:
                 break
         text = "".join(lines)
-        assert "✓ kube-apiserver" in text and "✓ services           watcher, planner, provisioner" in text
-        assert "not yet            workload" in text
+        assert "✓ kube-apiserver" in text and "✓ Ray" in text, text
+        assert "✓ services           watcher, planner, provisioner, workload" in text, text
+        assert "not yet            tuning Workspaces" in text
+        endpoints = json.loads((state / "endpoints.json").read_text())
         kubeconfig = state / "controlplane" / "kubeconfig"
         assert f"export KUBECONFIG={kubeconfig}" in "".join([*lines, up.stdout.readline()])
         kubectl = Kubectl(kubeconfig)
@@ -73,11 +79,26 @@ def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
         smol = kubectl.json("get", "workspace", "workspace-smollm2")
         assert smol["status"]["plan"]["instanceType"] == "local" and smol["status"]["targetNodeCount"] == 1
         assert len(smol["status"]["workerNodes"]) == 1  # this machine
+        # the main job: served on the local Ray, and it answers
+        kubectl.run(
+            "wait",
+            "--for=condition=InferenceReady",
+            "workspace/workspace-smollm2",
+            "--timeout=300s",
+            check=True,
+        )
+        answer = httpx.post(
+            f"{endpoints['serve_url']}/default/workspace-smollm2/chat",
+            json={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+            timeout=120,
+        )
+        assert answer.status_code == 200 and "Paris" in answer.json()["Result"], answer.text
         kubectl.run("delete", "workspace/workspace-smollm2", "--timeout=60s", check=True)  # cleanup reported
         again = subprocess.run([str(KAITEN), "up"], env=env, capture_output=True, text=True, timeout=30)
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
         up.send_signal(signal.SIGINT)
-        up.wait(timeout=30)
+        up.wait(timeout=90)  # Ray with Serve takes up to ~25 s to stop
     assert up.returncode == 0
     assert ours(state) == []
+    assert ours(Path(endpoints["ray_temp_dir"])) == []  # Ray's processes too

@@ -1,10 +1,10 @@
 """``kaiten up``: the system on one machine, in the foreground.
 
-What runs today: a JetStream nats-server, the real etcd + kube-apiserver (built from Go modules on
-first use), the Workspace CRD, the watcher/status-writer, the planner and the provisioner (provider
-``local``: this machine is the one node), supervised (restarted with backoff if one dies). The
-workload, serving and tuning services arrive with their issues; until then ``up`` says so instead of
-pretending.
+What runs: a JetStream nats-server, the real etcd + kube-apiserver (built from Go modules on first
+use), the Workspace CRD, a Ray head with the dashboard (loopback only, token auth), and the watcher/
+status-writer, planner, provisioner (provider ``local``: this machine is the one node) and workload
+(backend ``local``: Serve applications on that Ray) services, supervised (restarted with backoff if
+one dies). What is not there yet (tuning Workspaces, adapters, KubeRay) ``up`` says so.
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from shared.api.crd import CRD_PATH
 from shared.bus.backoff import delay_for
 from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess, StartFailed
+from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open
+from shared.local.ray_head import RayHead
 
-SERVICES = ("services.watcher", "services.planner", "services.provisioner")
+SERVICES = ("services.watcher", "services.planner", "services.provisioner", "services.workload")
 NOT_YET = {
-    "workload": "issue 7",
-    "serving SmolLM2 on Ray Serve (built; deployed by the workload)": "issue 7",
-    "tuning jobs (built; run by the workload)": "issue 7",
-    "sample Workspace": "issue 8",
+    "tuning Workspaces (the job is built; the workload does not run it yet)": "issue 7",
+    "adapters on inference Workspaces": "issue 7",
+    "the KubeRay backend for clusters": "issue 7",
 }
+DEFAULT_SERVE_PORT = 8000
 
 
 def state_dir() -> Path:
@@ -69,7 +70,7 @@ def up(root: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job may inherit it ignored
         signal.signal(sig, _raise_stop)
     started = time.monotonic()
-    nats = cp = None
+    nats = cp = ray = None
     procs: list[ManagedProcess] = []
     try:
         nats = NatsServer(root / "nats").start()
@@ -82,12 +83,32 @@ def up(root: Path) -> int:
             "KAITEN_NATS_URL": nats.url,
             "KAITEN_PROVIDER": os.environ.get("KAITEN_PROVIDER", "local"),
             # the finalizer waits for these owners of external state to report cleanup
-            "KAITEN_CLEANUP_OWNERS": "provisioner",
+            "KAITEN_CLEANUP_OWNERS": "provisioner,workload",
         }
         subprocess.run(["kubectl", "apply", "-f", str(CRD_PATH)], env=env, check=True, capture_output=True)
         print("✓ Workspace CRD     workspaces.kaito.sh (v1alpha1, v1beta1)", flush=True)
+        ray = RayHead(root / "ray", dashboard=True, pythonpath=[PROJECT]).start()
+        serve_port = _serve_port()
+        env |= {
+            "KAITEN_RAY_DASHBOARD_URL": ray.dashboard_url,
+            "KAITEN_RAY_TOKEN_PATH": str(ray.token_path),
+            "KAITEN_SERVE_PORT": str(serve_port),
+        }
+        print(
+            f"✓ Ray                {ray.address} (dashboard {ray.dashboard_url});"
+            f" Serve on 127.0.0.1:{serve_port}",
+            flush=True,
+        )
         (root / "endpoints.json").write_text(
-            json.dumps({"nats_url": nats.url, "kubeconfig": str(cp.kubeconfig)})
+            json.dumps(
+                {
+                    "nats_url": nats.url,
+                    "kubeconfig": str(cp.kubeconfig),
+                    "ray_dashboard": ray.dashboard_url,
+                    "serve_url": f"http://127.0.0.1:{serve_port}",
+                    "ray_temp_dir": str(ray.temp_dir),
+                }
+            )
         )
         procs = [_service(module, root, env) for module in SERVICES]
         print(f"✓ services           {', '.join(m.split('.')[-1] for m in SERVICES)}", flush=True)
@@ -97,6 +118,10 @@ def up(root: Path) -> int:
             f"\nup in {time.monotonic() - started:.1f}s. In another terminal:\n"
             f"  export KUBECONFIG={cp.kubeconfig}\n"
             f"  kubectl apply -f examples/local/workspace-smollm2.yaml && kubectl get workspace -o wide\n"
+            f"  kubectl wait --for=condition=InferenceReady workspace/workspace-smollm2 --timeout=5m\n"
+            f"  curl -s http://127.0.0.1:{serve_port}/default/workspace-smollm2/chat \\\n"
+            f"       -H 'content-type: application/json'"
+            f' -d \'{{"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\'\n'
             f"  kaiten plan -f examples/seed/workspace-phi-3-mini.yaml   # what a GPU cluster would get\n"
             f"  kaiten events\n"
             f"Logs: {root}/*.log. Ctrl-C stops everything.",
@@ -111,12 +136,25 @@ def up(root: Path) -> int:
     finally:
         for proc in procs:
             proc.stop()
+        if ray is not None:
+            ray.stop()
         if cp is not None:
             cp.stop()
         if nats is not None:
             nats.stop()
         pid_file.unlink(missing_ok=True)
     return 0
+
+
+PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
+
+
+def _serve_port() -> int:
+    """``KAITEN_SERVE_PORT``, else 8000 when it is free (a stable URL), else any free port."""
+    wanted = int(os.environ.get("KAITEN_SERVE_PORT", "0") or 0)
+    if wanted:
+        return wanted
+    return DEFAULT_SERVE_PORT if not port_open("127.0.0.1", DEFAULT_SERVE_PORT) else free_port()
 
 
 def _service(module: str, root: Path, env: dict[str, str]) -> ManagedProcess:
