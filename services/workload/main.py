@@ -29,6 +29,10 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         runtime.js,
         ray=ray,
         publisher=runtime.publisher,
+        api=runtime.api,
+        nats_url=settings.nats_url,
+        work_dir=settings.work_dir,
+        allow_loopback_urls=settings.allow_loopback_urls,
         interval=settings.reconcile_interval_s,
         timeout=settings.deploy_timeout_s,
     )
@@ -43,7 +47,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
                 ev.subject_filter("plan", "resolved"),
                 ev.subject_filter("nodes", "ready"),
             ],
-            failure_condition="InferenceReady",
+            failure_condition="WorkspaceSucceeded",
         ),
         handler=workloads.handle,
         publisher=runtime.publisher,
@@ -53,4 +57,4 @@ async def build(runtime: Runtime) -> Sequence[Component]:
 
 
 def main() -> None:
-    run_main("workload", WorkloadSettings.from_env(), build, needs_kube=False)
+    run_main("workload", WorkloadSettings.from_env(), build)

@@ -73,3 +73,74 @@ def serve_application(ref: WorkspaceRef, config: dict[str, Any]) -> dict[str, An
         "import_path": SERVING_IMPORT_PATH,
         "args": config,
     }
+
+
+def job_id(ref: WorkspaceRef, generation: int) -> str:
+    """The Ray job submission id: the idempotency key (Ray refuses a second job with it)."""
+    return f"kaiten-{ref.namespace}-{ref.name}-g{generation}-{ref.uid[:8]}"
+
+
+def kaito_sections(configmap_yaml: str | None) -> dict[str, Any]:
+    """KAITO's tuning ConfigMap content (``training_config:`` with ModelConfig, LoraConfig, …)."""
+    import yaml
+
+    if not configmap_yaml:
+        return {}
+    try:
+        doc = yaml.safe_load(configmap_yaml) or {}
+    except yaml.YAMLError as exc:
+        raise RenderError("InvalidTuningConfig", f"the tuning config is not YAML: {exc}") from exc
+    sections = doc.get("training_config", doc) if isinstance(doc, dict) else None
+    if not isinstance(sections, dict):
+        raise RenderError("InvalidTuningConfig", "the tuning config must be a mapping (training_config: …)")
+    return sections
+
+
+def tuning_config(
+    workspace: Workspace,
+    plan: Plan,
+    ref: WorkspaceRef,
+    generation: int,
+    *,
+    sections: dict[str, Any],
+    push_secret: str | None,
+    nats_url: str,
+    work_dir: str,
+    allow_loopback_urls: bool,
+) -> dict[str, Any]:
+    """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates)."""
+    tuning = workspace.tuning
+    if tuning is None:
+        raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
+    if not tuning.input.urls:
+        raise RenderError(
+            "InputNotSupported", "only input.urls are supported by the local backend (not images or volumes)"
+        )
+    if not tuning.output.image:
+        raise RenderError(
+            "OutputNotSupported", "only output.image is supported by the local backend (not volumes)"
+        )
+    registry = tuning.output.image.split("/", 1)[0]
+    merged = {**sections}
+    if plan.tuning is not None:  # the plan sized memory for this batch and length: keep to it
+        merged.setdefault("TrainingArguments", {}).setdefault(
+            "per_device_train_batch_size", plan.tuning.batch_size
+        )
+        merged.setdefault("DatasetConfig", {}).setdefault("max_seq_length", plan.tuning.max_seq_length)
+    return {
+        "job": job_id(ref, generation),
+        "preset": plan.preset,
+        "source": model_source(plan),
+        "method": tuning.method,
+        "sections": merged,
+        "input_urls": list(tuning.input.urls),
+        "output": {
+            "image": tuning.output.image,
+            "push_secret": push_secret,
+            "insecure": registry.startswith(("127.", "localhost")),  # a local registry speaks plain http
+        },
+        "work_dir": work_dir,
+        "workspace": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid, "generation": generation},
+        "nats_url": nats_url,
+        "allow_loopback_urls": allow_loopback_urls,
+    }

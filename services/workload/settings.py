@@ -12,3 +12,7 @@ class WorkloadSettings(ServiceSettings):
     serve_port: int = 8000  # Ray Serve's HTTP proxy port on 127.0.0.1
     reconcile_interval_s: float = 2.0  # how often deploying applications are checked
     deploy_timeout_s: float = 900.0  # an application not RUNNING after this has failed
+    work_dir: str = (
+        ""  # tuning job configs and push-secret copies (0600); default ~/.local/state/kaiten/workload
+    )
+    allow_loopback_urls: bool = False  # tuning inputs on 127.0.0.1: local runs only (kaiten up sets it)

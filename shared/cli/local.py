@@ -4,7 +4,7 @@ What runs: a JetStream nats-server, the real etcd + kube-apiserver (built from G
 use), the Workspace CRD, a Ray head with the dashboard (loopback only, token auth), and the watcher/
 status-writer, planner, provisioner (provider ``local``: this machine is the one node) and workload
 (backend ``local``: Serve applications on that Ray) services, supervised (restarted with backoff if
-one dies). What is not there yet (tuning Workspaces, adapters, KubeRay) ``up`` says so.
+one dies). Tuning Workspaces run as Ray jobs. What is not there yet (adapters, KubeRay) ``up`` says.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from shared.local.ray_head import RayHead
 
 SERVICES = ("services.watcher", "services.planner", "services.provisioner", "services.workload")
 NOT_YET = {
-    "tuning Workspaces (the job is built; the workload does not run it yet)": "issue 7",
     "adapters on inference Workspaces": "issue 7",
     "the KubeRay backend for clusters": "issue 7",
 }
@@ -93,6 +92,8 @@ def up(root: Path) -> int:
             "KAITEN_RAY_DASHBOARD_URL": ray.dashboard_url,
             "KAITEN_RAY_TOKEN_PATH": str(ray.token_path),
             "KAITEN_SERVE_PORT": str(serve_port),
+            "KAITEN_WORK_DIR": str(root / "workload"),
+            "KAITEN_ALLOW_LOOPBACK_URLS": "true",  # local tuning data may be served from this machine
         }
         print(
             f"✓ Ray                {ray.address} (dashboard {ray.dashboard_url});"

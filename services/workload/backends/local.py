@@ -93,3 +93,37 @@ class LocalRay:
             ]
             await self._put(others)
             return name not in await self._applications()
+
+
+class LocalJobs:
+    """Ray Jobs over the dashboard's REST API (the same token)."""
+
+    def __init__(self, ray: LocalRay) -> None:
+        self._ray = ray
+
+    async def submit(self, submission_id: str, entrypoint: str) -> None:
+        body = {"entrypoint": entrypoint, "submission_id": submission_id, "metadata": {"kaiten": "tuning"}}
+        response = await self._ray._request("POST", "/api/jobs/", json=body)
+        if response.status_code == 200 or "already exists" in response.text:
+            return  # a redelivery, restart or second replica: the id is the idempotency key
+        raise Transient(
+            f"Ray refused job {submission_id}: HTTP {response.status_code}: {response.text[:300]}"
+        )
+
+    async def status(self, submission_id: str) -> tuple[str, str]:
+        """(PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED | ABSENT, message)."""
+        response = await self._ray._request("GET", f"/api/jobs/{submission_id}")
+        if response.status_code == 404:
+            return "ABSENT", ""
+        response.raise_for_status()
+        doc = response.json()
+        return str(doc.get("status", "")), str(doc.get("message") or "")
+
+    async def stop(self, submission_id: str) -> bool:
+        """Stop the job if it runs; True once it is not running."""
+        state, _ = await self.status(submission_id)
+        if state in ("ABSENT", "SUCCEEDED", "FAILED", "STOPPED"):
+            return True
+        await self._ray._request("POST", f"/api/jobs/{submission_id}/stop")
+        state, _ = await self.status(submission_id)
+        return state in ("SUCCEEDED", "FAILED", "STOPPED")

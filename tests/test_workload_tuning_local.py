@@ -1,0 +1,105 @@
+"""A tuning Workspace on the local backend, end to end: its ConfigMap (KAITO's training_config) and
+push Secret read from the apiserver, the tuning job run as a Ray job on a real Ray cluster, progress
+and outcome in the Workspace's status, the adapter in the real registry; deletion cleans up."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from nats.aio.client import Client
+
+from services.tuning.push import pull
+from shared import events as ev
+from shared.local.procs import free_port
+from shared.local.ray_head import RayHead
+from tests.conftest import REPO, Kubectl, Services
+from tests.test_planner_e2e import condition
+from tests.test_provisioner_e2e import events_of
+from tests.test_tuning import PASSWORD, USER, data_dir, data_url, push_secret, registry  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
+
+
+@pytest.fixture
+def ray_dashboard(tmp_path: Path, model_dir: Path) -> Iterator[RayHead]:
+    head = RayHead(tmp_path / "ray", dashboard=True, pythonpath=[REPO]).start()
+    try:
+        yield head
+    finally:
+        assert head.stop(), "the Ray head did not stop cleanly"
+
+
+async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
+    kubectl: Kubectl,
+    namespace: str,
+    nc: Client,
+    services: Services,
+    ray_dashboard: RayHead,
+    data_url: str,  # noqa: F811
+    registry: str,  # noqa: F811
+    push_secret: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    kubectl.run(
+        "create", "secret", "docker-registry", "push-secret", "-n", namespace, f"--docker-server={registry}",
+        f"--docker-username={USER}", f"--docker-password={PASSWORD}", check=True,
+    )  # fmt: skip
+    training = {
+        "training_config": {
+            "LoraConfig": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+            "TrainingArguments": {"per_device_train_batch_size": 4, "max_steps": 8, "learning_rate": 1e-3},
+            "DatasetConfig": {"max_seq_length": 128},
+        }
+    }
+    configmap = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tune-params"},
+        "data": {"training_config.yaml": yaml.safe_dump(training)},
+    }  # fmt: skip
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(configmap), check=True)
+    work = tmp_path / "workload"
+    await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
+    await services.start_ready("services.planner", KAITEN_PROVIDER="local")
+    await services.start_ready("services.provisioner", KAITEN_PROVIDER="local")
+    await services.start_ready(
+        "services.workload",
+        KAITEN_RAY_DASHBOARD_URL=ray_dashboard.dashboard_url,
+        KAITEN_RAY_TOKEN_PATH=str(ray_dashboard.token_path),
+        KAITEN_SERVE_PORT=str(free_port()),
+        KAITEN_RECONCILE_INTERVAL_S="0.5",
+        KAITEN_ALLOW_LOOPBACK_URLS="true",
+        KAITEN_WORK_DIR=str(work),
+    )
+    image = f"{registry}/adapters/tuned:0.1"
+    workspace = {
+        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "tune"},
+        "resource": {"labelSelector": {"matchLabels": {"apps": "tune"}}},
+        "tuning": {
+            "preset": {"name": "smollm2-135m-instruct"}, "method": "lora", "config": "tune-params",
+            "input": {"urls": [f"{data_url}/train-00000-of-00001.parquet"]},
+            "output": {"image": image, "imagePushSecret": "push-secret"},
+        },
+    }  # fmt: skip
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
+    kubectl.run(
+        "wait", "-n", namespace, "--for=condition=WorkspaceSucceeded", "workspace/tune", "--timeout=300s"
+    )
+    obj = kubectl.json("get", "workspace", "tune", "-n", namespace)
+    assert condition(obj, "WorkspaceSucceeded")["status"] == "True", (obj.get("status"), services.logs())
+    assert condition(obj, "JobStarted")["status"] == "True"
+    events = await events_of(nc, "tuning", namespace, "tune")
+    steps = [e.step for e in events if isinstance(e, ev.TuningProgress)]
+    assert steps and steps[-1] == 8, steps
+    done = [e for e in await events_of(nc, "workload", namespace, "tune") if isinstance(e, ev.JobSucceeded)]
+    assert len(done) == 1 and done[0].output.startswith(f"{image}@sha256:"), (
+        done
+    )  # the job's own, with its digest
+    pulled = pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
+    assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert PASSWORD not in services.logs() and PASSWORD not in json.dumps(obj)
+
+    kubectl.run("delete", "-n", namespace, "workspace/tune", "--timeout=60s", check=True)
+    assert not (work / f"{namespace}.tune").exists()  # the job config and the secret copy are gone
