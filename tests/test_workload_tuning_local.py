@@ -103,3 +103,29 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
 
     kubectl.run("delete", "-n", namespace, "workspace/tune", "--timeout=60s", check=True)
     assert not (work / f"{namespace}.tune").exists()  # the job config and the secret copy are gone
+
+
+async def test_a_missing_tuning_configmap_fails_the_workspace_with_the_reason(
+    kubectl: Kubectl, namespace: str, services: Services, tmp_path: Path
+) -> None:
+    await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
+    await services.start_ready("services.planner", KAITEN_PROVIDER="local")
+    await services.start_ready("services.provisioner", KAITEN_PROVIDER="local")
+    # nothing listens there: a Workspace that cannot be rendered never reaches Ray
+    await services.start_ready(
+        "services.workload", KAITEN_RAY_DASHBOARD_URL="http://127.0.0.1:9", KAITEN_WORK_DIR=str(tmp_path)
+    )
+    workspace = {
+        "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "tune"},
+        "resource": {"labelSelector": {"matchLabels": {"apps": "tune"}}},
+        "tuning": {
+            "preset": {"name": "smollm2-135m-instruct"}, "method": "lora", "config": "no-such-configmap",
+            "input": {"urls": ["http://127.0.0.1:9/x.parquet"]},
+            "output": {"image": "127.0.0.1:9/adapters/x:1", "imagePushSecret": "push-secret"},
+        },
+    }  # fmt: skip
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
+    failed = "--for=condition=WorkspaceSucceeded=False"
+    kubectl.run("wait", "-n", namespace, failed, "workspace/tune", "--timeout=60s", check=True)
+    cond = condition(kubectl.json("get", "workspace", "tune", "-n", namespace), "WorkspaceSucceeded")
+    assert cond["reason"] == "InvalidTuningConfig" and "no-such-configmap not found" in cond["message"], cond

@@ -170,7 +170,12 @@ class Workloads:
                 record.phase, record.message = "failed", str(exc)
                 record.deployed_generation = record.plan_generation
                 await self._put(key, record)
-                await self._publisher.publish(ev.InferenceFailed(reason=reason, message=str(exc), **common))
+                failed: ev.Event = (
+                    ev.JobFailed(reason=reason, message=str(exc), **common)
+                    if record.spec.get("tuning")
+                    else ev.InferenceFailed(reason=reason, message=str(exc), **common)
+                )
+                await self._publisher.publish(failed)
                 return
             await self._ray.deploy(serve_application(record.ref, config))
             record.phase, record.since = "deploying", time.time()
