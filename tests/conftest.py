@@ -107,6 +107,32 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
 
 
 @pytest.fixture
+def ray_dashboard(tmp_path: Path, model_dir: Path) -> Iterator[RayHead]:
+    """A Ray head of this test's own, with the dashboard (the Serve and Jobs REST APIs), as kaiten up
+    runs it; ``model_dir`` first, so the GGUF is converted before a replica needs it."""
+    head = RayHead(tmp_path / "ray", dashboard=True, pythonpath=[REPO]).start()
+    try:
+        yield head
+    finally:
+        assert head.stop(), "the Ray head did not stop cleanly"
+
+
+async def start_local_chain(services: Services, head: RayHead, serve_port: int, **workload_env: str) -> None:
+    """Watcher, planner, provisioner and workload as kaiten up runs them (local provider and backend)."""
+    await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
+    await services.start_ready("services.planner", KAITEN_PROVIDER="local")
+    await services.start_ready("services.provisioner", KAITEN_PROVIDER="local")
+    await services.start_ready(
+        "services.workload",
+        KAITEN_RAY_DASHBOARD_URL=head.dashboard_url,
+        KAITEN_RAY_TOKEN_PATH=str(head.token_path),
+        KAITEN_SERVE_PORT=str(serve_port),
+        KAITEN_RECONCILE_INTERVAL_S="0.5",
+        **workload_env,
+    )
+
+
+@pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     with NatsServer(tmp_path / "nats") as server:
         yield server

@@ -5,9 +5,6 @@ removes the application and releases the finalizer."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 from nats.aio.client import Client
@@ -15,36 +12,18 @@ from nats.aio.client import Client
 from shared import events as ev
 from shared.local.procs import free_port
 from shared.local.ray_head import RayHead
-from tests.conftest import REPO, Kubectl, Services
+from tests.conftest import REPO, Kubectl, Services, start_local_chain
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
 
 
-@pytest.fixture
-def ray_dashboard(tmp_path: Path, model_dir: Path) -> Iterator[RayHead]:
-    head = RayHead(tmp_path / "ray", dashboard=True, pythonpath=[REPO]).start()  # model_dir: GGUF converted
-    try:
-        yield head
-    finally:
-        assert head.stop(), "the Ray head did not stop cleanly"
-
-
 async def test_local_example_is_served_and_answers(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services, ray_dashboard: RayHead
 ) -> None:
     serve_port = free_port()
-    await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
-    await services.start_ready("services.planner", KAITEN_PROVIDER="local")
-    await services.start_ready("services.provisioner", KAITEN_PROVIDER="local")
-    await services.start_ready(
-        "services.workload",
-        KAITEN_RAY_DASHBOARD_URL=ray_dashboard.dashboard_url,
-        KAITEN_RAY_TOKEN_PATH=str(ray_dashboard.token_path),
-        KAITEN_SERVE_PORT=str(serve_port),
-        KAITEN_RECONCILE_INTERVAL_S="0.5",
-    )
+    await start_local_chain(services, ray_dashboard, serve_port)
     kubectl.run(
         "apply",
         "-n",

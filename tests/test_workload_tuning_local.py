@@ -5,7 +5,6 @@ and outcome in the Workspace's status, the adapter in the real registry; deletio
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,12 @@ from services.tuning.push import pull
 from shared import events as ev
 from shared.local.procs import free_port
 from shared.local.ray_head import RayHead
-from tests.conftest import REPO, Kubectl, Services
+from tests.conftest import Kubectl, Services, start_local_chain
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of
 from tests.test_tuning import PASSWORD, USER, data_dir, data_url, push_secret, registry  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
-
-
-@pytest.fixture
-def ray_dashboard(tmp_path: Path, model_dir: Path) -> Iterator[RayHead]:
-    head = RayHead(tmp_path / "ray", dashboard=True, pythonpath=[REPO]).start()
-    try:
-        yield head
-    finally:
-        assert head.stop(), "the Ray head did not stop cleanly"
 
 
 async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
@@ -61,17 +51,8 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     }  # fmt: skip
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(configmap), check=True)
     work = tmp_path / "workload"
-    await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
-    await services.start_ready("services.planner", KAITEN_PROVIDER="local")
-    await services.start_ready("services.provisioner", KAITEN_PROVIDER="local")
-    await services.start_ready(
-        "services.workload",
-        KAITEN_RAY_DASHBOARD_URL=ray_dashboard.dashboard_url,
-        KAITEN_RAY_TOKEN_PATH=str(ray_dashboard.token_path),
-        KAITEN_SERVE_PORT=str(free_port()),
-        KAITEN_RECONCILE_INTERVAL_S="0.5",
-        KAITEN_ALLOW_LOOPBACK_URLS="true",
-        KAITEN_WORK_DIR=str(work),
+    await start_local_chain(
+        services, ray_dashboard, free_port(), KAITEN_ALLOW_LOOPBACK_URLS="true", KAITEN_WORK_DIR=str(work)
     )
     image = f"{registry}/adapters/tuned:0.1"
     workspace = {
