@@ -241,6 +241,19 @@ def gpu_node(name: str, selector: str, ready: bool = True) -> tuple[str, str]:
     return json.dumps(node), json.dumps(status)
 
 
+def set_gpu_node_ready(kubectl: Kubectl, name: str, selector: str, ready: bool) -> None:
+    """Write the node's status (capacity, Ready) as its kubelet would."""
+    _, status = gpu_node(name, selector, ready=ready)
+    kubectl.run("patch", "node", name, "--subresource=status", "--type=merge", "-p", status, check=True)
+
+
+def add_gpu_node(kubectl: Kubectl, name: str, selector: str, ready: bool = True) -> None:
+    """A one-A100 node matching ``apps=<selector>``, registered and given its status."""
+    node, _ = gpu_node(name, selector, ready=ready)
+    kubectl.run("apply", "-f", "-", stdin=node, check=True)
+    set_gpu_node_ready(kubectl, name, selector, ready)
+
+
 async def test_byo_plans_on_the_matching_nodes(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
@@ -248,11 +261,7 @@ async def test_byo_plans_on_the_matching_nodes(
     names = [f"{namespace}-gpu-b", f"{namespace}-gpu-a", f"{namespace}-gpu-down"]
     try:
         for name in names:
-            node, status = gpu_node(name, selector, ready=not name.endswith("down"))
-            kubectl.run("apply", "-f", "-", stdin=node, check=True)
-            kubectl.run(
-                "patch", "node", name, "--subresource=status", "--type=merge", "-p", status, check=True
-            )
+            add_gpu_node(kubectl, name, selector, ready=not name.endswith("down"))
         await start(services, provider="byo")
         ws = json.loads(manifest("mine", "qwen2.5-coder-32b-instruct", None))
         ws["resource"]["labelSelector"]["matchLabels"] = {"apps": selector}

@@ -22,7 +22,7 @@ from shared.kube.client import api_client
 from shared.local.controlplane import ControlPlane
 from tests.arm_server import ArmServer
 from tests.conftest import Kubectl
-from tests.test_planner_e2e import gpu_node
+from tests.test_planner_e2e import add_gpu_node
 from tests.test_provisioner_aks import SECRET
 from tests.test_provisioner_aks import arm as arm  # the fixture, re-exported for this module
 from tests.test_provisioner_nodeclaim import CRD, claims, launch
@@ -74,11 +74,7 @@ async def harness(
 
             for i in range(3):
                 name = f"contract-{tag}-{i}"
-                node, status = gpu_node(name, f"contract-{tag}", ready=True)
-                kubectl.run("apply", "-f", "-", stdin=node, check=True)
-                kubectl.run(
-                    "patch", "node", name, "--subresource=status", "--type=merge", "-p", status, check=True
-                )
+                add_gpu_node(kubectl, name, f"contract-{tag}")
                 nodes_made.append(name)
             yield Harness(make=lambda: ByoProvider(api), cloud=lambda: None, resources=set, request=base)
         elif request.param == "nodeclaim":

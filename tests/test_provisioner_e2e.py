@@ -16,7 +16,7 @@ from services.provisioner.store import NODES_BUCKET, NodeStore
 from shared import events as ev
 from shared.planning.model import NodeInfo
 from tests.conftest import REPO, Kubectl, Services, until
-from tests.test_planner_e2e import condition, gpu_node, manifest
+from tests.test_planner_e2e import add_gpu_node, condition, manifest, set_gpu_node_ready
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
 FAST = {"KAITEN_RECONCILE_INTERVAL_S": "0.3"}
@@ -81,14 +81,11 @@ async def test_byo_waits_for_its_nodes_across_a_sigkill(
     names = [f"{namespace}-gpu-b", f"{namespace}-gpu-a"]
 
     def set_ready(name: str, ready: bool) -> None:
-        _, status = gpu_node(name, selector, ready=ready)
-        kubectl.run("patch", "node", name, "--subresource=status", "--type=merge", "-p", status, check=True)
+        set_gpu_node_ready(kubectl, name, selector, ready)
 
     try:
         for name in names:
-            node, _ = gpu_node(name, selector, ready=True)
-            kubectl.run("apply", "-f", "-", stdin=node, check=True)
-            set_ready(name, True)
+            add_gpu_node(kubectl, name, selector)
         await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner")
         await services.start_ready("services.planner", KAITEN_PROVIDER="byo")
         ws = json.loads(manifest("mine", "qwen2.5-coder-32b-instruct", None))

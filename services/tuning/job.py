@@ -22,7 +22,7 @@ from typing import Any
 from services.tuning.config import TuningJobConfig
 from services.tuning.dataset import DatasetError, conversations
 from services.tuning.download import DownloadError, download
-from services.tuning.push import PushError, check_access, push, registry_of
+from services.tuning.push import PushError, check_access, push
 from services.tuning.train import Progress, Result, TrainingError, train
 from shared import events as ev
 
@@ -141,7 +141,6 @@ async def run(config: TuningJobConfig, on_progress: Any = lambda p: None) -> tup
         await asyncio.to_thread(shutil.copytree, result.adapter_dir, target, dirs_exist_ok=True)
         outputs.append(str(target))
     if config.output.image:
-        registry_of(config.output.image)
         digest = await asyncio.to_thread(
             push,
             result.adapter_dir,

@@ -10,7 +10,7 @@ from services.watcher.watching import PublishedStore, WorkspaceWatcher
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.kube.workspaces import Workspaces
-from shared.lifecycle import Component, Runtime
+from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
 STATUS_DURABLE = "status-writer"
@@ -49,7 +49,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         publisher=runtime.publisher,
         reporter="status-writer",
     )
-    return [watcher, status]
+    return [LoopComponent("watcher", watcher.run), status]
 
 
 def main() -> None:

@@ -67,9 +67,7 @@ def ref_of(obj: dict[str, Any]) -> WorkspaceRef:
 
 
 class WorkspaceWatcher:
-    """The watch loop as a lifecycle component."""
-
-    name = "watcher"
+    """The watch loop (run as a lifecycle ``LoopComponent``)."""
 
     def __init__(
         self,
@@ -83,24 +81,10 @@ class WorkspaceWatcher:
         self._publisher = publisher
         self._store = store
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="watcher:loop")
-
-    async def stop(self, grace: float) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def wait(self) -> None:
-        if self._task:
-            await self._task
 
     # --- the loop -------------------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         failures = 0
         while True:
             try:

@@ -33,7 +33,8 @@ class LocalRay:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One dashboard request; connection trouble, 429 and 5xx are :class:`Transient`."""
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -45,14 +46,14 @@ class LocalRay:
         return response
 
     async def _applications(self) -> dict[str, Any]:
-        response = await self._request("GET", "/api/serve/applications/")
+        response = await self.request("GET", "/api/serve/applications/")
         response.raise_for_status()
         apps: dict[str, Any] = response.json().get("applications") or {}
         return apps
 
     async def _put(self, applications: list[dict[str, Any]]) -> None:
         body = {"http_options": {"host": "127.0.0.1", "port": self._serve_port}, "applications": applications}
-        response = await self._request("PUT", "/api/serve/applications/", json=body)
+        response = await self.request("PUT", "/api/serve/applications/", json=body)
         if response.status_code >= 400:
             raise Transient(f"Serve rejected the config: HTTP {response.status_code}: {response.text[:300]}")
 
@@ -103,7 +104,7 @@ class LocalJobs:
 
     async def submit(self, submission_id: str, entrypoint: str) -> None:
         body = {"entrypoint": entrypoint, "submission_id": submission_id, "metadata": {"kaiten": "tuning"}}
-        response = await self._ray._request("POST", "/api/jobs/", json=body)
+        response = await self._ray.request("POST", "/api/jobs/", json=body)
         if response.status_code == 200 or "already exists" in response.text:
             return  # a redelivery, restart or second replica: the id is the idempotency key
         raise Transient(
@@ -112,7 +113,7 @@ class LocalJobs:
 
     async def status(self, submission_id: str) -> tuple[str, str]:
         """(PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED | ABSENT, message)."""
-        response = await self._ray._request("GET", f"/api/jobs/{submission_id}")
+        response = await self._ray.request("GET", f"/api/jobs/{submission_id}")
         if response.status_code == 404:
             return "ABSENT", ""
         response.raise_for_status()
@@ -124,6 +125,6 @@ class LocalJobs:
         state, _ = await self.status(submission_id)
         if state in ("ABSENT", "SUCCEEDED", "FAILED", "STOPPED"):
             return True
-        await self._ray._request("POST", f"/api/jobs/{submission_id}/stop")
+        await self._ray.request("POST", f"/api/jobs/{submission_id}/stop")
         state, _ = await self.status(submission_id)
         return state in ("SUCCEEDED", "FAILED", "STOPPED")
