@@ -20,9 +20,11 @@ lock: $(PY)
 	$(UV) pip compile pyproject.toml --extra dev --extra local --generate-hashes --python-version 3.11 \
 		-o requirements/dev.lock
 
-# Build (first time only, then cached) the real etcd + kube-apiserver from Go modules.
+# Build (first time only, then cached) the real etcd + kube-apiserver from Go modules; fetch KubeRay's
+# published CRDs and build its validation checks (deploy/kuberay) the same way.
 controlplane: setup
 	$(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries()"
+	$(PY) -m shared.local.kuberay
 
 crd: setup
 	$(PY) -m shared.api.crd

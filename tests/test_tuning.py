@@ -24,10 +24,10 @@ from nats.aio.client import Client
 
 from services.tuning.config import TuningJobConfig
 from services.tuning.job import amain
-from services.tuning.push import pull
 from shared import events as ev
 from shared.local.nats_server import NatsServer
 from shared.local.procs import ManagedProcess, free_port, port_open
+from shared.oci import pull
 from tests.conftest import REPO, SMOLLM2
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]

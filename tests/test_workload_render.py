@@ -32,17 +32,19 @@ def planned(path: str, provider: str) -> tuple[Workspace, Plan]:
 
 
 def preset_inference_seeds() -> list[str]:
-    """The seeds this renders today: preset inference without adapters (tuning and adapters: issue 7)."""
+    """The preset inference seeds (the tuning seed: tests/test_workload_kuberay.py)."""
     found = []
     for p in sorted(SEEDS.glob("*.yaml")):
         inference = yaml.safe_load(p.read_text()).get("inference") or {}
-        if inference.get("preset") and not inference.get("adapters"):
+        if inference.get("preset"):
             found.append(str(p.relative_to(REPO)))
     return found
 
 
 def test_there_are_seeds_to_render() -> None:
-    assert preset_inference_seeds() == ["examples/seed/workspace-phi-3-mini.yaml"]
+    assert preset_inference_seeds() == [
+        "examples/seed/workspace-phi-3-mini-adapter.yaml", "examples/seed/workspace-phi-3-mini.yaml",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("path", preset_inference_seeds())
@@ -51,6 +53,10 @@ def test_seed_inference_manifests_render_to_valid_serving_configs(path: str) -> 
     config = ServingConfig.model_validate(serving_config(workspace, got))
     assert config.engine == got.engine and config.model_name == got.preset
     assert config.engine_args == got.engine_args and config.replicas == got.data_parallel
+    assert [(a.name, a.image, a.strength) for a in config.adapters] == [
+        (a.source.name, a.source.image, a.weight)
+        for a in workspace.inference.adapters  # type: ignore[union-attr]
+    ]
     if got.tensor_parallel * got.pipeline_parallel > 1:
         assert "placement_group_bundles" in replica_options(config)
 
@@ -72,14 +78,18 @@ def test_local_example_renders_the_smollm2_package_on_the_cpu() -> None:
     assert route_prefix(ref) == "/default/workspace-smollm2"
 
 
-def test_templates_and_adapters_are_refused_with_a_reason() -> None:
+def test_adapter_pull_secrets_are_mapped_and_templates_refused() -> None:
     workspace, got = planned("examples/local/workspace-smollm2.yaml", "local")
-    with_adapter = workspace.model_copy(
-        update={
-            "inference": workspace.inference.model_copy(  # type: ignore[union-attr]
-                update={"adapters": [{"source": {"name": "a", "image": "r.io/a:1"}}]}
-            )
-        }
-    )
-    with pytest.raises(RenderError, match="adapters"):
-        serving_config(with_adapter, got)
+    adapter = {"source": {"name": "a", "image": "r.io/a:1", "imagePullSecrets": ["cred"]}, "strength": "0.5"}
+    doc = workspace.model_dump(by_alias=True, exclude_none=True)
+    doc["inference"]["adapters"] = [adapter]
+    with_adapter = Workspace.model_validate(doc)
+    rendered = serving_config(with_adapter, got, lambda name: f"/secrets/{name}")
+    assert rendered["adapters"] == [
+        {"name": "a", "image": "r.io/a:1", "strength": 0.5, "pull_secrets": ["/secrets/cred"]}
+    ]
+    ServingConfig.model_validate(rendered)
+    doc["inference"] = {"template": {"spec": {}}}
+    template = Workspace.model_validate(doc)
+    with pytest.raises(RenderError, match="templates"):
+        serving_config(template, got)

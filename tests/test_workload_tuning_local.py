@@ -11,10 +11,10 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
-from services.tuning.push import pull
 from shared import events as ev
 from shared.local.procs import free_port
 from shared.local.ray_head import RayHead
+from shared.oci import pull
 from tests.conftest import Kubectl, Services, start_local_chain
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of

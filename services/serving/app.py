@@ -21,8 +21,26 @@ SERVE_HEADROOM = 32  # requests a replica takes beyond what its engine queues: c
 class AdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str = Field(min_length=1)
-    path: str  # a directory with adapter_config.json + adapter_model.safetensors
+    path: str | None = None  # a directory with adapter_config.json + adapter_model.safetensors, or
+    image: str | None = None  # an OCI artifact with them (pulled when the replica starts)
+    pull_secrets: list[str] = []  # docker config json files / mounted Secret dirs for ``image``
     strength: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AdapterSpec:
+        if (self.path is None) == (self.image is None):
+            raise ValueError(f"adapter {self.name!r}: give exactly one of path and image")
+        return self
+
+    def local_path(self) -> str:
+        """The adapter's directory, pulling its image first if it has one."""
+        if self.path is not None:
+            return self.path
+        from shared.model_sources import cache_root
+        from shared.oci import pull_adapter
+
+        assert self.image is not None
+        return str(pull_adapter(self.image, cache_root() / "oci", self.pull_secrets))
 
 
 class ServingConfig(BaseModel):
@@ -54,7 +72,7 @@ class ServingConfig(BaseModel):
 
 
 def build_engine(config: ServingConfig) -> Engine:
-    adapters = [AdapterInfo(name=a.name, path=a.path, strength=a.strength) for a in config.adapters]
+    adapters = [AdapterInfo(name=a.name, path=a.local_path(), strength=a.strength) for a in config.adapters]
     if config.engine == "vllm":
         from services.serving.engines.vllm_engine import VLLMEngine
         from shared.model_sources import cache_root

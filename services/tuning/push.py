@@ -3,51 +3,18 @@ docker-config-json push secret mounted into the job (basic auth; the secret's co
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared.oci import ADAPTER_FILES, OciError, client, credentials, registry_of
+
 log = logging.getLogger("kaiten.tuning.push")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-class PushError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def registry_of(image: str) -> str:
-    first = image.split("/", 1)[0]
-    if "/" not in image or not ("." in first or ":" in first or first == "localhost"):
-        raise PushError("InvalidImage", f"{image!r}: name a registry host, e.g. myacr.azurecr.io/adapter:1")
-    return first
-
-
-def credentials(secret: str | None, registry: str) -> tuple[str, str] | None:
-    """(user, password) for ``registry`` from a docker config json file, if it has them."""
-    if not secret:
-        return None
-    path = Path(secret)
-    if path.is_dir():  # a mounted Secret volume: the key is .dockerconfigjson
-        path = path / ".dockerconfigjson"
-    try:
-        auths = json.loads(path.read_text()).get("auths", {})
-    except (OSError, ValueError) as exc:
-        raise PushError(
-            "InvalidPushSecret", f"push secret {path.name}: not a docker config json ({exc})"
-        ) from exc
-    entry = auths.get(registry) or auths.get(f"https://{registry}") or auths.get(f"http://{registry}")
-    if entry is None:
-        raise PushError("InvalidPushSecret", f"the push secret has no credentials for {registry}")
-    if "auth" in entry:
-        user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-        return user, password
-    return str(entry.get("username", "")), str(entry.get("password", ""))
+PushError = OciError  # the job reports its ``reason`` (InvalidPushSecret, PushUnauthorized, …)
 
 
 @contextlib.contextmanager
@@ -58,17 +25,6 @@ def _cwd(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
-
-
-def client(image: str, secret: str | None, insecure: bool):  # type: ignore[no-untyped-def]
-    import oras.client
-
-    registry = registry_of(image)
-    oras_client = oras.client.OrasClient(hostname=registry, insecure=insecure, auth_backend="basic")
-    creds = credentials(secret, registry)
-    if creds is not None:
-        oras_client.auth.set_basic_auth(*creds)  # not login(): that writes ~/.docker/config.json
-    return oras_client
 
 
 def check_access(image: str, secret: str | None, *, insecure: bool = False) -> None:
@@ -110,9 +66,3 @@ def push(adapter_dir: Path, image: str, secret: str | None, *, insecure: bool = 
     digest = response.headers.get("Docker-Content-Digest", "") if response is not None else ""
     log.info("pushed %s (%s)", image, digest or "no digest")
     return str(digest)
-
-
-def pull(image: str, outdir: Path, secret: str | None, *, insecure: bool = False) -> list[Path]:
-    oras_client = client(image, secret, insecure)
-    outdir.mkdir(parents=True, exist_ok=True)
-    return [Path(p) for p in oras_client.pull(target=image, outdir=str(outdir))]

@@ -11,18 +11,13 @@ Everything is keyed and named from the Workspace, so redelivery, restarts and re
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
-import shutil
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
-import yaml
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
@@ -30,20 +25,11 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
-from services.workload.backends.local import LocalJobs, LocalRay
-from services.workload.render import (
-    RenderError,
-    app_name,
-    job_id,
-    kaito_sections,
-    route_prefix,
-    serve_application,
-    serving_config,
-    tuning_config,
-)
+from services.workload.backends.base import Backend, Target
+from services.workload.render import RenderError, job_id, kaito_sections, serving_config
 from shared import events as ev
 from shared.api.workspace import Workspace
-from shared.bus.errors import Transient
+from shared.bus.errors import InvalidInput, Transient
 from shared.bus.publishing import Publisher
 from shared.bus.streams import key_value
 from shared.kube.errors import classify
@@ -53,6 +39,7 @@ log = logging.getLogger("kaiten.workload")
 BUCKET = "kaiten_workloads"
 OWNER = "workload"
 Phase = Literal["waiting", "deploying", "ready", "failed", "deleting", "job", "done"]
+REDEPLOY_GRACE_S = 10.0  # a deployment the backend has not heard of for this long is deployed again
 
 
 class Record(msgspec.Struct, kw_only=True):
@@ -75,28 +62,37 @@ class Record(msgspec.Struct, kw_only=True):
     def ref(self) -> ev.WorkspaceRef:
         return ev.WorkspaceRef(namespace=self.namespace, name=self.name, uid=self.uid)
 
+    def target(self, workspace: Workspace | None = None) -> Target:
+        return Target(
+            ref=self.ref,
+            api_version=self.api_version,
+            generation=self.deployed_generation,
+            workspace=workspace,
+            plan=plan_from_dict(self.plan) if workspace is not None else None,
+            job=self.job,
+        )
+
+    def workspace(self) -> Workspace:
+        return Workspace.model_validate(
+            {"apiVersion": self.api_version, "kind": "Workspace",
+             "metadata": {"name": self.name, "namespace": self.namespace}, **self.spec}
+        )  # fmt: skip
+
 
 class Workloads:
     def __init__(
         self,
         *,
         kv: KeyValue,
-        ray: LocalRay,
+        backend: Backend,
         publisher: Publisher,
         api: kclient.ApiClient | None = None,
-        nats_url: str = "",
-        work_dir: str = "",
-        allow_loopback_urls: bool = False,
         interval: float = 2.0,
         timeout: float = 900.0,
     ) -> None:
         self._kv = kv
-        self._ray = ray
-        self._jobs = LocalJobs(ray)
+        self._backend = backend
         self._core = kclient.CoreV1Api(api) if api is not None else None
-        self._nats_url = nats_url
-        self._work = Path(work_dir or Path.home() / ".local" / "state" / "kaiten" / "workload")
-        self._allow_loopback = allow_loopback_urls
         self._publisher = publisher
         self._interval = interval
         self._timeout = timeout
@@ -155,68 +151,45 @@ class Workloads:
                 return
             if record.spec_generation != record.plan_generation:
                 return  # the spec's plan is not here yet: its nodes.ready will deploy it
-            common: dict[str, Any] = {"workspace": record.ref, "generation": record.plan_generation}
-            try:
-                workspace = Workspace.model_validate(
-                    {"apiVersion": record.api_version, "kind": "Workspace",
-                     "metadata": {"name": record.name, "namespace": record.namespace}, **record.spec}
-                )  # fmt: skip
-                if workspace.tuning is not None:
-                    await self._submit_job(key, record, workspace)
-                    return
-                config = serving_config(workspace, plan_from_dict(record.plan))
-            except (RenderError, ValidationError) as exc:
-                reason = exc.reason if isinstance(exc, RenderError) else "InvalidSpec"
-                record.phase, record.message = "failed", str(exc)
-                record.deployed_generation = record.plan_generation
-                await self._put(key, record)
-                failed: ev.Event = (
-                    ev.JobFailed(reason=reason, message=str(exc), **common)
-                    if record.spec.get("tuning")
-                    else ev.InferenceFailed(reason=reason, message=str(exc), **common)
-                )
-                await self._publisher.publish(failed)
-                return
-            await self._ray.deploy(serve_application(record.ref, config))
-            record.phase, record.since = "deploying", time.time()
-            record.deployed_generation, record.message = record.plan_generation, ""
-            await self._put(key, record)
-            log.info(
-                "[%s] gen %d: %s deploying", record.ref.key, record.plan_generation, app_name(record.ref)
-            )
+            await self._deploy_locked(key, record)
         await self.reconcile(key)
 
-    async def _submit_job(self, key: str, record: Record, workspace: Workspace) -> None:
-        """A tuning Workspace: its job config (and the push secret, as a 0600 file) on disk, then a Ray
-        job whose submission id is derived from the Workspace and generation."""
-        ref, generation = record.ref, record.plan_generation
-        tuning = workspace.tuning
-        assert tuning is not None
-        sections = kaito_sections(await self._configmap(ref, tuning.config)) if tuning.config else {}
-        work = self._work / key / f"g{generation}"
-        await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
-        push = await self._push_secret(ref, tuning.output.image_push_secret, work / "push")
-        config = tuning_config(
-            workspace,
-            plan_from_dict(record.plan),
-            ref,
-            generation,
-            sections=sections,
-            push_secret=push,
-            nats_url=self._nats_url,
-            work_dir=str(work / "job"),
-            allow_loopback_urls=self._allow_loopback,
-        )
-        path = work / "job.yaml"
-        await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
-        submission = job_id(ref, generation)
-        await self._jobs.submit(submission, f"{sys.executable} -m services.tuning --config {path}")
-        record.phase, record.job, record.job_started = "job", submission, False
-        record.since, record.deployed_generation, record.message = time.time(), generation, ""
+    async def _deploy_locked(self, key: str, record: Record) -> None:
+        generation = record.plan_generation
+        common: dict[str, Any] = {"workspace": record.ref, "generation": generation}
+        tuning = bool(record.spec.get("tuning"))
+        try:
+            workspace = record.workspace()
+            record.deployed_generation = generation
+            if workspace.tuning is not None:
+                record.job = job_id(record.ref, generation)
+                sections = kaito_sections(await self._configmap(record.ref, workspace.tuning.config))
+                await self._backend.submit(record.target(workspace), sections)
+                record.phase, record.job_started = "job", False
+                log.info("[%s] gen %d: tuning job %s submitted", record.ref.key, generation, record.job)
+            else:
+                config = serving_config(workspace, plan_from_dict(record.plan))
+                await self._backend.deploy(record.target(workspace), config)
+                record.phase = "deploying"
+        except (RenderError, ValidationError, InvalidInput) as exc:  # InvalidInput: the apiserver refused it
+            reason = "InvalidSpec" if isinstance(exc, ValidationError) else exc.reason
+            record.phase, record.message = "failed", str(exc)
+            await self._put(key, record)
+            failed: ev.Event = (
+                ev.JobFailed(reason=reason, message=str(exc), **common)
+                if tuning
+                else ev.InferenceFailed(reason=reason, message=str(exc), **common)
+            )
+            await self._publisher.publish(failed)
+            log.warning("[%s] gen %d: %s: %s", record.ref.key, generation, reason, exc)
+            return
+        record.since, record.message = time.time(), ""
         await self._put(key, record)
-        log.info("[%s] gen %d: tuning job %s submitted", ref.key, generation, submission)
 
-    async def _configmap(self, ref: ev.WorkspaceRef, name: str) -> str:
+    async def _configmap(self, ref: ev.WorkspaceRef, name: str | None) -> str:
+        """KAITO's tuning ConfigMap (``training_config.yaml``), if the Workspace names one."""
+        if not name:
+            return ""
         if self._core is None:
             raise RenderError("InvalidTuningConfig", "no Kubernetes API to read the tuning ConfigMap")
         try:
@@ -231,31 +204,6 @@ class Workloads:
         text = data.get("training_config.yaml") or next(iter(data.values()), "")
         return str(text)
 
-    async def _push_secret(self, ref: ev.WorkspaceRef, name: str | None, directory: Path) -> str | None:
-        """The docker config json of the push Secret, written for the job alone (mode 0600)."""
-        if not name:
-            return None
-        if self._core is None:
-            raise RenderError("InvalidPushSecret", "no Kubernetes API to read the push Secret")
-        try:
-            secret = await self._core.read_namespaced_secret(name, ref.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                raise RenderError("InvalidPushSecret", f"Secret {name} not found in {ref.namespace}") from exc
-            raise classify(exc, f"[{ref.key}] read Secret {name}") from exc
-        encoded = (secret.data or {}).get(".dockerconfigjson")
-        if not encoded:
-            raise RenderError("InvalidPushSecret", f"Secret {name} has no .dockerconfigjson")
-
-        def write() -> None:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            target = directory / ".dockerconfigjson"
-            target.write_bytes(base64.b64decode(encoded))
-            target.chmod(0o600)
-
-        await asyncio.to_thread(write)
-        return str(directory)
-
     async def _delete(self, key: str, event: ev.WorkspaceDeleting) -> None:
         ref = event.workspace
         async with self._lock(key):
@@ -263,18 +211,16 @@ class Workloads:
             if record is not None and record.uid == ref.uid and record.phase != "deleting":
                 record.phase = "deleting"
                 await self._put(key, record)
-            if record is not None and record.job and not await self._jobs.stop(record.job):
-                raise Transient(
-                    f"[{ref.key}] tuning job {record.job} still stopping", retry_after=self._interval
-                )
-            if not await self._ray.delete(app_name(ref)):
-                raise Transient(
-                    f"[{ref.key}] Serve application still being deleted", retry_after=self._interval
-                )
+            target = (
+                record.target()
+                if record is not None and record.uid == ref.uid
+                else Target(ref=ref, api_version="", generation=event.generation)
+            )
+            if not await self._backend.remove(target):
+                raise Transient(f"[{ref.key}] workload still being removed", retry_after=self._interval)
             if record is not None and record.uid == ref.uid:
                 with contextlib.suppress(KeyNotFoundError):
                     await self._kv.purge(key)
-            await asyncio.to_thread(shutil.rmtree, self._work / key, True)  # job configs, the secret copy
             await self._publisher.publish(
                 ev.CleanupDone(workspace=ref, generation=event.generation, owner=OWNER)
             )
@@ -298,23 +244,33 @@ class Workloads:
     async def reconcile(self, key: str) -> None:
         async with self._lock(key):
             record = await self._get(key)
-            if record is None or record.phase not in ("deploying", "job"):
+            if record is None or record.phase not in ("deploying", "ready", "job"):
                 return
             common: dict[str, Any] = {"workspace": record.ref, "generation": record.deployed_generation}
             if record.phase == "job":
                 await self._reconcile_job(key, record, common)
                 return
             try:
-                state, message = await self._ray.status(app_name(record.ref))
+                state, message = await self._backend.status(record.target())
             except Transient as exc:
                 log.warning("[%s] %s", record.ref.key, exc)
                 return
-            if state == "pending" and time.time() - record.since > self._timeout:
-                state, message = "failed", f"not RUNNING after {self._timeout:.0f}s (last state {message})"
-            if state == "ready":
+            if state == "absent" and time.time() - record.since > REDEPLOY_GRACE_S:
+                # lost (the Ray cluster restarted, someone deleted it, a concurrent write dropped it)
+                log.warning("[%s] gen %d: deployment missing; deploying again", record.ref.key,
+                            record.deployed_generation)  # fmt: skip
+                await self._deploy_locked(key, record)
+                return
+            if (
+                state == "pending"
+                and record.phase == "deploying"
+                and time.time() - record.since > self._timeout
+            ):
+                state, message = "failed", f"not ready after {self._timeout:.0f}s (last state {message})"
+            if state == "ready" and record.phase != "ready":
                 record.phase = "ready"
                 await self._put(key, record)
-                endpoint = self._ray.serve_url + route_prefix(record.ref)
+                endpoint = self._backend.endpoint(record.target())
                 await self._publisher.publish(ev.InferenceReady(endpoint=endpoint, **common))
                 log.info("[%s] serving at %s", record.ref.key, endpoint)
             elif state == "failed":
@@ -330,7 +286,7 @@ class Workloads:
         digest); what the workload publishes for the same outcome has the same dedupe id and is
         dropped — it only speaks when the job could not (a crash, an OOM kill)."""
         try:
-            state, message = await self._jobs.status(record.job)
+            state, message = await self._backend.job_status(record.target())
         except Transient as exc:
             log.warning("[%s] %s", record.ref.key, exc)
             return

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
-from services.workload.backends.local import LocalRay
+from services.workload.backends.base import Backend
+from services.workload.backends.kuberay import KubeRay
+from services.workload.backends.local import LocalBackend, LocalRay
 from services.workload.handling import Workloads
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
@@ -20,23 +23,37 @@ log = logging.getLogger("kaiten.workload")
 async def build(runtime: Runtime) -> Sequence[Component]:
     settings = runtime.settings
     assert isinstance(settings, WorkloadSettings)
-    if settings.backend != "local":
-        raise SystemExit(f"KAITEN_BACKEND={settings.backend!r}: only 'local' is available (kuberay: issue 7)")
-    if not settings.ray_dashboard_url:
-        raise SystemExit("the local backend needs KAITEN_RAY_DASHBOARD_URL (kaiten up sets it)")
-    ray = LocalRay(settings.ray_dashboard_url, settings.ray_token_path, settings.serve_port)
+    backend: Backend
+    if settings.backend == "kuberay":
+        if runtime.api is None:
+            raise SystemExit("the kuberay backend needs the Kubernetes API (KUBECONFIG or in-cluster)")
+        backend = KubeRay(runtime.api, image=settings.ray_image, nats_url=settings.nats_url)
+        log.info("backend kuberay: image %s", settings.ray_image)
+    elif settings.backend == "local":
+        if not settings.ray_dashboard_url:
+            raise SystemExit("the local backend needs KAITEN_RAY_DASHBOARD_URL (kaiten up sets it)")
+        ray = LocalRay(settings.ray_dashboard_url, settings.ray_token_path, settings.serve_port)
+        work = Path(settings.work_dir or Path.home() / ".local" / "state" / "kaiten" / "workload")
+        backend = LocalBackend(
+            ray,
+            api=runtime.api,
+            work_dir=work,
+            nats_url=settings.nats_url,
+            allow_loopback_urls=settings.allow_loopback_urls,
+        )
+        log.info("backend local: Ray dashboard %s, Serve on %s", settings.ray_dashboard_url, ray.serve_url)
+    else:
+        raise SystemExit(
+            f"KAITEN_BACKEND={settings.backend!r}: choose kuberay (a cluster) or local (kaiten up)"
+        )
     workloads = await Workloads.open(
         runtime.js,
-        ray=ray,
+        backend=backend,
         publisher=runtime.publisher,
         api=runtime.api,
-        nats_url=settings.nats_url,
-        work_dir=settings.work_dir,
-        allow_loopback_urls=settings.allow_loopback_urls,
         interval=settings.reconcile_interval_s,
         timeout=settings.deploy_timeout_s,
     )
-    log.info("backend local: Ray dashboard %s, Serve on %s", settings.ray_dashboard_url, ray.serve_url)
     consumer = ConsumerRunner(
         nc=runtime.nc,
         spec=ConsumerSpec(

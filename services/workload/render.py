@@ -7,6 +7,7 @@ validates it (and ``tests/test_workload_render.py`` checks every rendering again
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from shared.api.workspace import Workspace
@@ -41,17 +42,36 @@ def model_source(plan: Plan) -> dict[str, Any]:
     return {"kind": "hf", "path": plan.model}
 
 
-def serving_config(workspace: Workspace, plan: Plan) -> dict[str, Any]:
+def serving_config(
+    workspace: Workspace, plan: Plan, pull_secret_dir: Callable[[str], str] = str
+) -> dict[str, Any]:
+    """``pull_secret_dir`` maps an adapter's pull Secret name to where the replica finds its docker
+    config json (a mounted volume in a cluster; a 0600 copy on the local machine)."""
     inference = workspace.inference
     if inference is None or inference.preset is None:
         raise RenderError(
             "UnsupportedWorkspace", "only preset inference Workspaces are served (not templates)"
         )
-    if inference.adapters:
-        raise RenderError(
-            "AdaptersNotSupported",
-            "adapters from images are not deployed by the local backend yet (issue 7 is open): remove them or"
-            " serve them with an adapter directory",
+    adapters = []
+    for adapter in inference.adapters:
+        try:
+            strength = adapter.weight
+        except ValueError as exc:
+            raise RenderError(
+                "InvalidAdapter",
+                f"adapter {adapter.source.name}: strength {adapter.strength!r} is not a number",
+            ) from exc
+        if not 0 <= strength <= 1:
+            raise RenderError(
+                "InvalidAdapter", f"adapter {adapter.source.name}: strength {strength} is not within 0..1"
+            )
+        adapters.append(
+            {
+                "name": adapter.source.name,
+                "image": adapter.source.image,
+                "strength": strength,
+                "pull_secrets": [pull_secret_dir(s) for s in adapter.source.image_pull_secrets],
+            }
         )
     gpus = plan.gpus_per_node if plan.tensor_parallel * plan.pipeline_parallel == 1 else 0
     return {
@@ -59,6 +79,7 @@ def serving_config(workspace: Workspace, plan: Plan) -> dict[str, Any]:
         "source": model_source(plan),
         "engine": plan.engine,
         "engine_args": dict(plan.engine_args),
+        "adapters": adapters,
         "replicas": max(1, plan.data_parallel),
         "num_gpus": float(gpus),
         "max_prompt_tokens": min(plan.max_model_len, 4096),

@@ -6,7 +6,10 @@ from shared.settings import ServiceSettings
 
 
 class WorkloadSettings(ServiceSettings):
-    backend: str = "local"  # local (the Ray cluster of kaiten up); kuberay is open work (issue 7)
+    backend: str = "local"  # local (the Ray cluster of kaiten up) or kuberay (RayService / RayJob objects)
+    ray_image: str = (
+        "kaiten-ray:0.1.0"  # kuberay: the Ray image with kaiten[serving,tuning,gpu] (deploy/images)
+    )
     ray_dashboard_url: str = ""  # the local Ray dashboard (Serve and Jobs REST APIs)
     ray_token_path: str = ""  # the Ray cluster's auth token file (RayHead.token_path)
     serve_port: int = 8000  # Ray Serve's HTTP proxy port on 127.0.0.1

@@ -6,16 +6,30 @@ Workspace-derived submission id as idempotency key)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import shutil
+import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast
 
 import httpx
+import yaml
+from kubernetes_asyncio import client as kclient
+from kubernetes_asyncio.client.exceptions import ApiException
 
+from services.workload.backends.base import JobState, State, Target
+from services.workload.render import (
+    RenderError,
+    app_name,
+    route_prefix,
+    serve_application,
+    tuning_config,
+)
 from shared.bus.errors import Transient
+from shared.kube.errors import classify
 
 log = logging.getLogger("kaiten.workload.local")
-State = Literal["pending", "ready", "failed", "absent"]
 
 
 class LocalRay:
@@ -111,14 +125,14 @@ class LocalJobs:
             f"Ray refused job {submission_id}: HTTP {response.status_code}: {response.text[:300]}"
         )
 
-    async def status(self, submission_id: str) -> tuple[str, str]:
+    async def status(self, submission_id: str) -> tuple[JobState, str]:
         """(PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED | ABSENT, message)."""
         response = await self._ray.request("GET", f"/api/jobs/{submission_id}")
         if response.status_code == 404:
             return "ABSENT", ""
         response.raise_for_status()
         doc = response.json()
-        return str(doc.get("status", "")), str(doc.get("message") or "")
+        return cast(JobState, str(doc.get("status", "PENDING"))), str(doc.get("message") or "")
 
     async def stop(self, submission_id: str) -> bool:
         """Stop the job if it runs; True once it is not running."""
@@ -128,3 +142,114 @@ class LocalJobs:
         await self._ray.request("POST", f"/api/jobs/{submission_id}/stop")
         state, _ = await self.status(submission_id)
         return state in ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class LocalBackend:
+    """The ``local`` backend: Serve applications and Ray jobs on the local Ray cluster. Secrets the
+    workloads need (adapter pull secrets, the tuning push secret) are copied from the apiserver into
+    files (mode 0600, in a 0700 directory) under the work dir, which deletion removes."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        ray: LocalRay,
+        *,
+        api: kclient.ApiClient | None,
+        work_dir: Path,
+        nats_url: str,
+        allow_loopback_urls: bool,
+    ) -> None:
+        self._ray = ray
+        self._jobs = LocalJobs(ray)
+        self._core = kclient.CoreV1Api(api) if api is not None else None
+        self._work = work_dir
+        self._nats_url = nats_url
+        self._allow_loopback = allow_loopback_urls
+
+    def _dir(self, target: Target) -> Path:
+        return self._work / f"{target.ref.namespace}.{target.ref.name}"
+
+    async def deploy(self, target: Target, config: dict[str, Any]) -> None:
+        secrets = self._dir(target) / "pull"
+        for adapter in config.get("adapters", []):
+            adapter["pull_secrets"] = [
+                await self._secret_file(target, name, secrets / name, "InvalidPullSecret")
+                for name in adapter.get("pull_secrets", [])
+            ]
+        await self._ray.deploy(serve_application(target.ref, config))
+        log.info("[%s] gen %d: %s deploying", target.ref.key, target.generation, app_name(target.ref))
+
+    async def status(self, target: Target) -> tuple[State, str]:
+        return await self._ray.status(app_name(target.ref))
+
+    def endpoint(self, target: Target) -> str:
+        return self._ray.serve_url + route_prefix(target.ref)
+
+    async def submit(self, target: Target, sections: dict[str, Any]) -> None:
+        """The job's config (and the push secret, as a 0600 file) on disk, then a Ray job whose
+        submission id is derived from the Workspace and generation."""
+        assert target.workspace is not None and target.plan is not None
+        tuning = target.workspace.tuning
+        assert tuning is not None
+        work = self._dir(target) / f"g{target.generation}"
+        await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+        push = (
+            await self._secret_file(
+                target, tuning.output.image_push_secret, work / "push", "InvalidPushSecret"
+            )
+            if tuning.output.image_push_secret
+            else None
+        )
+        config = tuning_config(
+            target.workspace,
+            target.plan,
+            target.ref,
+            target.generation,
+            sections=sections,
+            push_secret=push,
+            nats_url=self._nats_url,
+            work_dir=str(work / "job"),
+            allow_loopback_urls=self._allow_loopback,
+        )
+        path = work / "job.yaml"
+        await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
+        await self._jobs.submit(target.job, f"{sys.executable} -m services.tuning --config {path}")
+
+    async def job_status(self, target: Target) -> tuple[JobState, str]:
+        return await self._jobs.status(target.job)
+
+    async def remove(self, target: Target) -> bool:
+        if target.job and not await self._jobs.stop(target.job):
+            return False
+        if not await self._ray.delete(app_name(target.ref)):
+            return False
+        await asyncio.to_thread(shutil.rmtree, self._dir(target), True)  # job configs, secret copies
+        return True
+
+    async def close(self) -> None:
+        await self._ray.close()
+
+    async def _secret_file(self, target: Target, name: str, directory: Path, reason: str) -> str:
+        """The docker config json of Secret ``name``, written for this workload alone (mode 0600)."""
+        ref = target.ref
+        if self._core is None:
+            raise RenderError(reason, f"no Kubernetes API to read Secret {name}")
+        try:
+            secret = await self._core.read_namespaced_secret(name, ref.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise RenderError(reason, f"Secret {name} not found in {ref.namespace}") from exc
+            raise classify(exc, f"[{ref.key}] read Secret {name}") from exc
+        encoded = (secret.data or {}).get(".dockerconfigjson")
+        if not encoded:
+            raise RenderError(reason, f"Secret {name} has no .dockerconfigjson")
+
+        def write() -> None:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target_file = directory / ".dockerconfigjson"
+            target_file.write_bytes(base64.b64decode(encoded))
+            target_file.chmod(0o600)
+
+        await asyncio.to_thread(write)
+        return str(directory)

@@ -1,0 +1,279 @@
+"""``kuberay``: the workload as KubeRay objects in the cluster (rendered by
+:mod:`services.workload.kuberay`), applied with server-side apply (field manager ``kaiten``, forced:
+kaiten owns these objects), their readiness read from the status KubeRay writes.
+
+- RayService is ready when KubeRay has observed its current generation, its ``Ready`` condition is
+  true, no upgrade is in progress and every application is RUNNING; an application in DEPLOY_FAILED or
+  UNHEALTHY, or an ``InitializingTimeout``, is a failure with KubeRay's message. Older KubeRay without
+  conditions: ``serviceStatus: Running``.
+- RayJob succeeded when ``jobDeploymentStatus`` is Complete **and** ``jobStatus`` is SUCCEEDED (older
+  KubeRay marks a failed job Complete too).
+- The Workspace's Service follows KubeRay's active Ray cluster (``status.activeServiceStatus``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from kubernetes_asyncio import client as kclient
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from services.workload.backends.base import JobState, State, Target
+from services.workload.kuberay import (
+    GENERATION_ANNOTATION,
+    NAMESPACE_LABEL,
+    PULL_SECRETS_PATH,
+    PUSH_SECRET_PATH,
+    WORK_PATH,
+    WORKSPACE_LABEL,
+    label_value,
+    object_name,
+    rayjob,
+    rayservice,
+    service,
+    tuning_configmap,
+    tuning_names,
+)
+from services.workload.render import tuning_config
+from shared.bus.errors import InvalidInput
+from shared.kube.errors import api_message, classify
+
+log = logging.getLogger("kaiten.workload.kuberay")
+APPLY = "application/apply-patch+yaml"
+FIELD_MANAGER = "kaiten"
+GROUP, VERSION = "ray.io", "v1"
+PLURALS = {"RayService": "rayservices", "RayJob": "rayjobs"}
+
+
+class KubeRay:
+    name = "kuberay"
+
+    def __init__(self, api: kclient.ApiClient, *, image: str, nats_url: str) -> None:
+        self._api = api
+        self._custom = kclient.CustomObjectsApi(api)
+        self._core = kclient.CoreV1Api(api)
+        self._image = image
+        self._nats_url = nats_url
+
+    # -- objects --------------------------------------------------------------------------------------
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of one object we own; returns what the apiserver stored."""
+        meta, kind = obj["metadata"], obj["kind"]
+        common: dict[str, Any] = {
+            "field_manager": FIELD_MANAGER,
+            "force": True,  # kaiten owns these objects
+            "field_validation": "Strict",  # an unknown field is an error, not silently pruned
+            "_content_type": APPLY,
+        }
+        # _preload_content=False: the generated client maps only HTTP 200 (an apply that creates answers
+        # 201, which it returns as None), and its typed models drop fields they do not know
+        try:
+            if kind in PLURALS:
+                response = await self._custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], obj,
+                    _preload_content=False, **common,
+                )  # fmt: skip
+            elif kind in ("Service", "ConfigMap"):
+                patch = (
+                    self._core.patch_namespaced_service
+                    if kind == "Service"
+                    else self._core.patch_namespaced_config_map
+                )
+                response = await patch(meta["name"], meta["namespace"], obj, _preload_content=False, **common)
+            else:
+                raise ValueError(f"kaiten does not apply {kind}")
+            data = await response.read()
+            if not 200 <= response.status <= 299:  # unread responses are not checked by the client
+                error = ApiException(status=response.status, reason=response.reason)
+                error.body, error.headers = data.decode(errors="replace"), response.headers
+                raise error
+            return dict(json.loads(data))
+        except ApiException as exc:
+            what = f"apply {kind} {meta['namespace']}/{meta['name']}"
+            if exc.status == 500 and "failed to create typed patch object" in str(exc.body):
+                # the apiserver answers 500 when an apply does not fit the schema: it never will
+                raise InvalidInput(f"{what}: {api_message(exc, 600)}", reason="InvalidWorkload") from exc
+            raise classify(exc, what) from exc
+
+    async def _get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            if kind in PLURALS:
+                obj = await self._custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURALS[kind], name
+                )
+                return dict(obj)
+            svc = await self._core.read_namespaced_service(name, namespace)
+            return dict(self._api.sanitize_for_serialization(svc))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise classify(exc, f"read {kind} {namespace}/{name}") from exc
+
+    def _selector(self, target: Target) -> str:
+        return f"{WORKSPACE_LABEL}={label_value(target.ref.name)},{NAMESPACE_LABEL}={target.ref.namespace}"
+
+    async def _ours(self, target: Target) -> list[tuple[str, str]]:
+        """(kind, name) of every object of this Workspace that still exists."""
+        ns, selector = target.ref.namespace, self._selector(target)
+        found: list[tuple[str, str]] = []
+        try:
+            for kind, plural in PLURALS.items():
+                items = await self._custom.list_namespaced_custom_object(
+                    GROUP, VERSION, ns, plural, label_selector=selector
+                )
+                found += [(kind, i["metadata"]["name"]) for i in items.get("items", [])]
+            services = await self._core.list_namespaced_service(ns, label_selector=selector)
+            found += [("Service", s.metadata.name) for s in services.items]
+            maps = await self._core.list_namespaced_config_map(ns, label_selector=selector)
+            found += [("ConfigMap", m.metadata.name) for m in maps.items]
+        except ApiException as exc:
+            raise classify(exc, f"[{target.ref.key}] list workload objects") from exc
+        return found
+
+    async def _delete(self, kind: str, namespace: str, name: str) -> None:
+        # Background: the object goes now, what KubeRay made from it (RayClusters, pods) after it
+        body = kclient.V1DeleteOptions(propagation_policy="Background")
+        try:
+            if kind in PLURALS:
+                await self._custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURALS[kind], name, body=body
+                )
+            elif kind == "Service":
+                await self._core.delete_namespaced_service(name, namespace, body=body)
+            else:
+                await self._core.delete_namespaced_config_map(name, namespace, body=body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise classify(exc, f"delete {kind} {namespace}/{name}") from exc
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    async def deploy(self, target: Target, config: dict[str, Any]) -> None:
+        assert target.workspace is not None and target.plan is not None
+        for adapter in config.get("adapters", []):  # Secret names → where their volumes are mounted
+            adapter["pull_secrets"] = [f"{PULL_SECRETS_PATH}/{s}" for s in adapter.get("pull_secrets", [])]
+        ref, version, generation = target.ref, target.api_version, target.generation
+        rs = rayservice(
+            ref, version, target.workspace, target.plan, config, image=self._image, generation=generation
+        )
+        current = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
+        cluster = (current or {}).get("spec", {}).get("selector", {}).get("ray.io/cluster")
+        await self.apply(rs)
+        await self.apply(service(ref, version, generation, cluster))
+        log.info("[%s] gen %d: RayService %s applied", ref.key, generation, rs["metadata"]["name"])
+
+    async def status(self, target: Target) -> tuple[State, str]:
+        ref = target.ref
+        obj = await self._get("RayService", ref.namespace, object_name(ref.name))
+        if obj is None:
+            return "absent", ""
+        state, message = rayservice_state(obj, target.generation)
+        cluster = obj.get("status", {}).get("activeServiceStatus", {}).get("rayClusterName")
+        if cluster:  # keep the Workspace's Service on the cluster KubeRay routes to
+            svc = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
+            if svc is None or svc.get("spec", {}).get("selector", {}).get("ray.io/cluster") != cluster:
+                await self.apply(service(ref, target.api_version, target.generation, cluster))
+                log.info("[%s] Service now routes to Ray cluster %s", ref.key, cluster)
+        return state, message
+
+    def endpoint(self, target: Target) -> str:
+        return f"http://{object_name(target.ref.name, limit=63)}.{target.ref.namespace}.svc"
+
+    # -- tuning ---------------------------------------------------------------------------------------
+
+    async def submit(self, target: Target, sections: dict[str, Any]) -> None:
+        assert (
+            target.workspace is not None and target.plan is not None and target.workspace.tuning is not None
+        )
+        ref, version, generation = target.ref, target.api_version, target.generation
+        config = tuning_config(
+            target.workspace,
+            target.plan,
+            ref,
+            generation,
+            sections=sections,
+            push_secret=PUSH_SECRET_PATH if target.workspace.tuning.output.image_push_secret else None,
+            nats_url=self._nats_url,
+            work_dir=f"{WORK_PATH}/job",
+            allow_loopback_urls=False,
+        )
+        job = rayjob(
+            ref, version, target.workspace, target.plan, target.job, image=self._image, generation=generation
+        )
+        await self.apply(tuning_configmap(ref, version, config, generation))
+        await self.apply(job)
+        current = set(tuning_names(ref, generation))
+        for kind, name in await self._ours(target):  # an earlier generation's job: replaced
+            if kind in ("RayJob", "ConfigMap") and name not in current:
+                await self._delete(kind, ref.namespace, name)
+                log.info("[%s] %s %s of an earlier generation deleted", ref.key, kind, name)
+        log.info("[%s] gen %d: RayJob %s applied", ref.key, generation, job["metadata"]["name"])
+
+    async def job_status(self, target: Target) -> tuple[JobState, str]:
+        name, _ = tuning_names(target.ref, target.generation)
+        obj = await self._get("RayJob", target.ref.namespace, name)
+        if obj is None:
+            return "ABSENT", ""
+        return rayjob_state(obj)
+
+    # -- removal --------------------------------------------------------------------------------------
+
+    async def remove(self, target: Target) -> bool:
+        found = await self._ours(target)
+        for kind, name in found:
+            await self._delete(kind, target.ref.namespace, name)
+        return not found or not await self._ours(target)
+
+    async def close(self) -> None:
+        return None
+
+
+def _condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in obj.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return dict(condition)
+    return {}
+
+
+def rayservice_state(obj: dict[str, Any], generation: int) -> tuple[State, str]:
+    """A RayService's state for Workspace ``generation`` (see the module doc)."""
+    meta, status = obj.get("metadata", {}), obj.get("status") or {}
+    if meta.get("annotations", {}).get(GENERATION_ANNOTATION) != str(generation):
+        return "pending", "an earlier generation is applied"
+    apps: dict[str, Any] = {}
+    for which in ("pendingServiceStatus", "activeServiceStatus"):
+        apps.update((status.get(which) or {}).get("applicationStatuses") or {})
+    for name, app in apps.items():
+        if app.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+            return "failed", f"application {name} {app['status']}: {str(app.get('message') or '')[:800]}"
+    ready = _condition(obj, "Ready")
+    if ready.get("reason") == "InitializingTimeout":
+        return "failed", str(ready.get("message") or "the RayService did not initialize in time")[:800]
+    if status.get("observedGeneration", 0) < meta.get("generation", 0):
+        return "pending", "KubeRay has not observed the latest spec"
+    if _condition(obj, "UpgradeInProgress").get("status") == "True":
+        return "pending", "upgrade in progress (new Ray cluster)"
+    is_ready = ready.get("status") == "True" if ready else status.get("serviceStatus") == "Running"
+    active = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+    if is_ready and active and all(a.get("status") == "RUNNING" for a in active.values()):
+        return "ready", ""
+    states = ", ".join(f"{n} {a.get('status', '?')}" for n, a in active.items()) or "no application yet"
+    return "pending", states
+
+
+def rayjob_state(obj: dict[str, Any]) -> tuple[JobState, str]:
+    status = obj.get("status") or {}
+    deployment, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+    message = str(status.get("message") or status.get("reason") or "")[:800]
+    if deployment == "Complete" and job == "SUCCEEDED":
+        return "SUCCEEDED", ""
+    if deployment in ("Failed", "ValidationFailed") or (deployment == "Complete" and job == "FAILED"):
+        return "FAILED", message or f"jobDeploymentStatus {deployment}, jobStatus {job or 'unknown'}"
+    if job == "STOPPED" and deployment in ("Complete", "Failed"):
+        return "STOPPED", message
+    if job == "RUNNING" or deployment == "Running":
+        return "RUNNING", ""
+    return "PENDING", message

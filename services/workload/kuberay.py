@@ -1,0 +1,400 @@
+"""Pure rendering for the ``kuberay`` backend: a Workspace, its Plan and its serving / tuning config →
+the Kubernetes objects that run it on KubeRay (``ray.io/v1``).
+
+- inference → a ``RayService`` whose Ray head (and, on multi-node plans, worker group) sits on the
+  planned nodes: nodeSelector / node affinity from the Workspace's labelSelector, the
+  ``sku=gpu:NoSchedule`` toleration, ``nvidia.com/gpu`` = GPUs per node, a memory-backed /dev/shm and
+  a model-cache volume; ``serveConfigV2`` runs ``services.serving.app:build`` with the serving config.
+  Plus a ``Service`` named after the Workspace, port 80 → Serve's HTTP port, so
+  ``curl http://<workspace>/chat`` works as the seed documents show.
+- tuning → a ``RayJob`` that runs ``python -m services.tuning --config …`` on a Ray head on the planned
+  node, with its config in a ``ConfigMap`` and the push Secret mounted as a volume (never copied).
+
+Every object carries ``kaito.sh/workspace`` labels and a controller ownerReference to the Workspace.
+KubeRay refuses RayService / RayJob names longer than 47 characters or that are not DNS-1035 labels;
+:func:`object_name` maps any Workspace name onto one, stably.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import re
+from typing import Any
+
+import yaml
+
+from services.workload.render import SERVING_IMPORT_PATH, RenderError, app_name
+from shared.api.workspace import Workspace
+from shared.events import WorkspaceRef
+from shared.planning.model import Plan
+
+WORKSPACE_LABEL = "kaito.sh/workspace"
+NAMESPACE_LABEL = "kaito.sh/workspacenamespace"
+GENERATION_ANNOTATION = "kaito.sh/generation"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kaiten"}
+GPU_TOLERATION = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
+MAX_RAY_NAME = 47  # KubeRay: 53 (the longest service suffix) - 6 (the generated cluster suffix)
+SERVE_PORT = 8000
+CACHE_PATH = "/var/cache/kaiten"
+CONFIG_PATH = "/etc/kaiten/tuning"
+PUSH_SECRET_PATH = "/var/run/kaiten/push"  # noqa: S105  (a mount path, not a secret)
+PULL_SECRETS_PATH = "/var/run/kaiten/pull"
+WORK_PATH = "/var/lib/kaiten/tuning"
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def ray_version() -> str:
+    """The Ray this project pins: the image must carry the same (KubeRay checks features by it)."""
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return "2.52.0"
+
+
+def object_name(workspace: str, suffix: str = "", limit: int = MAX_RAY_NAME) -> str:
+    """A DNS-1035 name of at most ``limit`` characters for ``workspace`` (+ ``suffix``): the name itself
+    when it fits, else a readable prefix and a hash of the whole (stable across restarts)."""
+    name = f"{workspace}{suffix}"
+    if _DNS1035.match(name) and len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", workspace.lower()).strip("-")
+    if not cleaned or not cleaned[0].isalpha():
+        cleaned = f"w-{cleaned}".rstrip("-")
+    head = cleaned[: max(1, limit - len(suffix) - len(digest) - 1)].rstrip("-")
+    return f"{head}-{digest}{suffix}"
+
+
+def label_value(value: str) -> str:
+    """Label values are at most 63 characters; longer names get a hashed tail."""
+    if len(value) <= 63:
+        return value
+    return f"{value[:54].rstrip('-_.')}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+
+
+def labels(ref: WorkspaceRef) -> dict[str, str]:
+    return {WORKSPACE_LABEL: label_value(ref.name), NAMESPACE_LABEL: ref.namespace, **MANAGED_BY}
+
+
+def owner_reference(ref: WorkspaceRef, api_version: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api_version,
+        "kind": "Workspace",
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(ref: WorkspaceRef, api_version: str, name: str, generation: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels(ref),
+        "annotations": {GENERATION_ANNOTATION: str(generation)},
+        "ownerReferences": [owner_reference(ref, api_version)],
+    }
+
+
+# -- pods ------------------------------------------------------------------------------------------
+
+
+def _placement(workspace: Workspace, gpus: int) -> dict[str, Any]:
+    """nodeSelector, affinity and tolerations that put a pod on the Workspace's planned nodes."""
+    selector = workspace.resource.label_selector
+    spec: dict[str, Any] = {}
+    if selector.match_labels:
+        spec["nodeSelector"] = dict(selector.match_labels)
+    if selector.match_expressions:
+        terms = [
+            {"key": e.key, "operator": e.operator, **({"values": list(e.values)} if e.values else {})}
+            for e in selector.match_expressions
+        ]
+        spec["affinity"] = {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": terms}]
+                }
+            }
+        }
+    if gpus:
+        spec["tolerations"] = [dict(GPU_TOLERATION)]
+    return spec
+
+
+def _volumes(plan: Plan, extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    shm = {"medium": "Memory"}
+    return [
+        {"name": "dshm", "emptyDir": shm},
+        {"name": "model-cache", "emptyDir": {"sizeLimit": f"{max(plan.disk_gib, 1)}Gi"}},
+        *extra,
+    ]
+
+
+def _mounts(extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108  (the pod's own memory-backed volume)
+        {"name": "model-cache", "mountPath": CACHE_PATH},
+        *extra,
+    ]
+
+
+def _env(workspace: Workspace) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "KAITEN_CACHE_DIR", "value": CACHE_PATH},
+        {"name": "HF_HOME", "value": f"{CACHE_PATH}/hf"},
+    ]
+    preset = workspace.inference or workspace.tuning
+    options = preset.preset.preset_options if preset is not None and preset.preset is not None else None
+    if options is not None and options.model_access_secret:  # a private model: the token by reference
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": options.model_access_secret, "key": "token"}},
+            }
+        )
+    return env
+
+
+def _pull_secrets(workspace: Workspace) -> list[dict[str, str]]:
+    spec = workspace.inference or workspace.tuning
+    options = spec.preset.preset_options if spec is not None and spec.preset is not None else None
+    names = list(options.image_pull_secrets) if options is not None else []
+    return [{"name": n} for n in dict.fromkeys(names)]
+
+
+def _container(
+    name: str,
+    image: str,
+    plan: Plan,
+    workspace: Workspace,
+    mounts: list[dict[str, Any]],
+    ports: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    gpus = plan.gpus_per_node
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "env": _env(workspace),
+        "volumeMounts": _mounts(mounts),
+        "resources": {
+            "requests": {"cpu": "1", "memory": "4Gi"},
+            "limits": {"nvidia.com/gpu": str(gpus)} if gpus else {},
+        },
+    }
+    if gpus:
+        container["resources"]["requests"]["nvidia.com/gpu"] = str(gpus)
+    if ports:
+        container["ports"] = ports
+    return container
+
+
+def _pod_template(
+    ref: WorkspaceRef,
+    workspace: Workspace,
+    plan: Plan,
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": _volumes(plan, volumes),
+        **_placement(workspace, plan.gpus_per_node),
+    }
+    if pull := _pull_secrets(workspace):
+        spec["imagePullSecrets"] = pull
+    return {"metadata": {"labels": labels(ref)}, "spec": spec}
+
+
+HEAD_PORTS = [
+    {"name": "gcs-server", "containerPort": 6379},
+    {"name": "dashboard", "containerPort": 8265},
+    {"name": "client", "containerPort": 10001},
+    {"name": "serve", "containerPort": SERVE_PORT},
+]
+
+
+def _cluster(
+    ref: WorkspaceRef,
+    workspace: Workspace,
+    plan: Plan,
+    image: str,
+    volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A Ray cluster on the planned nodes: the head takes the first node (with its GPUs: a KAITO plan
+    has no CPU-only node), a worker group the others."""
+    head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS)
+    cluster: dict[str, Any] = {
+        "rayVersion": ray_version(),
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0"},  # noqa: S104  (the pod network, in-cluster)
+            "template": _pod_template(ref, workspace, plan, head, volumes),
+        },
+    }
+    workers = max(plan.nodes, 1) - 1
+    if workers:
+        worker = _container("ray-worker", image, plan, workspace, mounts)
+        cluster["workerGroupSpecs"] = [
+            {
+                "groupName": "gpu" if plan.gpus_per_node else "cpu",
+                "replicas": workers,
+                "minReplicas": workers,
+                "maxReplicas": workers,
+                "rayStartParams": {},
+                "template": _pod_template(ref, workspace, plan, worker, volumes),
+            }
+        ]
+    return cluster
+
+
+# -- inference -------------------------------------------------------------------------------------
+
+
+def adapter_pull_volumes(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each adapter pull Secret as a read-only volume (the serving app reads it to pull the image)."""
+    names = dict.fromkeys(
+        s
+        for a in (workspace.inference.adapters if workspace.inference else [])
+        for s in a.source.image_pull_secrets
+    )
+    volumes = [
+        {
+            "name": object_name(f"pull-{n}", limit=63),
+            "secret": {"secretName": n, "defaultMode": 0o400, "optional": False},
+        }
+        for n in names
+    ]
+    mounts = [
+        {"name": v["name"], "mountPath": f"{PULL_SECRETS_PATH}/{n}", "readOnly": True}
+        for v, n in zip(volumes, names, strict=True)
+    ]
+    return volumes, mounts
+
+
+def rayservice(
+    ref: WorkspaceRef,
+    api_version: str,
+    workspace: Workspace,
+    plan: Plan,
+    config: dict[str, Any],
+    *,
+    image: str,
+    generation: int,
+) -> dict[str, Any]:
+    serve_config = {
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},  # noqa: S104  (the Service reaches it)
+        "applications": [
+            {
+                "name": app_name(ref),
+                "route_prefix": "/",
+                "import_path": SERVING_IMPORT_PATH,
+                "args": config,
+            }
+        ],
+    }
+    volumes, mounts = adapter_pull_volumes(workspace)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _metadata(ref, api_version, object_name(ref.name), generation),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
+            "rayClusterConfig": _cluster(ref, workspace, plan, image, volumes, mounts),
+        },
+    }
+
+
+def service(
+    ref: WorkspaceRef, api_version: str, generation: int, ray_cluster: str | None = None
+) -> dict[str, Any]:
+    """The Workspace's own Service: port 80 → Serve. Until KubeRay names the active Ray cluster it
+    selects the Workspace's Ray pods whose Serve proxy is up; then that cluster's only, so traffic never
+    reaches a cluster that is still being brought up during an upgrade."""
+    selector = {WORKSPACE_LABEL: label_value(ref.name), "ray.io/serve": "true"}
+    if ray_cluster:
+        selector["ray.io/cluster"] = ray_cluster
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, api_version, object_name(ref.name, limit=63), generation),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": 80, "targetPort": "serve", "protocol": "TCP"}],
+        },
+    }
+
+
+# -- tuning ----------------------------------------------------------------------------------------
+
+
+def tuning_names(ref: WorkspaceRef, generation: int) -> tuple[str, str]:
+    """(RayJob name, ConfigMap name) for one generation of a tuning Workspace."""
+    job = object_name(ref.name, f"-g{generation}")
+    return job, object_name(ref.name, f"-g{generation}-tuning", limit=253)
+
+
+def tuning_configmap(
+    ref: WorkspaceRef, api_version: str, config: dict[str, Any], generation: int
+) -> dict[str, Any]:
+    _, name = tuning_names(ref, generation)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(ref, api_version, name, generation),
+        "data": {"job.yaml": yaml.safe_dump(config, sort_keys=False)},
+    }
+
+
+def rayjob(
+    ref: WorkspaceRef,
+    api_version: str,
+    workspace: Workspace,
+    plan: Plan,
+    submission_id: str,
+    *,
+    image: str,
+    generation: int,
+) -> dict[str, Any]:
+    tuning = workspace.tuning
+    if tuning is None:
+        raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
+    name, configmap = tuning_names(ref, generation)
+    volumes: list[dict[str, Any]] = [
+        {"name": "tuning-config", "configMap": {"name": configmap}},
+        {"name": "tuning-work", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tuning-config", "mountPath": CONFIG_PATH, "readOnly": True},
+        {"name": "tuning-work", "mountPath": WORK_PATH},
+    ]
+    if tuning.output.image_push_secret:
+        volumes.append(
+            {
+                "name": "push-secret",
+                "secret": {"secretName": tuning.output.image_push_secret, "defaultMode": 0o400},
+            }
+        )
+        mounts.append({"name": "push-secret", "mountPath": PUSH_SECRET_PATH, "readOnly": True})
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _metadata(ref, api_version, name, generation),
+        "spec": {
+            "entrypoint": f"python -m services.tuning --config {CONFIG_PATH}/job.yaml",
+            "jobId": submission_id,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts),
+        },
+    }
+
+
+def canonical(obj: dict[str, Any]) -> str:
+    """A stable text of an object (to compare what is applied with what would be)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,442 @@
+"""The kuberay backend against KubeRay's own published parts: its CRDs (v1.5.1, from its Go module) in
+the real apiserver, and its admission checks (``utils.ValidateRayServiceSpec`` …, built from the same
+module). No KubeRay operator runs here: the tests write RayService / RayJob status through the status
+subresource as KubeRay does, and check what the workload makes of it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_asyncio import client as kclient
+from kubernetes_asyncio import config as kconfig
+
+from services.serving.app import ServingConfig
+from services.tuning.config import TuningJobConfig
+from services.workload.backends.base import Target
+from services.workload.backends.kuberay import KubeRay, rayjob_state, rayservice_state
+from services.workload.kuberay import (
+    GPU_TOLERATION,
+    MAX_RAY_NAME,
+    PULL_SECRETS_PATH,
+    PUSH_SECRET_PATH,
+    WORKSPACE_LABEL,
+    object_name,
+    rayjob,
+    rayservice,
+    service,
+    tuning_configmap,
+)
+from services.workload.render import job_id, serving_config, tuning_config
+from shared.api.workspace import Workspace
+from shared.events import WorkspaceRef
+from shared.local import kuberay as kuberay_parts
+from shared.local.controlplane import ControlPlane
+from shared.planning.catalog import load_catalogs
+from shared.planning.model import Plan
+from shared.planning.planner import PlanOptions, plan
+from tests.conftest import SEEDS, Kubectl
+
+CATALOGS = load_catalogs()
+IMAGE = "kaiten-ray:test"
+
+
+def seed(name: str) -> tuple[Workspace, Plan]:
+    workspace = Workspace.model_validate(yaml.safe_load((SEEDS / name).read_text()))
+    got = plan(workspace, CATALOGS, [], PlanOptions(cloud="azure", provider="aks"))
+    assert isinstance(got, Plan), got
+    return workspace, got
+
+
+def ref_of(workspace: Workspace, namespace: str = "default", uid: str = "0b1c2d3e-uid") -> WorkspaceRef:
+    return WorkspaceRef(namespace=namespace, name=workspace.metadata.name, uid=uid)
+
+
+def render(workspace: Workspace, got: Plan, ref: WorkspaceRef, generation: int = 1) -> list[dict[str, Any]]:
+    """Everything the kuberay backend applies for this Workspace, as it renders it."""
+    version = "kaito.sh/v1alpha1"
+    if workspace.tuning is not None:
+        config = tuning_config(
+            workspace, got, ref, generation, sections={}, push_secret=PUSH_SECRET_PATH,
+            nats_url="nats://kaiten-nats.kaiten-system:4222", work_dir="/var/lib/kaiten/tuning/job",
+            allow_loopback_urls=False,
+        )  # fmt: skip
+        return [
+            tuning_configmap(ref, version, config, generation),
+            rayjob(ref, version, workspace, got, job_id(ref, generation), image=IMAGE, generation=generation),
+        ]
+    config = serving_config(workspace, got, lambda s: f"{PULL_SECRETS_PATH}/{s}")
+    return [
+        rayservice(ref, version, workspace, got, config, image=IMAGE, generation=generation),
+        service(ref, version, generation),
+    ]
+
+
+def kuberay_validate(objects: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+    lines = "\n".join(json.dumps(o) for o in objects if o["kind"] in ("RayService", "RayJob"))
+    return subprocess.run(
+        [str(kuberay_parts.validator())], input=lines, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def pods(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [g["template"] for g in groups]
+
+
+SEED_FILES = sorted(p.name for p in SEEDS.glob("*.yaml"))
+
+
+def test_all_three_seeds_are_rendered() -> None:
+    assert SEED_FILES == [
+        "workspace-phi-3-mini-adapter.yaml", "workspace-phi-3-mini.yaml", "workspace-tuning-phi-3.yaml",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SEED_FILES)
+def test_seed_objects_pass_kuberays_own_validation(name: str) -> None:
+    workspace, got = seed(name)
+    ref = ref_of(workspace)
+    objects = render(workspace, got, ref)
+    result = kuberay_validate(objects)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == 1
+
+    for obj in objects:
+        meta = obj["metadata"]
+        assert meta["labels"][WORKSPACE_LABEL] == ref.name
+        assert meta["ownerReferences"] == [
+            {"apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "name": ref.name, "uid": ref.uid,
+             "controller": True, "blockOwnerDeletion": True}
+        ]  # fmt: skip
+    workload = objects[0] if objects[0]["kind"] != "ConfigMap" else objects[1]
+    templates = pods(workload)
+    assert len(templates) == got.nodes  # the head and the workers sit on the planned nodes, one each
+    for template in templates:
+        spec = template["spec"]
+        assert spec["nodeSelector"] == workspace.resource.label_selector.match_labels
+        assert spec["tolerations"] == [GPU_TOLERATION]
+        container = spec["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == str(got.gpus_per_node)
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        assert volumes[mounts["/var/cache/kaiten"]]["emptyDir"]["sizeLimit"] == f"{got.disk_gib}Gi"
+        assert template["metadata"]["labels"][WORKSPACE_LABEL] == ref.name
+
+
+def test_inference_seed_serves_the_plans_config_behind_a_port_80_service() -> None:
+    workspace, got = seed("workspace-phi-3-mini-adapter.yaml")
+    ref = ref_of(workspace)
+    rs, svc = render(workspace, got, ref)
+    serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == "services.serving.app:build" and app["route_prefix"] == "/"
+    config = ServingConfig.model_validate(app["args"])
+    assert config.engine == got.engine and config.engine_args == got.engine_args
+    (adapter,) = config.adapters
+    assert adapter.name == "phi-3-adapter" and adapter.image == "ACR_REPO_HERE.azurecr.io/ADAPTER_HERE:0.0.1"
+    assert adapter.strength == 1.0 and adapter.path is None
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "serve", "containerPort": 8000} in head["ports"]
+    assert svc["metadata"]["name"] == ref.name  # `curl http://<workspace>/chat`
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "serve", "protocol": "TCP"}]
+
+
+def test_tuning_seed_mounts_the_push_secret_and_never_copies_it() -> None:
+    workspace, got = seed("workspace-tuning-phi-3.yaml")
+    ref = ref_of(workspace)
+    configmap, job = render(workspace, got, ref)
+    config = TuningJobConfig.model_validate(yaml.safe_load(configmap["data"]["job.yaml"]))
+    assert config.output.push_secret == PUSH_SECRET_PATH and config.method == "qlora"
+    assert job["spec"]["entrypoint"] == "python -m services.tuning --config /etc/kaiten/tuning/job.yaml"
+    assert job["spec"]["jobId"] == job_id(ref, 1)
+    volumes = {v["name"]: v for v in pods(job)[0]["spec"]["volumes"]}
+    assert volumes["push-secret"]["secret"]["secretName"] == "ACR_REGISTRY_SECRET_HERE"
+    assert volumes["tuning-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    text = json.dumps([configmap, job])
+    assert text.count("ACR_REGISTRY_SECRET_HERE") == 1  # referenced once, by name, as a volume
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "workspace-phi-3-mini",
+        "9lives",
+        "a.dotted.name",
+        "x" * 63,
+        "phi-3-mini-128k-instruct-with-a-long-suffix-2",
+    ],
+)
+def test_any_workspace_name_maps_to_a_name_kuberay_accepts(name: str) -> None:
+    workspace, got = seed("workspace-phi-3-mini.yaml")
+    workspace = workspace.model_copy(
+        update={"metadata": workspace.metadata.model_copy(update={"name": name})}
+    )
+    objects = render(workspace, got, ref_of(workspace))
+    assert len(objects[0]["metadata"]["name"]) <= MAX_RAY_NAME
+    result = kuberay_validate(objects)
+    assert result.returncode == 0, result.stdout
+    assert object_name(name) == object_name(name)  # stable
+    if len(name) <= MAX_RAY_NAME and name[0].isalpha() and "." not in name:
+        assert object_name(name) == name  # readable when it can be
+
+
+def test_the_validator_can_fail() -> None:
+    """The oracle is real: a name KubeRay refuses is refused."""
+    workspace, got = seed("workspace-phi-3-mini.yaml")
+    rs, _ = render(workspace, got, ref_of(workspace))
+    rs["metadata"]["name"] = "x" * 48
+    result = kuberay_validate([rs])
+    assert result.returncode == 1 and "no more than 47 characters" in result.stdout
+
+
+# -- against the apiserver with KubeRay's CRDs --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds(kubectl: Kubectl) -> list[Path]:
+    paths = kuberay_parts.crds()
+    for path in paths:  # server-side: the CRDs are too big for the last-applied annotation
+        kubectl.run("apply", "--server-side", "-f", str(path), check=True, timeout=120)
+    deadline = time.monotonic() + 60
+    for crd in ("rayservices.ray.io", "rayjobs.ray.io", "rayclusters.ray.io"):
+        while (
+            "True"
+            not in kubectl.run(
+                "get", f"crd/{crd}", "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+            ).stdout
+        ):
+            assert time.monotonic() < deadline, f"CRD {crd} not Established"
+            time.sleep(0.2)
+    return paths
+
+
+@pytest.fixture
+async def api(controlplane: ControlPlane) -> AsyncIterator[kclient.ApiClient]:
+    configuration = kclient.Configuration()
+    await kconfig.load_kube_config(
+        config_file=str(controlplane.kubeconfig), client_configuration=configuration
+    )
+    async with kclient.ApiClient(configuration) as api_client:
+        yield api_client
+
+
+@pytest.fixture
+def backend(api: kclient.ApiClient, kuberay_crds: list[Path]) -> KubeRay:
+    return KubeRay(api, image=IMAGE, nats_url="nats://kaiten-nats.kaiten-system:4222")
+
+
+def kuberay_writes(kubectl: Kubectl, namespace: str, kind: str, name: str, status: dict[str, Any]) -> None:
+    """What KubeRay does: a merge-patch of the status subresource."""
+    kubectl.run(
+        "patch", kind, name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}), check=True,
+    )  # fmt: skip
+
+
+@pytest.mark.controlplane
+@pytest.mark.parametrize("name", SEED_FILES)
+async def test_the_apiserver_accepts_every_seed_object_strictly(
+    backend: KubeRay, kubectl: Kubectl, namespace: str, name: str
+) -> None:
+    workspace, got = seed(name)
+    ref = ref_of(workspace, namespace)
+    for obj in render(workspace, got, ref):
+        stored = await backend.apply(obj)  # strict field validation: an unknown field fails here
+        again = await backend.apply(obj)
+        assert again["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]  # no-op
+        managers = {m["manager"] for m in stored["metadata"]["managedFields"]}
+        assert managers == {"kaiten"}
+        assert stored["metadata"]["labels"][WORKSPACE_LABEL] == ref.name
+    listed = kubectl.json(
+        "get", "rayservices,rayjobs,services,configmaps", "-n", namespace, "-l", WORKSPACE_LABEL
+    )
+    assert len(listed["items"]) == 2
+
+
+@pytest.mark.controlplane
+async def test_a_field_kuberay_does_not_know_is_an_error_not_pruned(backend: KubeRay, namespace: str) -> None:
+    from shared.bus.errors import InvalidInput
+
+    workspace, got = seed("workspace-phi-3-mini.yaml")
+    rs, _ = render(workspace, got, ref_of(workspace, namespace))
+    rs["spec"]["serveConfigV3"] = "applications: []"
+    with pytest.raises(InvalidInput, match="serveConfigV3"):
+        await backend.apply(rs)
+
+
+def ready_status(
+    generation: int, cluster: str, app: str, state: str = "RUNNING", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            {"type": "Ready", "status": "True" if state == "RUNNING" else "False",
+             "reason": "NonZeroServeEndpoints", "message": "", "lastTransitionTime": "2026-11-21T10:00:00Z"},
+            {"type": "UpgradeInProgress", "status": "False", "reason": "NoPendingCluster",
+             "message": "", "lastTransitionTime": "2026-11-21T10:00:00Z"},
+        ],
+        "activeServiceStatus": {
+            "rayClusterName": cluster,
+            "applicationStatuses": {app: {"status": state, "message": extra.get("message", "")}},
+        },
+    }  # fmt: skip
+
+
+@pytest.mark.controlplane
+async def test_rayservice_readiness_follows_what_kuberay_writes(
+    backend: KubeRay, kubectl: Kubectl, namespace: str
+) -> None:
+    workspace, got = seed("workspace-phi-3-mini.yaml")
+    ref = ref_of(workspace, namespace)
+    config = serving_config(workspace, got)
+    target = Target(ref=ref, api_version="kaito.sh/v1alpha1", generation=1, workspace=workspace, plan=got)
+    await backend.deploy(target, dict(config))
+    name, app = object_name(ref.name), f"{namespace}--{ref.name}"
+    assert await backend.status(target) == ("pending", "KubeRay has not observed the latest spec")
+
+    kuberay_writes(kubectl, namespace, "rayservice", name, {
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "False", "reason": "Initializing", "message": "",
+                        "lastTransitionTime": "2026-11-21T10:00:00Z"}],
+        "activeServiceStatus": {"applicationStatuses": {app: {"status": "DEPLOYING"}}},
+    })  # fmt: skip
+    assert await backend.status(target) == ("pending", f"{app} DEPLOYING")
+
+    kuberay_writes(kubectl, namespace, "rayservice", name, ready_status(1, "ws-abc12", app))
+    assert await backend.status(target) == ("ready", "")
+    svc = kubectl.json("get", "service", ref.name, "-n", namespace)
+    assert svc["spec"]["selector"]["ray.io/cluster"] == "ws-abc12"  # routes to the active cluster
+    assert backend.endpoint(target) == f"http://{ref.name}.{namespace}.svc"
+
+    # a spec change (generation 2) rolls: not ready until KubeRay has observed it and it runs again
+    target2 = Target(ref=ref, api_version="kaito.sh/v1alpha1", generation=2, workspace=workspace, plan=got)
+    await backend.deploy(target2, {**config, "max_queue": 32})
+    assert (await backend.status(target2))[0] == "pending"
+    stored = kubectl.json("get", "rayservice", name, "-n", namespace)
+    assert stored["metadata"]["generation"] == 2
+    assert "max_queue: 32" in stored["spec"]["serveConfigV2"]
+    upgrading = ready_status(2, "ws-abc12", app)
+    upgrading["conditions"][1].update(status="True", reason="BothActivePendingClustersExist")
+    upgrading["pendingServiceStatus"] = {"rayClusterName": "ws-def34"}
+    kuberay_writes(kubectl, namespace, "rayservice", name, upgrading)
+    assert await backend.status(target2) == ("pending", "upgrade in progress (new Ray cluster)")
+    kuberay_writes(
+        kubectl,
+        namespace,
+        "rayservice",
+        name,
+        {**ready_status(2, "ws-def34", app), "pendingServiceStatus": None},
+    )
+    assert await backend.status(target2) == ("ready", "")
+    svc = kubectl.json("get", "service", ref.name, "-n", namespace)
+    assert svc["spec"]["selector"]["ray.io/cluster"] == "ws-def34"
+
+    failed = ready_status(2, "ws-def34", app, "DEPLOY_FAILED", message="CUDA out of memory")
+    kuberay_writes(kubectl, namespace, "rayservice", name, failed)
+    state, message = await backend.status(target2)
+    assert state == "failed" and "DEPLOY_FAILED" in message and "CUDA out of memory" in message
+
+    assert await backend.remove(target2)  # no finalizers here (no KubeRay): gone at once
+    left = kubectl.json("get", "rayservices,services", "-n", namespace, "-l", WORKSPACE_LABEL)
+    assert left["items"] == []
+
+
+def test_rayservice_state_covers_older_kuberay_and_timeouts() -> None:
+    base = {"metadata": {"generation": 3, "annotations": {"kaito.sh/generation": "5"}}}
+    app = {"applicationStatuses": {"a": {"status": "RUNNING"}}}
+    older = {
+        **base,
+        "status": {"observedGeneration": 3, "serviceStatus": "Running", "activeServiceStatus": app},
+    }
+    assert rayservice_state(older, 5) == ("ready", "")
+    assert rayservice_state(older, 6) == ("pending", "an earlier generation is applied")
+    condition = {
+        "type": "Ready",
+        "status": "False",
+        "reason": "InitializingTimeout",
+        "message": "not ready in 15m",
+    }
+    timeout = {**base, "status": {"observedGeneration": 3, "conditions": [condition]}}
+    assert rayservice_state(timeout, 5) == ("failed", "not ready in 15m")
+
+
+@pytest.mark.parametrize(
+    ("deployment", "job", "expected"),
+    [
+        ("", "", "PENDING"),
+        ("Initializing", "", "PENDING"),
+        ("Running", "PENDING", "RUNNING"),
+        ("Running", "RUNNING", "RUNNING"),
+        ("Running", "SUCCEEDED", "RUNNING"),  # KubeRay has not finished with it yet
+        ("Complete", "SUCCEEDED", "SUCCEEDED"),
+        ("Complete", "FAILED", "FAILED"),  # older KubeRay: Complete, whatever the job did
+        ("Complete", "", "PENDING"),
+        ("Failed", "", "FAILED"),
+        ("ValidationFailed", "", "FAILED"),
+        ("Complete", "STOPPED", "STOPPED"),
+    ],
+)
+def test_rayjob_outcome_needs_both_fields(deployment: str, job: str, expected: str) -> None:
+    state, _ = rayjob_state({"status": {"jobDeploymentStatus": deployment, "jobStatus": job}})
+    assert state == expected
+
+
+@pytest.mark.controlplane
+async def test_rayjob_lifecycle_through_the_status_subresource(
+    backend: KubeRay, kubectl: Kubectl, namespace: str
+) -> None:
+    workspace, got = seed("workspace-tuning-phi-3.yaml")
+    ref = ref_of(workspace, namespace)
+    target = Target(
+        ref=ref,
+        api_version="kaito.sh/v1alpha1",
+        generation=1,
+        workspace=workspace,
+        plan=got,
+        job=job_id(ref, 1),
+    )
+    await backend.submit(target, {"LoraConfig": {"r": 8}})
+    name = object_name(ref.name, "-g1")
+    job = kubectl.json("get", "rayjob", name, "-n", namespace)
+    assert job["spec"]["jobId"] == target.job
+    config = kubectl.json("get", "configmap", f"{ref.name}-g1-tuning", "-n", namespace)
+    assert "r: 8" in config["data"]["job.yaml"]
+    assert await backend.job_status(target) == ("PENDING", "")
+
+    kuberay_writes(
+        kubectl, namespace, "rayjob", name, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}
+    )
+    assert await backend.job_status(target) == ("RUNNING", "")
+    kuberay_writes(kubectl, namespace, "rayjob", name, {
+        "jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "reason": "AppFailed",
+        "message": "Job failed: push to registry refused",
+    })  # fmt: skip
+    assert await backend.job_status(target) == ("FAILED", "Job failed: push to registry refused")
+
+    # generation 2 replaces generation 1's job and config
+    target2 = Target(
+        ref=ref,
+        api_version="kaito.sh/v1alpha1",
+        generation=2,
+        workspace=workspace,
+        plan=got,
+        job=job_id(ref, 2),
+    )
+    await backend.submit(target2, {})
+    names = sorted(i["metadata"]["name"] for i in kubectl.json(
+        "get", "rayjobs,configmaps", "-n", namespace, "-l", WORKSPACE_LABEL)["items"])  # fmt: skip
+    assert names == sorted([object_name(ref.name, "-g2"), f"{ref.name}-g2-tuning"])
+    kuberay_writes(kubectl, namespace, "rayjob", object_name(ref.name, "-g2"),
+                   {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})  # fmt: skip
+    assert await backend.job_status(target2) == ("SUCCEEDED", "")
+    assert await backend.remove(target2)
+    assert kubectl.json("get", "rayjobs,configmaps", "-n", namespace, "-l", WORKSPACE_LABEL)["items"] == []
