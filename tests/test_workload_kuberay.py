@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
+from nats.aio.client import Client
 
 from services.serving.app import ServingConfig
 from services.tuning.config import TuningJobConfig
@@ -35,13 +36,16 @@ from services.workload.kuberay import (
 )
 from services.workload.render import job_id, serving_config, tuning_config
 from shared.api.workspace import Workspace
+from shared import events as ev
 from shared.events import WorkspaceRef
 from shared.local import kuberay as kuberay_parts
 from shared.local.controlplane import ControlPlane
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
 from shared.planning.planner import PlanOptions, plan
-from tests.conftest import SEEDS, Kubectl
+from tests.conftest import SEEDS, Kubectl, Services, until
+from tests.test_planner_e2e import add_gpu_node, manifest
+from tests.test_provisioner_e2e import FAST, events_of
 
 CATALOGS = load_catalogs()
 IMAGE = "kaiten-ray:test"
@@ -440,3 +444,69 @@ async def test_rayjob_lifecycle_through_the_status_subresource(
     assert await backend.job_status(target2) == ("SUCCEEDED", "")
     assert await backend.remove(target2)
     assert kubectl.json("get", "rayjobs,configmaps", "-n", namespace, "-l", WORKSPACE_LABEL)["items"] == []
+
+
+# -- the whole chain with the kuberay backend -----------------------------------------------------------
+
+
+@pytest.mark.controlplane
+@pytest.mark.nats
+async def test_kuberay_backend_end_to_end(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services, kuberay_crds: list[Path]
+) -> None:
+    """kubectl apply → watcher → planner → provisioner (bring-your-own GPU node) → workload (kuberay):
+    the RayService lands on that node; KubeRay's status (written here) → InferenceReady on the Workspace;
+    a second workload replica changes nothing; deletion removes every object and the Workspace."""
+    selector = f"kr-{namespace}"
+    node = f"{namespace}-gpu"
+    try:
+        add_gpu_node(kubectl, node, selector)
+        await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
+        await services.start_ready("services.planner", KAITEN_PROVIDER="byo")
+        await services.start_ready("services.provisioner", KAITEN_PROVIDER="byo", **FAST)
+        for _ in range(2):  # two replicas: one consumer group, both reconcile
+            await services.start_ready(
+                "services.workload", KAITEN_BACKEND="kuberay", KAITEN_RAY_IMAGE=IMAGE, **FAST
+            )
+        ws = json.loads(manifest("phi", "phi-3-mini-4k-instruct", None))
+        ws["resource"]["labelSelector"]["matchLabels"] = {"apps": selector}
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
+        uid = kubectl.json("get", "workspace", "phi", "-n", namespace)["metadata"]["uid"]
+
+        def rayservices() -> list[dict[str, Any]]:
+            return list(kubectl.json("get", "rayservices", "-n", namespace)["items"])
+
+        await until(
+            lambda: rayservices(),
+            timeout=60,
+            what=f"a RayService\n{kubectl.run('get', 'workspace', 'phi', '-n', namespace, '-o', 'yaml').stdout}"
+            f"\n{services.logs()}",
+        )
+        (rs,) = rayservices()
+        assert rs["metadata"]["ownerReferences"][0]["uid"] == uid
+        head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+        assert head["nodeSelector"] == {"apps": selector} and head["containers"][0]["image"] == IMAGE
+        app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["name"]
+        kuberay_writes(kubectl, namespace, "rayservice", "phi", ready_status(1, "phi-x7k2p", app))
+        kubectl.run(
+            "wait",
+            "-n",
+            namespace,
+            "--for=condition=InferenceReady",
+            "workspace/phi",
+            "--timeout=60s",
+            check=True,
+        )
+        (ready,) = [
+            e for e in await events_of(nc, "workload", namespace, "phi") if isinstance(e, ev.InferenceReady)
+        ]
+        assert ready.endpoint == f"http://phi.{namespace}.svc"
+        svc = kubectl.json("get", "service", "phi", "-n", namespace)
+        assert svc["spec"]["selector"]["ray.io/cluster"] == "phi-x7k2p"
+        assert len(rayservices()) == 1  # two replicas, one RayService
+
+        kubectl.run("delete", "-n", namespace, "workspace/phi", "--timeout=60s", check=True)
+        left = kubectl.json("get", "rayservices,services", "-n", namespace, "-l", WORKSPACE_LABEL)
+        assert left["items"] == []
+    finally:
+        kubectl.run("delete", "node", node, "--wait=false")

@@ -5,16 +5,23 @@ removes the application and releases the finalizer."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
+
 import httpx
 import pytest
+import yaml
 from nats.aio.client import Client
 
+from services.tuning.push import push
 from shared import events as ev
 from shared.local.procs import free_port
 from shared.local.ray_head import RayHead
 from tests.conftest import REPO, Kubectl, Services, start_local_chain
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of
+from tests.test_tuning import PASSWORD, USER, push_secret, registry  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
 
@@ -65,3 +72,63 @@ async def test_local_example_is_served_and_answers(
         if isinstance(e, ev.CleanupDone)
     ]
     assert sorted(owners) == ["provisioner", "workload"]
+
+
+async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
+    kubectl: Kubectl,
+    namespace: str,
+    nc: Client,
+    services: Services,
+    ray_dashboard: RayHead,
+    adapter_dir: Path,
+    registry: str,  # noqa: F811
+    push_secret: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A spec change (an adapter added) rolls the Serve application to generation 2: the replica pulls
+    the adapter image with the Workspace's pull secret (copied 0600 for it alone) and serves it."""
+    image = f"{registry}/adapters/capitals:1"
+    await asyncio.to_thread(push, adapter_dir, image, str(push_secret), insecure=True)
+    kubectl.run(
+        "create", "secret", "docker-registry", "pull-cred", "-n", namespace, f"--docker-server={registry}",
+        f"--docker-username={USER}", f"--docker-password={PASSWORD}", check=True,
+    )  # fmt: skip
+    work = tmp_path / "workload"
+    await start_local_chain(services, ray_dashboard, free_port(), KAITEN_WORK_DIR=str(work))
+    workspace = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2.yaml").read_text())
+    name = workspace["metadata"]["name"]
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
+    ready_cond = "--for=condition=InferenceReady"
+    kubectl.run("wait", "-n", namespace, ready_cond, f"workspace/{name}", "--timeout=240s", check=True)
+
+    workspace["inference"]["adapters"] = [
+        {"source": {"name": "capitals", "image": image, "imagePullSecrets": ["pull-cred"]}, "strength": "0.5"}
+    ]
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
+
+    async def ready_at(generation: int) -> ev.InferenceReady | None:
+        found = [
+            e for e in await events_of(nc, "workload", namespace, name)
+            if isinstance(e, ev.InferenceReady) and e.generation == generation
+        ]  # fmt: skip
+        return found[0] if found else None
+
+    deadline = asyncio.get_running_loop().time() + 240
+    while (ready := await ready_at(2)) is None:
+        assert asyncio.get_running_loop().time() < deadline, f"generation 2 never ready\n{services.logs()}"
+        await asyncio.sleep(1)
+    models = httpx.get(f"{ready.endpoint}/v1/models", timeout=30).json()
+    assert sorted(m["id"] for m in models["data"]) == ["capitals", "smollm2-135m-instruct"]
+    answer = httpx.post(
+        f"{ready.endpoint}/chat",
+        json={"prompt": "The capital of France is", "model": "capitals"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    (secret,) = (work / f"{namespace}.{name}" / "pull").glob("*/.dockerconfigjson")
+    assert secret.stat().st_mode & 0o777 == 0o600
+    obj = kubectl.json("get", "workspace", name, "-n", namespace)
+    assert condition(obj, "InferenceReady")["observedGeneration"] == 2
+
+    kubectl.run("delete", "-n", namespace, f"workspace/{name}", "--timeout=60s", check=True)
+    assert not (work / f"{namespace}.{name}").exists()  # the secret copy goes with the workload

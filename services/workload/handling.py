@@ -52,6 +52,7 @@ class Record(msgspec.Struct, kw_only=True):
     plan: dict[str, Any] = {}
     plan_generation: int = 0
     phase: Phase = "waiting"
+    nodes_generation: int = 0  # the latest generation whose nodes are ready
     deployed_generation: int = 0
     since: float = 0.0
     message: str = ""
@@ -125,7 +126,6 @@ class Workloads:
         if isinstance(events[-1], ev.WorkspaceDeleting):
             await self._delete(key, events[-1])
             return
-        deploy = False
         async with self._lock(key):
             record = await self._get(key)
             if record is None or record.uid != ref.uid:
@@ -138,9 +138,17 @@ class Workloads:
                     record.api_version = event.api_version
                 elif isinstance(event, ev.PlanResolved) and event.generation >= record.plan_generation:
                     record.plan, record.plan_generation = dict(event.plan), event.generation
-                elif isinstance(event, ev.NodesReady) and event.generation == record.plan_generation:
-                    deploy = event.generation > record.deployed_generation or record.phase == "waiting"
+                elif isinstance(event, ev.NodesReady) and event.generation > record.nodes_generation:
+                    record.nodes_generation = event.generation
             await self._put(key, record)
+            # whichever of spec, plan and nodes arrives last (events of one Workspace may reach two
+            # replicas in any order) completes the generation and deploys it
+            generation = record.plan_generation
+            deploy = (
+                generation > 0
+                and record.spec_generation == generation == record.nodes_generation
+                and (generation > record.deployed_generation or record.phase == "waiting")
+            )
         if deploy:
             await self._deploy(key)
 
