@@ -35,8 +35,8 @@ from services.workload.kuberay import (
     tuning_configmap,
 )
 from services.workload.render import job_id, serving_config, tuning_config
-from shared.api.workspace import Workspace
 from shared import events as ev
+from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef
 from shared.local import kuberay as kuberay_parts
 from shared.local.controlplane import ControlPlane
@@ -476,12 +476,7 @@ async def test_kuberay_backend_end_to_end(
         def rayservices() -> list[dict[str, Any]]:
             return list(kubectl.json("get", "rayservices", "-n", namespace)["items"])
 
-        await until(
-            lambda: rayservices(),
-            timeout=60,
-            what=f"a RayService\n{kubectl.run('get', 'workspace', 'phi', '-n', namespace, '-o', 'yaml').stdout}"
-            f"\n{services.logs()}",
-        )
+        await until(lambda: rayservices(), timeout=60, what=f"a RayService\n{services.logs()}")
         (rs,) = rayservices()
         assert rs["metadata"]["ownerReferences"][0]["uid"] == uid
         head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
