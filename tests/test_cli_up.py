@@ -51,7 +51,6 @@ def test_up_then_kubectl_then_stop(tmp_path: Path) -> None:
         text = "".join(lines)
         assert "✓ kube-apiserver" in text and "✓ Ray" in text, text
         assert "✓ services           watcher, planner, provisioner, workload" in text, text
-        assert "not yet            the KubeRay backend" in text
         endpoints = json.loads((state / "endpoints.json").read_text())
         kubeconfig = state / "controlplane" / "kubeconfig"
         assert f"export KUBECONFIG={kubeconfig}" in "".join([*lines, up.stdout.readline()])

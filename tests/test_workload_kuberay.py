@@ -82,6 +82,18 @@ def render(workspace: Workspace, got: Plan, ref: WorkspaceRef, generation: int =
     ]
 
 
+def target_of(workspace: Workspace, got: Plan, ref: WorkspaceRef, generation: int) -> Target:
+    job = job_id(ref, generation) if workspace.tuning is not None else ""
+    return Target(
+        ref=ref,
+        api_version="kaito.sh/v1alpha1",
+        generation=generation,
+        workspace=workspace,
+        plan=got,
+        job=job,
+    )
+
+
 def kuberay_validate(objects: list[dict[str, Any]]) -> subprocess.CompletedProcess[str]:
     lines = "\n".join(json.dumps(o) for o in objects if o["kind"] in ("RayService", "RayJob"))
     return subprocess.run(
@@ -302,7 +314,7 @@ async def test_rayservice_readiness_follows_what_kuberay_writes(
     workspace, got = seed("workspace-phi-3-mini.yaml")
     ref = ref_of(workspace, namespace)
     config = serving_config(workspace, got)
-    target = Target(ref=ref, api_version="kaito.sh/v1alpha1", generation=1, workspace=workspace, plan=got)
+    target = target_of(workspace, got, ref, 1)
     await backend.deploy(target, dict(config))
     name, app = object_name(ref.name), f"{namespace}--{ref.name}"
     assert await backend.status(target) == ("pending", "KubeRay has not observed the latest spec")
@@ -322,7 +334,7 @@ async def test_rayservice_readiness_follows_what_kuberay_writes(
     assert backend.endpoint(target) == f"http://{ref.name}.{namespace}.svc"
 
     # a spec change (generation 2) rolls: not ready until KubeRay has observed it and it runs again
-    target2 = Target(ref=ref, api_version="kaito.sh/v1alpha1", generation=2, workspace=workspace, plan=got)
+    target2 = target_of(workspace, got, ref, 2)
     await backend.deploy(target2, {**config, "max_queue": 32})
     assert (await backend.status(target2))[0] == "pending"
     stored = kubectl.json("get", "rayservice", name, "-n", namespace)
@@ -400,14 +412,7 @@ async def test_rayjob_lifecycle_through_the_status_subresource(
 ) -> None:
     workspace, got = seed("workspace-tuning-phi-3.yaml")
     ref = ref_of(workspace, namespace)
-    target = Target(
-        ref=ref,
-        api_version="kaito.sh/v1alpha1",
-        generation=1,
-        workspace=workspace,
-        plan=got,
-        job=job_id(ref, 1),
-    )
+    target = target_of(workspace, got, ref, 1)
     await backend.submit(target, {"LoraConfig": {"r": 8}})
     name = object_name(ref.name, "-g1")
     job = kubectl.json("get", "rayjob", name, "-n", namespace)
@@ -427,14 +432,7 @@ async def test_rayjob_lifecycle_through_the_status_subresource(
     assert await backend.job_status(target) == ("FAILED", "Job failed: push to registry refused")
 
     # generation 2 replaces generation 1's job and config
-    target2 = Target(
-        ref=ref,
-        api_version="kaito.sh/v1alpha1",
-        generation=2,
-        workspace=workspace,
-        plan=got,
-        job=job_id(ref, 2),
-    )
+    target2 = target_of(workspace, got, ref, 2)
     await backend.submit(target2, {})
     names = sorted(i["metadata"]["name"] for i in kubectl.json(
         "get", "rayjobs,configmaps", "-n", namespace, "-l", WORKSPACE_LABEL)["items"])  # fmt: skip

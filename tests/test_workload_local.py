@@ -119,12 +119,9 @@ async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
         await asyncio.sleep(1)
     models = httpx.get(f"{ready.endpoint}/v1/models", timeout=30).json()
     assert sorted(m["id"] for m in models["data"]) == ["capitals", "smollm2-135m-instruct"]
-    answer = httpx.post(
-        f"{ready.endpoint}/chat",
-        json={"prompt": "The capital of France is", "model": "capitals"},
-        timeout=120,
-    )
-    assert answer.status_code == 200, answer.text
+    body = {"model": "capitals", "prompt": "The capital of France is", "max_tokens": 8}
+    answer = httpx.post(f"{ready.endpoint}/v1/completions", json=body, timeout=120)
+    assert answer.status_code == 200 and answer.json()["model"] == "capitals", answer.text
     (secret,) = (work / f"{namespace}.{name}" / "pull").glob("*/.dockerconfigjson")
     assert secret.stat().st_mode & 0o777 == 0o600
     obj = kubectl.json("get", "workspace", name, "-n", namespace)

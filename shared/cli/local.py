@@ -4,7 +4,7 @@ What runs: a JetStream nats-server, the real etcd + kube-apiserver (built from G
 use), the Workspace CRD, a Ray head with the dashboard (loopback only, token auth), and the watcher/
 status-writer, planner, provisioner (provider ``local``: this machine is the one node) and workload
 (backend ``local``: Serve applications on that Ray) services, supervised (restarted with backoff if
-one dies). Tuning Workspaces run as Ray jobs. What is not there yet (adapters, KubeRay) ``up`` says.
+one dies). Tuning Workspaces run as Ray jobs; adapters are pulled from their registry by the replica.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open
 from shared.local.ray_head import RayHead
 
 SERVICES = ("services.watcher", "services.planner", "services.provisioner", "services.workload")
-NOT_YET = {
-    "adapters on inference Workspaces": "issue 7",
-    "the KubeRay backend for clusters": "issue 7",
-}
 DEFAULT_SERVE_PORT = 8000
 
 
@@ -113,8 +109,6 @@ def up(root: Path) -> int:
         )
         procs = [_service(module, root, env) for module in SERVICES]
         print(f"✓ services           {', '.join(m.split('.')[-1] for m in SERVICES)}", flush=True)
-        for part, issue in NOT_YET.items():
-            print(f"· not yet            {part} ({issue})", flush=True)
         print(
             f"\nup in {time.monotonic() - started:.1f}s. In another terminal:\n"
             f"  export KUBECONFIG={cp.kubeconfig}\n"
