@@ -6,6 +6,8 @@ subresource as KubeRay does, and check what the workload makes of it."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -453,8 +455,9 @@ async def test_kuberay_backend_end_to_end(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services, kuberay_crds: list[Path]
 ) -> None:
     """kubectl apply → watcher → planner → provisioner (bring-your-own GPU node) → workload (kuberay):
-    the RayService lands on that node; KubeRay's status (written here) → InferenceReady on the Workspace;
-    a second workload replica changes nothing; deletion removes every object and the Workspace."""
+    the RayService lands on that node, once, from two replicas; both are SIGKILLed and a fresh one takes
+    over; KubeRay's status (written here) → InferenceReady on the Workspace; deletion removes every
+    object and the Workspace."""
     selector = f"kr-{namespace}"
     node = f"{namespace}-gpu"
     try:
@@ -462,10 +465,8 @@ async def test_kuberay_backend_end_to_end(
         await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
         await services.start_ready("services.planner", KAITEN_PROVIDER="byo")
         await services.start_ready("services.provisioner", KAITEN_PROVIDER="byo", **FAST)
-        for _ in range(2):  # two replicas: one consumer group, both reconcile
-            await services.start_ready(
-                "services.workload", KAITEN_BACKEND="kuberay", KAITEN_RAY_IMAGE=IMAGE, **FAST
-            )
+        workload = {"KAITEN_BACKEND": "kuberay", "KAITEN_RAY_IMAGE": IMAGE, **FAST}
+        replicas = [await services.start_ready("services.workload", **workload) for _ in range(2)]
         ws = json.loads(manifest("phi", "phi-3-mini-4k-instruct", None))
         ws["resource"]["labelSelector"]["matchLabels"] = {"apps": selector}
         kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
@@ -480,6 +481,10 @@ async def test_kuberay_backend_end_to_end(
         head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
         assert head["nodeSelector"] == {"apps": selector} and head["containers"][0]["image"] == IMAGE
         app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["name"]
+        for replica in replicas:  # both killed mid-deployment; a fresh one picks up from the KV state
+            os.kill(replica.pid, signal.SIGKILL)
+            replica.proc.wait()  # type: ignore[union-attr]
+        await services.start_ready("services.workload", **workload)
         kuberay_writes(kubectl, namespace, "rayservice", "phi", ready_status(1, "phi-x7k2p", app))
         kubectl.run(
             "wait",
