@@ -176,8 +176,9 @@ class Workloads:
                 record.phase, record.job_started = "job", False
                 log.info("[%s] gen %d: tuning job %s submitted", record.ref.key, generation, record.job)
             else:
-                config = serving_config(workspace, plan_from_dict(record.plan))
-                await self._backend.deploy(record.target(workspace), config)
+                target = record.target(workspace)
+                assert target.plan is not None
+                await self._backend.deploy(target, serving_config(workspace, target.plan))
                 record.phase = "deploying"
         except (RenderError, ValidationError, InvalidInput) as exc:  # InvalidInput: the apiserver refused it
             reason = "InvalidSpec" if isinstance(exc, ValidationError) else exc.reason

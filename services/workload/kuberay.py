@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from services.workload.render import SERVING_IMPORT_PATH, RenderError, app_name
-from shared.api.workspace import Workspace
+from shared.api.workspace import PresetOptions, Workspace
 from shared.events import WorkspaceRef
 from shared.planning.model import Plan
 
@@ -142,13 +142,17 @@ def _mounts(extra: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def _preset_options(workspace: Workspace) -> PresetOptions | None:
+    spec = workspace.inference or workspace.tuning
+    return spec.preset.preset_options if spec is not None and spec.preset is not None else None
+
+
 def _env(workspace: Workspace) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "KAITEN_CACHE_DIR", "value": CACHE_PATH},
         {"name": "HF_HOME", "value": f"{CACHE_PATH}/hf"},
     ]
-    preset = workspace.inference or workspace.tuning
-    options = preset.preset.preset_options if preset is not None and preset.preset is not None else None
+    options = _preset_options(workspace)
     if options is not None and options.model_access_secret:  # a private model: the token by reference
         env.append(
             {
@@ -160,8 +164,7 @@ def _env(workspace: Workspace) -> list[dict[str, Any]]:
 
 
 def _pull_secrets(workspace: Workspace) -> list[dict[str, str]]:
-    spec = workspace.inference or workspace.tuning
-    options = spec.preset.preset_options if spec is not None and spec.preset is not None else None
+    options = _preset_options(workspace)
     names = list(options.image_pull_secrets) if options is not None else []
     return [{"name": n} for n in dict.fromkeys(names)]
 
