@@ -2,7 +2,7 @@
 
 load settings → connect NATS (bounded) → declare the stream → build the kube client → start
 components → report ready → on SIGTERM/SIGINT (or a component dying) stop intake, give in-flight work
-``shutdown_grace_s``, drain NATS, close clients. A component that dies takes the process down with a
+``shutdown_grace_s``, flush and close NATS, close clients. A component that dies takes the process down with a
 non-zero exit so its supervisor (kubelet, ``kaiten up``) restarts it: no silent half-alive service.
 """
 
@@ -23,7 +23,7 @@ from kubernetes_asyncio import client as kclient
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from shared.bus.connection import connect
+from shared.bus.connection import close, connect
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_stream
 from shared.kube.client import api_client
@@ -118,8 +118,7 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
         for component in reversed(components):
             with contextlib.suppress(Exception):
                 await component.stop(settings.shutdown_grace_s)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), timeout=5)
+        await close(nc)
         if api is not None:
             await api.close()
         log.info("%s stopped", service)

@@ -55,7 +55,9 @@ class Reporter:
 
     async def close(self) -> None:
         if self._nc is not None:
-            await self._nc.drain()
+            from shared.bus.connection import close
+
+            await close(self._nc)
 
     def _common(self) -> dict[str, Any]:
         w = self._config.workspace

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
@@ -61,3 +62,19 @@ async def connect(
         raise BusUnavailable(f"NATS at {url} not reachable within {connect_timeout:g}s: {exc}") from exc
     client.append(nc)
     return nc
+
+
+async def close(nc: Client, timeout: float = 5.0) -> None:
+    """Flush what was published, then close the connection.
+
+    Not ``drain()``: when a subscription's queue does not empty in time, nats-py's drain cancels its
+    gathered future and never retrieves it, and asyncio logs a CancelledError traceback at shutdown.
+    By the time a service closes, its components have stopped intake and finished (or given up) their
+    work; anything not acked is redelivered by JetStream, so draining buys nothing.
+    """
+    if nc.is_closed:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.flush(), timeout)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), timeout)
