@@ -6,8 +6,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from typing import Any, TextIO
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO
 
+import httpx
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -22,6 +26,10 @@ def describe(event: ev.AnyEvent) -> str:
     """One human line: when, which Workspace, what happened."""
     when = dt.datetime.fromtimestamp(event.occurred_at, dt.UTC).strftime("%H:%M:%S")
     head = f"{when}  {event.workspace.key:<32} gen {event.generation:<3} {event.kind:<26}"
+    return f"{head} {detail_of(event)}".rstrip()
+
+
+def detail_of(event: ev.AnyEvent) -> str:
     match event:
         case ev.ConditionReported():
             detail = f"{event.type}={event.status} ({event.reason}) {event.message}"
@@ -34,7 +42,7 @@ def describe(event: ev.AnyEvent) -> str:
                 if k not in ENVELOPE and v not in ("", None)
             }
             detail = " ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, dict))
-    return f"{head} {detail}".rstrip()
+    return detail
 
 
 def as_json(event: ev.AnyEvent) -> str:
@@ -94,3 +102,125 @@ def _render(event: ev.AnyEvent, json_lines: bool) -> str:
 
 def _start_time_config(since: dt.datetime) -> ConsumerConfig:
     return ConsumerConfig(opt_start_time=since.astimezone(dt.UTC))
+
+
+# --- one Workspace, live (``kaiten up``'s sample) ---------------------------------------------------
+
+NEXT_STEP = {
+    "workspace.observed": "planning",
+    "plan.resolved": "provisioning nodes",
+    "nodes.requested": "provisioning nodes",
+    "nodes.ready": "deploying on Ray Serve (the first time converts the model, ~30 s)",
+    "workload.job_started": "tuning",
+}
+
+
+class View(Protocol):
+    def line(self, text: str) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    message: str
+    endpoint: str
+    seconds: float
+
+
+def watch_workspace(
+    *, nats_url: str, kubeconfig: str, namespace: str, name: str, since: float, timeout: float, live: View
+) -> Outcome:
+    """Show the Workspace's status events as they arrive until it succeeds (and answers) or fails."""
+    return asyncio.run(_watch(nats_url, kubeconfig, namespace, name, since, timeout, live))
+
+
+async def _watch(
+    nats_url: str, kubeconfig: str, namespace: str, name: str, since: float, limit_s: float, live: View
+) -> Outcome:
+    started = time.monotonic()
+    nc = await connect(nats_url, name="kaiten-up", connect_timeout=5, max_reconnect_attempts=5)
+    js = nc.jetstream()
+    sub = await js.subscribe(
+        ev.subject_filter("*", "*", namespace, name),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        config=_start_time_config(dt.datetime.fromtimestamp(since, dt.UTC)),
+    )
+    step = ["waiting for the watcher"]
+
+    def elapsed() -> str:
+        return f"{time.monotonic() - started:6.1f}s"
+
+    async def show() -> None:
+        async for msg in sub.messages:
+            try:
+                event = ev.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if isinstance(event, ev.TuningProgress):
+                step[0] = f"tuning: step {event.step}/{event.total_steps or '?'}"
+                continue
+            step[0] = NEXT_STEP.get(event.kind, step[0])
+            if event.kind != "workspace.observed":
+                live.line(f"  {elapsed()}  {event.kind:<26} {detail_of(event)}".rstrip())
+
+    shower = asyncio.create_task(show())
+    try:
+        while True:
+            outcome = await _check(kubeconfig, namespace, name)
+            if outcome is not None:
+                outcome.seconds = time.monotonic() - started
+                return outcome
+            if time.monotonic() - started > limit_s:
+                return Outcome(False, f"not ready after {limit_s:.0f}s (last: {step[0]})", "", limit_s)
+            if shower.done() and shower.exception() is not None:
+                raise shower.exception()  # type: ignore[misc]
+            for _ in range(4):
+                live.status(f"{step[0]} ({elapsed().strip()})")
+                await asyncio.sleep(0.25)
+    finally:
+        shower.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await shower
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        await nc.close()
+
+
+async def _check(kubeconfig: str, namespace: str, name: str) -> Outcome | None:
+    """Succeeded (and, for inference, answering /health), failed, or None while neither."""
+    proc = await asyncio.create_subprocess_exec(
+        "kubectl", "get", "workspace", name, "-n", namespace, "-o", "json",
+        env={**os.environ, "KUBECONFIG": kubeconfig},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, _ = await proc.communicate()
+    if proc.returncode != 0:
+        return None  # not created yet, or the apiserver is restarting
+    obj = json.loads(stdout)
+    conditions = {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}
+    done = conditions.get("WorkspaceSucceeded", {})
+    if done.get("observedGeneration", 0) < obj["metadata"].get("generation", 1):
+        return None
+    if done.get("status") == "False":
+        return Outcome(False, f"{done.get('reason')}: {done.get('message')}", "", 0.0)
+    if done.get("status") != "True":
+        return None
+    ready = conditions.get("InferenceReady", {})
+    endpoint = endpoint_of(ready.get("message", ""))
+    if endpoint:  # after a restart the condition may still say True while Serve redeploys: ask it
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                if (await client.get(f"{endpoint}/health")).status_code != 200:
+                    return None
+        except httpx.HTTPError:
+            return None
+    return Outcome(True, done.get("message", ""), endpoint, 0.0)
+
+
+def endpoint_of(message: str) -> str:
+    """The status writer's InferenceReady message is ``serving at <endpoint>``."""
+    prefix = "serving at "
+    return message[len(prefix) :].split()[0] if message.startswith(prefix) else ""

@@ -1,32 +1,40 @@
-"""``kaiten up``: the system on one machine, in the foreground.
+"""``kaiten up`` / ``status`` / ``down`` / ``chat``: the system on one machine.
 
-What runs: a JetStream nats-server, the real etcd + kube-apiserver (built from Go modules on first
-use), the Workspace CRD, a Ray head with the dashboard (loopback only, token auth), and the watcher/
-status-writer, planner, provisioner (provider ``local``: this machine is the one node) and workload
-(backend ``local``: Serve applications on that Ray) services, supervised (restarted with backoff if
-one dies). Tuning Workspaces run as Ray jobs; adapters are pulled from their registry by the replica.
+``up`` starts the supervisor (:mod:`shared.cli.stack`) in the background, shows each part coming up,
+prints how to use the cluster with kubectl, applies the sample Workspace (unless ``--no-sample``),
+follows its status events live until it is ready, and prints the endpoint and a ``curl`` line. The
+system keeps running until ``kaiten down``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import FrameType
+from typing import Any, TextIO
 
-from shared.api.crd import CRD_PATH
-from shared.bus.backoff import delay_for
-from shared.local.controlplane import ControlPlane
-from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open
-from shared.local.ray_head import RayHead
+import httpx
 
-SERVICES = ("services.watcher", "services.planner", "services.provisioner", "services.workload")
-DEFAULT_SERVE_PORT = 8000
+from shared.cli.events import endpoint_of, watch_workspace
+from shared.cli.stack import PROJECT, lock
+from shared.local.procs import kill_pids, running, tail
+
+SAMPLE = PROJECT / "examples" / "local" / "workspace-smollm2.yaml"
+SAMPLE_NAME = "workspace-smollm2"
+QUESTION = "What is the capital of France?"
+MARKS = {
+    "healthy": "✓",
+    "disabled": "-",
+    "starting": "…",
+    "restarting": "!",
+    "unhealthy": "✗",
+    "stopped": "·",
+}
 
 
 def state_dir() -> Path:
@@ -34,147 +42,350 @@ def state_dir() -> Path:
     return Path(base)
 
 
-def _already_running(pid_file: Path) -> int | None:
+def read_status(root: Path) -> dict[str, Any] | None:
     try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, 0)
+        data: dict[str, Any] = json.loads((root / "status.json").read_text())
     except (OSError, ValueError):
         return None
-    return pid
+    return data
 
 
-class _Stop(Exception):
-    pass
+def supervisor_running(root: Path) -> bool:
+    """True while a supervisor holds the state dir's lock (a crashed one releases it at exit)."""
+    if not (root / "lock").exists():
+        return False
+    held = lock(root)
+    if held is None:
+        return True
+    held.close()
+    return False
 
 
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
+def _elapsed(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def up(root: Path) -> int:
+class Live:
+    """One status line rewritten in place on a terminal; on a pipe, only the lines that matter."""
+
+    SPIN = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.tick = 0
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[K")
+        print(text, file=self.out, flush=True)
+
+    def status(self, text: str) -> None:
+        if not self.tty:
+            return
+        self.tick += 1
+        self.out.write(f"\r\x1b[K{self.SPIN[self.tick % len(self.SPIN)]} {text}")
+        self.out.flush()
+
+    def clear(self) -> None:
+        if self.tty:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+
+# --- up ----------------------------------------------------------------------------------------
+
+
+def up(
+    root: Path, *, sample: bool, timeout: float, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
     root.mkdir(parents=True, exist_ok=True)
-    pid_file = root / "up.pid"
-    if (pid := _already_running(pid_file)) is not None:
+    if supervisor_running(root):
+        status = read_status(root) or {}
+        pid = status.get("supervisor", {}).get("pid", "?")
         print(
-            f"kaiten up is already running (pid {pid}, state in {root}); stop it with Ctrl-C there "
-            f"or `kill {pid}`",
-            file=sys.stderr,
+            f"kaiten is already running (supervisor pid {pid}, state in {root}).\n"
+            f"  kaiten status    shows every component\n  kaiten down      stops it",
+            file=err,
         )
         return 1
-    pid_file.write_text(str(os.getpid()))
-    for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job may inherit it ignored
-        signal.signal(sig, _raise_stop)
+    (root / "status.json").unlink(missing_ok=True)
+    live = Live(out)
     started = time.monotonic()
-    nats = cp = ray = None
-    procs: list[ManagedProcess] = []
+    with (root / "supervisor.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli.stack", str(root)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=PROJECT,
+            start_new_session=True,  # Ctrl-C in this terminal after `up` returns must not reach it
+        )
+    live.line(f"kaiten: starting in the background (supervisor pid {proc.pid}, state in {root})")
     try:
-        nats = NatsServer(root / "nats").start()
-        print(f"✓ NATS JetStream     {nats.url}", flush=True)
-        cp = ControlPlane(root / "controlplane").start()
-        print(f"✓ kube-apiserver     {cp.server}", flush=True)
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(cp.kubeconfig),
-            "KAITEN_NATS_URL": nats.url,
-            "KAITEN_PROVIDER": os.environ.get("KAITEN_PROVIDER", "local"),
-            # the finalizer waits for these owners of external state to report cleanup
-            "KAITEN_CLEANUP_OWNERS": "provisioner,workload",
-        }
-        subprocess.run(["kubectl", "apply", "-f", str(CRD_PATH)], env=env, check=True, capture_output=True)
-        print("✓ Workspace CRD     workspaces.kaito.sh (v1alpha1, v1beta1)", flush=True)
-        ray = RayHead(root / "ray", dashboard=True, pythonpath=[PROJECT]).start()
-        serve_port = _serve_port()
-        env |= {
-            "KAITEN_RAY_DASHBOARD_URL": ray.dashboard_url,
-            "KAITEN_RAY_TOKEN_PATH": str(ray.token_path),
-            "KAITEN_SERVE_PORT": str(serve_port),
-            "KAITEN_WORK_DIR": str(root / "workload"),
-            "KAITEN_ALLOW_LOOPBACK_URLS": "true",  # local tuning data may be served from this machine
-        }
-        print(
-            f"✓ Ray                {ray.address} (dashboard {ray.dashboard_url});"
-            f" Serve on 127.0.0.1:{serve_port}",
-            flush=True,
-        )
-        (root / "endpoints.json").write_text(
-            json.dumps(
-                {
-                    "nats_url": nats.url,
-                    "kubeconfig": str(cp.kubeconfig),
-                    "ray_dashboard": ray.dashboard_url,
-                    "serve_url": f"http://127.0.0.1:{serve_port}",
-                    "ray_temp_dir": str(ray.temp_dir),
-                }
-            )
-        )
-        procs = [_service(module, root, env) for module in SERVICES]
-        print(f"✓ services           {', '.join(m.split('.')[-1] for m in SERVICES)}", flush=True)
-        print(
-            f"\nup in {time.monotonic() - started:.1f}s. In another terminal:\n"
-            f"  export KUBECONFIG={cp.kubeconfig}\n"
-            f"  kubectl apply -f examples/local/workspace-smollm2.yaml && kubectl get workspace -o wide\n"
-            f"  kubectl wait --for=condition=InferenceReady workspace/workspace-smollm2 --timeout=5m\n"
-            f"  curl -s http://127.0.0.1:{serve_port}/default/workspace-smollm2/chat \\\n"
-            f"       -H 'content-type: application/json'"
-            f' -d \'{{"messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}\'\n'
-            f"  kaiten plan -f examples/seed/workspace-phi-3-mini.yaml   # what a GPU cluster would get\n"
-            f"  kaiten events\n"
-            f"Logs: {root}/*.log. Ctrl-C stops everything.",
-            flush=True,
-        )
-        _supervise(procs, root, env)
-    except (KeyboardInterrupt, _Stop):
-        print("\nstopping ...", flush=True)
-    except StartFailed as exc:
-        print(f"kaiten up failed: {exc}", file=sys.stderr)
+        ready = _follow_start(root, proc, live, started)
+    except KeyboardInterrupt:
+        live.line("interrupted: stopping what was started ...")
+        return down(root, purge=False, out=out)
+    if ready is None:
+        print(f"kaiten up failed. Supervisor log ({root / 'supervisor.log'}):", file=err)
+        print(tail(root / "supervisor.log", 25), file=err)
+        failed = read_status(root) or {}
+        if message := failed.get("supervisor", {}).get("message"):
+            print(f"\nreason: {message}", file=err)
         return 1
-    finally:
-        for proc in procs:
-            proc.stop()
-        if ray is not None:
-            ray.stop()
-        if cp is not None:
-            cp.stop()
-        if nats is not None:
-            nats.stop()
-        pid_file.unlink(missing_ok=True)
+    endpoints = ready["endpoints"]
+    kubeconfig = endpoints["kubeconfig"]
+    live.line(
+        f"\nKaiten is up ({_elapsed(time.monotonic() - started)}). Use the cluster with plain kubectl:\n"
+        f"  export KUBECONFIG={kubeconfig}\n"
+        f"  kubectl get workspaces\n"
+    )
+    if not sample:
+        _next_steps(endpoints, None, out)
+        return 0
+    return _sample(root, endpoints, live, timeout, out)
+
+
+def _follow_start(
+    root: Path, proc: subprocess.Popen[bytes], live: Live, started: float
+) -> dict[str, Any] | None:
+    shown: dict[str, tuple[str, str]] = {}
+    while True:
+        status = read_status(root)
+        if status is not None and status["supervisor"]["pid"] == proc.pid:
+            for part in status["components"]:
+                key = (part["state"], part["detail"])
+                if shown.get(part["name"]) == key:
+                    continue
+                shown[part["name"]] = key
+                if part["state"] == "healthy":
+                    live.line(f"✓ {part['name']:<15} {part['endpoint']}".rstrip())
+                elif part["state"] in ("disabled", "unhealthy", "restarting") or part["detail"]:
+                    mark = MARKS.get(part["state"], "·")
+                    live.line(f"{mark} {part['name']:<15} {part['state']}: {part['detail']}")
+            phase = status["supervisor"]["phase"]
+            if phase in ("up", "degraded"):
+                live.clear()
+                if phase == "degraded":
+                    live.line(f"! {status['supervisor']['message']} (see `kaiten status`)")
+                return status
+            if phase == "failed":
+                live.clear()
+                return None
+            starting = [p["name"] for p in status["components"] if p["state"] == "starting"]
+            if starting:
+                live.status(f"starting {', '.join(starting)} ({_elapsed(time.monotonic() - started)})")
+        if proc.poll() is not None:
+            live.clear()
+            return None
+        time.sleep(0.2)
+
+
+def _kubectl(kubeconfig: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", *args],
+        env={**os.environ, "KUBECONFIG": kubeconfig},
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
+    )
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+def _sample(root: Path, endpoints: dict[str, str], live: Live, timeout: float, out: TextIO) -> int:
+    kubeconfig = endpoints["kubeconfig"]
+    since = time.time() - 1
+    applied = _kubectl(kubeconfig, "apply", "-f", str(SAMPLE), check=False)
+    if applied.returncode != 0:
+        live.line(f"✗ could not apply {SAMPLE}: {applied.stderr.strip()}")
+        return 1
+    live.line(f"applied {SAMPLE.relative_to(PROJECT)}: {applied.stdout.strip()}")
+    try:
+        result = watch_workspace(
+            nats_url=endpoints["nats_url"],
+            kubeconfig=kubeconfig,
+            namespace="default",
+            name=SAMPLE_NAME,
+            since=since,
+            timeout=timeout,
+            live=live,
+        )
+    except KeyboardInterrupt:
+        live.line("\nstopped watching; Kaiten keeps running (`kaiten status`, `kaiten down`)")
+        return 130
+    if not result.ok:
+        live.line(f"✗ {SAMPLE_NAME}: {result.message}")
+        live.line(f"  kubectl describe workspace {SAMPLE_NAME} · kaiten events --since 10m · logs in {root}")
+        return 1
+    live.line(f"✓ {SAMPLE_NAME} ready in {_elapsed(result.seconds)}: {result.message}")
+    _next_steps(endpoints, result.endpoint, out)
     return 0
 
 
-PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
+def _next_steps(endpoints: dict[str, str], endpoint: str | None, out: TextIO) -> None:
+    lines = []
+    if endpoint:
+        body = json.dumps({"messages": [{"role": "user", "content": QUESTION}]})
+        lines += [
+            f"\nEndpoint: {endpoint}",
+            "Ask it:",
+            f'  kaiten chat "{QUESTION}"',
+            f"  curl -s {endpoint}/chat -H 'content-type: application/json' -d '{body}'",
+            f"  (OpenAI API: {endpoint}/v1)",
+        ]
+    lines += [
+        "\nMore: kubectl apply -f examples/local/tuning-smollm2.yaml  (tunes an adapter on bundled data)",
+        "      kubectl apply -f examples/local/workspace-smollm2-adapter.yaml  (then serves it)",
+        "      kaiten status · kaiten events · kaiten down [--purge]",
+    ]
+    print("\n".join(lines), file=out, flush=True)
 
 
-def _serve_port() -> int:
-    """``KAITEN_SERVE_PORT``, else 8000 when it is free (a stable URL), else any free port."""
-    wanted = int(os.environ.get("KAITEN_SERVE_PORT", "0") or 0)
-    if wanted:
-        return wanted
-    return DEFAULT_SERVE_PORT if not port_open("127.0.0.1", DEFAULT_SERVE_PORT) else free_port()
+# --- status ------------------------------------------------------------------------------------
 
 
-def _service(module: str, root: Path, env: dict[str, str]) -> ManagedProcess:
-    return ManagedProcess(
-        name=module,
-        argv=[sys.executable, "-m", module],
-        log_path=root / f"{module.split('.')[-1]}.log",
-        env=env,
-    ).start()
+def status(root: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Every component, healthy or not and why; the Workspaces. Exit 0 healthy, 1 not, 3 not running."""
+    data = read_status(root)
+    alive = supervisor_running(root)
+    if as_json:
+        print(json.dumps({"running": alive, **(data or {})}, indent=1), file=out)
+        return 3 if not alive else (0 if data and data["supervisor"]["phase"] == "up" else 1)
+    if not alive:
+        print(f"kaiten is not running (state in {root}). `kaiten up` starts it.", file=out)
+        if data and data["supervisor"]["phase"] == "failed":
+            print(f"last start failed: {data['supervisor']['message']}", file=out)
+        return 3
+    if data is None:
+        print("kaiten is starting (no status yet)", file=out)
+        return 1
+    sup = data["supervisor"]
+    since = time.time() - sup["started_at"]
+    print(
+        f"kaiten: {sup['phase']} (supervisor pid {sup['pid']}, {_elapsed(since)}; state in {root})", file=out
+    )
+    rows = [("COMPONENT", "STATE", "PID", "RESTARTS", "ENDPOINT", "DETAIL")]
+    for part in data["components"]:
+        pid = str(part["pids"][0]) if part["pids"] else "-"
+        detail = part["detail"] or (
+            f"for {_elapsed(time.time() - part['since'])}" if part["state"] == "healthy" else ""
+        )
+        rows.append(
+            (part["name"], part["state"], pid, str(part["restarts"]), part["endpoint"] or "-", detail)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5], file=out)
+    kubeconfig = data.get("endpoints", {}).get("kubeconfig")
+    if kubeconfig:
+        _workspaces(kubeconfig, out)
+    return 0 if sup["phase"] == "up" else 1
 
 
-def _supervise(procs: list[ManagedProcess], root: Path, env: dict[str, str]) -> None:
-    """Restart a crashed service with backoff, saying so; runs until Ctrl-C/SIGTERM."""
-    restarts = dict.fromkeys(range(len(procs)), 0)
-    while True:
-        time.sleep(0.5)
-        for index, proc in enumerate(procs):
-            if proc.alive():
-                continue
-            restarts[index] += 1
-            wait = delay_for(restarts[index], base=1.0, cap=30.0)
-            print(
-                f"! {proc.name} exited ({proc.proc.returncode if proc.proc else '?'}); restart "
-                f"#{restarts[index]} in {wait:.0f}s — see {proc.log_path}",
-                flush=True,
-            )
-            time.sleep(wait)
-            procs[index] = _service(proc.name, root, env)
+def _workspaces(kubeconfig: str, out: TextIO) -> None:
+    try:
+        got = _kubectl(kubeconfig, "get", "workspaces", "-A", "-o", "json", check=False)
+    except subprocess.TimeoutExpired:
+        print("\nworkspaces: the apiserver did not answer within 60s", file=out)
+        return
+    if got.returncode != 0:
+        print(f"\nworkspaces: {got.stderr.strip()}", file=out)
+        return
+    items = json.loads(got.stdout)["items"]
+    if not items:
+        print("\nno Workspaces (kubectl apply -f examples/local/workspace-smollm2.yaml)", file=out)
+        return
+    print("\nWORKSPACE                                  SUCCEEDED  DETAIL", file=out)
+    for item in items:
+        meta = item["metadata"]
+        cond = condition(item, "WorkspaceSucceeded")
+        detail = cond.get("message") or cond.get("reason") or "pending"
+        key = f"{meta['namespace']}/{meta['name']}"
+        print(f"{key:<42} {cond.get('status', 'Unknown'):<10} {detail}", file=out)
+
+
+# --- down --------------------------------------------------------------------------------------
+
+
+def down(root: Path, *, purge: bool, out: TextIO = sys.stdout, wait: float = 180.0) -> int:
+    data = read_status(root) or {}
+    code = 0
+    if supervisor_running(root):
+        pid = int(data.get("supervisor", {}).get("pid", 0))
+        if not pid:
+            print("kaiten is starting; try again in a moment", file=out)
+            return 1
+        print(f"stopping kaiten (supervisor pid {pid}) ...", file=out, flush=True)
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while supervisor_running(root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if supervisor_running(root):
+            print(f"the supervisor did not stop within {wait:.0f}s; killing what it started", file=out)
+            code = 1
+        else:
+            print(f"✓ stopped in {_elapsed(time.monotonic() - started)}", file=out)
+    else:
+        print(f"kaiten is not running (state in {root})", file=out)
+    leftovers = running({pid for part in data.get("components", []) for pid in part.get("pids", [])})
+    if leftovers:  # ours: recorded by our supervisor, by PID
+        print(f"killing leftover processes: {sorted(leftovers)}", file=out)
+        kill_pids(leftovers)
+    if purge and root.exists():
+        shutil.rmtree(root)
+        print(f"✓ removed {root}", file=out)
+    return code
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+
+def chat(
+    root: Path,
+    question: str,
+    *,
+    name: str,
+    namespace: str,
+    max_tokens: int,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    data = read_status(root) or {}
+    kubeconfig = os.environ.get("KUBECONFIG") or data.get("endpoints", {}).get("kubeconfig")
+    if not kubeconfig:
+        print("no cluster: start one with `kaiten up`, or set KUBECONFIG", file=err)
+        return 1
+    got = _kubectl(kubeconfig, "get", "workspace", name, "-n", namespace, "-o", "json", check=False)
+    if got.returncode != 0:
+        print(f"workspace {namespace}/{name}: {got.stderr.strip()}", file=err)
+        return 1
+    ready = condition(json.loads(got.stdout), "InferenceReady")
+    if ready.get("status") != "True":
+        why = ready.get("message") or ready.get("reason") or "no InferenceReady condition yet"
+        print(f"workspace {namespace}/{name} is not serving: {why}", file=err)
+        return 1
+    endpoint = endpoint_of(ready.get("message", ""))
+    if not endpoint:
+        print(f"workspace {namespace}/{name} reports no endpoint: {ready.get('message')!r}", file=err)
+        return 1
+    body = {
+        "messages": [{"role": "user", "content": question}],
+        "generate_kwargs": {"max_new_tokens": max_tokens},
+    }
+    try:
+        answer = httpx.post(f"{endpoint}/chat", json=body, timeout=300)
+    except httpx.HTTPError as exc:
+        print(f"{endpoint}/chat: {exc}", file=err)
+        return 1
+    if answer.status_code != 200:
+        print(f"{endpoint}/chat answered {answer.status_code}: {answer.text[:500]}", file=err)
+        return 1
+    print(answer.json()["Result"], file=out)
+    return 0

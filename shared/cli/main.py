@@ -1,8 +1,11 @@
 """The ``kaiten`` command: one entry point, subcommands.
 
-- ``kaiten up``      start the local system (NATS, etcd + kube-apiserver, the CRDs, the services built
-                     so far) in the foreground; Ctrl-C stops everything it started.
+- ``kaiten up``      start the local system in the background (NATS, etcd + kube-apiserver, the CRD,
+                     a registry, Ray, every service), apply the sample Workspace and follow it live.
+- ``kaiten status``  every component, healthy or not and why; the Workspaces.
+- ``kaiten chat``    ask a Workspace's model a question.
 - ``kaiten events``  follow Workspace status events as they happen.
+- ``kaiten down``    stop everything ``up`` started (``--purge`` also removes the state).
 - ``kaiten plan``    what the planner would decide for a manifest (dry run, no cluster).
 """
 
@@ -17,6 +20,7 @@ import re
 import sys
 from pathlib import Path
 
+from shared.bus.errors import BusUnavailable
 from shared.cli import local
 from shared.cli import plan as plan_cmd
 from shared.cli.events import follow
@@ -72,15 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan_cmd.add_parser(sub)
 
-    up = sub.add_parser("up", help="run the whole system on this machine (foreground)")
-    up.add_argument("--state-dir", type=Path, default=None, help=f"default: {local.state_dir()}")
+    state_help = f"default: $KAITEN_STATE_DIR or {local.state_dir()}"
+    up = sub.add_parser("up", help="run the whole system on this machine, in the background")
+    up.add_argument("--no-sample", action="store_true", help="do not apply the sample Workspace")
+    up.add_argument(
+        "--timeout", type=float, default=1200, help="seconds to wait for the sample (default 1200)"
+    )
+    status = sub.add_parser("status", help="every local component, healthy or not, and the Workspaces")
+    status.add_argument("--json", action="store_true")
+    down = sub.add_parser("down", help="stop everything `kaiten up` started")
+    down.add_argument("--purge", action="store_true", help="also delete the state (cluster data, logs)")
+    chat = sub.add_parser("chat", help="ask a Workspace's model")
+    chat.add_argument("question")
+    chat.add_argument("-w", "--workspace", default=local.SAMPLE_NAME, help=f"default: {local.SAMPLE_NAME}")
+    chat.add_argument("-n", "--namespace", default="default")
+    chat.add_argument("--max-tokens", type=int, default=128)
+    for command in (up, status, down, chat):
+        command.add_argument("--state-dir", type=Path, default=None, help=state_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        code = run(args)
+    except BrokenPipeError:  # `kaiten plan --presets | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    except BusUnavailable as exc:
+        print(f"kaiten: {exc}. Is `kaiten up` running? (`kaiten status`)", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "events":
-        code = asyncio.run(
+        return asyncio.run(
             follow(
                 nats_url=args.nats or default_nats_url(),
                 namespace=args.namespace,
@@ -93,13 +124,16 @@ def main(argv: list[str] | None = None) -> None:
                 out=sys.stdout,
             )
         )
-        sys.exit(code)
     if args.command == "plan":
-        try:
-            code = plan_cmd.run(args, sys.stdin, sys.stdout, sys.stderr)
-        except BrokenPipeError:  # `kaiten plan --presets | head`
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            code = 0
-        sys.exit(code)
+        return plan_cmd.run(args, sys.stdin, sys.stdout, sys.stderr)
+    root = getattr(args, "state_dir", None) or local.state_dir()
     if args.command == "up":
-        sys.exit(local.up(args.state_dir or local.state_dir()))
+        return local.up(root, sample=not args.no_sample, timeout=args.timeout)
+    if args.command == "status":
+        return local.status(root, as_json=args.json)
+    if args.command == "down":
+        return local.down(root, purge=args.purge)
+    assert args.command == "chat"
+    return local.chat(
+        root, args.question, name=args.workspace, namespace=args.namespace, max_tokens=args.max_tokens
+    )

@@ -97,6 +97,20 @@ def _ldflags(name: str) -> str:
 # --- certificates ---------------------------------------------------------------------------------
 
 
+def _certs_valid(pki: Path, margin: dt.timedelta = dt.timedelta(days=7)) -> bool:
+    """All of them there, and none expiring within ``margin``."""
+    from cryptography import x509
+
+    names = ("ca.crt", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key", "sa.key", "sa.pub")
+    if not all((pki / name).exists() for name in names):
+        return False
+    soonest = min(
+        x509.load_pem_x509_certificate((pki / name).read_bytes()).not_valid_after_utc
+        for name in ("ca.crt", "apiserver.crt", "admin.crt")
+    )
+    return soonest - dt.datetime.now(dt.UTC) > margin
+
+
 def _write_certs(pki: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -224,7 +238,8 @@ class ControlPlane:
     def start(self) -> ControlPlane:
         bins = ensure_binaries()
         pki = self.state_dir / "pki"
-        _write_certs(pki)
+        if not _certs_valid(pki):  # a restart keeps them: running clients trust this CA
+            _write_certs(pki)
         try:
             etcd_url = self._start_etcd(bins["etcd"])
             self._start_apiserver(bins["kube-apiserver"], etcd_url, pki)
@@ -272,7 +287,7 @@ class ControlPlane:
         return url
 
     def _start_apiserver(self, binary: Path, etcd_url: str, pki: Path) -> None:
-        self.api_port = free_port()
+        self.api_port = self.api_port or free_port()  # a restart keeps the address (and the kubeconfig)
         api = ManagedProcess(
             name="kube-apiserver",
             argv=[
