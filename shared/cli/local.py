@@ -273,9 +273,11 @@ def status(root: Path, *, as_json: bool, out: TextIO = sys.stdout) -> int:
     rows = [("COMPONENT", "STATE", "PID", "RESTARTS", "ENDPOINT", "DETAIL")]
     for part in data["components"]:
         pid = str(part["pids"][0]) if part["pids"] else "-"
-        detail = part["detail"] or (
-            f"for {_elapsed(time.time() - part['since'])}" if part["state"] == "healthy" else ""
-        )
+        detail = part["detail"]
+        if part["state"] == "healthy":
+            detail = f"for {_elapsed(time.time() - part['since'])}"
+            if part.get("last_exit"):
+                detail += f" (last {part['last_exit']})"
         rows.append(
             (part["name"], part["state"], pid, str(part["restarts"]), part["endpoint"] or "-", detail)
         )
