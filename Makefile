@@ -50,7 +50,10 @@ test: lint typecheck controlplane tools
 test-fast: setup
 	$(PY) -m pytest -m "not controlplane and not slow"
 
+# The local system, in the background (`kaiten status`, `kaiten down`). Without docker-registry it still
+# runs; only the tuning examples, which push to the local registry, need it.
 up: setup controlplane
+	-@$(MAKE) --no-print-directory tools
 	$(VENV)/bin/kaiten up
 
 bench: setup

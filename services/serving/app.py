@@ -125,6 +125,36 @@ def replica_options(config: ServingConfig) -> dict[str, Any]:
     }
 
 
+def keep_internal_grpc_on_loopback() -> bool:
+    """On a loopback-only Ray node, bind the replica's inter-deployment gRPC server to 127.0.0.1.
+
+    Ray Serve 2.60 replicas open that server on ``[::]:0`` (every address) after the deployment's
+    constructor returns, with no setting to change it; a found-by-test leak on ``kaiten up``, which
+    promises that nothing listens beyond loopback. Peers dial it at the replica's node IP, so on a node
+    whose IP is 127.0.0.1 the loopback bind is equivalent. Elsewhere (a KubeRay pod) nothing changes.
+    Returns whether the rebind is in place.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    if ray.util.get_node_ip_address() != "127.0.0.1":  # type: ignore[no-untyped-call]
+        return False
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None:  # a Ray that no longer has this hook: the loopback test will say so
+        return False
+    if getattr(original, "kaiten_loopback", False):
+        return True
+
+    def on_loopback(server: Any, address: str) -> Any:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    on_loopback.kaiten_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback  # type: ignore[attr-defined]
+    return True
+
+
 def build(args: dict[str, Any]) -> Any:
     """Ray Serve application builder (``import_path: services.serving.app:build``)."""
     from ray import serve
@@ -148,6 +178,7 @@ def build(args: dict[str, Any]) -> Any:
     @serve.ingress(api)
     class Server:
         async def __init__(self, raw: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
+            keep_internal_grpc_on_loopback()  # before Serve opens the server, after this returns
             self.engine = build_engine(ServingConfig.model_validate(raw))
             await self.engine.start()
             set_process_engine(self.engine)
