@@ -233,3 +233,24 @@ def test_kaiten_up_end_to_end(state: Path, tmp_path: Path, capsys: pytest.Captur
 
     with capsys.disabled():
         print(f"\n\nkaiten up end to end ({os.cpu_count()} cores):\n{phases.table()}\n")
+
+
+def test_a_killed_supervisor_is_noticed_and_the_next_up_cleans_up(state: Path) -> None:
+    env = {**os.environ, "KAITEN_STATE_DIR": str(state), "KAITEN_SERVE_PORT": str(free_port())}
+    first = kaiten(env, "up", "--no-sample", timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Kaiten is up" in first.stdout and "kaiten chat" not in first.stdout  # no sample applied
+    old = status_of(state)
+    orphans = {pid for c in old["components"] for pid in c["pids"]}
+    os.kill(old["supervisor"]["pid"], signal.SIGKILL)  # its parts live on, in sessions of their own
+    wait_for(lambda: kaiten(env, "status").returncode == 3, 10, "status to say not running")
+    assert running(orphans)
+    second = kaiten(env, "up", "--no-sample", timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "killing processes a previous kaiten left running" in second.stdout, second.stdout
+    assert not running(orphans)
+    assert not Path(old["endpoints"]["ray_temp_dir"]).exists()
+    assert all(c["state"] == "healthy" for c in status_of(state)["components"])
+    stopped = kaiten(env, "down", "--purge", timeout=240)
+    assert stopped.returncode == 0 and not state.exists(), stopped.stdout
+    assert ours(state) == []

@@ -110,6 +110,8 @@ def up(
             file=err,
         )
         return 1
+    if stale := read_status(root):  # the last supervisor died without stopping its parts
+        reap(stale, out)
     (root / "status.json").unlink(missing_ok=True)
     live = Live(out)
     started = time.monotonic()
@@ -336,14 +338,21 @@ def down(root: Path, *, purge: bool, out: TextIO = sys.stdout, wait: float = 180
             print(f"✓ stopped in {_elapsed(time.monotonic() - started)}", file=out)
     else:
         print(f"kaiten is not running (state in {root})", file=out)
-    leftovers = running({pid for part in data.get("components", []) for pid in part.get("pids", [])})
-    if leftovers:  # ours: recorded by our supervisor, by PID
-        print(f"killing leftover processes: {sorted(leftovers)}", file=out)
-        kill_pids(leftovers)
+    reap(data, out)
     if purge and root.exists():
         shutil.rmtree(root)
         print(f"✓ removed {root}", file=out)
     return code
+
+
+def reap(data: dict[str, Any], out: TextIO) -> None:
+    """Kill what a supervisor recorded and left running (it was SIGKILLed, say): ours, by PID."""
+    leftovers = running({pid for part in data.get("components", []) for pid in part.get("pids", [])})
+    if leftovers:
+        print(f"killing processes a previous kaiten left running: {sorted(leftovers)}", file=out)
+        kill_pids(leftovers)
+        if temp := data.get("endpoints", {}).get("ray_temp_dir"):  # RayHead.stop would have removed it
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 # --- chat --------------------------------------------------------------------------------------
