@@ -64,7 +64,7 @@ async def connect(
     return nc
 
 
-async def close(nc: Client, timeout: float = 5.0) -> None:
+async def close(nc: Client, wait_s: float = 5.0) -> None:
     """Flush what was published, then close the connection.
 
     Not ``drain()``: when a subscription's queue does not empty in time, nats-py's drain cancels its
@@ -75,6 +75,6 @@ async def close(nc: Client, timeout: float = 5.0) -> None:
     if nc.is_closed:
         return
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(nc.flush(), timeout)
+        await asyncio.wait_for(nc.flush(), wait_s)
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(nc.close(), timeout)
+        await asyncio.wait_for(nc.close(), wait_s)
