@@ -254,3 +254,18 @@ def test_a_killed_supervisor_is_noticed_and_the_next_up_cleans_up(state: Path) -
     stopped = kaiten(env, "down", "--purge", timeout=240)
     assert stopped.returncode == 0 and not state.exists(), stopped.stdout
     assert ours(state) == []
+
+
+def test_ctrl_c_during_up_stops_what_it_started(state: Path) -> None:
+    env = {**os.environ, "KAITEN_STATE_DIR": str(state), "KAITEN_SERVE_PORT": str(free_port())}
+    up = subprocess.Popen(
+        [str(KAITEN), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+    assert up.stdout is not None
+    seen = [up.stdout.readline() for _ in range(3)]  # the banner, then the first parts as they serve
+    assert seen[1].startswith("✓ nats"), seen
+    up.send_signal(signal.SIGINT)
+    out, _ = up.communicate(timeout=200)
+    assert up.returncode == 130 and "interrupted: stopping what was started" in out, out
+    assert kaiten(env, "status").returncode == 3
+    assert ours(state) == []

@@ -129,7 +129,13 @@ def up(
         ready = _follow_start(root, proc, live, started)
     except KeyboardInterrupt:
         live.line("interrupted: stopping what was started ...")
-        return down(root, purge=False, out=out)
+        proc.send_signal(signal.SIGTERM)  # the supervisor stops its parts in order, then exits
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            live.line(f"the supervisor did not stop within 180s; `kaiten down` (pid {proc.pid})")
+            return 1
+        return 130
     if ready is None:
         print(f"kaiten up failed. Supervisor log ({root / 'supervisor.log'}):", file=err)
         print(tail(root / "supervisor.log", 25), file=err)

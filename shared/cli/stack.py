@@ -376,6 +376,9 @@ class Stack:
                 self.phase, self.message = "failed", f"{part.name} did not start: {exc}"
                 self.write()
                 raise
+            if part.ready():  # most launches wait until they serve; services log "ready" a bit later
+                part.set("healthy")
+                self.write()
             self.note(f"started {part.name} {part.endpoint}".rstrip())
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
