@@ -35,7 +35,7 @@ from shared.api.crd import CRD_PATH
 from shared.bus.backoff import delay_for
 from shared.local.controlplane import BUILD_ESTIMATE, ControlPlane, binaries
 from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess, StartFailed, descendants, port_open
+from shared.local.procs import ManagedProcess, StartFailed, descendants, free_port, port_open
 from shared.local.ray_head import RayHead
 
 PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
@@ -47,6 +47,7 @@ DATA_PORT = 8310
 REGISTRY_SECRET = "kaiten-local-registry"  # noqa: S105 - a Secret's name; in namespace default: the push/pull Secret for the examples
 REGISTRY_USER = "kaiten"
 DATA_DIR = PROJECT / "examples" / "local" / "data"
+RAY_PIDS_EVERY_S = 5.0
 STARTUP_S = 120.0  # a part not healthy this long after (re)starting is reported unhealthy
 
 
@@ -128,6 +129,7 @@ class Stack:
         self.endpoints: dict[str, str] = {}
         self.env: dict[str, str] = {}
         self._written = ""
+        self._ray_seen: tuple[float, list[int]] = (0.0, [])
 
     # --- status file --------------------------------------------------------------------------
 
@@ -201,7 +203,7 @@ class Stack:
                 halt=ray.stop,
                 alive=lambda: ray.process.alive(),
                 ready=lambda: port_open("127.0.0.1", ray.dashboard_port),
-                pids=lambda: [ray.pid, *sorted(descendants(ray.pid))] if ray.process.alive() else [],
+                pids=lambda: self._ray_pids(ray),
                 exit_code=lambda: _code(ray.process),
                 log=str(root / "ray" / "ray-head.log"),
             )
@@ -267,17 +269,24 @@ class Stack:
         proc = ManagedProcess(
             name, [sys.executable, "-m", f"services.{name}"], self.root / f"{name}.log", cwd=PROJECT
         )
-        offset = [0]
+        offset = [0]  # where this start's log begins, then how far it has been read
+        seen = [False]
 
         def launch() -> None:
             offset[0] = proc.log_path.stat().st_size if proc.log_path.exists() else 0
+            seen[0] = False
             proc.env = self.env
             proc.start()
 
         def ready() -> bool:  # the lifecycle logs "<service> ready (...)" once its components run
-            with proc.log_path.open("rb") as log:
-                log.seek(offset[0])
-                return f" {name} ready (".encode() in log.read()
+            if not seen[0]:  # read each byte once (a line cut in two is read again), never after
+                marker = f" {name} ready (".encode()
+                with proc.log_path.open("rb") as log:
+                    log.seek(offset[0])
+                    chunk = log.read()
+                seen[0] = marker in chunk
+                offset[0] += max(0, chunk.rfind(b"\n") + 1)
+            return seen[0]
 
         return Part(
             name,
@@ -289,6 +298,18 @@ class Stack:
             exit_code=lambda: _code(proc),
             log=str(proc.log_path),
         )
+
+    def _ray_pids(self, ray: RayHead) -> list[int]:
+        """The head and every process below it (workers, Serve replicas), for ``down`` to reap.
+
+        ``ps`` is asked at most every few seconds, not on every supervision pass.
+        """
+        if not ray.process.alive():
+            return []
+        now = time.monotonic()
+        if now - self._ray_seen[0] > RAY_PIDS_EVERY_S or self._ray_seen[1][:1] != [ray.pid]:
+            self._ray_seen = (now, [ray.pid, *sorted(descendants(ray.pid))])
+        return self._ray_seen[1]
 
     def _start_nats(self, nats: NatsServer) -> None:
         nats.start()
@@ -471,8 +492,6 @@ def _first_line(text: str) -> str:
 
 def _serve_port() -> int:
     """``KAITEN_SERVE_PORT``, else 8000 when it is free (a stable URL), else any free port."""
-    from shared.local.procs import free_port
-
     wanted = env_port("KAITEN_SERVE_PORT", 0)
     if wanted:
         return wanted
