@@ -8,7 +8,14 @@ import pytest
 import yaml
 
 from services.serving.app import ServingConfig, replica_options
-from services.workload.render import RenderError, app_name, route_prefix, serve_application, serving_config
+from services.workload.render import (
+    RenderError,
+    app_name,
+    route_prefix,
+    serve_application,
+    serving_config,
+    tuning_config,
+)
 from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef
 from shared.planning.catalog import load_catalogs
@@ -93,3 +100,46 @@ def test_adapter_pull_secrets_are_mapped_and_templates_refused() -> None:
     template = Workspace.model_validate(doc)
     with pytest.raises(RenderError, match="templates"):
         serving_config(template, got)
+
+
+def local_tuning(image: str) -> tuple[Workspace, Plan]:
+    """The Workspace of examples/local/tuning-smollm2.yaml (which holds its ConfigMap too), to ``image``."""
+    docs = yaml.safe_load_all((REPO / "examples" / "local" / "tuning-smollm2.yaml").read_text())
+    raw = next(d for d in docs if d["kind"] == "Workspace")
+    raw["tuning"]["output"]["image"] = image
+    workspace = Workspace.model_validate(raw)
+    got = plan(workspace, CATALOGS, [], PlanOptions(cloud="local", provider="local"))
+    assert isinstance(got, Plan), got
+    return workspace, got
+
+
+@pytest.mark.parametrize(
+    ("image", "insecure"),
+    [
+        ("127.0.0.1:5310/kaiten/smollm2-pirate:0.1", True),
+        ("localhost:5000/a:1", True),
+        ("[::1]:5000/a:1", True),
+        ("myacr.azurecr.io/adapters/a:1", False),
+    ],
+)
+def test_the_tuning_job_speaks_plain_http_only_to_a_registry_on_this_machine(
+    image: str, insecure: bool
+) -> None:
+    workspace, got = local_tuning(image)
+    ref = WorkspaceRef(namespace="default", name="tuning-smollm2", uid="u1")
+    config = tuning_config(
+        workspace, got, ref, 1, sections={}, push_secret=None, nats_url="nats://127.0.0.1:4222",
+        work_dir="/tmp/job", allow_loopback_urls=True,
+    )  # fmt: skip
+    assert config["output"] == {"image": image, "push_secret": None, "insecure": insecure}
+
+
+def test_a_tuning_output_without_a_registry_host_is_refused_before_any_job_runs() -> None:
+    workspace, got = local_tuning("smollm2-pirate:0.1")
+    ref = WorkspaceRef(namespace="default", name="tuning-smollm2", uid="u1")
+    with pytest.raises(RenderError, match="name a registry host") as caught:
+        tuning_config(
+            workspace, got, ref, 1, sections={}, push_secret=None, nats_url="nats://127.0.0.1:4222",
+            work_dir="/tmp/job", allow_loopback_urls=True,
+        )  # fmt: skip
+    assert caught.value.reason == "InvalidImage"

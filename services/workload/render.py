@@ -12,6 +12,7 @@ from typing import Any
 
 from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef
+from shared.oci import OciError, is_local
 from shared.planning.model import Plan
 
 SERVING_IMPORT_PATH = "services.serving.app:build"
@@ -141,7 +142,10 @@ def tuning_config(
         raise RenderError(
             "OutputNotSupported", "only output.image is supported by the local backend (not volumes)"
         )
-    registry = tuning.output.image.split("/", 1)[0]
+    try:
+        insecure = is_local(tuning.output.image)  # a registry on this machine speaks plain http
+    except OciError as exc:  # no registry host: the job could never push it
+        raise RenderError(exc.reason, str(exc)) from exc
     merged = {**sections}
     if plan.tuning is not None:  # the plan sized memory for this batch and length: keep to it
         merged.setdefault("TrainingArguments", {}).setdefault(
@@ -158,7 +162,7 @@ def tuning_config(
         "output": {
             "image": tuning.output.image,
             "push_secret": push_secret,
-            "insecure": registry.startswith(("127.", "localhost")),  # a local registry speaks plain http
+            "insecure": insecure,
         },
         "work_dir": work_dir,
         "workspace": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid, "generation": generation},
