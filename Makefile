@@ -2,58 +2,81 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
+# Each phase appends "name seconds" to $KAITEN_PHASE_LOG when it is set (.ci/run prints the table).
+TIMED  := .ci/timed
 
-.PHONY: setup lock controlplane tools lint typecheck test test-fast up crd bench clean
+.PHONY: setup lock controlplane kuberay node tools up-tools lint typecheck test test-fast up crd bench clean
 
 $(PY):
-	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet uv
+	$(TIMED) setup python3 -m venv $(VENV)
+	$(TIMED) setup $(VENV)/bin/pip install --quiet uv
 
 # Install exactly what requirements/dev.lock pins (hash-checked), then the project itself, editable.
 setup: $(PY)
-	$(UV) pip install --quiet --python $(PY) --require-hashes -r requirements/dev.lock
-	$(UV) pip install --quiet --python $(PY) --no-deps --require-hashes -r requirements/nodeps.lock
-	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	$(TIMED) setup $(UV) pip install --quiet --python $(PY) --require-hashes -r requirements/dev.lock
+	$(TIMED) setup $(UV) pip install --quiet --python $(PY) --no-deps --require-hashes -r requirements/nodeps.lock
+	$(TIMED) setup $(UV) pip install --quiet --python $(PY) --no-deps -e .
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: $(PY)
 	$(UV) pip compile pyproject.toml --extra dev --extra local --generate-hashes --python-version 3.11 \
 		-o requirements/dev.lock
+	$(UV) pip compile pyproject.toml --extra azure --generate-hashes --python-version 3.11 \
+		-c requirements/dev.lock -o requirements/services.lock
 
-# Build (first time only, then cached) the real etcd + kube-apiserver from Go modules; fetch KubeRay's
-# published CRDs and build its validation checks (deploy/kuberay) the same way.
+# Build (first time only, then cached) the real etcd + kube-apiserver from Go modules: what `kaiten up` runs.
 controlplane: setup
-	$(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries()"
-	$(PY) -m shared.local.kuberay
+	$(TIMED) build-controlplane $(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries()"
+
+# For the tests only: KubeRay's published CRDs, and its validation checks (deploy/kuberay) built the same way.
+kuberay: setup
+	$(TIMED) build-kuberay $(PY) -m shared.local.kuberay
+
+# For the tests only: a real node (shared/local/node.py): kube-controller-manager, kube-scheduler and the
+# kubelet from the same Go module, and the images built offline from deploy/images/*.Dockerfile (needs
+# Debian's containerd, runc, buildah and mmdebstrap: `make tools`).
+node: setup tools
+	$(TIMED) build-node $(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries(node=True)"
+	$(TIMED) build-images $(PY) -m shared.local.images pause services
 
 crd: setup
 	$(PY) -m shared.api.crd
 
 lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/lint-imports
+	$(TIMED) lint $(VENV)/bin/ruff check .
+	$(TIMED) lint $(VENV)/bin/ruff format --check .
+	$(TIMED) lint $(VENV)/bin/lint-imports
 
 typecheck: setup
-	$(VENV)/bin/mypy
+	$(TIMED) types $(VENV)/bin/mypy
 
-# Debian tools the tests drive: the OCI registry the tuning job pushes to, and ss (iproute2).
+# Debian tools the tests drive: the OCI registry the tuning job pushes to, ss (iproute2), and the node's
+# container runtime and image builders.
+DEBIAN_TOOLS := docker-registry iproute2 containerd runc containernetworking-plugins buildah mmdebstrap
 tools:
-	@command -v docker-registry >/dev/null && command -v ss >/dev/null || \
-		apt-get install -y -q docker-registry iproute2 >/dev/null || \
-		{ echo "install Debian's docker-registry and iproute2 (apt-get install docker-registry iproute2)"; exit 1; }
+	@( for bin in docker-registry ss containerd runc ctr buildah mmdebstrap /usr/lib/cni/loopback; do \
+		command -v $$bin >/dev/null || exit 1; done ) || \
+		apt-get install -y -q $(DEBIAN_TOOLS) >/dev/null || \
+		{ apt-get update -q && apt-get install -y -q $(DEBIAN_TOOLS) >/dev/null; } || \
+		{ echo "install Debian's tools: apt-get install $(DEBIAN_TOOLS)"; exit 1; }
 
-# Everything: lint, strict types, then every test against real NATS, etcd, kube-apiserver and kubectl.
-test: lint typecheck controlplane tools
-	$(PY) -m pytest
+# What `kaiten up` takes from Debian: the OCI registry of the tuning examples.
+up-tools:
+	@command -v docker-registry >/dev/null || apt-get install -y -q docker-registry >/dev/null || \
+		{ echo "the tuning examples push to Debian's docker-registry: apt-get install docker-registry"; exit 1; }
+
+# Everything: lint, strict types, then every test against real NATS, etcd, kube-apiserver, kubectl and the
+# single-node cluster.
+test: lint typecheck controlplane kuberay node tools
+	$(TIMED) tests $(PY) -m pytest --durations=10
 
 test-fast: setup
-	$(PY) -m pytest -m "not controlplane and not slow"
+	$(PY) -m pytest -m "not controlplane and not cluster and not slow"
 
 # The local system, in the background (`kaiten status`, `kaiten down`). Without docker-registry it still
 # runs; only the tuning examples, which push to the local registry, need it.
 up: setup controlplane
-	-@$(MAKE) --no-print-directory tools
+	-@$(MAKE) --no-print-directory up-tools
 	$(VENV)/bin/kaiten up
 
 bench: setup

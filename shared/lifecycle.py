@@ -8,6 +8,7 @@ non-zero exit so its supervisor (kubelet, ``kaiten up``) restarts it: no silent 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -144,5 +145,22 @@ async def _supervise(components: Sequence[Component], stopping: asyncio.Event) -
     return 1
 
 
-def main(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> None:
+def main(
+    service: str,
+    settings_type: type[ServiceSettings],
+    start: StartFn,
+    *,
+    needs_kube: bool = True,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """``python -m services.<service>``: ``--help`` lists the settings (environment); else run until
+    SIGTERM with the settings read from the environment."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{service}",
+        description=f"Kaiten's {service} service: runs until SIGTERM; configured by the environment.",
+        epilog=f"settings (environment):\n{settings_type.env_help()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.parse_args(argv)
+    settings = settings_type.from_env()
     sys.exit(asyncio.run(serve(service, settings, start, needs_kube=needs_kube)))

@@ -6,7 +6,7 @@ Each service subclasses :class:`ServiceSettings`; every field says its unit and 
 from __future__ import annotations
 
 import os
-from typing import Any, Self
+from typing import Any, Self, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,18 @@ class ServiceSettings(BaseModel):
     connect_timeout_s: float = 10.0  # fail start-up loudly rather than hang
     shutdown_grace_s: float = 10.0  # in-flight work gets this long after SIGTERM
     replica_id: str = ""  # logged; defaults to hostname:pid
+
+    @classmethod
+    def env_help(cls, prefix: str = "KAITEN_") -> str:
+        """One line per setting: its variable, type and default (what ``--help`` prints)."""
+        lines = []
+        for name, field in cls.model_fields.items():
+            plain = isinstance(field.annotation, type) and get_origin(field.annotation) is None
+            kind = field.annotation.__name__ if plain else str(field.annotation)  # type: ignore[union-attr]
+            default = field.get_default(call_default_factory=True)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple | list) else default
+            lines.append(f"  {prefix + name.upper():<36} {kind:<12} default: {shown!r}")
+        return "\n".join(lines)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, prefix: str = "KAITEN_") -> Self:

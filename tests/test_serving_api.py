@@ -27,6 +27,9 @@ from tests.conftest import NAME, SMOLLM2
 from tests.test_loopback_only import LOOPBACK, sockets
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The first test of a server pays for loading the model and, on Ray, starting a head and deploying:
+# measured 47 s cold (model converted from GGUF on first use).
+pytestmark = pytest.mark.timeout(240)
 
 
 class Server:

@@ -9,6 +9,8 @@ import math
 import os
 from pathlib import Path
 
+import pytest
+
 from services.serving.app import AdapterSpec, ServingConfig, replica_options
 from services.serving.engines.base import AdapterInfo, GenerationRequest, SamplingParams
 from services.serving.engines.transformers_engine import TransformersEngine
@@ -16,6 +18,7 @@ from services.serving.engines.vllm_engine import engine_kwargs, scaled_adapter
 from shared.model_sources import ModelSource
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.timeout(180)  # the batching test measured 16 s, plus the model's first load
 PROMPTS = [
     "Once upon a time, in a small village by the sea, there lived",
     "The capital of France is",

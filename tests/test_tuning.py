@@ -198,6 +198,7 @@ def held_out_loss(model_dir: Path, adapter: Path | None, held_out: list[dict[str
     return sum(losses) / len(losses)
 
 
+@pytest.mark.timeout(420)  # measured 100 s (cold, busy machine)
 def test_lora_job_end_to_end(
     tmp_path: Path,
     data_url: str,
@@ -263,6 +264,7 @@ def test_lora_job_end_to_end(
     assert tuned < base * 0.6 and math.isfinite(tuned), (base, tuned)  # it learned the style
 
 
+@pytest.mark.timeout(240)  # measured 29 s
 def test_qlora_trains_on_the_cpu_and_pushes(
     tmp_path: Path, data_url: str, registry: str, push_secret: Path
 ) -> None:

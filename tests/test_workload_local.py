@@ -26,6 +26,7 @@ from tests.test_tuning import PASSWORD, USER, push_secret, registry  # noqa: F40
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
 
 
+@pytest.mark.timeout(240)  # measured 57 s (cold model cache)
 async def test_local_example_is_served_and_answers(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services, ray_dashboard: RayHead
 ) -> None:
@@ -74,6 +75,7 @@ async def test_local_example_is_served_and_answers(
     assert sorted(owners) == ["provisioner", "workload"]
 
 
+@pytest.mark.timeout(300)  # measured 80 s (cold, busy machine)
 async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
     kubectl: Kubectl,
     namespace: str,

@@ -23,6 +23,7 @@ from tests.test_tuning import PASSWORD, USER, data_dir, data_url, push_secret, r
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
 
 
+@pytest.mark.timeout(300)  # measured 79 s (cold, busy machine)
 async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     kubectl: Kubectl,
     namespace: str,

@@ -55,4 +55,4 @@ async def build(runtime: Runtime) -> Sequence[Component]:
 
 
 def main() -> None:
-    run_main("planner", PlannerSettings.from_env(), build)
+    run_main("planner", PlannerSettings, build)

@@ -102,4 +102,4 @@ async def build(runtime: Runtime) -> Sequence[Component]:
 
 
 def main() -> None:
-    run_main("provisioner", ProvisionerSettings.from_env(), build)
+    run_main("provisioner", ProvisionerSettings, build)

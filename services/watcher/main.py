@@ -53,4 +53,4 @@ async def build(runtime: Runtime) -> Sequence[Component]:
 
 
 def main() -> None:
-    run_main("watcher", WatcherSettings.from_env(), build)
+    run_main("watcher", WatcherSettings, build)

@@ -74,4 +74,4 @@ async def build(runtime: Runtime) -> Sequence[Component]:
 
 
 def main() -> None:
-    run_main("workload", WorkloadSettings.from_env(), build)
+    run_main("workload", WorkloadSettings, build)

@@ -33,26 +33,41 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def cache_root() -> Path:
+    """Where builds are cached: ``$KAITEN_CACHE_DIR``, default ``~/.cache/kaiten``."""
+    return Path(os.environ.get("KAITEN_CACHE_DIR") or str(Path.home() / ".cache" / "kaiten"))
+
+
 def cache_dir() -> Path:
-    base = os.environ.get("KAITEN_CACHE_DIR") or str(Path.home() / ".cache" / "kaiten")
-    return Path(base) / "controlplane" / f"{K8S_VERSION}-etcd{ETCD_VERSION}"
+    return cache_root() / "controlplane" / f"{K8S_VERSION}-etcd{ETCD_VERSION}"
 
 
-def binaries() -> dict[str, Path]:
+PACKAGES = {
+    "etcd": "go.etcd.io/etcd/server/v3",
+    "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+    # a node (shared.local.node): only built when one is asked for
+    "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+    "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+    "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+}
+NODE_BINARIES = ("kube-controller-manager", "kube-scheduler", "kubelet")
+
+
+def binaries(node: bool = False) -> dict[str, Path]:
     root = cache_dir()
-    return {"etcd": root / "etcd", "kube-apiserver": root / "kube-apiserver"}
+    return {name: root / name for name in PACKAGES if node or name not in NODE_BINARIES}
 
 
-def ensure_binaries() -> dict[str, Path]:
-    """Build etcd and kube-apiserver from Go modules if they are not cached yet."""
-    bins = binaries()
+def ensure_binaries(node: bool = False) -> dict[str, Path]:
+    """Build etcd and kube-apiserver (and, for a node, kube-controller-manager, kube-scheduler and the
+    kubelet) from Go modules if they are not cached yet."""
+    bins = binaries(node)
     missing = [name for name, path in bins.items() if not path.exists()]
     if not missing:
         return bins
     if shutil.which("go") is None:
         raise StartFailed("building the control plane needs Go (https://go.dev/dl) on PATH")
     module = repo_root() / "deploy" / "controlplane"
-    packages = {"etcd": "go.etcd.io/etcd/server/v3", "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver"}
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOSUMDB": "off"}
     # GOSUMDB=off: the checksum database may be unreachable; go.sum in the repo pins every module hash.
     for name in missing:
@@ -66,7 +81,7 @@ def ensure_binaries() -> dict[str, Path]:
         tmp = bins[name].with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            ["go", "build", "-trimpath", f"-ldflags={_ldflags(name)}", "-o", str(tmp), packages[name]],
+            ["go", "build", "-trimpath", f"-ldflags={_ldflags(name)}", "-o", str(tmp), PACKAGES[name]],
             cwd=module,
             env=env,
             capture_output=True,
@@ -74,7 +89,7 @@ def ensure_binaries() -> dict[str, Path]:
             check=False,
         )
         if result.returncode != 0:
-            raise StartFailed(f"go build {packages[name]} failed:\n{result.stderr[-4000:]}")
+            raise StartFailed(f"go build {PACKAGES[name]} failed:\n{result.stderr[-4000:]}")
         tmp.rename(bins[name])
         print(
             f"built {name} in {time.monotonic() - started:.0f}s → {bins[name]}", file=sys.stderr, flush=True
@@ -97,21 +112,39 @@ def _ldflags(name: str) -> str:
 # --- certificates ---------------------------------------------------------------------------------
 
 
-def _certs_valid(pki: Path, margin: dt.timedelta = dt.timedelta(days=7)) -> bool:
-    """All of them there, and none expiring within ``margin``."""
+# What a node adds (ControlPlane(node=...)): name → (CN, O, server cert?). The apiserver's client to the
+# kubelets is in system:masters (what kubeadm gave it up to 1.28): the kubelet authorizes it by webhook.
+NODE_CERTS = {
+    "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters", False),
+    "controller-manager": ("system:kube-controller-manager", None, False),
+    "scheduler": ("system:kube-scheduler", None, False),
+    "node": ("system:node:{node}", "system:nodes", False),
+    "kubelet": ("{node}", None, True),
+}
+
+
+def _certs_valid(pki: Path, node: str | None = None, margin: dt.timedelta = dt.timedelta(days=7)) -> bool:
+    """All of them there (a node's too, if one is asked for), and none expiring within ``margin``."""
     from cryptography import x509
 
-    names = ("ca.crt", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key", "sa.key", "sa.pub")
+    names = ["ca.crt", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key", "sa.key", "sa.pub"]
+    certs = ["ca.crt", "apiserver.crt", "admin.crt"]
+    if node:
+        names += ["ca.key", *(f"{n}.{ext}" for n in NODE_CERTS for ext in ("crt", "key"))]
+        certs += [f"{n}.crt" for n in NODE_CERTS]
+        if (pki / "node.crt").exists():
+            subject = x509.load_pem_x509_certificate((pki / "node.crt").read_bytes()).subject
+            if subject.rfc4514_string().split(",")[0] != f"CN=system:node:{node}":
+                return False
     if not all((pki / name).exists() for name in names):
         return False
     soonest = min(
-        x509.load_pem_x509_certificate((pki / name).read_bytes()).not_valid_after_utc
-        for name in ("ca.crt", "apiserver.crt", "admin.crt")
+        x509.load_pem_x509_certificate((pki / name).read_bytes()).not_valid_after_utc for name in certs
     )
     return soonest - dt.datetime.now(dt.UTC) > margin
 
 
-def _write_certs(pki: Path) -> None:
+def _write_certs(pki: Path, node: str | None = None) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -176,6 +209,13 @@ def _write_certs(pki: Path) -> None:
     (pki / "apiserver.key").write_bytes(serving_key)
     (pki / "admin.crt").write_bytes(admin)
     (pki / "admin.key").write_bytes(admin_key)
+    if node:  # the controller-manager signs with the CA (cluster signing), so its key is kept
+        (pki / "ca.key").write_bytes(key_pem(ca_key))
+        for file, (cn, org, server) in NODE_CERTS.items():
+            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+            cert, key = leaf(cn.format(node=node), org, usage, san=server)
+            (pki / f"{file}.crt").write_bytes(cert)
+            (pki / f"{file}.key").write_bytes(key)
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (pki / "sa.key").write_bytes(key_pem(sa))
     (pki / "sa.pub").write_bytes(
@@ -187,7 +227,8 @@ def _write_certs(pki: Path) -> None:
         path.chmod(0o600)
 
 
-def _kubeconfig(server: str, pki: Path) -> str:
+def _kubeconfig(server: str, pki: Path, user: str = "admin") -> str:
+    """A kubeconfig for ``server`` as the client certificate ``pki/<user>.crt``."""
     import base64
 
     def b64(path: Path) -> str:
@@ -203,8 +244,8 @@ clusters:
 users:
 - name: kaiten-admin
   user:
-    client-certificate-data: {b64(pki / "admin.crt")}
-    client-key-data: {b64(pki / "admin.key")}
+    client-certificate-data: {b64(pki / f"{user}.crt")}
+    client-key-data: {b64(pki / f"{user}.key")}
 contexts:
 - name: kaiten-local
   context:
@@ -220,9 +261,14 @@ current-context: kaiten-local
 
 @dataclass
 class ControlPlane:
-    """``with ControlPlane(dir) as cp: cp.kubeconfig``; stops both processes by PID on exit."""
+    """``with ControlPlane(dir) as cp: cp.kubeconfig``; stops both processes by PID on exit.
+
+    ``node``: the name of a kubelet that will join (``shared.local.node``): its certificates are made,
+    and the apiserver runs as a cluster's does (Node + RBAC authorization, NodeRestriction and
+    ServiceAccount admission, a client certificate for talking to kubelets)."""
 
     state_dir: Path
+    node: str | None = None
     startup_timeout: float = 90.0
     processes: list[ManagedProcess] = field(default_factory=list)
     api_port: int = 0
@@ -235,11 +281,22 @@ class ControlPlane:
     def server(self) -> str:
         return f"https://127.0.0.1:{self.api_port}"
 
+    @property
+    def pki(self) -> Path:
+        return self.state_dir / "pki"
+
+    def kubeconfig_for(self, user: str) -> Path:
+        """A kubeconfig with the client certificate ``pki/<user>.crt`` (written on first use)."""
+        path = self.state_dir / f"{user}.kubeconfig"
+        path.write_text(_kubeconfig(self.server, self.pki, user))
+        path.chmod(0o600)
+        return path
+
     def start(self) -> ControlPlane:
         bins = ensure_binaries()
-        pki = self.state_dir / "pki"
-        if not _certs_valid(pki):  # a restart keeps them: running clients trust this CA
-            _write_certs(pki)
+        if not _certs_valid(self.pki, self.node):  # a restart keeps them: running clients trust this CA
+            _write_certs(self.pki, self.node)
+        pki = self.pki
         try:
             etcd_url = self._start_etcd(bins["etcd"])
             self._start_apiserver(bins["kube-apiserver"], etcd_url, pki)
@@ -316,17 +373,14 @@ class ControlPlane:
                 str(pki / "sa.key"),
                 "--service-cluster-ip-range",
                 "10.0.0.0/24",
-                "--authorization-mode",
-                "RBAC",
                 "--allow-privileged=true",
                 "--endpoint-reconciler-type",
                 "none",
-                "--disable-admission-plugins",
-                "ServiceAccount",
                 "--enable-priority-and-fairness=false",
                 "--profiling=false",
                 "--v",
                 "1",
+                *self._access_args(pki),
             ],
             log_path=self.state_dir / "kube-apiserver.log",
         ).start()
@@ -347,6 +401,18 @@ class ControlPlane:
             interval=0.25,
             what=f"not ready at {self.server}/readyz within {self.startup_timeout:g}s",
         )
+
+    def _access_args(self, pki: Path) -> list[str]:
+        if not self.node:  # no pods: no ServiceAccount tokens to admit
+            return ["--authorization-mode", "RBAC", "--disable-admission-plugins", "ServiceAccount"]
+        return [
+            "--authorization-mode", "Node,RBAC",
+            "--enable-admission-plugins", "NodeRestriction",
+            "--kubelet-client-certificate", str(pki / "apiserver-kubelet-client.crt"),
+            "--kubelet-client-key", str(pki / "apiserver-kubelet-client.key"),
+            "--kubelet-certificate-authority", str(pki / "ca.crt"),
+            "--kubelet-preferred-address-types", "InternalIP,Hostname",
+        ]  # fmt: skip
 
     def stop(self) -> None:
         for process in reversed(self.processes):

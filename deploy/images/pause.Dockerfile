@@ -1,0 +1,6 @@
+# The sandbox image of the test node (containerd's sandbox_image): one static binary, built from
+# deploy/images/pause by shared.local.images into the build context, nothing else.
+FROM scratch
+COPY pause /pause
+USER 65535:65535
+ENTRYPOINT ["/pause"]

@@ -1,0 +1,518 @@
+"""A real single-node Kubernetes cluster on this machine, on loopback only, for the tests that need pods.
+
+``with LocalCluster(dir, images=[...]) as cluster: cluster.kubeconfig`` starts, each by PID and with
+every listener on 127.0.0.1:
+
+- etcd and kube-apiserver (:class:`~shared.local.controlplane.ControlPlane` with ``node=``: Node + RBAC
+  authorization, NodeRestriction and ServiceAccount admission, so pods get tokens);
+- kube-controller-manager (Deployments, ReplicaSets, StatefulSets, Jobs, ServiceAccount tokens, the
+  garbage collector, …) and kube-scheduler, without leader election;
+- containerd (Debian's, with runc) with its root, state, socket and runc root under ``dir``: CRI with
+  ``restrict_oom_score_adj`` (runc cannot raise a score without CAP_SYS_RESOURCE, which we lack),
+  cgroupfs, no AppArmor, its streaming server on 127.0.0.1, and a CNI config holding only ``loopback``:
+  a pod without ``hostNetwork`` gets a network namespace with nothing but ``lo`` in it, so it can reach
+  nothing and nothing can reach it. Our pods use ``hostNetwork`` and bind 127.0.0.1;
+- the kubelet (cgroupfs driver, its root, pod logs and plugins under ``dir``, serving on 127.0.0.1 with
+  webhook authentication and authorization), registered as node ``name`` with the machine's CPU and
+  memory and no GPU. The images given are imported into containerd first (the pause image always).
+
+The kubelet wants ``vm.overcommit_memory=1``, ``kernel.panic=10`` and ``kernel.panic_on_oops=1`` and
+would write them on the host. Instead it runs in a mount namespace of its own where those three
+``/proc/sys`` files are read-only bind mounts showing the values it wants: the host's settings never
+change and no other process sees the difference. ``dir`` is a shared mount, so the volumes the kubelet
+mounts for pods there propagate to containerd, which runs outside that namespace.
+
+:meth:`LocalCluster.stop` stops everything it started: the kubelet, every container and sandbox (and
+their shims), containerd, the control plane; then unmounts whatever is left under ``dir`` and removes the
+``kubepods`` cgroups and the fixed paths that the kubelet and containerd created and that were not there
+before. It returns what it could not clean up (nothing, normally), so a test can assert it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from shared.local.controlplane import ControlPlane, ensure_binaries
+from shared.local.images import Image, ensure
+from shared.local.procs import ManagedProcess, StartFailed, free_port, kill_pids, port_open, running
+
+NODE_NAME = "kaiten-node"
+TOOLS = ("containerd", "runc", "ctr", "unshare", "mount", "umount")
+CNI_BIN = Path("/usr/lib/cni")
+# What the kubelet sets on the host unless it already reads these values (see the module docstring).
+KUBELET_SYSCTLS = {"vm/overcommit_memory": "1", "kernel/panic": "10", "kernel/panic_on_oops": "1"}
+# Paths the kubelet and containerd use whatever their configuration says; removed at stop if we made them.
+FIXED_PATHS = (
+    Path("/run/containerd"),
+    Path("/var/lib/kubelet"),
+    Path("/var/log/containers"),
+    Path("/var/log/pods"),
+    Path("/var/lib/cni"),
+    Path("/etc/cni"),
+    Path("/opt/cni"),
+)
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+K8S_NAMESPACE = "k8s.io"  # containerd's namespace for CRI
+
+
+@dataclass
+class Leftovers:
+    """What :meth:`LocalCluster.stop` found still there after cleaning up (empty when all went)."""
+
+    processes: set[int] = field(default_factory=set)
+    mounts: list[str] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.processes or self.mounts or self.cgroups or self.paths)
+
+
+@dataclass
+class LocalCluster:
+    state_dir: Path
+    name: str = NODE_NAME
+    images: Sequence[str] = ()  # deploy/images/<name>.Dockerfile to build (if needed) and import
+    startup_timeout: float = 120.0
+    controlplane: ControlPlane | None = None
+    processes: list[ManagedProcess] = field(default_factory=list)
+    imported: dict[str, Image] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    _made: list[Path] = field(default_factory=list)
+    _shared_mount: bool = False
+
+    # -- paths -----------------------------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.controlplane is not None
+        return self.controlplane.kubeconfig
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.state_dir / "containerd" / "containerd.sock"
+
+    # -- start -----------------------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        if missing := [tool for tool in TOOLS if shutil.which(tool) is None]:
+            raise StartFailed(
+                f"a local node needs {', '.join(missing)}: apt-get install containerd runc"
+                " containernetworking-plugins buildah mmdebstrap"
+            )
+        self.state_dir = self.state_dir.resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        bins = ensure_binaries(node=True)
+        images = {name: ensure(name) for name in ("pause", *self.images)}
+        self.timings["binaries and images"] = time.monotonic() - started
+        self._made = [p for p in FIXED_PATHS if not p.exists()] + [
+            c for c in _kubepods_cgroups() if not c.exists()
+        ]
+        started = time.monotonic()
+        try:
+            self._share_state_dir()
+            self.controlplane = ControlPlane(self.state_dir / "controlplane", node=self.name).start()
+            self._start_containerd(images["pause"].ref)
+            for image in images.values():
+                self._import(image)
+            self._start_controller_manager(bins["kube-controller-manager"])
+            self._start_scheduler(bins["kube-scheduler"])
+            self._start_kubelet(bins["kubelet"])
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["start to Ready"] = time.monotonic() - started
+        return self
+
+    def _share_state_dir(self) -> None:
+        """Make ``state_dir`` a shared mount (a bind onto itself), so that what the kubelet mounts there
+        from its own mount namespace is seen by containerd, and the reverse."""
+        _run("mount", "--bind", str(self.state_dir), str(self.state_dir))
+        self._shared_mount = True
+        _run("mount", "--make-shared", str(self.state_dir))
+
+    def _start_containerd(self, pause: str) -> None:
+        root = self.state_dir / "containerd"
+        (root / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
+        (root / "cni" / "net.d" / "10-loopback.conflist").write_text(
+            json.dumps({"cniVersion": "1.0.0", "name": "kaiten-isolated", "plugins": [{"type": "loopback"}]})
+        )
+        config = root / "config.toml"
+        config.write_text(_containerd_config(root, self.containerd_socket, pause))
+        proc = ManagedProcess(
+            name="containerd",
+            argv=["containerd", "--config", str(config), "--log-level", "warn"],
+            log_path=self.state_dir / "containerd.log",
+        ).start()
+        self.processes.append(proc)
+        proc.wait_ready(
+            lambda: self._ctr("version", check=False).returncode == 0,
+            timeout=30,
+            interval=0.2,
+            what=f"did not answer on {self.containerd_socket}",
+        )
+
+    def _ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = ["ctr", "--address", str(self.containerd_socket), "--namespace", K8S_NAMESPACE, *args]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+        if check and result.returncode != 0:
+            raise StartFailed(f"ctr {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+        return result
+
+    def _import(self, image: Image) -> None:
+        started = time.monotonic()
+        self._ctr("images", "import", "--snapshotter", "overlayfs", str(image.archive))
+        self.imported[image.name] = image
+        self.timings[f"import {image.name}"] = time.monotonic() - started
+
+    def _start_controller_manager(self, binary: Path) -> None:
+        cp = self._cp()
+        port = free_port()
+        self._start(
+            "kube-controller-manager",
+            [
+                str(binary),
+                "--kubeconfig", str(cp.kubeconfig_for("controller-manager")),
+                "--leader-elect=false",
+                "--use-service-account-credentials",
+                "--service-account-private-key-file", str(cp.pki / "sa.key"),
+                "--root-ca-file", str(cp.pki / "ca.crt"),
+                "--cluster-signing-cert-file", str(cp.pki / "ca.crt"),
+                "--cluster-signing-key-file", str(cp.pki / "ca.key"),
+                "--bind-address", "127.0.0.1",
+                "--secure-port", str(port),
+                "--flex-volume-plugin-dir", str(self.state_dir / "flexvolume"),
+                "--controllers", "*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle-controller",
+                "--v", "1",
+            ],
+            port,
+        )  # fmt: skip
+
+    def _start_scheduler(self, binary: Path) -> None:
+        port = free_port()
+        kubeconfig = str(self._cp().kubeconfig_for("scheduler"))
+        self._start(
+            "kube-scheduler",
+            [str(binary), "--kubeconfig", kubeconfig, "--authentication-kubeconfig", kubeconfig,
+             "--authorization-kubeconfig", kubeconfig, "--leader-elect=false",
+             "--bind-address", "127.0.0.1", "--secure-port", str(port), "--v", "1"],
+            port,
+        )  # fmt: skip
+
+    def _start_kubelet(self, binary: Path) -> None:
+        cp = self._cp()
+        root = self.state_dir / "kubelet"
+        root.mkdir(parents=True, exist_ok=True)
+        port, healthz = free_port(), free_port()
+        config = root / "config.yaml"
+        config.write_text(
+            yaml.safe_dump(_kubelet_config(cp.pki, root, self.containerd_socket, port, healthz))
+        )
+        views = root / "sysctl-views"
+        views.mkdir(exist_ok=True)
+        binds = []
+        for key, value in KUBELET_SYSCTLS.items():
+            view = views / key.replace("/", ".")
+            view.write_text(f"{value}\n")
+            binds.append(f"mount --bind -o ro {view} /proc/sys/{key}")
+        kubelet = [
+            str(binary),
+            "--config", str(config),
+            "--kubeconfig", str(cp.kubeconfig_for("node")),
+            "--root-dir", str(root),
+            "--hostname-override", self.name,
+            "--node-ip", "127.0.0.1",
+            "--v", "1",
+        ]  # fmt: skip
+        # Its own mount namespace: /proc made private there first, so the sysctl views stay in it.
+        script = " && ".join(["mount --make-rprivate /proc", *binds, 'exec "$@"'])
+        self._start("kubelet", ["unshare", "--mount", "--propagation", "unchanged", "--", "sh", "-c",
+                                script, "kubelet", *kubelet], healthz)  # fmt: skip
+
+    def _start(self, name: str, argv: list[str], port: int) -> None:
+        proc = ManagedProcess(name=name, argv=argv, log_path=self.state_dir / f"{name}.log").start()
+        self.processes.append(proc)
+        proc.wait_ready(
+            lambda: port_open("127.0.0.1", port),
+            timeout=self.startup_timeout,
+            interval=0.2,
+            what=f"did not listen on 127.0.0.1:{port}",
+        )
+
+    def _cp(self) -> ControlPlane:
+        assert self.controlplane is not None
+        return self.controlplane
+
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True, text=True, check=False, timeout=timeout,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise StartFailed(f"kubectl {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+        return result
+
+    def _wait_ready(self) -> None:
+        """The node registered and Ready; then its address set to 127.0.0.1 (the kubelet refuses to
+        report a loopback address itself, and the apiserver reaches it for logs and exec by that)."""
+        kubelet = next(p for p in self.processes if p.name == "kubelet")
+        kubelet.wait_ready(
+            self._node_ready, timeout=self.startup_timeout, interval=0.5, what="node not Ready"
+        )
+        addresses = [
+            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": self.name},
+        ]
+        self.kubectl("patch", "node", self.name, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": {"addresses": addresses}}))  # fmt: skip
+
+    def _node_ready(self) -> bool:
+        result = self.kubectl("get", "node", self.name, "-o", "json", check=False, timeout=10)
+        if result.returncode != 0:
+            return False
+        conditions = json.loads(result.stdout).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    # -- stop ------------------------------------------------------------------------------------
+
+    def pids(self) -> set[int]:
+        """Every process of this node: ours, containerd's shims and what runs in the containers."""
+        cp = self.controlplane.processes if self.controlplane else []
+        mine = {p.pid for p in [*self.processes, *cp] if p.proc is not None}
+        shims = _shims(self.containerd_socket)
+        return running(mine | shims | {d for pid in shims for d in _descendants(pid)})
+
+    def stop(self) -> Leftovers:
+        """Stop everything (see the module docstring); returns what is left (normally nothing)."""
+        by_name = {p.name: p for p in self.processes}
+        if kubelet := by_name.get("kubelet"):
+            kubelet.stop(timeout=10)
+        shims = _shims(self.containerd_socket)
+        if (containerd := by_name.get("containerd")) and containerd.alive():
+            self._remove_containers()
+        workloads = shims | {d for pid in shims for d in _descendants(pid)}
+        for name in ("containerd", "kube-scheduler", "kube-controller-manager"):
+            if proc := by_name.get(name):
+                proc.stop(timeout=10)
+        kill_pids(running(workloads))
+        _wait(lambda: not running(workloads), 10)
+        if self.controlplane is not None:
+            self.controlplane.stop()
+        left = Leftovers(processes=running(workloads | {p.pid for p in self.processes if p.alive()}))
+        self.processes.clear()
+        left.mounts = self._unmount_all()
+        left.cgroups = _remove_cgroups([c for c in self._made if str(c).startswith(str(CGROUP_ROOT))])
+        for path in self._made:
+            if not str(path).startswith(str(CGROUP_ROOT)):
+                shutil.rmtree(path, ignore_errors=True)
+                if path.exists():
+                    left.paths.append(str(path))
+        return left
+
+    def _remove_containers(self) -> None:
+        """Kill every task (containers and sandboxes), then delete them, through containerd."""
+        tasks = self._ctr("tasks", "list", "--quiet", check=False).stdout.split()
+        for task in tasks:
+            self._ctr("tasks", "kill", "--signal", "SIGKILL", "--all", task, check=False)
+        deadline = time.monotonic() + 10
+        while tasks and time.monotonic() < deadline:
+            for task in list(tasks):
+                if self._ctr("tasks", "delete", task, check=False).returncode == 0:
+                    tasks.remove(task)
+            time.sleep(0.2)
+        for container in self._ctr("containers", "list", "--quiet", check=False).stdout.split():
+            self._ctr("containers", "delete", container, check=False)
+
+    def _unmount_all(self) -> list[str]:
+        """Lazily unmount everything under ``state_dir`` (deepest first), then the shared bind itself."""
+        for target in sorted(_mounts_under(self.state_dir), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", target], capture_output=True, check=False)
+        if self._shared_mount:
+            subprocess.run(["umount", "--lazy", str(self.state_dir)], capture_output=True, check=False)
+            self._shared_mount = False
+        return [m for m in _mounts_under(self.state_dir, include_self=True)]
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _run(*argv: str) -> None:
+    result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise StartFailed(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+
+def _wait(done: object, seconds: float) -> bool:
+    assert callable(done)
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _descendants(pid: int) -> set[int]:
+    from shared.local.procs import descendants
+
+    try:
+        return descendants(pid)
+    except subprocess.CalledProcessError:
+        return set()
+
+
+def _shims(socket: Path) -> set[int]:
+    """containerd-shim processes serving our containerd (by the socket they were started for)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"containerd-shim-runc-v2") and str(socket).encode() in argv:
+                found.add(int(proc.name))
+    return found
+
+
+def _mounts_under(root: Path, include_self: bool = False) -> list[str]:
+    prefix = str(root).rstrip("/") + "/"
+    targets = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4].replace("\\040", " ")
+        if target.startswith(prefix) or (include_self and target == str(root)):
+            targets.append(target)
+    return targets
+
+
+def _kubepods_cgroups() -> list[Path]:
+    """The ``kubepods`` cgroup the kubelet makes in each v1 hierarchy (and in the unified one)."""
+    if not CGROUP_ROOT.is_dir():
+        return []
+    return [h / "kubepods" for h in CGROUP_ROOT.iterdir() if h.is_dir() and not h.is_symlink()]
+
+
+def _remove_cgroups(cgroups: list[Path]) -> list[str]:
+    """rmdir each cgroup tree, deepest first (a cgroup with no processes can be removed)."""
+    left = []
+    for top in cgroups:
+        if not top.exists():
+            continue
+        for path in sorted(
+            (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        ):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+        if top.exists():
+            left.append(str(top))
+    return left
+
+
+def _containerd_config(root: Path, socket: Path, pause: str) -> str:
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    return f"""version = 2
+root = "{root / "root"}"
+state = "{root / "state"}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+
+[grpc]
+  address = "{socket}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root / "opt"}"
+
+[{cri}]
+  sandbox_image = "{pause}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{cri}.containerd.runtimes.runc.options]
+  SystemdCgroup = false
+  BinaryName = "{shutil.which("runc") or "/usr/sbin/runc"}"
+  Root = "{root / "runc"}"
+
+[{cri}.cni]
+  bin_dir = "{CNI_BIN}"
+  conf_dir = "{root / "cni" / "net.d"}"
+"""
+
+
+def _kubelet_config(pki: Path, root: Path, socket: Path, port: int, healthz: int) -> dict[str, object]:
+    return {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": "127.0.0.1",
+        "port": port,
+        "readOnlyPort": 0,
+        "healthzBindAddress": "127.0.0.1",
+        "healthzPort": healthz,
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": True},
+            "x509": {"clientCAFile": str(pki / "ca.crt")},
+        },
+        "authorization": {"mode": "Webhook"},
+        "tlsCertFile": str(pki / "kubelet.crt"),
+        "tlsPrivateKeyFile": str(pki / "kubelet.key"),
+        "cgroupDriver": "cgroupfs",
+        "containerRuntimeEndpoint": f"unix://{socket}",
+        "failSwapOn": False,
+        "podLogsDir": str(root / "pod-logs"),
+        "volumePluginDir": str(root / "volume-plugins"),
+        "makeIPTablesUtilChains": False,
+        "resolvConf": "/etc/resolv.conf",
+        # A test machine's disk is what it is: evict only when it is really full, never GC our images.
+        "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "serializeImagePulls": False,
+        "staticPodPath": "",
+        "enableDebuggingHandlers": True,  # kubectl logs / exec
+    }
+
+
+if __name__ == "__main__":  # a node by hand: python -m shared.local.node DIR [IMAGE ...]; stop: SIGTERM/^C
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    cluster = LocalCluster(Path(sys.argv[1]), images=sys.argv[2:])
+    try:
+        cluster.start()
+        print(f"export KUBECONFIG={cluster.kubeconfig}  # {cluster.timings}", flush=True)
+        signal.pause()
+    finally:
+        print(f"stopped; left behind: {cluster.stop() or 'nothing'}", flush=True)
