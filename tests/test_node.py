@@ -155,3 +155,14 @@ def test_a_deployment_serves_on_loopback_with_logs_exec_and_a_token(cluster: Loc
             if not (LOOPBACK.match(s[0]) and LOOPBACK.match(s[1]))]  # fmt: skip
     assert not bad, f"non-loopback sockets: {bad}"
     cluster.kubectl("delete", "deployment", name, "--wait=true", timeout=90)
+
+
+def test_a_second_node_on_the_machine_is_refused_and_touches_nothing(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    from shared.local.procs import StartFailed
+
+    with pytest.raises(StartFailed, match="another local node runs on this machine"):
+        LocalCluster(tmp_path / "second").start()
+    assert not (tmp_path / "second" / "controlplane").exists()
+    assert cluster.kubectl("get", "node", cluster.name).returncode == 0

@@ -31,13 +31,16 @@ before. It returns what it could not clean up (nothing, normally), so a test can
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import yaml
 
@@ -62,6 +65,9 @@ FIXED_PATHS = (
 )
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 K8S_NAMESPACE = "k8s.io"  # containerd's namespace for CRI
+# One node per machine: the kubepods cgroups, containerd's shim directory and the kubelet's device-plugin
+# directory are machine-wide. Held (flock) from start to the end of stop.
+MACHINE_LOCK = Path("/run/lock/kaiten-node.lock")
 
 
 @dataclass
@@ -89,6 +95,7 @@ class LocalCluster:
     timings: dict[str, float] = field(default_factory=dict)
     _made: list[Path] = field(default_factory=list)
     _shared_mount: bool = False
+    _lock: IO[str] | None = None
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -111,6 +118,7 @@ class LocalCluster:
             )
         self.state_dir = self.state_dir.resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_machine()
         started = time.monotonic()
         bins = ensure_binaries(node=True)
         images = {name: ensure(name) for name in ("pause", *self.images)}
@@ -134,6 +142,24 @@ class LocalCluster:
             raise
         self.timings["start to Ready"] = time.monotonic() - started
         return self
+
+    def _lock_machine(self) -> None:
+        MACHINE_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        lock = MACHINE_LOCK.open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise StartFailed(
+                f"another local node runs on this machine ({holder}): one at a time, since the kubelet's"
+                " cgroups and containerd's shim directory are machine-wide"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()}, state in {self.state_dir}\n")
+        lock.flush()
+        self._lock = lock
 
     def _share_state_dir(self) -> None:
         """Make ``state_dir`` a shared mount (a bind onto itself), so that what the kubelet mounts there
@@ -320,6 +346,9 @@ class LocalCluster:
                 shutil.rmtree(path, ignore_errors=True)
                 if path.exists():
                     left.paths.append(str(path))
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
         return left
 
     def _remove_containers(self) -> None:
