@@ -46,7 +46,16 @@ import yaml
 
 from shared.local.controlplane import ControlPlane, ensure_binaries
 from shared.local.images import Image, ensure
-from shared.local.procs import ManagedProcess, StartFailed, free_port, kill_pids, port_open, running
+from shared.local.procs import (
+    ManagedProcess,
+    StartFailed,
+    descendants,
+    free_port,
+    kill_pids,
+    port_open,
+    running,
+    wait_until,
+)
 
 NODE_NAME = "kaiten-node"
 TOOLS = ("containerd", "runc", "ctr", "unshare", "mount", "umount")
@@ -334,7 +343,7 @@ class LocalCluster:
             if proc := by_name.get(name):
                 proc.stop(timeout=10)
         kill_pids(running(workloads))
-        _wait(lambda: not running(workloads), 10)
+        wait_until(lambda: not running(workloads), 10)
         if self.controlplane is not None:
             self.controlplane.stop()
         left = Leftovers(processes=running(workloads | {p.pid for p in self.processes if p.alive()}))
@@ -390,19 +399,7 @@ def _run(*argv: str) -> None:
         raise StartFailed(f"{' '.join(argv)} failed: {result.stderr.strip()}")
 
 
-def _wait(done: object, seconds: float) -> bool:
-    assert callable(done)
-    deadline = time.monotonic() + seconds
-    while not done():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def _descendants(pid: int) -> set[int]:
-    from shared.local.procs import descendants
-
     try:
         return descendants(pid)
     except subprocess.CalledProcessError:

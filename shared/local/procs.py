@@ -59,6 +59,16 @@ def running(pids: set[int]) -> set[int]:
     return pids & live
 
 
+def wait_until(done: Callable[[], bool], seconds: float, interval: float = 0.1) -> bool:
+    """Poll ``done()`` every ``interval`` s for at most ``seconds`` s; whether it came true."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def kill_pids(pids: set[int]) -> None:
     """SIGKILL processes we started (by PID), ignoring those already gone."""
     for pid in pids:

@@ -19,8 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from shared.local.procs import (
     kill_pids,
     port_open,
     running,
+    wait_until,
 )
 
 READY_LINE = "Ray runtime started"
@@ -153,15 +152,15 @@ class RayHead:
             return True
         below = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
-        graceful = _wait(lambda: proc.poll() is not None, STOP_GRACE_S)
+        graceful = wait_until(lambda: proc.poll() is not None, STOP_GRACE_S)
         if not graceful:
             for pid in running(below | descendants(proc.pid)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-            graceful = _wait(lambda: proc.poll() is not None, STOP_GRACE_S)
+            graceful = wait_until(lambda: proc.poll() is not None, STOP_GRACE_S)
         lingering: set[int] = set()
         if graceful:  # the workers exit once their raylet is gone
-            _wait(lambda: not running(below), STOP_GRACE_S)
+            wait_until(lambda: not running(below), STOP_GRACE_S)
             lingering = running(below)
         else:
             lingering = running(below | descendants(proc.pid)) | {proc.pid}
@@ -180,15 +179,6 @@ class RayHead:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _wait(done: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not done():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def connect(head: RayHead) -> None:
