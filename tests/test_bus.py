@@ -268,3 +268,28 @@ async def test_two_replicas_share_work_and_never_handle_one_workspace_at_once(nc
     assert collisions == 0
     assert min(per_replica) > 0, per_replica  # the work is spread
     assert all(sorted(v) == list(range(10)) for v in seen.values())
+
+
+async def test_a_flood_of_undecodable_messages_does_not_stop_intake(nc: Client) -> None:
+    """Garbage on a service's subjects is terminated, and the consumer goes on pulling: a real event that
+    follows 200 of them (more than three fetches' worth) is handled. Each undecodable message used to
+    leak an intake slot, so after one fetch of them the service stopped consuming, alive but idle."""
+    handled: list[ev.AnyEvent] = []
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        handled.extend(events)
+
+    js = nc.jetstream()
+    for n in range(200):
+        await js.publish(f"kaiten.status.condition.default.w{n % 7}", b"\xff not an event %d" % n)
+    await Publisher(js).publish(cond("real", 1))
+    run = runner(nc, handler, fetch_batch=64)
+    await run.start()
+    try:
+        await wait_for(lambda: len(handled) == 1, timeout=15)
+    finally:
+        await run.stop()
+    assert isinstance(handled[0], ev.ConditionReported) and handled[0].workspace.name == "real"
+    await nc.flush()
+    info = await js.consumer_info(ev.STREAM, "test")
+    assert info.num_ack_pending == 0 and info.num_pending == 0, info

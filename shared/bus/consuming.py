@@ -8,6 +8,9 @@ How it keeps its promises:
   handling a key a replica takes a lease on it in a NATS KV bucket; a replica that finds the key
   leased by another naks with a short delay, so one Workspace is never handled by two replicas at once.
 - *Bursts coalesce*: messages of one key that arrive in one fetch are handed to the handler together.
+- *Bounded intake*: each message taken holds a permit of a semaphore of ``fetch_batch`` until it is
+  settled, and the pull loop waits for free permits. A message that cannot be decoded is terminated as
+  it arrives, and its permit returns at once.
 - *Long work says it is alive*: ``in_progress()`` every ``ack_wait / 3`` until acked.
 - *Ack after the side effect*: a group is acked only after the handler returns.
 - *Failures by taxonomy* (``shared.bus.errors``); a failed group of several messages is retried one
@@ -126,7 +129,8 @@ class ConsumerRunner:
         self._publisher = publisher
         self._reporter = reporter
         self._tails: dict[str, asyncio.Task[None]] = {}
-        self._inflight = 0
+        # One permit per message taken and not yet settled: intake waits for room, never polls.
+        self._intake = asyncio.Semaphore(spec.fetch_batch)
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -174,34 +178,62 @@ class ConsumerRunner:
     async def _pull_loop(self) -> None:
         spec = self._spec
         while not self._stopping.is_set():
-            room = spec.fetch_batch - self._inflight
-            if room <= 0:
-                await asyncio.sleep(0.01)
-                continue
+            room = await self._take_room()
             try:
                 msgs = await self._psub.fetch(room, timeout=1.0)
             except TimeoutError:
-                continue
+                msgs = []
             except Exception as exc:  # connection trouble: the client reconnects; wait and pull again
+                self._release(room)
                 if self._nc.is_closed:
                     log.error("consumer %s: NATS connection closed; stopping intake", spec.durable)
                     raise
                 log.warning("consumer %s: fetch failed: %s", spec.durable, exc)
                 await asyncio.sleep(0.5)
                 continue
-            for group in self._group(msgs):
+            self._release(room - len(msgs))
+            for group in await self._group(msgs):
                 self._schedule(group)
 
-    def _group(self, msgs: list[Msg]) -> list[_Group]:
+    async def _take_room(self) -> int:
+        """Wait for at least one free intake permit, then take every other free one (up to a batch)."""
+        await self._intake.acquire()
+        room = 1
+        while room < self._spec.fetch_batch and not self._intake.locked():
+            await self._intake.acquire()  # free: returns at once
+            room += 1
+        return room
+
+    def _release(self, permits: int) -> None:
+        for _ in range(permits):
+            self._intake.release()
+
+    async def _group(self, msgs: list[Msg]) -> list[_Group]:
+        """Decode every message first: an undecodable one is terminated (and its permit returned) here,
+        so a group holds only events its handler can take."""
         groups: dict[str, _Group] = {}
         for msg in msgs:
+            try:
+                event = decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error(
+                    "consumer %s: undecodable message on %s, terminated: %s",
+                    self._spec.durable,
+                    msg.subject,
+                    exc,
+                )
+                with contextlib.suppress(Exception):
+                    await msg.term()
+                self._release(1)
+                continue
             key = key_of(msg.subject)
-            groups.setdefault(key, _Group(key=key, msgs=[])).msgs.append(msg)
+            group = groups.setdefault(key, _Group(key=key, msgs=[]))
+            group.msgs.append(msg)
+            group.events.append(event)
         return list(groups.values())
 
     def _schedule(self, group: _Group) -> None:
         previous = self._tails.get(group.key)
-        self._inflight += len(group.msgs)
         task = asyncio.create_task(self._run_group(group, previous), name=f"group:{group.key}")
         self._tails[group.key] = task
         task.add_done_callback(functools.partial(self._forget, group.key))
@@ -223,13 +255,10 @@ class ConsumerRunner:
                 await self._run_leased(group)
         finally:
             heartbeat.cancel()
-            self._inflight -= len(group.msgs)
+            self._release(len(group.msgs))
 
     async def _run_leased(self, group: _Group) -> None:
         assert self._leases is not None
-        group.events = await self._decode_all(group)
-        if not group.msgs:
-            return
         try:
             revision = await self._leases.acquire(group.key)
         except LeaseBusy:
@@ -253,24 +282,6 @@ class ConsumerRunner:
                 revision = await self._leases.refresh(key, revision)
         except asyncio.CancelledError:
             return revision
-
-    async def _decode_all(self, group: _Group) -> list[AnyEvent]:
-        events: list[AnyEvent] = []
-        kept: list[Msg] = []
-        for msg in group.msgs:
-            try:
-                events.append(decode(msg.data))
-                kept.append(msg)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.error(
-                    "consumer %s: undecodable message on %s, terminated: %s",
-                    self._spec.durable,
-                    msg.subject,
-                    exc,
-                )
-                await msg.term()
-        group.msgs = kept
-        return events
 
     async def _dispatch(self, group: _Group) -> None:
         outcome = await self._attempt(group.msgs, group.events)
