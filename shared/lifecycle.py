@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from kubernetes_asyncio import client as kclient
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from pydantic import ValidationError
 
 from shared.bus.connection import close, connect
 from shared.bus.publishing import Publisher
@@ -162,5 +163,11 @@ def main(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.parse_args(argv)
-    settings = settings_type.from_env()
+    try:
+        settings = settings_type.from_env()
+    except ValidationError as exc:  # a setting the operator can fix: say which, without a traceback
+        problems = "\n".join(
+            f"  KAITEN_{str(error['loc'][0]).upper()}: {error['msg']}" for error in exc.errors()
+        )
+        parser.exit(2, f"{parser.prog}: invalid settings:\n{problems}\n")
     sys.exit(asyncio.run(serve(service, settings, start, needs_kube=needs_kube)))

@@ -222,10 +222,36 @@ async def test_delete_waits_for_cleanup_owners_then_the_object_goes(
     assert gone.returncode == 0, gone.stderr
 
 
-async def test_delete_without_owners_releases_at_once(
+async def test_by_default_delete_waits_for_the_provisioner_and_the_workload(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
+    """A deployment that sets no KAITEN_CLEANUP_OWNERS must not release the finalizer before node pools,
+    NodeClaims and Ray objects are gone: both owners are waited for unless narrowed deliberately."""
     await start_watcher(services)
+    observed, sub = await apply_and_observe(kubectl, nc, namespace, "w6", kinds="*")
+    kubectl.run("delete", "workspace", "w6", "-n", namespace, "--wait=false", check=True)
+    assert isinstance(ev.decode((await sub.next_msg(timeout=5)).data), ev.WorkspaceDeleting)
+    publisher = Publisher(nc.jetstream())
+    await publisher.publish(ev.CleanupDone(workspace=observed.workspace, generation=1, owner="provisioner"))
+    await asyncio.sleep(1.0)
+    assert kubectl.run("get", "workspace", "w6", "-n", namespace).returncode == 0, "went before the workload"
+    await publisher.publish(ev.CleanupDone(workspace=observed.workspace, generation=1, owner="workload"))
+    gone = kubectl.run("wait", "-n", namespace, "--for=delete", "workspace/w6", "--timeout=20s")
+    assert gone.returncode == 0, gone.stderr
+
+
+async def test_an_unknown_cleanup_owner_is_refused_at_start(services: Services) -> None:
+    proc = services.start("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,provisoner")
+    assert proc.proc is not None and proc.proc.wait(timeout=30) == 2
+    log = proc.log_path.read_text()
+    assert "KAITEN_CLEANUP_OWNERS: Value error, unknown cleanup owner 'provisoner'" in log, log
+    assert "Traceback" not in log
+
+
+async def test_delete_with_owners_narrowed_to_none_releases_at_once(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    await start_watcher(services, KAITEN_CLEANUP_OWNERS="")
     await apply_and_observe(kubectl, nc, namespace, "w5")
     result = kubectl.run("delete", "workspace", "w5", "-n", namespace, "--timeout=20s")
     assert result.returncode == 0, result.stderr
