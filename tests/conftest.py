@@ -26,6 +26,7 @@ from shared.api.crd import CRD_PATH
 from shared.bus.streams import declare_stream
 from shared.local.controlplane import ControlPlane
 from shared.local.nats_server import NatsServer
+from shared.local.node import KUBELET_SYSCTLS, LocalCluster
 from shared.local.procs import ManagedProcess, tail
 from shared.local.ray_head import RayHead, connect
 from shared.model_sources import ModelSource, resolve
@@ -75,6 +76,26 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The real single-node cluster (kubelet + containerd), with the services and Ray images imported;
+    at the end nothing of it may be left, and the host's sysctls must be as they were."""
+    before = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
+    node = LocalCluster(tmp_path_factory.mktemp("cluster"), images=["services", "ray"])
+    started = time.monotonic()
+    node.start()
+    print(f"\nnode Ready {time.monotonic() - started:.1f}s after start; {node.timings}")
+    try:
+        yield node
+    finally:
+        pids = node.pids()
+        left = node.stop()
+        assert not left, f"left behind: {left}"
+        assert not {p for p in pids if Path(f"/proc/{p}").exists()}, "processes of the node still run"
+        after = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
+        assert after == before, "the kubelet changed the host's sysctls"
 
 
 @pytest.fixture(scope="session")

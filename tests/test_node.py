@@ -6,18 +6,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shared.local import images
-from shared.local.node import KUBELET_SYSCTLS, LocalCluster
+from shared.local.node import LocalCluster
 from tests.test_loopback_only import LOOPBACK, sockets
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]  # start to Ready ~10 s, a pod ~5 s (warm)
+# The first cluster test pays for the node's start: ~15 s, and once per machine the import of the Ray
+# image (~6 GB) into containerd, a few minutes.
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+
+@pytest.fixture
+def cluster(local_cluster: LocalCluster) -> LocalCluster:
+    return local_cluster
 
 
 def rss_mib(pids: set[int]) -> float:
@@ -30,24 +35,6 @@ def rss_mib(pids: set[int]) -> float:
         except OSError:
             continue
     return total / 1024
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    before = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
-    node = LocalCluster(tmp_path_factory.mktemp("cluster"), images=["services"])
-    started = time.monotonic()
-    node.start()
-    print(f"\nnode Ready {time.monotonic() - started:.1f}s after start; {node.timings}")
-    try:
-        yield node
-    finally:
-        pids = node.pids()
-        left = node.stop()
-        assert not left, f"left behind: {left}"
-        assert not {p for p in pids if Path(f"/proc/{p}").exists()}, "processes of the node still run"
-        after = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
-        assert after == before, "the kubelet changed the host's sysctls"
 
 
 def wait_for(cluster: LocalCluster, *args: str, timeout: int = 120) -> None:

@@ -21,6 +21,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -220,6 +221,65 @@ HEAD_PORTS = [
 ]
 
 
+@dataclass(frozen=True)
+class HostNetwork:
+    """Ray pods on the node's own network, every listener on ``address``, on these ports.
+
+    For a node without a pod network: the local test node (``shared.local.node``), where pods use
+    ``hostNetwork`` and must bind 127.0.0.1. KubeRay's defaults would listen on every interface at fixed
+    ports, and it has no setting for the node IP, so the rendering says everything: ``node-ip-address``,
+    each port in ``rayStartParams`` and as a named container port, usage stats off, and probes of our
+    own (HTTP to the dashboard and the agent; KubeRay's need ``wget``, which our image does not carry).
+    Single-node plans only: a worker would look the head up by its Service's DNS name.
+    """
+
+    address: str = "127.0.0.1"
+    gcs: int = 6379
+    dashboard: int = 8265
+    client: int = 10001
+    agent: int = 52365
+    metrics: int = 8080
+    serve: int = SERVE_PORT
+
+    def ports(self) -> list[dict[str, Any]]:
+        named = {"gcs-server": self.gcs, "dashboard": self.dashboard, "client": self.client,
+                 "dashboard-agent": self.agent, "metrics": self.metrics, "serve": self.serve}  # fmt: skip
+        return [{"name": name, "containerPort": port} for name, port in named.items()]
+
+    def start_params(self) -> dict[str, str]:
+        return {
+            "node-ip-address": self.address,
+            "dashboard-host": self.address,
+            "port": str(self.gcs),
+            "dashboard-port": str(self.dashboard),
+            "ray-client-server-port": str(self.client),
+            "dashboard-agent-listen-port": str(self.agent),
+            "metrics-export-port": str(self.metrics),
+            "disable-usage-stats": "true",
+        }
+
+    def apply(self, container: dict[str, Any], pod: dict[str, Any]) -> None:
+        container["ports"] = self.ports()
+        container["env"] += [
+            {"name": "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "value": "0"},  # keeps the node IP as given
+            {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        ]
+
+        def probe(port: int, path: str, **timing: int) -> dict[str, Any]:
+            return {"httpGet": {"path": path, "port": port}, "timeoutSeconds": 5, **timing}
+
+        container["readinessProbe"] = probe(self.dashboard, "/api/gcs_healthz", periodSeconds=2)
+        container["livenessProbe"] = probe(
+            self.agent,
+            "/api/local_raylet_healthz",
+            initialDelaySeconds=30,
+            periodSeconds=5,
+            failureThreshold=12,
+        )
+        pod["spec"]["hostNetwork"] = True
+        pod["spec"]["dnsPolicy"] = "ClusterFirstWithHostNet"
+
+
 def _cluster(
     ref: WorkspaceRef,
     workspace: Workspace,
@@ -227,19 +287,24 @@ def _cluster(
     image: str,
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
+    host: HostNetwork | None = None,
 ) -> dict[str, Any]:
     """A Ray cluster on the planned nodes: the head takes the first node (with its GPUs: a KAITO plan
     has no CPU-only node), a worker group the others."""
     head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS)
+    template = _pod_template(ref, workspace, plan, head, volumes)
+    start_params = {"dashboard-host": "0.0.0.0"}  # noqa: S104  (the pod network, in-cluster)
+    workers = max(plan.nodes, 1) - 1
+    if host is not None:
+        if workers:
+            raise RenderError("UnsupportedPlan", "Ray on the host network runs single-node plans only")
+        host.apply(head, template)
+        start_params = host.start_params()
     cluster: dict[str, Any] = {
         "rayVersion": ray_version(),
         "enableInTreeAutoscaling": False,
-        "headGroupSpec": {
-            "rayStartParams": {"dashboard-host": "0.0.0.0"},  # noqa: S104  (the pod network, in-cluster)
-            "template": _pod_template(ref, workspace, plan, head, volumes),
-        },
+        "headGroupSpec": {"rayStartParams": start_params, "template": template},
     }
-    workers = max(plan.nodes, 1) - 1
     if workers:
         worker = _container("ray-worker", image, plan, workspace, mounts)
         cluster["workerGroupSpecs"] = [
@@ -288,9 +353,13 @@ def rayservice(
     *,
     image: str,
     generation: int,
+    host: HostNetwork | None = None,
 ) -> dict[str, Any]:
+    http = {"host": "0.0.0.0", "port": SERVE_PORT}  # noqa: S104  (the Service reaches it)
+    if host is not None:
+        http = {"host": host.address, "port": host.serve}
     serve_config = {
-        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},  # noqa: S104  (the Service reaches it)
+        "http_options": http,
         "applications": [
             {
                 "name": app_name(ref),
@@ -307,7 +376,7 @@ def rayservice(
         "metadata": _metadata(ref, api_version, object_name(ref.name), generation),
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
-            "rayClusterConfig": _cluster(ref, workspace, plan, image, volumes, mounts),
+            "rayClusterConfig": _cluster(ref, workspace, plan, image, volumes, mounts, host),
         },
     }
 

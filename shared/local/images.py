@@ -200,6 +200,8 @@ def ensure(name: str) -> Image:
         _build(name, ref, digest)
     if not archive.exists():
         archive.parent.mkdir(parents=True, exist_ok=True)
+        for old in archive.parent.glob(f"{name}-*.tar"):  # the Ray image's is ~6 GB: keep the newest only
+            old.unlink()
         tmp = archive.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
         buildah("push", "--quiet", ref, f"docker-archive:{tmp}:{ref}")
@@ -239,5 +241,5 @@ def _build(name: str, ref: str, digest: str) -> None:
 
 
 if __name__ == "__main__":
-    for image_name in sys.argv[1:] or ["pause", "services"]:
+    for image_name in sys.argv[1:] or ["pause", "services", "ray"]:
         print(ensure(image_name).archive)

@@ -7,7 +7,8 @@ every listener on 127.0.0.1:
   authorization, NodeRestriction and ServiceAccount admission, so pods get tokens);
 - kube-controller-manager (Deployments, ReplicaSets, StatefulSets, Jobs, ServiceAccount tokens, the
   garbage collector, …) and kube-scheduler, without leader election;
-- containerd (Debian's, with runc) with its root, state, socket and runc root under ``dir``: CRI with
+- containerd (Debian's, with runc) with its state, socket and runc root under ``dir`` and its root (image
+  content and snapshots) in the cache, so an image is imported once per machine: CRI with
   ``restrict_oom_score_adj`` (runc cannot raise a score without CAP_SYS_RESOURCE, which we lack),
   cgroupfs, no AppArmor, its streaming server on 127.0.0.1, and a CNI config holding only ``loopback``:
   a pod without ``hostNetwork`` gets a network namespace with nothing but ``lo`` in it, so it can reach
@@ -44,7 +45,7 @@ from typing import IO
 
 import yaml
 
-from shared.local.controlplane import ControlPlane, ensure_binaries
+from shared.local.controlplane import ControlPlane, cache_root, ensure_binaries
 from shared.local.images import Image, ensure
 from shared.local.procs import (
     ManagedProcess,
@@ -184,7 +185,7 @@ class LocalCluster:
             json.dumps({"cniVersion": "1.0.0", "name": "kaiten-isolated", "plugins": [{"type": "loopback"}]})
         )
         config = root / "config.toml"
-        config.write_text(_containerd_config(root, self.containerd_socket, pause))
+        config.write_text(_containerd_config(root, images_root(), self.containerd_socket, pause))
         proc = ManagedProcess(
             name="containerd",
             argv=["containerd", "--config", str(config), "--log-level", "warn"],
@@ -198,16 +199,18 @@ class LocalCluster:
             what=f"did not answer on {self.containerd_socket}",
         )
 
-    def _ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _ctr(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         argv = ["ctr", "--address", str(self.containerd_socket), "--namespace", K8S_NAMESPACE, *args]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=300)
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
         if check and result.returncode != 0:
             raise StartFailed(f"ctr {' '.join(args)} failed:\n{result.stderr[-2000:]}")
         return result
 
     def _import(self, image: Image) -> None:
         started = time.monotonic()
-        self._ctr("images", "import", "--snapshotter", "overlayfs", str(image.archive))
+        present = self._ctr("images", "list", "--quiet", f"name=={image.ref}").stdout.split()
+        if image.ref not in present:
+            self._ctr("images", "import", "--snapshotter", "overlayfs", str(image.archive), timeout=1200)
         self.imported[image.name] = image
         self.timings[f"import {image.name}"] = time.monotonic() - started
 
@@ -454,10 +457,16 @@ def _remove_cgroups(cgroups: list[Path]) -> list[str]:
     return left
 
 
-def _containerd_config(root: Path, socket: Path, pause: str) -> str:
+def images_root() -> Path:
+    """containerd's root (content and snapshots) outlives a node: an image is imported once per machine.
+    Only one node runs at a time (MACHINE_LOCK), and every container is deleted at stop."""
+    return cache_root() / "node" / "containerd"
+
+
+def _containerd_config(root: Path, content: Path, socket: Path, pause: str) -> str:
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
-root = "{root / "root"}"
+root = "{content}"
 state = "{root / "state"}"
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
