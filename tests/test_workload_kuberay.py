@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from kubernetes_asyncio import client as kclient
@@ -508,3 +509,42 @@ async def test_kuberay_backend_end_to_end(
         assert left["items"] == []
     finally:
         kubectl.run("delete", "node", node, "--wait=false")
+
+
+def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> None:
+    """What the local node needs (docs/cluster.md): the head on the host network, every Ray listener on
+    127.0.0.1 at ports we choose (named container ports to match), usage stats off, probes of our own."""
+    from services.workload.kuberay import HostNetwork
+    from services.workload.render import RenderError
+
+    workspace = Workspace.model_validate(
+        yaml.safe_load((SEEDS.parent / "local" / "workspace-smollm2.yaml").read_text())
+    )
+    got = plan(workspace, CATALOGS, [], PlanOptions(cloud="azure", provider="local"))
+    assert isinstance(got, Plan)
+    host = HostNetwork(gcs=7001, dashboard=7002, client=7003, agent=7004, metrics=7005, serve=7006)
+    config = serving_config(workspace, got, lambda s: f"{PULL_SECRETS_PATH}/{s}")
+    obj = rayservice(ref_of(workspace), "kaito.sh/v1alpha1", workspace, got, config, image=IMAGE,
+                     generation=1, host=host)  # fmt: skip
+    head = obj["spec"]["rayClusterConfig"]["headGroupSpec"]
+    params, pod = head["rayStartParams"], head["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert params["node-ip-address"] == params["dashboard-host"] == "127.0.0.1"
+    assert params["disable-usage-stats"] == "true"
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    assert ports == {"gcs-server": 7001, "dashboard": 7002, "client": 7003, "dashboard-agent": 7004,
+                     "metrics": 7005, "serve": 7006}  # fmt: skip
+    assert [params[k] for k in ("port", "dashboard-port", "ray-client-server-port",
+                                "dashboard-agent-listen-port", "metrics-export-port")] == [
+        "7001", "7002", "7003", "7004", "7005"]  # fmt: skip
+    container = pod["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/api/gcs_healthz", "port": 7002}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert yaml.safe_load(obj["spec"]["serveConfigV2"])["http_options"] == {"host": "127.0.0.1", "port": 7006}
+    assert kuberay_validate([obj]).returncode == 0
+
+    two_nodes = msgspec.structs.replace(got, nodes=2)
+    with pytest.raises(RenderError, match="single-node plans only"):
+        rayservice(ref_of(workspace), "kaito.sh/v1alpha1", workspace, two_nodes, config, image=IMAGE,
+                   generation=1, host=host)  # fmt: skip
