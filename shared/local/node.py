@@ -129,15 +129,15 @@ class LocalCluster:
         self.state_dir = self.state_dir.resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_machine()
-        started = time.monotonic()
-        bins = ensure_binaries(node=True)
-        images = {name: ensure(name) for name in ("pause", *self.images)}
-        self.timings["binaries and images"] = time.monotonic() - started
-        self._made = [p for p in FIXED_PATHS if not p.exists()] + [
-            c for c in _kubepods_cgroups() if not c.exists()
-        ]
-        started = time.monotonic()
-        try:
+        try:  # from here on a failure stops what started and releases the machine lock
+            started = time.monotonic()
+            bins = ensure_binaries(node=True)
+            images = {name: ensure(name) for name in ("pause", *self.images)}
+            self.timings["binaries and images"] = time.monotonic() - started
+            self._made = [p for p in FIXED_PATHS if not p.exists()] + [
+                c for c in _kubepods_cgroups() if not c.exists()
+            ]
+            started = time.monotonic()
             self._share_state_dir()
             self.controlplane = ControlPlane(self.state_dir / "controlplane", node=self.name).start()
             self._start_containerd(images["pause"].ref)
