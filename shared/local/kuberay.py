@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.local.controlplane import repo_root
+from shared.local.controlplane import cache_root, repo_root
 from shared.local.procs import StartFailed
 
 KUBERAY_VERSION = "v1.5.1"
@@ -54,8 +54,7 @@ def crds() -> list[Path]:
 
 def validator() -> Path:
     """The ``kuberay-validate`` binary (built once, then cached)."""
-    base = os.environ.get("KAITEN_CACHE_DIR") or str(Path.home() / ".cache" / "kaiten")
-    binary = Path(base) / "kuberay" / KUBERAY_VERSION / "kuberay-validate"
+    binary = _cache() / "kuberay-validate"
     if binary.exists():
         return binary
     print(f"building kuberay-validate from KubeRay {KUBERAY_VERSION} (first run only; ~2 min) ...",
@@ -96,8 +95,7 @@ def operator() -> Path:
 
 
 def _cache() -> Path:
-    base = os.environ.get("KAITEN_CACHE_DIR") or str(Path.home() / ".cache" / "kaiten")
-    path = Path(base) / "kuberay" / KUBERAY_VERSION
+    path = cache_root() / "kuberay" / KUBERAY_VERSION
     path.mkdir(parents=True, exist_ok=True)
     return path
 
