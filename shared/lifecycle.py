@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from shared.bus.connection import close, connect
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_stream
 from shared.kube.client import api_client
+from shared.probes import Probes, Readiness
 from shared.settings import ServiceSettings
 
 log = logging.getLogger("kaiten")
@@ -94,11 +96,26 @@ def setup_logging(service: str, level: str) -> None:
 async def serve(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging(service, settings.log_level)
+    probes = None
+    if settings.probe_port is not None:  # first, so liveness answers during a slow start too
+        probes = Probes(service, settings.probe_host, settings.probe_port, settings.stuck_after_s).start()
+    try:
+        return await _serve(service, settings, start, needs_kube, probes)
+    finally:
+        if probes is not None:
+            probes.stop()
+
+
+async def _serve(
+    service: str, settings: ServiceSettings, start: StartFn, needs_kube: bool, probes: Probes | None
+) -> int:
     nc = await connect(
         settings.nats_url,
         name=service,
         connect_timeout=settings.connect_timeout_s,
         user_credentials=settings.nats_credentials,
+        user=settings.nats_user,
+        password=settings.nats_password.get_secret_value() if settings.nats_password else None,
     )
     js = nc.jetstream()
     await declare_stream(js)
@@ -109,17 +126,21 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     components: Sequence[Component] = []
+    watchdog = _Watchdog(nc, api, probes)
     code = 0
     try:
+        watchdog.start()
         components = await start(runtime)
         for component in components:
             await component.start()
         log.info("%s ready (%s)", service, ", ".join(c.name for c in components))
-        code = await _supervise(components, stopping)
+        code = await _supervise(components, stopping, watchdog)
     finally:
+        watchdog.stopping()
         for component in reversed(components):
             with contextlib.suppress(Exception):
                 await component.stop(settings.shutdown_grace_s)
+        await watchdog.stop()
         await close(nc)
         if api is not None:
             await api.close()
@@ -127,10 +148,84 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
     return code
 
 
-async def _supervise(components: Sequence[Component], stopping: asyncio.Event) -> int:
+class _Watchdog:
+    """Beats once a second for the probes: how late the loop woke, and what readiness lacks.
+
+    The apiserver is asked for its version every ``API_CHECK_S`` in a task of its own (a slow answer
+    must not delay the beat); it counts as missing once no answer came for ``API_STALE_S``.
+    """
+
+    BEAT_S = 1.0
+    API_CHECK_S = 10.0
+    API_STALE_S = 30.0
+
+    def __init__(self, nc: Client, api: kclient.ApiClient | None, probes: Probes | None) -> None:
+        self._nc, self._api, self._probes = nc, api, probes
+        self._components: list[asyncio.Task[Any]] | None = None  # set when every component started
+        self._api_ok_at = time.monotonic()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        if self._probes is not None:
+            self._tasks.append(asyncio.create_task(self._beat(), name="probes:beat"))
+            if self._api is not None:
+                self._tasks.append(asyncio.create_task(self._check_api(), name="probes:apiserver"))
+
+    def running(self, waits: list[asyncio.Task[Any]]) -> None:
+        self._components = waits
+
+    def stopping(self) -> None:
+        self._stopping = True
+        self._report(0.0)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def missing(self) -> tuple[str, ...]:
+        missing = []
+        if self._stopping:
+            missing.append("shutting down")
+        if not self._nc.is_connected:
+            missing.append("NATS not connected")
+        if self._api is not None and time.monotonic() - self._api_ok_at > self.API_STALE_S:
+            missing.append(f"apiserver not answering for {self.API_STALE_S:.0f}s")
+        if self._components is None:
+            missing.append("components starting")
+        elif any(task.done() for task in self._components):
+            missing.append("a component stopped")
+        return tuple(missing)
+
+    def _report(self, lag: float) -> None:
+        if self._probes is not None:
+            self._probes.beat(lag, Readiness(self.missing()))
+
+    async def _beat(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.BEAT_S)
+            self._report(max(0.0, time.monotonic() - before - self.BEAT_S))
+
+    async def _check_api(self) -> None:
+        assert self._api is not None
+        version = kclient.VersionApi(self._api)
+        while True:
+            try:
+                await asyncio.wait_for(version.get_code(), self.API_CHECK_S / 2)
+            except Exception as exc:  # any failure: readiness says so once it lasts
+                log.debug("apiserver check failed: %r", exc)
+            else:
+                self._api_ok_at = time.monotonic()
+            await asyncio.sleep(self.API_CHECK_S)
+
+
+async def _supervise(components: Sequence[Component], stopping: asyncio.Event, watchdog: _Watchdog) -> int:
     waits: dict[asyncio.Task[Any], Component] = {
         asyncio.create_task(c.wait(), name=f"wait:{c.name}"): c for c in components
     }
+    watchdog.running(list(waits))
     stop_wait = asyncio.create_task(stopping.wait(), name="wait:signal")
     done, _ = await asyncio.wait([stop_wait, *waits], return_when=asyncio.FIRST_COMPLETED)
     for task in [stop_wait, *waits]:

@@ -8,19 +8,24 @@ from __future__ import annotations
 import os
 from typing import Any, Self, get_origin
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 
 class ServiceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     nats_url: str = "nats://127.0.0.1:4222"  # the local default; a cluster sets the Service URL
-    nats_credentials: str | None = None  # path to a .creds file (per-service permissions in a cluster)
+    nats_credentials: str | None = None  # path to a .creds file (NATS JWT accounts)
+    nats_user: str | None = None  # a user of the server's config (the chart: one per service)
+    nats_password: SecretStr | None = None  # that user's password (the chart: from a Secret); never logged
     kubeconfig: str | None = None  # unset: $KUBECONFIG, then in-cluster
     log_level: str = "INFO"
     connect_timeout_s: float = 10.0  # fail start-up loudly rather than hang
     shutdown_grace_s: float = 10.0  # in-flight work gets this long after SIGTERM
     replica_id: str = ""  # logged; defaults to hostname:pid
+    probe_port: int | None = None  # /healthz /readyz /metrics on this port (0: any free port); unset: off
+    probe_host: str = "127.0.0.1"  # in a pod of its own network: 0.0.0.0, so the kubelet can probe
+    stuck_after_s: float = 30.0  # /healthz fails once the event loop has not run for this long
 
     @classmethod
     def env_help(cls, prefix: str = "KAITEN_") -> str:

@@ -22,6 +22,8 @@ async def connect(
     reconnect_wait: float = 0.5,
     max_reconnect_attempts: int = 120,
     user_credentials: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
 ) -> Client:
     """Connect or raise :class:`BusUnavailable` after ``connect_timeout`` seconds.
 
@@ -55,6 +57,8 @@ async def connect(
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,
                 user_credentials=user_credentials,
+                user=user,
+                password=password,
             ),
             timeout=connect_timeout,
         )

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from shared.bus.errors import InvalidInput, Transient
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_consumer, key_value
 from shared.events import STREAM, AnyEvent, ConditionReported, decode
+from shared.metrics import EVENTS, HANDLER_SECONDS
 from shared.telemetry import consume_span
 
 log = logging.getLogger("kaiten.bus")
@@ -224,6 +226,7 @@ class ConsumerRunner:
                 )
                 with contextlib.suppress(Exception):
                     await msg.term()
+                EVENTS.labels(self._spec.durable, "unknown", "undecodable").inc()
                 self._release(1)
                 continue
             key = key_of(msg.subject)
@@ -262,9 +265,11 @@ class ConsumerRunner:
         try:
             revision = await self._leases.acquire(group.key)
         except LeaseBusy:
-            for msg in group.msgs:
+            for msg, event in zip(group.msgs, group.events, strict=True):
                 await msg.nak(delay=self._spec.busy_delay)
+                self._count(event, "deferred")
             return
+        started = time.monotonic()
         refresher = asyncio.create_task(self._keep_lease(group.key, revision), name=f"lease:{group.key}")
         try:
             await self._dispatch(group)
@@ -273,6 +278,10 @@ class ConsumerRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 revision = await refresher
             await self._leases.release(group.key, revision)
+            HANDLER_SECONDS.labels(self._spec.durable).observe(time.monotonic() - started)
+
+    def _count(self, event: AnyEvent, outcome: str) -> None:
+        EVENTS.labels(self._spec.durable, event.kind, outcome).inc()
 
     async def _keep_lease(self, key: str, revision: int) -> int:
         assert self._leases is not None
@@ -286,14 +295,14 @@ class ConsumerRunner:
     async def _dispatch(self, group: _Group) -> None:
         outcome = await self._attempt(group.msgs, group.events)
         if outcome is None:
-            await self._ack(group.msgs)
+            await self._ack(group.msgs, group.events)
         elif len(group.msgs) == 1:
             await self._settle(group.msgs[0], group.events[0], outcome)
         else:  # isolate the failing message: redo one at a time (handlers are idempotent)
             for msg, event in zip(group.msgs, group.events, strict=True):
                 single = await self._attempt([msg], [event])
                 if single is None:
-                    await self._ack([msg])
+                    await self._ack([msg], [event])
                 else:
                     await self._settle(msg, event, single)
 
@@ -308,9 +317,10 @@ class ConsumerRunner:
                 return exc
         return None
 
-    async def _ack(self, msgs: list[Msg]) -> None:
-        for msg in msgs:
+    async def _ack(self, msgs: list[Msg], events: list[AnyEvent]) -> None:
+        for msg, event in zip(msgs, events, strict=True):
             await msg.ack()
+            self._count(event, "handled")
         self.handled += len(msgs)
 
     async def _settle(self, msg: Msg, event: AnyEvent, exc: Exception) -> None:
@@ -328,6 +338,7 @@ class ConsumerRunner:
             delay = retry_after if retry_after is not None else delay_for(attempt, key=msg.subject)
             log.warning("%s: transient error (attempt %d), retry in %.2fs: %s", where, attempt, delay, exc)
             await msg.nak(delay=delay)
+            self._count(event, "retried")
         elif attempt < spec.max_attempts:
             delay = delay_for(attempt, key=msg.subject)
             log.warning(
@@ -339,6 +350,7 @@ class ConsumerRunner:
                 exc,
             )
             await msg.nak(delay=delay)
+            self._count(event, "retried")
         else:
             log.error("%s: failed %d times, giving up: %r", where, attempt, exc)
             await self._give_up(msg, event, "InternalError", f"{type(exc).__name__}: {exc}")
@@ -362,6 +374,7 @@ class ConsumerRunner:
             await msg.nak(delay=delay_for(8, key=msg.subject))
             return
         await msg.term()
+        self._count(event, "failed")
 
     async def _heartbeat(self, msgs: list[Msg]) -> None:
         while True:

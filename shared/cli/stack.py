@@ -4,9 +4,10 @@
 exits at once), starts the parts in order — NATS JetStream, etcd + kube-apiserver (plus the
 Workspace CRD and the local registry's pull/push Secret), the OCI registry, the dataset file server,
 a Ray head, then the watcher, planner, provisioner and workload services — and then watches them.
-A part that dies is restarted in place (same address) with backoff; a service that never logs its
-ready line is reported unhealthy. Everything is written to ``STATE_DIR/status.json`` (atomically),
-which ``kaiten up``/``status``/``down`` read. SIGTERM stops the parts in reverse order.
+A part that dies is restarted in place (same address) with backoff; a service whose ``/readyz``
+(``KAITEN_PROBE_PORT``, :mod:`shared.probes`) never answers 200 is reported unhealthy. Everything is
+written to ``STATE_DIR/status.json`` (atomically), which ``kaiten up``/``status``/``down`` read.
+SIGTERM stops the parts in reverse order.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,34 +271,23 @@ class Stack:
         proc = ManagedProcess(
             name, [sys.executable, "-m", f"services.{name}"], self.root / f"{name}.log", cwd=PROJECT
         )
-        offset = [0]  # where this start's log begins, then how far it has been read
-        seen = [False]
+        probe_port = free_port()  # kept across restarts, like every other part's address
+        readyz = f"http://127.0.0.1:{probe_port}/readyz"
 
         def launch() -> None:
-            offset[0] = proc.log_path.stat().st_size if proc.log_path.exists() else 0
-            seen[0] = False
-            proc.env = self.env
+            proc.env = {**self.env, "KAITEN_PROBE_PORT": str(probe_port)}
             proc.start()
-
-        def ready() -> bool:  # the lifecycle logs "<service> ready (...)" once its components run
-            if not seen[0]:  # read each byte once (a line cut in two is read again), never after
-                marker = f" {name} ready (".encode()
-                with proc.log_path.open("rb") as log:
-                    log.seek(offset[0])
-                    chunk = log.read()
-                seen[0] = marker in chunk
-                offset[0] += max(0, chunk.rfind(b"\n") + 1)
-            return seen[0]
 
         return Part(
             name,
             launch=launch,
             halt=proc.stop,
             alive=proc.alive,
-            ready=ready,
+            ready=lambda: _answers_200(readyz),  # the same /readyz a kubelet probes in a cluster
             pids=lambda: [proc.pid] if proc.proc else [],
             exit_code=lambda: _code(proc),
             log=str(proc.log_path),
+            endpoint=f"http://127.0.0.1:{probe_port}",
         )
 
     def _ray_pids(self, ray: RayHead) -> list[int]:
@@ -397,7 +388,7 @@ class Stack:
                 self.phase, self.message = "failed", f"{part.name} did not start: {exc}"
                 self.write()
                 raise
-            if part.ready():  # most launches wait until they serve; services log "ready" a bit later
+            if part.ready():  # most launches wait until they serve; services answer /readyz a bit later
                 part.set("healthy")
                 self.write()
             self.note(f"started {part.name} {part.endpoint}".rstrip())
@@ -480,6 +471,14 @@ class Stack:
         if self.phase != "failed":
             self.phase = "stopped"
         self.write()
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 (a loopback http URL)
+            return bool(response.status == 200)
+    except (OSError, ValueError):  # refused, timed out, or 503 (HTTPError is an OSError)
+        return False
 
 
 def _code(proc: ManagedProcess) -> int | None:

@@ -1,0 +1,69 @@
+"""Every service's ``/healthz``, ``/readyz`` and ``/metrics`` (shared.probes), on a real service process
+against a real NATS server and apiserver; and a stuck event loop reported by the probe thread."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+from shared.local.nats_server import NatsServer
+from shared.local.procs import free_port
+from shared.probes import Probes, Readiness
+from tests.conftest import Services, until
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+async def test_readyz_follows_nats_and_metrics_count_events(
+    services: Services, nats_server: NatsServer
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    services.start("services.planner", KAITEN_PROBE_PORT=str(port))
+    await until(lambda: get(f"{base}/readyz")[0] == 200, timeout=30, what=f"planner ready\n{services.logs()}")
+    assert get(f"{base}/healthz") == (200, "ok\n")
+    status, metrics = get(f"{base}/metrics")
+    assert status == 200
+    assert 'kaiten_ready{service="planner"} 1.0' in metrics
+    assert "kaiten_loop_lag_seconds" in metrics and "kaiten_events_total" in metrics
+
+    nats_server.stop()  # the bus goes away: the planner is alive, but not ready
+    await until(lambda: get(f"{base}/readyz")[0] == 503, timeout=10, what="readyz 503 without NATS")
+    status, body = get(f"{base}/readyz")
+    assert "NATS not connected" in body, body
+    assert get(f"{base}/healthz")[0] == 200  # not a reason to restart it: it reconnects
+    assert 'kaiten_ready{service="planner"} 0.0' in get(f"{base}/metrics")[1]
+
+    nats_server.start()  # same port and store
+    await until(lambda: get(f"{base}/readyz")[0] == 200, timeout=30, what=f"ready again\n{services.logs()}")
+    assert get(f"{base}/nope")[0] == 404
+
+
+def test_a_stuck_event_loop_fails_healthz_and_readyz() -> None:
+    """The loop beats through Probes.beat(); here no loop beats, as when one is blocked: the probe
+    thread still answers, and says so."""
+    probes = Probes("test", port=0, stuck_after_s=0.5).start()
+    base = f"http://127.0.0.1:{probes.port}"
+    try:
+        probes.beat(0.0, Readiness(()))
+        assert get(f"{base}/healthz") == (200, "ok\n")
+        assert get(f"{base}/readyz") == (200, "ready\n")
+        time.sleep(0.8)
+        status, body = get(f"{base}/healthz")
+        assert status == 503 and "event loop stuck" in body, body
+        assert get(f"{base}/readyz")[0] == 503
+        probes.beat(0.8, Readiness(("NATS not connected",)))
+        assert get(f"{base}/healthz")[0] == 200
+        assert get(f"{base}/readyz") == (503, "not ready: NATS not connected\n")
+    finally:
+        probes.stop()
+    assert get(f"{base}/healthz")[0] == 0  # the port is closed after stop()
