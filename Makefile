@@ -25,6 +25,8 @@ lock: $(PY)
 		-c requirements/dev.lock -o requirements/services.lock
 	$(UV) pip compile pyproject.toml --extra serving --extra tuning --generate-hashes --python-version 3.11 \
 		-c requirements/dev.lock -o requirements/ray.lock
+	$(UV) pip compile requirements/nats.in --generate-hashes --python-version 3.11 \
+		-c requirements/dev.lock -o requirements/nats.lock
 
 # Build (first time only, then cached) the real etcd + kube-apiserver from Go modules: what `kaiten up` runs.
 controlplane: setup
@@ -35,12 +37,13 @@ kuberay: setup
 	$(TIMED) build-kuberay $(PY) -m shared.local.kuberay
 
 # For the tests only: a real node (shared/local/node.py): kube-controller-manager, kube-scheduler and the
-# kubelet from the same Go module, KubeRay's operator from its own, and the images built offline from
-# deploy/images/*.Dockerfile (needs Debian's containerd, runc, buildah and mmdebstrap: `make tools`).
+# kubelet from the same Go module, KubeRay's operator and Helm from their own, and the images built offline
+# from deploy/images/*.Dockerfile (needs Debian's containerd, runc, buildah and mmdebstrap: `make tools`).
 node: setup tools
 	$(TIMED) build-node $(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries(node=True)"
 	$(TIMED) build-kuberay $(PY) -m shared.local.kuberay --operator
-	$(TIMED) build-images $(PY) -m shared.local.images pause services ray
+	$(TIMED) build-node $(PY) -m shared.local.gotools
+	$(TIMED) build-images $(PY) -m shared.local.images pause services ray nats
 
 crd: setup
 	$(PY) -m shared.api.crd

@@ -116,6 +116,8 @@ async def _serve(
         user_credentials=settings.nats_credentials,
         user=settings.nats_user,
         password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+        inbox_prefix=settings.nats_inbox_prefix,
+        ca_file=settings.nats_ca_file,
     )
     js = nc.jetstream()
     await declare_stream(js)

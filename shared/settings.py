@@ -18,6 +18,9 @@ class ServiceSettings(BaseModel):
     nats_credentials: str | None = None  # path to a .creds file (NATS JWT accounts)
     nats_user: str | None = None  # a user of the server's config (the chart: one per service)
     nats_password: SecretStr | None = None  # that user's password (the chart: from a Secret); never logged
+    nats_inbox_prefix: str = "_INBOX"  # replies come here; the chart gives each service its own prefix, so
+    # a user may subscribe to its own replies only (_INBOX_<service>.>)
+    nats_ca_file: str | None = None  # verify a TLS server (tls:// URL) against this CA bundle
     kubeconfig: str | None = None  # unset: $KUBECONFIG, then in-cluster
     log_level: str = "INFO"
     connect_timeout_s: float = 10.0  # fail start-up loudly rather than hang

@@ -83,7 +83,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     """The real single-node cluster (kubelet + containerd), with the services and Ray images imported;
     at the end nothing of it may be left, and the host's sysctls must be as they were."""
     before = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
-    node = LocalCluster(tmp_path_factory.mktemp("cluster"), images=["services", "ray"])
+    node = LocalCluster(tmp_path_factory.mktemp("cluster"), images=["services", "ray", "nats"])
     started = time.monotonic()
     node.start()
     print(f"\nnode Ready {time.monotonic() - started:.1f}s after start; {node.timings}")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.api.crd import CRD_PATH, render
+from shared.api.crd import CHART_CRD_PATH, CRD_PATH, render
 from shared.api.workspace import Workspace, WorkspaceV1Alpha1, WorkspaceV1Beta1
 from tests.conftest import SEEDS, Kubectl
 
@@ -450,3 +450,4 @@ def test_seed_manifests_apply_unchanged_and_show_seed_columns(kubectl: Kubectl, 
 
 def test_committed_crd_is_generated_from_the_definition() -> None:
     assert CRD_PATH.read_text() == render(), "run: python -m shared.api.crd"
+    assert CHART_CRD_PATH.read_text() == render(), "run: python -m shared.api.crd (the chart's copy)"

@@ -10,6 +10,7 @@ from services.workload.backends.base import Backend
 from services.workload.backends.kuberay import KubeRay
 from services.workload.backends.local import LocalBackend, LocalRay
 from services.workload.handling import Workloads
+from services.workload.kuberay import HostNetwork
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
@@ -27,8 +28,9 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     if settings.backend == "kuberay":
         if runtime.api is None:
             raise SystemExit("the kuberay backend needs the Kubernetes API (KUBECONFIG or in-cluster)")
-        backend = KubeRay(runtime.api, image=settings.ray_image, nats_url=settings.nats_url)
-        log.info("backend kuberay: image %s", settings.ray_image)
+        host = HostNetwork(settings.ray_host_network) if settings.ray_host_network else None
+        backend = KubeRay(runtime.api, image=settings.ray_image, nats_url=settings.nats_url, host=host)
+        log.info("backend kuberay: image %s%s", settings.ray_image, f", host network {host}" if host else "")
     elif settings.backend == "local":
         if not settings.ray_dashboard_url:
             raise SystemExit("the local backend needs KAITEN_RAY_DASHBOARD_URL (kaiten up sets it)")

@@ -10,6 +10,8 @@ class WorkloadSettings(ServiceSettings):
     ray_image: str = (
         "kaiten-ray:0.1.0"  # kuberay: the Ray image with kaiten[serving,tuning,gpu] (deploy/images)
     )
+    ray_host_network: str = ""  # kuberay: Ray pods on the node's network, bound to this address (a node
+    # without a pod network, such as the test node: 127.0.0.1); single-node plans only. Unset: pod network
     ray_dashboard_url: str = ""  # the local Ray dashboard (Serve and Jobs REST APIs)
     ray_token_path: str = ""  # the Ray cluster's auth token file (RayHead.token_path)
     serve_port: int = 8000  # Ray Serve's HTTP proxy port on 127.0.0.1

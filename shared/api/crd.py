@@ -24,6 +24,7 @@ VERSIONS = ("v1alpha1", "v1beta1")
 STORAGE_VERSION = "v1beta1"
 FINALIZER = "kaito.sh/workspace-cleanup"
 CRD_PATH = Path(__file__).resolve().parents[2] / "deploy" / "crds" / "kaito.sh_workspaces.yaml"
+CHART_CRD_PATH = CRD_PATH.parents[1] / "helm" / "kaiten" / "crds" / CRD_PATH.name  # the same, in the chart
 
 Schema = dict[str, Any]
 
@@ -512,6 +513,7 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    CRD_PATH.parent.mkdir(parents=True, exist_ok=True)
-    CRD_PATH.write_text(render())
-    print(f"wrote {CRD_PATH}", file=sys.stderr)
+    for path in (CRD_PATH, CHART_CRD_PATH):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render())
+        print(f"wrote {path}", file=sys.stderr)

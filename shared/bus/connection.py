@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 
 import nats
 from nats.aio.client import Client
@@ -24,6 +25,8 @@ async def connect(
     user_credentials: str | None = None,
     user: str | None = None,
     password: str | None = None,
+    inbox_prefix: str = "_INBOX",
+    ca_file: str | None = None,
 ) -> Client:
     """Connect or raise :class:`BusUnavailable` after ``connect_timeout`` seconds.
 
@@ -59,6 +62,8 @@ async def connect(
                 user_credentials=user_credentials,
                 user=user,
                 password=password,
+                inbox_prefix=inbox_prefix,
+                tls=ssl.create_default_context(cafile=ca_file) if ca_file else None,
             ),
             timeout=connect_timeout,
         )

@@ -241,5 +241,5 @@ def _build(name: str, ref: str, digest: str) -> None:
 
 
 if __name__ == "__main__":
-    for image_name in sys.argv[1:] or ["pause", "services", "ray"]:
+    for image_name in sys.argv[1:] or ["pause", "services", "ray", "nats"]:
         print(ensure(image_name).archive)

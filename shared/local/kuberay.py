@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from shared.local.controlplane import cache_root, repo_root
+from shared.local.gotools import go_install
 from shared.local.procs import StartFailed
 
 KUBERAY_VERSION = "v1.5.1"
@@ -69,29 +70,8 @@ def validator() -> Path:
 
 
 def operator() -> Path:
-    """KubeRay's real operator (``ray-operator``), built once with ``go install …@version``: its own
-    go.sum pins its modules, and nothing of it enters ours."""
-    binary = _cache() / "ray-operator"
-    if binary.exists():
-        return binary
-    if shutil.which("go") is None:
-        raise StartFailed("KubeRay's operator is built from its Go module: put Go on PATH")
-    print(f"building KubeRay's operator {KUBERAY_VERSION} from its Go module (first run only; ~3 min) ...",
-          file=sys.stderr, flush=True)  # fmt: skip
-    started = time.monotonic()
-    gobin = binary.parent / "gobin.tmp"
-    shutil.rmtree(gobin, ignore_errors=True)
-    env = {**os.environ, "CGO_ENABLED": "0", "GOSUMDB": "off", "GOBIN": str(gobin), "GOFLAGS": ""}
-    result = subprocess.run(
-        ["go", "install", "-trimpath", "-ldflags=-s -w", f"{MODULE}@{KUBERAY_VERSION}"],
-        cwd=binary.parent, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise StartFailed(f"go install {MODULE}@{KUBERAY_VERSION} failed:\n{result.stderr[-4000:]}")
-    (gobin / "ray-operator").rename(binary)
-    shutil.rmtree(gobin, ignore_errors=True)
-    print(f"built ray-operator in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
-    return binary
+    """KubeRay's real operator (``ray-operator``), built once with ``go install …@version``."""
+    return go_install(MODULE, KUBERAY_VERSION, "kuberay", estimate="~3 min")
 
 
 def _cache() -> Path:

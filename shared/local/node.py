@@ -293,11 +293,11 @@ class LocalCluster:
         return self.controlplane
 
     def kubectl(
-        self, *args: str, check: bool = True, timeout: float = 60
+        self, *args: str, check: bool = True, timeout: float = 60, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
-            capture_output=True, text=True, check=False, timeout=timeout,
+            input=stdin, capture_output=True, text=True, check=False, timeout=timeout,
         )  # fmt: skip
         if check and result.returncode != 0:
             raise StartFailed(f"kubectl {' '.join(args)} failed:\n{result.stderr[-2000:]}")

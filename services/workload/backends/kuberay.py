@@ -28,6 +28,7 @@ from services.workload.kuberay import (
     PUSH_SECRET_PATH,
     WORK_PATH,
     WORKSPACE_LABEL,
+    HostNetwork,
     label_value,
     object_name,
     rayjob,
@@ -50,8 +51,11 @@ PLURALS = {"RayService": "rayservices", "RayJob": "rayjobs"}
 class KubeRay:
     name = "kuberay"
 
-    def __init__(self, api: kclient.ApiClient, *, image: str, nats_url: str) -> None:
+    def __init__(
+        self, api: kclient.ApiClient, *, image: str, nats_url: str, host: HostNetwork | None = None
+    ) -> None:
         self._api = api
+        self._host = host
         self._custom = kclient.CustomObjectsApi(api)
         self._core = kclient.CoreV1Api(api)
         self._image = image
@@ -157,7 +161,8 @@ class KubeRay:
             adapter["pull_secrets"] = [f"{PULL_SECRETS_PATH}/{s}" for s in adapter.get("pull_secrets", [])]
         ref, version, generation = target.ref, target.api_version, target.generation
         rs = rayservice(
-            ref, version, target.workspace, target.plan, config, image=self._image, generation=generation
+            ref, version, target.workspace, target.plan, config, image=self._image, generation=generation,
+            host=self._host,
         )
         current = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
         cluster = (current or {}).get("spec", {}).get("selector", {}).get("ray.io/cluster")
@@ -201,7 +206,8 @@ class KubeRay:
             allow_loopback_urls=False,
         )
         job = rayjob(
-            ref, version, target.workspace, target.plan, target.job, image=self._image, generation=generation
+            ref, version, target.workspace, target.plan, target.job, image=self._image, generation=generation,
+            host=self._host,
         )
         await self.apply(tuning_configmap(ref, version, config, generation))
         await self.apply(job)

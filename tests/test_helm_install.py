@@ -1,0 +1,245 @@
+"""Kaiten installed with its Helm chart (``deploy/helm/kaiten``) on the real node, as a platform engineer
+would: Helm built from its Go module, images built from our Dockerfiles, every pod Ready through its
+probes; each identity may do what its service needs and is refused the rest (Kubernetes RBAC and NATS
+permissions); a Workspace goes through the installed services to a RayService; uninstall leaves nothing.
+
+The node has no pod network (see docs/cluster.md): the chart's ``hostNetwork`` mode binds every
+listener to 127.0.0.1 and points the services at the apiserver's loopback address."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import pytest
+import yaml
+from nats.errors import TimeoutError as NatsTimeout
+
+from shared.local import gotools
+from shared.local import kuberay as kuberay_parts
+from shared.local.node import LocalCluster
+from shared.local.procs import free_port
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
+
+CHART = REPO / "deploy" / "helm" / "kaiten"
+RELEASE = "kaiten"
+NAMESPACE = "kaiten-system"
+SERVICES = ("watcher", "planner", "provisioner", "workload")
+
+
+@dataclass
+class Release:
+    cluster: LocalCluster
+    values: dict[str, Any]
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def helm(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(gotools.helm()), f"--kubeconfig={self.cluster.kubeconfig}", "--namespace", NAMESPACE, *args],
+            capture_output=True, text=True, check=False, timeout=timeout,
+        )  # fmt: skip
+        output = f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{output}"
+        return result
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        result = self.cluster.kubectl(*args, stdin=stdin, check=False, timeout=120)
+        assert not check or result.returncode == 0, f"kubectl {' '.join(args)}:\n{result.stderr[-2000:]}"
+        return result.stdout
+
+    def password(self, user: str) -> str:
+        secret = json.loads(
+            self.kubectl("-n", NAMESPACE, "get", "secret", f"{RELEASE}-nats-users", "-o", "json")
+        )
+        return base64.b64decode(secret["data"][user]).decode()
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.values['nats']['port']}"
+
+    def diagnostics(self) -> str:
+        pods = self.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide", check=False)
+        logs = [
+            f"--- {c}\n"
+            + self.kubectl("-n", NAMESPACE, "logs", f"deploy/{RELEASE}-{c}", "--tail=60", check=False)
+            for c in SERVICES
+        ]
+        return pods + "\n".join(logs)
+
+
+def image_values(ref: str) -> dict[str, str]:
+    repository, tag = ref.rsplit(":", 1)
+    return {"repository": repository, "tag": tag, "pullPolicy": "Never"}
+
+
+@pytest.fixture(scope="module")
+def release(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    cluster = local_cluster
+    assert cluster.controlplane is not None
+    values = {
+        "image": image_values(cluster.imported["services"].ref),
+        "provider": "byo",
+        "hostNetwork": True,
+        "bindAddress": "127.0.0.1",
+        "apiServer": {"host": "127.0.0.1", "port": str(cluster.controlplane.api_port)},
+        "probes": {"ports": {name: free_port() for name in SERVICES}},
+        "ray": {"image": cluster.imported["ray"].ref, "hostNetworkAddress": "127.0.0.1"},
+        "nats": {
+            "image": image_values(cluster.imported["nats"].ref),
+            "port": free_port(),
+            "monitorPort": free_port(),
+            "persistence": {"enabled": False},  # the node has no storage provisioner
+        },
+    }
+    path = tmp_path_factory.mktemp("helm") / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    rel = Release(cluster, values)
+    for crd in kuberay_parts.crds():  # the workload renders RayServices: KubeRay's CRDs must exist
+        cluster.kubectl("apply", "--server-side", "-f", str(crd))
+    started = time.monotonic()
+    rel.helm("install", RELEASE, str(CHART), "--create-namespace", "-f", str(path), "--wait", "--timeout=5m")
+    rel.phases["install + ready"] = time.monotonic() - started
+    try:
+        yield rel
+    finally:
+        started = time.monotonic()
+        rel.helm("uninstall", RELEASE, "--wait", "--timeout", "3m", "--ignore-not-found")
+        mine = f"app.kubernetes.io/instance={RELEASE}"
+        rel.kubectl("wait", "--for=delete", "pods", "-n", NAMESPACE, "-l", mine, "--timeout=120s")
+        rel.phases["uninstall"] = time.monotonic() - started
+        kinds = "all,serviceaccounts,secrets,configmaps,roles,rolebindings"
+        left = rel.kubectl("get", kinds, "-n", NAMESPACE, "-l", mine, "-o", "name")
+        cluster_left = rel.kubectl("get", "clusterroles,clusterrolebindings", "-l", mine, "-o", "name")
+        rel.kubectl("delete", "namespace", NAMESPACE, "--wait=true", "--timeout=120s")
+        print("\nphase table (s):\n" + "\n".join(f"  {k:<22} {v:6.1f}" for k, v in rel.phases.items()))
+        assert not (left + cluster_left).strip(), f"left behind by helm uninstall:\n{left}{cluster_left}"
+
+
+def test_every_kaiten_pod_is_ready_through_its_probes(release: Release) -> None:
+    pods = json.loads(release.kubectl("-n", NAMESPACE, "get", "pods", "-o", "json"))["items"]
+    components = sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods)
+    assert components == sorted([*SERVICES, "nats"]), release.diagnostics()
+    for pod in pods:
+        ready = [c for c in pod["status"]["conditions"] if c["type"] == "Ready"]
+        assert ready and ready[0]["status"] == "True", (pod["metadata"]["name"], release.diagnostics())
+        container = pod["spec"]["containers"][0]
+        assert container["readinessProbe"]["httpGet"]["host"] == "127.0.0.1"
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    for name in SERVICES:  # the probes the kubelet uses, asked directly
+        port = release.values["probes"]["ports"][name]
+        metrics = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/metrics"], capture_output=True,
+                                 text=True, check=False, timeout=10).stdout  # fmt: skip
+        assert f'kaiten_ready{{service="{name}"}} 1.0' in metrics, (name, metrics[-500:])
+
+
+# What each service's ServiceAccount may do (yes), and a list of what it must not (no).
+CAN = {
+    "watcher": ["watch workspaces.kaito.sh -A", "patch workspaces.kaito.sh/status -n default",
+                "create events -n default"],
+    "planner": ["list nodes"],
+    "provisioner": ["list nodes"],
+    "workload": ["create rayservices.ray.io -n default", "patch services -n default",
+                 "delete configmaps -n default", "create rayjobs.ray.io -n default"],
+}  # fmt: skip
+CANNOT = [
+    "delete nodes", "get secrets -n default", "get secrets -n kube-system", "list secrets -A",
+    "create pods -n default",
+    "create deployments.apps -n default", "delete workspaces.kaito.sh -n default", "create clusterroles",
+    "create nodeclaims.karpenter.sh", "escalate clusterroles", "impersonate serviceaccounts", "* * -A",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_service_account_may_do_its_job_and_nothing_else(release: Release, service: str) -> None:
+    who = f"--as=system:serviceaccount:{NAMESPACE}:{RELEASE}-{service}"
+    for allowed in CAN[service]:
+        answer = release.kubectl("auth", "can-i", *allowed.split(), who, check=False).strip()
+        assert answer == "yes", f"{service} may not {allowed}"
+    others = [a for s, can in CAN.items() if s != service for a in can if a not in CAN[service]]
+    for refused in CANNOT + others:
+        answer = release.kubectl("auth", "can-i", *refused.split(), who, check=False).strip()
+        assert answer == "no", f"{service} may {refused}"
+
+
+async def test_nats_users_publish_only_their_own_subjects(release: Release) -> None:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    for user, password in (("tuning", "wrong"), (None, None)):  # a wrong password, or none: refused
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(release.nats_url, user=user, password=password, connect_timeout=2,
+                               allow_reconnect=False, error_cb=on_error)  # fmt: skip
+    tuning = await nats.connect(release.nats_url, user="tuning", password=release.password("tuning"),
+                                inbox_prefix="_INBOX_tuning", error_cb=on_error)  # fmt: skip
+    try:
+        js = tuning.jetstream(timeout=3)
+        ack = await js.publish("kaiten.tuning.progress.default.ws", b"{}")  # its own kind of event: stored
+        assert ack.stream == "KAITEN"
+        with pytest.raises(NatsTimeout):  # the server drops it: no ack ever comes
+            await js.publish("kaiten.workspace.deleting.default.ws", b"{}")
+        await tuning.flush()
+        await asyncio.sleep(0.2)
+    finally:
+        await tuning.close()
+    refusal = 'permissions violation for publish to "kaiten.workspace.deleting.default.ws"'
+    assert any(refusal in e.lower() for e in errors), errors
+
+
+def test_a_workspace_goes_through_the_installed_services(release: Release) -> None:
+    """byo: the node carries the Workspace's label; the planner sizes the CPU preset onto it, the
+    provisioner finds it, the workload renders the RayService (with our Ray image, on 127.0.0.1), the
+    watcher writes the conditions; deleting it removes what the workload made, then the finalizer."""
+    cluster = release.cluster
+    namespace = f"ws-{uuid.uuid4().hex[:6]}"
+    release.kubectl("create", "namespace", namespace)
+    release.kubectl("label", "node", cluster.name, "apps=smollm2", "--overwrite")
+    workspace = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2.yaml").read_text())
+    started = time.monotonic()
+    try:
+        release.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace))
+        name = workspace["metadata"]["name"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ws = json.loads(release.kubectl("-n", namespace, "get", "workspace", name, "-o", "json"))
+            conditions = {c["type"]: c for c in ws.get("status", {}).get("conditions", [])}
+            rs = release.kubectl("-n", namespace, "get", "rayservices", "-o", "name", check=False).strip()
+            if conditions.get("ResourceReady", {}).get("status") == "True" and rs:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"no ResourceReady and RayService: {conditions}\n{release.diagnostics()}")
+        release.phases["workspace → RayService"] = time.monotonic() - started
+        service = json.loads(release.kubectl("-n", namespace, "get", rs, "-o", "json"))
+        head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+        assert head["template"]["spec"]["hostNetwork"] is True
+        assert head["template"]["spec"]["containers"][0]["image"] == cluster.imported["ray"].ref
+        assert head["rayStartParams"]["node-ip-address"] == "127.0.0.1"
+        assert ws["metadata"]["finalizers"], ws["metadata"]
+
+        started = time.monotonic()
+        release.kubectl("-n", namespace, "delete", "workspace", name, "--wait=true", "--timeout=120s")
+        release.phases["delete → finalizer gone"] = time.monotonic() - started
+        assert not release.kubectl("-n", namespace, "get", "rayservices,services,configmaps", "-l",
+                                   "kaito.sh/workspace", "-o", "name").strip()  # fmt: skip
+        for pod in json.loads(release.kubectl("-n", NAMESPACE, "get", "pods", "-o", "json"))["items"]:
+            status = pod["status"]["containerStatuses"][0]
+            assert status["restartCount"] == 0, (pod["metadata"]["name"], release.diagnostics())
+        for name in SERVICES:  # a permission the chart forgot shows here first
+            logs = release.kubectl("-n", NAMESPACE, "logs", f"deploy/{RELEASE}-{name}")
+            assert "permissions violation" not in logs.lower(), logs[-3000:]
+            assert "Traceback" not in logs, logs[-3000:]
+    finally:
+        release.kubectl("label", "node", cluster.name, "apps-", check=False)
+        release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
