@@ -548,3 +548,15 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
     with pytest.raises(RenderError, match="single-node plans only"):
         rayservice(ref_of(workspace), "kaito.sh/v1alpha1", workspace, two_nodes, config, image=IMAGE,
                    generation=1, host=host)  # fmt: skip
+
+    tuning_path = SEEDS.parent / "local" / "tuning-smollm2.yaml"
+    docs = list(yaml.safe_load_all(tuning_path.read_text()))
+    tuning = Workspace.model_validate(next(d for d in docs if d and d["kind"] == "Workspace"))
+    tuned = plan(tuning, CATALOGS, [], PlanOptions(cloud="azure", provider="local"))
+    assert isinstance(tuned, Plan)
+    job = rayjob(ref_of(tuning), "kaito.sh/v1alpha1", tuning, tuned, "job-1", image=IMAGE, generation=1,
+                 host=host)  # fmt: skip
+    job_head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert job_head["template"]["spec"]["hostNetwork"] is True
+    assert job_head["rayStartParams"]["node-ip-address"] == "127.0.0.1"
+    assert kuberay_validate([job]).returncode == 0

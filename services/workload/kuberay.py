@@ -432,6 +432,7 @@ def rayjob(
     *,
     image: str,
     generation: int,
+    host: HostNetwork | None = None,
 ) -> dict[str, Any]:
     tuning = workspace.tuning
     if tuning is None:
@@ -462,7 +463,7 @@ def rayjob(
             "jobId": submission_id,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
-            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts),
+            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host),
         },
     }
 

@@ -161,7 +161,13 @@ class KubeRay:
             adapter["pull_secrets"] = [f"{PULL_SECRETS_PATH}/{s}" for s in adapter.get("pull_secrets", [])]
         ref, version, generation = target.ref, target.api_version, target.generation
         rs = rayservice(
-            ref, version, target.workspace, target.plan, config, image=self._image, generation=generation,
+            ref,
+            version,
+            target.workspace,
+            target.plan,
+            config,
+            image=self._image,
+            generation=generation,
             host=self._host,
         )
         current = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
@@ -206,7 +212,13 @@ class KubeRay:
             allow_loopback_urls=False,
         )
         job = rayjob(
-            ref, version, target.workspace, target.plan, target.job, image=self._image, generation=generation,
+            ref,
+            version,
+            target.workspace,
+            target.plan,
+            target.job,
+            image=self._image,
+            generation=generation,
             host=self._host,
         )
         await self.apply(tuning_configmap(ref, version, config, generation))
