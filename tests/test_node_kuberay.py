@@ -8,9 +8,12 @@ docs/cluster.md)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,15 @@ def operator(
         yield proc
     finally:
         proc.stop(timeout=10)
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as reply:  # noqa: S310
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def local_example() -> tuple[Workspace, Plan]:
@@ -132,6 +144,14 @@ def test_a_rendered_raycluster_is_ready_under_kuberay_with_our_ray_image(
         check=False, timeout=120,
     )  # fmt: skip
     assert check.returncode == 0 and check.stdout.strip() == ray_version(), check.stdout + check.stderr
+
+    # Ray's token auth: the dashboard refuses a job listing without the token KubeRay generated
+    dashboard = f"http://127.0.0.1:{host.dashboard}"
+    assert http_status(f"{dashboard}/api/jobs/") == 401
+    secret = json.loads(cluster.kubectl("get", "secret", name, "-n", namespace, "-o", "json").stdout)
+    token = base64.b64decode(secret["data"]["auth_token"]).decode()
+    assert http_status(f"{dashboard}/api/jobs/", token) == 200
+    assert http_status(f"{dashboard}/api/gcs_healthz") == 200  # what the kubelet probes stays open
 
     listeners = sockets(cluster.pids(), listening=True)
     assert any(local == f"127.0.0.1:{host.dashboard}" for local, _, _ in listeners), listeners

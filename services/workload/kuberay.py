@@ -303,6 +303,10 @@ def _cluster(
     cluster: dict[str, Any] = {
         "rayVersion": ray_version(),
         "enableInTreeAutoscaling": False,
+        # Ray's token auth (Ray >= 2.52): KubeRay makes a Secret named after the cluster holding a random
+        # token, gives it to every Ray process as RAY_AUTH_TOKEN and uses it itself. Without the token
+        # the dashboard (job submission = code execution) and the GCS refuse; health paths stay open.
+        "authOptions": {"mode": "token"},
         "headGroupSpec": {"rayStartParams": start_params, "template": template},
     }
     if workers:
