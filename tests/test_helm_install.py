@@ -149,7 +149,8 @@ CAN = {
     "planner": ["list nodes"],
     "provisioner": ["list nodes"],
     "workload": ["create rayservices.ray.io -n default", "patch services -n default",
-                 "delete configmaps -n default", "create rayjobs.ray.io -n default"],
+                 "delete configmaps -n default", "create rayjobs.ray.io -n default",
+                 "patch networkpolicies.networking.k8s.io -n default"],
 }  # fmt: skip
 CANNOT = [
     "delete nodes", "get secrets -n default", "get secrets -n kube-system", "list secrets -A",
@@ -227,12 +228,23 @@ def test_a_workspace_goes_through_the_installed_services(release: Release) -> No
         assert head["template"]["spec"]["containers"][0]["image"] == cluster.imported["ray"].ref
         assert head["rayStartParams"]["node-ip-address"] == "127.0.0.1"
         assert ws["metadata"]["finalizers"], ws["metadata"]
+        policy = json.loads(
+            release.kubectl("-n", namespace, "get", "networkpolicy", f"{name}-ray", "-o", "json")
+        )
+        rules = policy["spec"]["ingress"]
+        assert rules[0] == {"from": [{"podSelector": {}}], "ports": [{"port": "serve", "protocol": "TCP"}]}
+        assert {p["port"] for p in rules[1]["ports"]} == {"dashboard", "gcs-server", "client"}
+        assert {"kubernetes.io/metadata.name": NAMESPACE} in [
+            peer.get("namespaceSelector", {}).get("matchLabels") for peer in rules[1]["from"]
+        ]
 
         started = time.monotonic()
         release.kubectl("-n", namespace, "delete", "workspace", name, "--wait=true", "--timeout=120s")
         release.phases["delete → finalizer gone"] = time.monotonic() - started
-        assert not release.kubectl("-n", namespace, "get", "rayservices,services,configmaps", "-l",
-                                   "kaito.sh/workspace", "-o", "name").strip()  # fmt: skip
+        made = "rayservices,services,configmaps,networkpolicies"
+        assert not release.kubectl(
+            "-n", namespace, "get", made, "-l", "kaito.sh/workspace", "-o", "name"
+        ).strip()
         for pod in json.loads(release.kubectl("-n", NAMESPACE, "get", "pods", "-o", "json"))["items"]:
             status = pod["status"]["containerStatuses"][0]
             assert status["restartCount"] == 0, (pod["metadata"]["name"], release.diagnostics())

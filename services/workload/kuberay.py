@@ -406,6 +406,58 @@ def service(
     }
 
 
+@dataclass(frozen=True)
+class AdminPeers:
+    """Who may reach a Ray cluster's dashboard, GCS and client ports besides its own pods: KubeRay's
+    operator (it deploys Serve applications and submits jobs through the dashboard), and Kaiten's
+    workload service in ``namespace`` (empty: none)."""
+
+    operator_labels: tuple[tuple[str, str], ...] = (("app.kubernetes.io/name", "kuberay-operator"),)
+    namespace: str = ""
+
+    def peers(self) -> list[dict[str, Any]]:
+        peers: list[dict[str, Any]] = [
+            {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(self.operator_labels)}}
+        ]
+        if self.namespace:
+            peers.append(
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
+                    "podSelector": {"matchLabels": {"app.kubernetes.io/component": "workload"}},
+                }
+            )
+        return peers
+
+
+def network_policy(ref: WorkspaceRef, api_version: str, generation: int, admin: AdminPeers) -> dict[str, Any]:
+    """Ingress to the Workspace's Ray pods: Serve from any pod of the namespace; the dashboard (job
+    submission is code execution), the GCS and the Ray client port only from ``admin``; anything
+    between the Workspace's own Ray pods (workers and head use many ports). Named ports, so the same
+    policy fits the pod network's fixed ports and the host network's chosen ones."""
+    own = {
+        "podSelector": {
+            "matchLabels": {WORKSPACE_LABEL: label_value(ref.name), NAMESPACE_LABEL: ref.namespace}
+        }
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(ref, api_version, object_name(ref.name, "-ray", limit=253), generation),
+        "spec": {
+            **own,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {}}], "ports": [{"port": "serve", "protocol": "TCP"}]},
+                {
+                    "from": admin.peers(),
+                    "ports": [{"port": p, "protocol": "TCP"} for p in ("dashboard", "gcs-server", "client")],
+                },
+                {"from": [own]},
+            ],
+        },
+    }
+
+
 # -- tuning ----------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from services.workload.backends.base import Backend
 from services.workload.backends.kuberay import KubeRay
 from services.workload.backends.local import LocalBackend, LocalRay
 from services.workload.handling import Workloads
-from services.workload.kuberay import HostNetwork
+from services.workload.kuberay import AdminPeers, HostNetwork
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
@@ -29,7 +29,14 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         if runtime.api is None:
             raise SystemExit("the kuberay backend needs the Kubernetes API (KUBECONFIG or in-cluster)")
         host = HostNetwork(settings.ray_host_network) if settings.ray_host_network else None
-        backend = KubeRay(runtime.api, image=settings.ray_image, nats_url=settings.nats_url, host=host)
+        admin = None
+        if settings.network_policy:
+            admin = AdminPeers(
+                operator_labels=settings.operator_labels(), namespace=settings.control_namespace
+            )
+        backend = KubeRay(
+            runtime.api, image=settings.ray_image, nats_url=settings.nats_url, host=host, admin=admin
+        )
         log.info("backend kuberay: image %s%s", settings.ray_image, f", host network {host}" if host else "")
     elif settings.backend == "local":
         if not settings.ray_dashboard_url:

@@ -28,8 +28,10 @@ from services.workload.kuberay import (
     PUSH_SECRET_PATH,
     WORK_PATH,
     WORKSPACE_LABEL,
+    AdminPeers,
     HostNetwork,
     label_value,
+    network_policy,
     object_name,
     rayjob,
     rayservice,
@@ -52,10 +54,18 @@ class KubeRay:
     name = "kuberay"
 
     def __init__(
-        self, api: kclient.ApiClient, *, image: str, nats_url: str, host: HostNetwork | None = None
+        self,
+        api: kclient.ApiClient,
+        *,
+        image: str,
+        nats_url: str,
+        host: HostNetwork | None = None,
+        admin: AdminPeers | None = None,
     ) -> None:
         self._api = api
         self._host = host
+        self._admin = admin  # None: no NetworkPolicy (a cluster whose network enforces none)
+        self._net = kclient.NetworkingV1Api(api)
         self._custom = kclient.CustomObjectsApi(api)
         self._core = kclient.CoreV1Api(api)
         self._image = image
@@ -80,12 +90,12 @@ class KubeRay:
                     GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], obj,
                     _preload_content=False, **common,
                 )  # fmt: skip
-            elif kind in ("Service", "ConfigMap"):
-                patch = (
-                    self._core.patch_namespaced_service
-                    if kind == "Service"
-                    else self._core.patch_namespaced_config_map
-                )
+            elif kind in ("Service", "ConfigMap", "NetworkPolicy"):
+                patch = {
+                    "Service": self._core.patch_namespaced_service,
+                    "ConfigMap": self._core.patch_namespaced_config_map,
+                    "NetworkPolicy": self._net.patch_namespaced_network_policy,
+                }[kind]
                 response = await patch(meta["name"], meta["namespace"], obj, _preload_content=False, **common)
             else:
                 raise ValueError(f"kaiten does not apply {kind}")
@@ -133,6 +143,9 @@ class KubeRay:
             found += [("Service", s.metadata.name) for s in services.items]
             maps = await self._core.list_namespaced_config_map(ns, label_selector=selector)
             found += [("ConfigMap", m.metadata.name) for m in maps.items]
+            if self._admin is not None:
+                policies = await self._net.list_namespaced_network_policy(ns, label_selector=selector)
+                found += [("NetworkPolicy", n.metadata.name) for n in policies.items]
         except ApiException as exc:
             raise classify(exc, f"[{target.ref.key}] list workload objects") from exc
         return found
@@ -147,11 +160,18 @@ class KubeRay:
                 )
             elif kind == "Service":
                 await self._core.delete_namespaced_service(name, namespace, body=body)
+            elif kind == "NetworkPolicy":
+                await self._net.delete_namespaced_network_policy(name, namespace, body=body)
             else:
                 await self._core.delete_namespaced_config_map(name, namespace, body=body)
         except ApiException as exc:
             if exc.status != 404:
                 raise classify(exc, f"delete {kind} {namespace}/{name}") from exc
+
+    async def _fence(self, target: Target) -> None:
+        """The Workspace's NetworkPolicy, before its Ray pods exist."""
+        if self._admin is not None:
+            await self.apply(network_policy(target.ref, target.api_version, target.generation, self._admin))
 
     # -- inference ------------------------------------------------------------------------------------
 
@@ -172,6 +192,7 @@ class KubeRay:
         )
         current = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
         cluster = (current or {}).get("spec", {}).get("selector", {}).get("ray.io/cluster")
+        await self._fence(target)
         await self.apply(rs)
         await self.apply(service(ref, version, generation, cluster))
         log.info("[%s] gen %d: RayService %s applied", ref.key, generation, rs["metadata"]["name"])
@@ -221,6 +242,7 @@ class KubeRay:
             generation=generation,
             host=self._host,
         )
+        await self._fence(target)
         await self.apply(tuning_configmap(ref, version, config, generation))
         await self.apply(job)
         current = set(tuning_names(ref, generation))
