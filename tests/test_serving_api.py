@@ -63,10 +63,12 @@ class Endpoint:
 
 
 @contextmanager
-def in_process(engine: TransformersEngine, limits: Limits | None = None) -> Iterator[Server]:
+def in_process(
+    engine: TransformersEngine, limits: Limits | None = None, api_key: str | None = None
+) -> Iterator[Server]:
     asyncio.run(engine.start())  # the batch worker is a thread of its own, independent of this loop
     try:
-        with Server(make_app(engine, limits)) as server:
+        with Server(make_app(engine, limits, api_key)) as server:
             yield server
     finally:
         asyncio.run(engine.shutdown())
@@ -275,3 +277,51 @@ def test_ray_listens_and_dials_on_loopback_only(ray_head: RayHead, serve_url: st
     bad = [s for s in listeners if not LOOPBACK.match(s[0])]
     bad += [s for s in connections if not (LOOPBACK.match(s[0]) and LOOPBACK.match(s[1]))]
     assert not bad, f"non-loopback sockets: {bad}"
+
+
+def test_an_api_key_guards_the_model_routes_but_not_the_probes(model_dir: Path) -> None:
+    engine = TransformersEngine(model_dir=model_dir, model_name=NAME)
+    with in_process(engine, api_key="s3cret-key") as server:
+        for path, body in (
+            ("/chat", {"prompt": "hi"}),
+            ("/v1/chat/completions", {"model": NAME, "messages": []}),
+        ):
+            refused = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer", (
+                refused.text
+            )
+            assert "s3cret" not in refused.text
+        assert httpx.post(f"{server.url}/chat", json={"prompt": "hi"}, timeout=30).json() == {
+            "detail": "missing or wrong API key"
+        }
+        assert (
+            httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": "wrong"}, timeout=30).status_code
+            == 401
+        )
+        assert (
+            httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": "s3cret-key"}, timeout=30).status_code
+            == 200
+        )
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+        assert httpx.get(f"{server.url}/metrics", timeout=30).status_code == 200
+
+        wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret-key", max_retries=0)
+        stream = right.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True
+        )
+        assert [chunk for chunk in stream], "a streamed completion with the key"
+
+
+def test_the_api_key_comes_from_the_replicas_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.serving.auth import API_KEY_ENV, configured_key
+    from services.workload import kuberay
+
+    assert kuberay.API_KEY_ENV == API_KEY_ENV  # what the workload renders is what the replica reads
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert configured_key(None) == "from-env"
+    assert configured_key("explicit") == "explicit"
+    monkeypatch.setenv(API_KEY_ENV, "")
+    assert configured_key(None) is None

@@ -560,3 +560,27 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
     assert job_head["template"]["spec"]["hostNetwork"] is True
     assert job_head["rayStartParams"]["node-ip-address"] == "127.0.0.1"
     assert kuberay_validate([job]).returncode == 0
+
+
+def test_the_model_token_and_the_api_key_reach_the_pods_by_secret_reference_only() -> None:
+    """KAITO's key for the model access token (HF_TOKEN, optional as in KAITO), and the serving API key
+    from the Secret a Workspace names in kaiten.sh/api-key-secret: references, never values."""
+    from services.workload.kuberay import API_KEY_ANNOTATION
+
+    workspace, got = seed("workspace-phi-3-mini.yaml")
+    doc = workspace.model_dump(by_alias=True, exclude_none=True)
+    doc["metadata"]["annotations"] = {API_KEY_ANNOTATION: "chat-key"}
+    doc["inference"]["preset"]["presetOptions"] = {"modelAccessSecret": "hf-token"}
+    workspace = Workspace.model_validate(doc)
+    obj = render(workspace, got, ref_of(workspace))[0]
+    env = obj["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN", "optional": True}},
+    }
+    assert by_name["KAITEN_API_KEY"] == {
+        "name": "KAITEN_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "chat-key", "key": "api-key", "optional": False}},
+    }
+    assert kuberay_validate([obj]).returncode == 0

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from services.serving.auth import allowed, configured_key, presented_key
 from services.serving.engines.base import (
     Chunk,
     Engine,
@@ -141,11 +142,26 @@ def _first_error(exc: ValidationError | RequestValidationError) -> str:
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
-def make_app(engine: Engine | None = None, limits: Limits | None = None) -> FastAPI:
+def make_app(
+    engine: Engine | None = None, limits: Limits | None = None, api_key: str | None = None
+) -> FastAPI:
+    """``api_key``: required on /chat and /v1/* (None: the replica's ``KAITEN_API_KEY``, if set)."""
     app = FastAPI(title="Kaiten serving", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.limits = limits or Limits()
     app.state.metrics = Metrics()
+    app.state.api_key = api_key
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next: Any) -> Response:
+        expected = configured_key(request.app.state.api_key)
+        presented = presented_key(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        if not allowed(request.url.path, expected, presented):
+            response = _error(request, 401, "missing or wrong API key", "authentication_error")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        answer: Response = await call_next(request)
+        return answer
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next: Any) -> Response:

@@ -38,6 +38,11 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "kaiten"}
 GPU_TOLERATION = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
 MAX_RAY_NAME = 47  # KubeRay: 53 (the longest service suffix) - 6 (the generated cluster suffix)
 SERVE_PORT = 8000
+# An API key for /chat and /v1/* (services.serving.api): the Workspace names a Secret of its namespace in
+# this annotation; the key is read from the Secret's API_KEY_SECRET_KEY and reaches the replicas as an env.
+API_KEY_ANNOTATION = "kaiten.sh/api-key-secret"
+API_KEY_ENV = "KAITEN_API_KEY"  # services.serving.auth reads it (a test checks the two agree)
+API_KEY_SECRET_KEY = "api-key"  # noqa: S105 (the name of a key in the Secret, not a secret)
 CACHE_PATH = "/var/cache/kaiten"
 CONFIG_PATH = "/etc/kaiten/tuning"
 PUSH_SECRET_PATH = "/var/run/kaiten/push"  # noqa: S105  (a mount path, not a secret)
@@ -155,12 +160,12 @@ def _env(workspace: Workspace) -> list[dict[str, Any]]:
     ]
     options = _preset_options(workspace)
     if options is not None and options.model_access_secret:  # a private model: the token by reference
-        env.append(
-            {
-                "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": options.model_access_secret, "key": "token"}},
-            }
-        )
+        # KAITO's key, and optional as in KAITO: a public model needs no token
+        ref = {"name": options.model_access_secret, "key": "HF_TOKEN", "optional": True}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    if secret := workspace.metadata.annotations.get(API_KEY_ANNOTATION):
+        ref = {"name": secret, "key": API_KEY_SECRET_KEY, "optional": False}
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 
