@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -41,6 +42,7 @@ SERVICES = ("watcher", "planner", "provisioner", "workload")
 class Release:
     cluster: LocalCluster
     values: dict[str, Any]
+    values_file: Path
     phases: dict[str, float] = field(default_factory=dict)
 
     def helm(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -103,7 +105,7 @@ def release(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactor
     }
     path = tmp_path_factory.mktemp("helm") / "values.yaml"
     path.write_text(yaml.safe_dump(values))
-    rel = Release(cluster, values)
+    rel = Release(cluster, values, values_file=path)
     for crd in kuberay_parts.crds():  # the workload renders RayServices: KubeRay's CRDs must exist
         cluster.kubectl("apply", "--server-side", "-f", str(crd))
     started = time.monotonic()
@@ -255,3 +257,77 @@ def test_a_workspace_goes_through_the_installed_services(release: Release) -> No
     finally:
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def workspace_manifest(name: str) -> str:
+    doc = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2.yaml").read_text())
+    doc["metadata"]["name"] = name
+    return json.dumps(doc)
+
+
+def converged(release: Release, namespace: str, names: list[str]) -> list[str]:
+    """The Workspaces of ``names`` that are ResourceReady with exactly one RayService."""
+    items = json.loads(release.kubectl("-n", namespace, "get", "workspaces", "-o", "json"))["items"]
+    ready = {
+        w["metadata"]["name"]
+        for w in items
+        if any(
+            c["type"] == "ResourceReady" and c["status"] == "True"
+            for c in w.get("status", {}).get("conditions", [])
+        )
+    }
+    services = json.loads(release.kubectl("-n", namespace, "get", "rayservices", "-o", "json"))["items"]
+    per_workspace: dict[str, int] = {}
+    for rs in services:
+        owner = rs["metadata"]["labels"]["kaito.sh/workspace"]
+        per_workspace[owner] = per_workspace.get(owner, 0) + 1
+    assert all(n == 1 for n in per_workspace.values()), f"a Workspace with two RayServices: {per_workspace}"
+    return [n for n in names if n in ready and per_workspace.get(n) == 1]
+
+
+def test_helm_upgrade_rolls_every_service_without_losing_a_workspace(release: Release) -> None:
+    """A new image tag: every service's pods are replaced while Workspaces are applied before and during
+    the roll; each converges once (one RayService each); then all are deleted, no finalizer stuck."""
+    cluster = release.cluster
+    old = cluster.imported["services"].ref
+    new = f"{old.rsplit(':', 1)[0]}:upgrade-{uuid.uuid4().hex[:6]}"
+    cluster.tag_image(old, new)
+    namespace = f"up-{uuid.uuid4().hex[:6]}"
+    release.kubectl("create", "namespace", namespace)
+    release.kubectl("label", "node", cluster.name, "apps=smollm2", "--overwrite")
+    names = [f"ws-{i}" for i in range(12)]
+    try:
+        for name in names[:6]:  # in flight when the roll starts
+            release.kubectl("apply", "-n", namespace, "-f", "-", stdin=workspace_manifest(name))
+        started = time.monotonic()
+        upgrade = subprocess.Popen(
+            [str(gotools.helm()), f"--kubeconfig={cluster.kubeconfig}", "--namespace", NAMESPACE, "upgrade",
+             RELEASE, str(CHART), "-f", str(release.values_file), "--set", f"image.tag={new.split(':')[-1]}",
+             "--wait", "--timeout=5m"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for name in names[6:]:  # during the roll
+            time.sleep(1)
+            release.kubectl("apply", "-n", namespace, "-f", "-", stdin=workspace_manifest(name))
+        output, _ = upgrade.communicate(timeout=330)
+        assert upgrade.returncode == 0, output
+        release.phases["helm upgrade (roll)"] = time.monotonic() - started
+        pods = json.loads(release.kubectl("-n", NAMESPACE, "get", "pods", "-o", "json"))["items"]
+        images = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p["spec"]["containers"][0]["image"]
+                  for p in pods if p["metadata"].get("deletionTimestamp") is None}  # fmt: skip
+        assert all(images[s] == new for s in SERVICES), images
+
+        deadline = time.monotonic() + 180
+        while (done := converged(release, namespace, names)) != names and time.monotonic() < deadline:
+            time.sleep(2)
+        assert done == names, f"converged: {done}\n{release.diagnostics()}"
+        release.phases["12 Workspaces converged"] = time.monotonic() - started
+
+        started = time.monotonic()
+        release.kubectl("-n", namespace, "delete", "workspaces", "--all", "--wait=true", "--timeout=180s")
+        release.phases["12 deleted, finalizers gone"] = time.monotonic() - started
+        assert not release.kubectl("-n", namespace, "get", "rayservices", "-o", "name").strip()
+    finally:
+        release.kubectl("label", "node", cluster.name, "apps-", check=False)
+        release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        cluster.untag_image(new)

@@ -206,6 +206,14 @@ class LocalCluster:
             raise StartFailed(f"ctr {' '.join(args)} failed:\n{result.stderr[-2000:]}")
         return result
 
+    def tag_image(self, ref: str, new_ref: str) -> None:
+        """Another name for an imported image (what a new release tag looks like to the kubelet)."""
+        self._ctr("images", "tag", "--force", ref, new_ref)
+
+    def untag_image(self, ref: str) -> None:
+        """Remove a name ``tag_image`` added (the content stays while another name refers to it)."""
+        self._ctr("images", "rm", ref, check=False)
+
     def _import(self, image: Image) -> None:
         started = time.monotonic()
         present = self._ctr("images", "list", "--quiet", f"name=={image.ref}").stdout.split()
