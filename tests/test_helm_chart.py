@@ -1,0 +1,117 @@
+"""The chart rendered by the real Helm (``helm lint``, ``helm template``), without a node: the values
+schema refuses what would not work, and the NATS configuration it renders runs in a real nats-server,
+over TLS, with the services' users and permissions."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+
+from shared.local import controlplane, gotools
+from shared.local.nats_server import nats_server_binary
+from shared.local.procs import ManagedProcess, free_port, port_open
+from tests.conftest import REPO, Services, until
+
+CHART = REPO / "deploy" / "helm" / "kaiten"
+USERS = ("watcher", "planner", "provisioner", "workload", "tuning")
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(gotools.helm()), *args], capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+def template(*sets: str) -> list[dict[str, Any]]:
+    settings = [arg for s in sets for arg in ("--set", s)]
+    result = helm(
+        "template", "kaiten", str(CHART), "-n", "kaiten-system", "--kube-version", "1.32.4", *settings
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_the_chart_lints_clean_and_the_schema_refuses_bad_values() -> None:
+    lint = helm("lint", "--strict", str(CHART))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    for bad, says in (
+        ("provider=gke", "value must be one of 'aks', 'nodeclaim', 'byo'"),
+        ("provider=aks", "/azure/subscriptionId"),
+        ("nats.enabled=false", "/nats/url"),
+        ("services.watcher.replicas=-1", "/services/watcher/replicas"),
+        ("ray.operatorLabels=nolabel", "/ray/operatorLabels"),
+    ):
+        result = helm("template", "kaiten", str(CHART), "--kube-version", "1.32.4", "--set", bad)
+        assert result.returncode != 0 and says in result.stderr, (bad, result.stderr)
+    kinds = sorted(d["kind"] for d in template("services.planner.replicas=2"))
+    assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 1
+    rules = [r for d in template() if d["kind"] == "ClusterRole" for r in d["rules"]]
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+    assert not [r for r in rules if "secrets" in r["resources"]], "no service reads Secrets"
+
+
+@pytest.fixture
+def tls_nats(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
+    """nats-server running the chart's own nats.conf, with TLS, on 127.0.0.1."""
+    port, monitor = free_port(), free_port()
+    docs = template("bindAddress=127.0.0.1", f"nats.port={port}", f"nats.monitorPort={monitor}",
+                    "nats.tls.enabled=true", "nats.tls.secretName=nats-tls")  # fmt: skip
+    conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["nats.conf"]
+    pki = tmp_path / "pki"
+    controlplane._write_certs(pki)  # a CA and a server certificate for 127.0.0.1 (the control plane's)
+    conf = (
+        conf.replace("/etc/nats/tls/tls.crt", str(pki / "apiserver.crt"))
+        .replace("/etc/nats/tls/tls.key", str(pki / "apiserver.key"))
+        .replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
+    )
+    (tmp_path / "nats.conf").write_text(conf)
+    passwords = {user: f"pw-{user}-{os.getpid()}" for user in USERS}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "POD_NAME": "nats-0",
+        **{f"{u.upper()}_PASSWORD": p for u, p in passwords.items()},
+    }
+    proc = ManagedProcess("nats-server", [str(nats_server_binary()), "-c", str(tmp_path / "nats.conf")],
+                          tmp_path / "nats.log", env=env).start()  # fmt: skip
+    try:
+        proc.wait_ready(lambda: port_open("127.0.0.1", port), timeout=10, what="nats-server up")
+        yield f"tls://127.0.0.1:{port}", pki / "ca.crt", passwords
+    finally:
+        proc.stop()
+
+
+async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
+    tls_nats: tuple[str, Path, dict[str, str]], services: Services
+) -> None:
+    url, ca, passwords = tls_nats
+    # the server requires TLS: a client is upgraded, and one that does not trust the CA cannot connect
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await nats.connect(url.replace("tls://", "nats://"), user="planner", password=passwords["planner"],
+                           connect_timeout=2, allow_reconnect=False)  # fmt: skip
+    port = free_port()
+    services.start(
+        "services.planner", KAITEN_NATS_URL=url, KAITEN_NATS_USER="planner",
+        KAITEN_NATS_PASSWORD=passwords["planner"], KAITEN_NATS_INBOX_PREFIX="_INBOX_planner",
+        KAITEN_NATS_CA_FILE=str(ca), KAITEN_PROBE_PORT=str(port),
+    )  # fmt: skip
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    await until(ready, timeout=30, what=f"the planner ready over TLS with its own user\n{services.logs()}")
+    log = services.procs[0].log_path.read_text()
+    assert "permissions violation" not in log.lower() and passwords["planner"] not in log, log[-2000:]
