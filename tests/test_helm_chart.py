@@ -4,6 +4,7 @@ over TLS, with the services' users and permissions."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import subprocess
@@ -57,7 +58,10 @@ def test_the_chart_lints_clean_and_the_schema_refuses_bad_values() -> None:
     assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 1
     rules = [r for d in template() if d["kind"] == "ClusterRole" for r in d["rules"]]
     assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
-    assert not [r for r in rules if "secrets" in r["resources"]], "no service reads Secrets"
+    secrets = [r for r in rules if "secrets" in r["resources"]]
+    assert not [v for r in secrets for v in r["verbs"] if v in ("get", "list", "watch")], (
+        "no service reads Secrets"
+    )
 
 
 @pytest.fixture
@@ -115,3 +119,38 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
     await until(ready, timeout=30, what=f"the planner ready over TLS with its own user\n{services.logs()}")
     log = services.procs[0].log_path.read_text()
     assert "permissions violation" not in log.lower() and passwords["planner"] not in log, log[-2000:]
+
+
+async def test_a_tuning_job_reports_with_the_charts_tuning_user(
+    tls_nats: tuple[str, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the workload renders for a tuning job in a cluster (its own user, its inbox, no stream
+    declaration) is what that user may do; the stream itself is the services' to declare."""
+    from services.tuning.config import TuningJobConfig
+    from services.tuning.job import NATS_PASSWORD_ENV, Reporter
+    from shared import events as ev
+    from shared.bus.streams import declare_stream
+
+    url, ca, passwords = tls_nats
+    tls = ssl.create_default_context(cafile=str(ca))
+    watcher = await nats.connect(url, user="watcher", password=passwords["watcher"], tls=tls,
+                                 inbox_prefix="_INBOX_watcher")  # fmt: skip
+    try:
+        await declare_stream(watcher.jetstream())  # as every service does at start
+    finally:
+        await watcher.close()
+    config = TuningJobConfig.model_validate({
+        "job": "ws-g1", "preset": "smollm2-135m-instruct", "source": {"kind": "dir", "path": "/models/x"},
+        "input_urls": ["https://example.invalid/data.jsonl"], "output": {"directory": "/tmp/out"},
+        "workspace": {"namespace": "default", "name": "ws", "uid": "u-1", "generation": 1},
+        "nats_url": url, "nats_user": "tuning", "nats_inbox_prefix": "_INBOX_tuning", "declare_stream": False,
+    })  # fmt: skip
+    monkeypatch.setenv(NATS_PASSWORD_ENV, passwords["tuning"])
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the job's image trusts the cluster's CA bundle
+    reporter = Reporter(config, asyncio.get_running_loop())
+    await reporter.open()
+    try:
+        await reporter.publish(lambda **common: ev.JobStarted(**common))  # acked by the stream, or raises
+        await reporter.publish(lambda **common: ev.TuningProgress(step=1, total_steps=2, **common))
+    finally:
+        await reporter.close()

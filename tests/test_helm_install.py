@@ -152,7 +152,7 @@ CAN = {
     "provisioner": ["list nodes"],
     "workload": ["create rayservices.ray.io -n default", "patch services -n default",
                  "delete configmaps -n default", "create rayjobs.ray.io -n default",
-                 "patch networkpolicies.networking.k8s.io -n default"],
+                 "patch networkpolicies.networking.k8s.io -n default", "create secrets -n default"],
 }  # fmt: skip
 CANNOT = [
     "delete nodes", "get secrets -n default", "get secrets -n kube-system", "list secrets -A",
@@ -331,3 +331,43 @@ def test_helm_upgrade_rolls_every_service_without_losing_a_workspace(release: Re
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         cluster.untag_image(new)
+
+
+def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Release) -> None:
+    """The workload renders the RayJob with the chart's tuning NATS user: the password in a Secret of the
+    Workspace's namespace that the workload may write but not read; gone with the Workspace."""
+    cluster = release.cluster
+    namespace = f"tune-{uuid.uuid4().hex[:6]}"
+    release.kubectl("create", "namespace", namespace)
+    release.kubectl("label", "node", cluster.name, "apps=tuning-smollm2", "--overwrite")
+    try:
+        release.kubectl(
+            "apply", "-n", namespace, "-f", str(REPO / "examples" / "local" / "tuning-smollm2.yaml")
+        )
+        deadline = time.monotonic() + 120
+        while not (jobs := release.kubectl("-n", namespace, "get", "rayjobs", "-o", "name").strip()):
+            assert time.monotonic() < deadline, f"no RayJob\n{release.diagnostics()}"
+            time.sleep(1)
+        job = json.loads(release.kubectl("-n", namespace, "get", jobs, "-o", "json"))
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ref = next(e for e in head["env"] if e["name"] == "KAITEN_NATS_PASSWORD")["valueFrom"]["secretKeyRef"]
+        secret = json.loads(release.kubectl("-n", namespace, "get", "secret", ref["name"], "-o", "json"))
+        assert base64.b64decode(secret["data"]["password"]).decode() == release.password("tuning")
+        assert secret["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
+        configmap = release.kubectl(
+            "-n", namespace, "get", "configmaps", "-l", "kaito.sh/workspace", "-o", "json"
+        )
+        assert (
+            release.password("tuning") not in configmap
+        )  # the job's config names the user, not the password
+
+        release.kubectl(
+            "-n", namespace, "delete", "workspace", "tuning-smollm2", "--wait=true", "--timeout=120s"
+        )
+        assert not release.kubectl(
+            "-n", namespace, "get", "secret", ref["name"], "--ignore-not-found", "-o", "name"
+        )
+        assert not release.kubectl("-n", namespace, "get", "rayjobs", "-o", "name").strip()
+    finally:
+        release.kubectl("label", "node", cluster.name, "apps-", check=False)
+        release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -584,3 +584,35 @@ def test_the_model_token_and_the_api_key_reach_the_pods_by_secret_reference_only
         "valueFrom": {"secretKeyRef": {"name": "chat-key", "key": "api-key", "optional": False}},
     }
     assert kuberay_validate([obj]).returncode == 0
+
+
+def test_a_tuning_job_gets_its_own_nats_user_by_secret_reference() -> None:
+    """In a cluster the job publishes as the chart's tuning user: the user and its inbox in the config,
+    the password in a Secret of the Workspace's namespace, reaching the pods by secretKeyRef only."""
+    from services.tuning.job import NATS_PASSWORD_ENV
+    from services.workload import kuberay
+
+    assert kuberay.NATS_PASSWORD_ENV == NATS_PASSWORD_ENV  # what the render sets is what the job reads
+    workspace, got = seed("workspace-tuning-phi-3.yaml")
+    ref = ref_of(workspace)
+    config = tuning_config(
+        workspace, got, ref, 1, sections={}, push_secret=PUSH_SECRET_PATH, nats_url="nats://bus:4222",
+        work_dir="/w", allow_loopback_urls=False, nats_user="tuning",
+    )  # fmt: skip
+    parsed = TuningJobConfig.model_validate(config)
+    assert (parsed.nats_user, parsed.nats_inbox_prefix, parsed.declare_stream) == (
+        "tuning",
+        "_INBOX_tuning",
+        False,
+    )
+    secret = kuberay.nats_secret(ref, "kaito.sh/v1alpha1", 1, "pw-123")
+    assert secret["stringData"] == {"password": "pw-123"} and secret["metadata"]["ownerReferences"]
+    job = rayjob(ref, "kaito.sh/v1alpha1", workspace, got, "job-1", image=IMAGE, generation=1,
+                 nats_secret=secret["metadata"]["name"])  # fmt: skip
+    for pod in pods(job):
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env[NATS_PASSWORD_ENV]["valueFrom"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"], "key": "password", "optional": False,
+        }  # fmt: skip
+    assert "pw-123" not in json.dumps([config, job])
+    assert kuberay_validate([job]).returncode == 0

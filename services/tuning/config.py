@@ -106,6 +106,9 @@ class TuningJobConfig(BaseModel):
     work_dir: str = "/tmp/kaiten-tuning"  # noqa: S108  (a job container's scratch space)
     workspace: WorkspaceRefConfig | None = None  # events are published when this and nats_url are set
     nats_url: str | None = None
+    nats_user: str | None = None  # its password comes from $KAITEN_NATS_PASSWORD, never from this file
+    nats_inbox_prefix: str = "_INBOX"  # the user may subscribe to its own inbox prefix only
+    declare_stream: bool = True  # False where the user may not (a cluster: the services declared it)
     progress_interval_s: float = Field(default=5.0, ge=0)  # at most one progress event per interval
     allow_loopback_urls: bool = False  # local runs and tests; never in a cluster
     max_download_bytes: int = 2 << 30

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shutil
 import sys
 import time
@@ -28,6 +29,9 @@ from shared import events as ev
 
 log = logging.getLogger("kaiten.tuning")
 EXPECTED = (DownloadError, DatasetError, TrainingError, PushError)
+
+
+NATS_PASSWORD_ENV = "KAITEN_NATS_PASSWORD"  # noqa: S105 (a variable's name); from a Secret (secretKeyRef)
 
 
 class Reporter:
@@ -48,9 +52,17 @@ class Reporter:
         from shared.bus.publishing import Publisher
         from shared.bus.streams import declare_stream
 
-        self._nc = await connect(c.nats_url, name=f"tuning:{c.job}", connect_timeout=10)
+        self._nc = await connect(
+            c.nats_url,
+            name=f"tuning:{c.job}",
+            connect_timeout=10,
+            user=c.nats_user,
+            password=os.environ.get(NATS_PASSWORD_ENV) or None,
+            inbox_prefix=c.nats_inbox_prefix,
+        )
         js = self._nc.jetstream()
-        await declare_stream(js)  # idempotent: the job may be the first publisher on a fresh bus
+        if c.declare_stream:  # idempotent: the job may be the first publisher on a fresh local bus
+            await declare_stream(js)
         self._publisher = Publisher(js)
 
     async def close(self) -> None:

@@ -182,12 +182,13 @@ def _container(
     workspace: Workspace,
     mounts: list[dict[str, Any]],
     ports: list[dict[str, Any]] | None = None,
+    env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     gpus = plan.gpus_per_node
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "env": _env(workspace),
+        "env": _env(workspace) + (env or []),
         "volumeMounts": _mounts(mounts),
         "resources": {
             "requests": {"cpu": "1", "memory": "4Gi"},
@@ -293,10 +294,11 @@ def _cluster(
     volumes: list[dict[str, Any]],
     mounts: list[dict[str, Any]],
     host: HostNetwork | None = None,
+    env: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A Ray cluster on the planned nodes: the head takes the first node (with its GPUs: a KAITO plan
     has no CPU-only node), a worker group the others."""
-    head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS)
+    head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS, env)
     template = _pod_template(ref, workspace, plan, head, volumes)
     start_params = {"dashboard-host": "0.0.0.0"}  # noqa: S104  (the pod network, in-cluster)
     workers = max(plan.nodes, 1) - 1
@@ -315,7 +317,7 @@ def _cluster(
         "headGroupSpec": {"rayStartParams": start_params, "template": template},
     }
     if workers:
-        worker = _container("ray-worker", image, plan, workspace, mounts)
+        worker = _container("ray-worker", image, plan, workspace, mounts, env=env)
         cluster["workerGroupSpecs"] = [
             {
                 "groupName": "gpu" if plan.gpus_per_node else "cpu",
@@ -494,7 +496,9 @@ def rayjob(
     image: str,
     generation: int,
     host: HostNetwork | None = None,
+    nats_secret: str | None = None,
 ) -> dict[str, Any]:
+    """``nats_secret``: a Secret whose ``password`` is the job's NATS password (see ``nats_secret``)."""
     tuning = workspace.tuning
     if tuning is None:
         raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
@@ -507,6 +511,10 @@ def rayjob(
         {"name": "tuning-config", "mountPath": CONFIG_PATH, "readOnly": True},
         {"name": "tuning-work", "mountPath": WORK_PATH},
     ]
+    env = []
+    if nats_secret:
+        ref_ = {"name": nats_secret, "key": NATS_SECRET_KEY, "optional": False}
+        env.append({"name": NATS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": ref_}})
     if tuning.output.image_push_secret:
         volumes.append(
             {
@@ -524,8 +532,29 @@ def rayjob(
             "jobId": submission_id,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
-            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host),
+            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env),
         },
+    }
+
+
+NATS_SECRET_KEY = "password"  # noqa: S105 (the name of a key in the Secret, not a secret)
+NATS_PASSWORD_ENV = "KAITEN_NATS_PASSWORD"  # noqa: S105 (a variable's name, read by services.tuning.job)
+
+
+def nats_secret_name(ref: WorkspaceRef) -> str:
+    return object_name(ref.name, "-nats", limit=253)
+
+
+def nats_secret(ref: WorkspaceRef, api_version: str, generation: int, password: str) -> dict[str, Any]:
+    """The tuning job's NATS password in the Workspace's namespace (a pod can only refer to Secrets of
+    its own namespace). Owned by the Workspace, so it goes with it; one per Workspace, every
+    generation's job uses it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(ref, api_version, nats_secret_name(ref), generation),
+        "type": "Opaque",
+        "stringData": {NATS_SECRET_KEY: password},
     }
 
 

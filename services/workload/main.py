@@ -35,7 +35,14 @@ async def build(runtime: Runtime) -> Sequence[Component]:
                 operator_labels=settings.operator_labels(), namespace=settings.control_namespace
             )
         backend = KubeRay(
-            runtime.api, image=settings.ray_image, nats_url=settings.nats_url, host=host, admin=admin
+            runtime.api,
+            image=settings.ray_image,
+            nats_url=settings.nats_url,
+            host=host,
+            admin=admin,
+            tuning_nats=(settings.tuning_nats_user, settings.tuning_nats_password.get_secret_value())
+            if settings.tuning_nats_user and settings.tuning_nats_password
+            else None,
         )
         log.info("backend kuberay: image %s%s", settings.ray_image, f", host network {host}" if host else "")
     elif settings.backend == "local":

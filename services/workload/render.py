@@ -129,8 +129,12 @@ def tuning_config(
     nats_url: str,
     work_dir: str,
     allow_loopback_urls: bool,
+    nats_user: str | None = None,
 ) -> dict[str, Any]:
-    """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates)."""
+    """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates).
+
+    ``nats_user``: the job's own NATS user (its password reaches it as an environment variable from a
+    Secret); it may publish its events and receive replies on its own inbox, not manage the stream."""
     tuning = workspace.tuning
     if tuning is None:
         raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
@@ -168,4 +172,9 @@ def tuning_config(
         "workspace": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid, "generation": generation},
         "nats_url": nats_url,
         "allow_loopback_urls": allow_loopback_urls,
+        **(
+            {"nats_user": nats_user, "nats_inbox_prefix": f"_INBOX_{nats_user}", "declare_stream": False}
+            if nats_user
+            else {}
+        ),
     }

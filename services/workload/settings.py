@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 
 from shared.settings import ServiceSettings
 
@@ -18,6 +18,8 @@ class WorkloadSettings(ServiceSettings):
     ray_operator_labels: tuple[str, ...] = ("app.kubernetes.io/name=kuberay-operator",)  # KubeRay's pods:
     # they may reach the dashboard, GCS and client ports (key=value labels)
     control_namespace: str = ""  # Kaiten's own namespace (the chart sets it): its workload may reach them too
+    tuning_nats_user: str = ""  # kuberay: tuning jobs publish as this NATS user (the chart: "tuning") …
+    tuning_nats_password: SecretStr | None = None  # … with this password, put in a Secret per Workspace
     ray_dashboard_url: str = ""  # the local Ray dashboard (Serve and Jobs REST APIs)
     ray_token_path: str = ""  # the Ray cluster's auth token file (RayHead.token_path)
     serve_port: int = 8000  # Ray Serve's HTTP proxy port on 127.0.0.1

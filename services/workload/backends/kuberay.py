@@ -31,6 +31,7 @@ from services.workload.kuberay import (
     AdminPeers,
     HostNetwork,
     label_value,
+    nats_secret,
     network_policy,
     object_name,
     rayjob,
@@ -61,11 +62,13 @@ class KubeRay:
         nats_url: str,
         host: HostNetwork | None = None,
         admin: AdminPeers | None = None,
+        tuning_nats: tuple[str, str] | None = None,
     ) -> None:
         self._api = api
         self._host = host
         self._admin = admin  # None: no NetworkPolicy (a cluster whose network enforces none)
         self._net = kclient.NetworkingV1Api(api)
+        self._tuning_nats = tuning_nats  # (user, password) of tuning jobs on the bus; None: no user
         self._custom = kclient.CustomObjectsApi(api)
         self._core = kclient.CoreV1Api(api)
         self._image = image
@@ -73,8 +76,9 @@ class KubeRay:
 
     # -- objects --------------------------------------------------------------------------------------
 
-    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply of one object we own; returns what the apiserver stored."""
+    async def apply(self, obj: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
+        """Server-side apply of one object we own; returns what the apiserver stored (``quiet``: {},
+        for a Secret, whose stored data must not linger in memory or logs)."""
         meta, kind = obj["metadata"], obj["kind"]
         common: dict[str, Any] = {
             "field_manager": FIELD_MANAGER,
@@ -90,10 +94,11 @@ class KubeRay:
                     GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], obj,
                     _preload_content=False, **common,
                 )  # fmt: skip
-            elif kind in ("Service", "ConfigMap", "NetworkPolicy"):
+            elif kind in ("Service", "ConfigMap", "NetworkPolicy", "Secret"):
                 patch = {
                     "Service": self._core.patch_namespaced_service,
                     "ConfigMap": self._core.patch_namespaced_config_map,
+                    "Secret": self._core.patch_namespaced_secret,
                     "NetworkPolicy": self._net.patch_namespaced_network_policy,
                 }[kind]
                 response = await patch(meta["name"], meta["namespace"], obj, _preload_content=False, **common)
@@ -104,7 +109,7 @@ class KubeRay:
                 error = ApiException(status=response.status, reason=response.reason)
                 error.body, error.headers = data.decode(errors="replace"), response.headers
                 raise error
-            return dict(json.loads(data))
+            return {} if quiet else dict(json.loads(data))
         except ApiException as exc:
             what = f"apply {kind} {meta['namespace']}/{meta['name']}"
             if exc.status == 500 and "failed to create typed patch object" in str(exc.body):
@@ -162,6 +167,8 @@ class KubeRay:
                 await self._core.delete_namespaced_service(name, namespace, body=body)
             elif kind == "NetworkPolicy":
                 await self._net.delete_namespaced_network_policy(name, namespace, body=body)
+            elif kind == "Secret":
+                await self._core.delete_namespaced_secret(name, namespace, body=body)
             else:
                 await self._core.delete_namespaced_config_map(name, namespace, body=body)
         except ApiException as exc:
@@ -231,7 +238,9 @@ class KubeRay:
             nats_url=self._nats_url,
             work_dir=f"{WORK_PATH}/job",
             allow_loopback_urls=False,
+            nats_user=self._tuning_nats[0] if self._tuning_nats else None,
         )
+        secret = nats_secret(ref, version, generation, self._tuning_nats[1]) if self._tuning_nats else None
         job = rayjob(
             ref,
             version,
@@ -241,8 +250,11 @@ class KubeRay:
             image=self._image,
             generation=generation,
             host=self._host,
+            nats_secret=secret["metadata"]["name"] if secret else None,
         )
         await self._fence(target)
+        if secret is not None:
+            await self.apply(secret, quiet=True)
         await self.apply(tuning_configmap(ref, version, config, generation))
         await self.apply(job)
         current = set(tuning_names(ref, generation))
@@ -265,6 +277,10 @@ class KubeRay:
         found = await self._ours(target)
         for kind, name in found:
             await self._delete(kind, target.ref.namespace, name)
+        if self._tuning_nats is not None:  # by name: the workload may not list Secrets
+            await self._delete(
+                "Secret", target.ref.namespace, object_name(target.ref.name, "-nats", limit=253)
+            )
         return not found or not await self._ours(target)
 
     async def close(self) -> None:
