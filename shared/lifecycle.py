@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from kubernetes_asyncio import client as kclient
@@ -99,6 +100,8 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
     probes = None
     if settings.probe_port is not None:  # first, so liveness answers during a slow start too
         probes = Probes(service, settings.probe_host, settings.probe_port, settings.stuck_after_s).start()
+        if settings.probe_port_file:
+            probes.write_port(Path(settings.probe_port_file))
     try:
         return await _serve(service, settings, start, needs_kube, probes)
     finally:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
@@ -82,6 +83,12 @@ class Probes:
         threading.Thread(target=self._server.serve_forever, name=f"probes:{self.port}", daemon=True).start()
         log.info("probes on http://%s:%d (/healthz /readyz /metrics)", self.host, self.port)
         return self
+
+    def write_port(self, path: Path) -> None:
+        """The bound port, for a supervisor that let the service pick it (atomically: never half)."""
+        tmp = path.with_name(f"{path.name}.tmp")
+        tmp.write_text(str(self.port))
+        tmp.replace(path)
 
     def stop(self) -> None:
         if self._server is not None:

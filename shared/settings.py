@@ -28,6 +28,7 @@ class ServiceSettings(BaseModel):
     replica_id: str = ""  # logged; defaults to hostname:pid
     probe_port: int | None = None  # /healthz /readyz /metrics on this port (0: any free port); unset: off
     probe_host: str = "127.0.0.1"  # in a pod of its own network: 0.0.0.0, so the kubelet can probe
+    probe_port_file: str | None = None  # write the bound probe port here (kaiten up: with port 0)
     stuck_after_s: float = 30.0  # /healthz fails once the event loop has not run for this long
 
     @classmethod

@@ -270,3 +270,31 @@ def test_ctrl_c_during_up_stops_what_it_started(state: Path) -> None:
     assert up.returncode == 130 and "interrupted: stopping what was started" in out, out
     assert kaiten(env, "status").returncode == 3
     assert ours(state) == []
+
+
+def test_down_kills_only_recorded_processes_that_are_still_the_same_process(tmp_path: Path) -> None:
+    """Issue 16 (8): after a reboot a recorded PID may belong to someone else. ``reap`` compares each
+    PID's start (boot id + start time) with what was recorded, and spares a process that is not it."""
+    import io
+
+    from shared.cli.local import reap
+    from shared.local.procs import identity
+
+    ours_now = subprocess.Popen(["sleep", "60"])
+    stranger = subprocess.Popen(["sleep", "60"])  # a "reused" PID: recorded with another start
+    try:
+        recorded = {
+            "components": [
+                {"name": "a", "pids": [ours_now.pid], "ids": {str(ours_now.pid): identity(ours_now.pid)}},
+                {"name": "b", "pids": [stranger.pid], "ids": {str(stranger.pid): "another-boot:12345"}},
+            ]
+        }
+        out = io.StringIO()
+        reap(recorded, out)
+        assert ours_now.wait(timeout=10) == -signal.SIGKILL
+        assert stranger.poll() is None, "a process that is not ours was killed"
+        assert "not ours any more" in out.getvalue(), out.getvalue()
+    finally:
+        for proc in (ours_now, stranger):
+            proc.kill()
+            proc.wait(timeout=10)

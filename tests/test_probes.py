@@ -3,9 +3,12 @@ against a real NATS server and apiserver; and a stuck event loop reported by the
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from shared.local.nats_server import NatsServer
 from shared.local.procs import free_port
@@ -67,3 +70,36 @@ def test_a_stuck_event_loop_fails_healthz_and_readyz() -> None:
     finally:
         probes.stop()
     assert get(f"{base}/healthz")[0] == 0  # the port is closed after stop()
+
+
+async def test_a_service_picks_its_probe_port_and_writes_it(services: Services, tmp_path: Path) -> None:
+    """What ``kaiten up`` does: port 0 and a port file, so no other process can take a port chosen in
+    advance (CI once saw Ray's gRPC answer on a port picked for a service's probes)."""
+    port_file = tmp_path / "planner.probe-port"
+    services.start("services.planner", KAITEN_PROBE_PORT="0", KAITEN_PROBE_PORT_FILE=str(port_file))
+    await until(port_file.exists, timeout=30, what=f"the port file\n{services.logs()}")
+    port = int(port_file.read_text())
+    await until(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, timeout=30, what="ready")
+
+
+def test_the_supervisor_judges_a_port_that_speaks_no_http_as_not_ready() -> None:
+    """A port answered by something else (binary, not HTTP) is "not ready", not a crash of the
+    supervisor (http.client.BadStatusLine is no OSError)."""
+    from shared.cli.stack import _answers_200
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00garbage\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert _answers_200(f"http://127.0.0.1:{port}/readyz") is False
+    finally:
+        thread.join(5)
+        server.close()

@@ -306,20 +306,38 @@ def test_qlora_trains_on_the_cpu_and_pushes(
         ("private", "ForbiddenURL", "private or reserved"),
         ("metadata", "ForbiddenURL", "link-local"),
         ("loopback", "ForbiddenURL", "loopback"),
+        ("cgnat", "ForbiddenURL", "private or reserved"),  # 100.64.0.0/10: not private, not global
+        ("benchmarking", "ForbiddenURL", "private or reserved"),  # 198.18.0.0/15
+        ("sas", "InputNotFound", "HTTP 404"),  # credentials in the URL: never repeated (asserted below)
+        ("total", "InputTooLarge", "in all"),  # each file fits, together they do not
         ("empty", "EmptyInput", "empty"),
         ("useless", "InvalidDataset", "no usable columns"),
         ("credentials", "PushUnauthorized", "refused"),
     ],
 )
 def test_bad_inputs_fail_fast_with_a_reason(
-    case: str, reason: str, says: str, tmp_path: Path, data_url: str, registry: str, bus: NatsServer
+    case: str,
+    reason: str,
+    says: str,
+    tmp_path: Path,
+    data_url: str,
+    data_dir: Path,
+    registry: str,
+    bus: NatsServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    train_bytes = (data_dir / "train-00000-of-00001.parquet").stat().st_size
     urls = {
         "missing": f"{data_url}/nope.parquet",
         "ftp": "ftp://127.0.0.1/data.parquet",
         "private": "http://10.1.2.3/data.parquet",
         "metadata": "http://169.254.169.254/latest/meta-data",
         "loopback": f"{data_url}/train-00000-of-00001.parquet",
+        "cgnat": "http://100.64.1.2/data.parquet",
+        "benchmarking": "http://198.18.0.9/data.parquet",
+        "sas": data_url.replace("http://", "http://reader:SECRET-PW@")
+        + "/nope.parquet?sv=2024&sig=SECRET-SIG",
+        "total": f"{data_url}/train-00000-of-00001.parquet",
         "empty": f"{data_url}/empty.parquet",
         "useless": f"{data_url}/useless.parquet",
         "credentials": f"{data_url}/train-00000-of-00001.parquet",
@@ -334,11 +352,12 @@ def test_bad_inputs_fail_fast_with_a_reason(
     config = TuningJobConfig.model_validate(
         job_config(
             tmp_path,
-            input_urls=[urls[case]],
+            input_urls=[urls[case]] * (2 if case == "total" else 1),
             output=output,
             allow_loopback_urls=case != "loopback",
             workspace={"namespace": "ns", "name": case, "uid": uid},
             nats_url=bus.url,
+            **({"max_download_bytes": train_bytes * 3 // 2} if case == "total" else {}),
         )
     )
 
@@ -358,3 +377,6 @@ def test_bad_inputs_fail_fast_with_a_reason(
     failed = events[-1]
     assert isinstance(failed, ev.JobFailed) and failed.reason == reason and says in failed.message, failed
     assert "not-the-password" not in failed.message
+    assert "SECRET" not in failed.message and "SECRET" not in caplog.text, failed.message
+    partial = list((tmp_path / "work" / "input").glob("*")) if (tmp_path / "work" / "input").exists() else []
+    assert case != "total" or len(partial) == 1, f"a partial download was left: {partial}"

@@ -134,11 +134,19 @@ async def run(config: TuningJobConfig, on_progress: Any = lambda p: None) -> tup
     inputs = work / "input"
     inputs.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
+    left = config.max_download_bytes  # for all the inputs together, not each
     for i, url in enumerate(config.input_urls):
-        limit = config.max_download_bytes
-        got = await asyncio.to_thread(
-            download, url, inputs, allow_loopback=config.allow_loopback_urls, max_bytes=limit, index=i
-        )
+        try:
+            got = await asyncio.to_thread(
+                download, url, inputs, allow_loopback=config.allow_loopback_urls, max_bytes=left, index=i
+            )
+        except DownloadError as exc:
+            if exc.reason == "InputTooLarge" and left < config.max_download_bytes:
+                raise DownloadError(
+                    "InputTooLarge", f"the inputs are more than {config.max_download_bytes} bytes in all"
+                ) from exc
+            raise
+        left -= got.stat().st_size
         files.append(got)
     if config.input_directory:
         found = await asyncio.to_thread(_files_under, Path(config.input_directory))

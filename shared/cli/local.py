@@ -22,7 +22,7 @@ import httpx
 
 from shared.cli.events import endpoint_of, watch_workspace
 from shared.cli.stack import PROJECT, lock
-from shared.local.procs import kill_pids, running, tail
+from shared.local.procs import identity, kill_pids, running, tail
 
 SAMPLE = PROJECT / "examples" / "local" / "workspace-smollm2.yaml"
 SAMPLE_NAME = "workspace-smollm2"
@@ -352,8 +352,18 @@ def down(root: Path, *, purge: bool, out: TextIO = sys.stdout, wait: float = 180
 
 
 def reap(data: dict[str, Any], out: TextIO) -> None:
-    """Kill what a supervisor recorded and left running (it was SIGKILLed, say): ours, by PID."""
-    leftovers = running({pid for part in data.get("components", []) for pid in part.get("pids", [])})
+    """Kill what a supervisor recorded and left running (it was SIGKILLed, say): ours, by PID, and only
+    while each PID is still the process that was recorded (same boot, same start time)."""
+    recorded = {
+        pid: part.get("ids", {}).get(str(pid))
+        for part in data.get("components", [])
+        for pid in part.get("pids", [])
+    }
+    alive = running(set(recorded))
+    strangers = {pid for pid in alive if identity(pid) != recorded[pid]}
+    if strangers:
+        print(f"not killing {sorted(strangers)}: not ours any more (restarted or reused PIDs)", file=out)
+    leftovers = alive - strangers
     if leftovers:
         print(f"killing processes a previous kaiten left running: {sorted(leftovers)}", file=out)
         kill_pids(leftovers)

@@ -5,7 +5,8 @@ exits at once), starts the parts in order — NATS JetStream, etcd + kube-apiser
 Workspace CRD and the local registry's pull/push Secret), the OCI registry, the dataset file server,
 a Ray head, then the watcher, planner, provisioner and workload services — and then watches them.
 A part that dies is restarted in place (same address) with backoff; a service whose ``/readyz``
-(``KAITEN_PROBE_PORT``, :mod:`shared.probes`) never answers 200 is reported unhealthy. Everything is
+(:mod:`shared.probes`, on the port it writes to ``KAITEN_PROBE_PORT_FILE``) never answers 200 is
+reported unhealthy. Everything is
 written to ``STATE_DIR/status.json`` (atomically), which ``kaiten up``/``status``/``down`` read.
 SIGTERM stops the parts in reverse order.
 """
@@ -16,6 +17,7 @@ import base64
 import contextlib
 import datetime as dt
 import fcntl
+import http.client
 import json
 import os
 import secrets
@@ -37,7 +39,7 @@ from shared.api.crd import CRD_PATH
 from shared.bus.backoff import delay_for
 from shared.local.controlplane import BUILD_ESTIMATE, ControlPlane, binaries
 from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess, StartFailed, descendants, free_port, port_open
+from shared.local.procs import ManagedProcess, StartFailed, descendants, free_port, identity, port_open
 from shared.local.ray_head import RayHead
 
 PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
@@ -97,7 +99,8 @@ class Part:
             "since": self.since,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
-            "pids": self._pids(),
+            "pids": (pids := self._pids()),
+            "ids": {str(pid): identity(pid) for pid in pids},  # `down` kills only these very processes
             "endpoint": self.endpoint,
             "log": self.log,
         }
@@ -271,24 +274,34 @@ class Stack:
         proc = ManagedProcess(
             name, [sys.executable, "-m", f"services.{name}"], self.root / f"{name}.log", cwd=PROJECT
         )
-        probe_port = free_port()  # kept across restarts, like every other part's address
-        readyz = f"http://127.0.0.1:{probe_port}/readyz"
+        # The service binds any free port for its probes and writes it here: a port chosen for it in
+        # advance could be taken by another process (Ray opens many) before it starts.
+        port_file = self.root / f"{name}.probe-port"
 
         def launch() -> None:
-            proc.env = {**self.env, "KAITEN_PROBE_PORT": str(probe_port)}
+            port_file.unlink(missing_ok=True)
+            proc.env = {**self.env, "KAITEN_PROBE_PORT": "0", "KAITEN_PROBE_PORT_FILE": str(port_file)}
             proc.start()
 
-        return Part(
+        def ready() -> bool:  # the same /readyz a kubelet probes in a cluster
+            try:
+                port = int(port_file.read_text())
+            except (OSError, ValueError):
+                return False
+            part.endpoint = f"http://127.0.0.1:{port}"
+            return _answers_200(f"{part.endpoint}/readyz")
+
+        part = Part(
             name,
             launch=launch,
             halt=proc.stop,
             alive=proc.alive,
-            ready=lambda: _answers_200(readyz),  # the same /readyz a kubelet probes in a cluster
+            ready=ready,
             pids=lambda: [proc.pid] if proc.proc else [],
             exit_code=lambda: _code(proc),
             log=str(proc.log_path),
-            endpoint=f"http://127.0.0.1:{probe_port}",
         )
+        return part
 
     def _ray_pids(self, ray: RayHead) -> list[int]:
         """The head and every process below it (workers, Serve replicas), for ``down`` to reap.
@@ -477,7 +490,7 @@ def _answers_200(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 (a loopback http URL)
             return bool(response.status == 200)
-    except (OSError, ValueError):  # refused, timed out, or 503 (HTTPError is an OSError)
+    except (OSError, ValueError, http.client.HTTPException):  # refused, timed out, 503, or not HTTP at all
         return False
 
 

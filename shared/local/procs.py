@@ -59,6 +59,18 @@ def running(pids: set[int]) -> set[int]:
     return pids & live
 
 
+def identity(pid: int) -> str | None:
+    """Which process ``pid`` is: this boot's id and the process's start time (clock ticks since boot,
+    from /proc/<pid>/stat). A PID reused after a reboot, or by a later process, has another identity."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3, start 22
+    return f"{boot}:{fields[19]}"
+
+
 def wait_until(done: Callable[[], bool], seconds: float, interval: float = 0.1) -> bool:
     """Poll ``done()`` every ``interval`` s for at most ``seconds`` s; whether it came true."""
     deadline = time.monotonic() + seconds
