@@ -260,8 +260,11 @@ def test_a_killed_supervisor_is_noticed_and_the_next_up_cleans_up(state: Path) -
 def test_ctrl_c_during_up_stops_what_it_started(state: Path) -> None:
     env = {**os.environ, "KAITEN_STATE_DIR": str(state), "KAITEN_SERVE_PORT": str(free_port())}
     up = subprocess.Popen(
-        [str(KAITEN), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
-    )
+        [str(KAITEN), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        # as in a terminal: a runner that started us in the background may have SIGINT ignored, and an
+        # ignored SIGINT is inherited (Python then never raises KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert up.stdout is not None
     seen = [up.stdout.readline() for _ in range(3)]  # the banner, then the first parts as they serve
     assert seen[1].startswith("✓ nats"), seen
