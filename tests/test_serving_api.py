@@ -189,6 +189,8 @@ def test_bad_inputs_get_clear_errors(server: Endpoint, client: openai.OpenAI) ->
         ({"prompt": "hi", "generate_kwargs": {"temperature": -1}}, "temperature"),
         ({"prompt": "hi", "generate_kwargs": {"beams": 4}}, "beams"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+        ({"prompt": "hi", "generate_kwargs": {"seed": 2**64}}, "seed"),  # beyond torch's range
+        ({"prompt": "hi", "generate_kwargs": {"seed": -1}}, "seed"),
     ]
     for body, says in cases:
         r = httpx.post(f"{server.url}/chat", json=body, timeout=30)
@@ -207,6 +209,8 @@ def test_bad_inputs_get_clear_errors(server: Endpoint, client: openai.OpenAI) ->
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2)
     with pytest.raises(openai.UnprocessableEntityError, match="messages"):
         client.chat.completions.create(model=NAME, messages=[])
+    with pytest.raises(openai.UnprocessableEntityError, match="seed"):
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], seed=2**64)
 
 
 def test_adapter_changes_the_output(client: openai.OpenAI) -> None:

@@ -176,3 +176,36 @@ def test_catalog_figures_match_the_model_we_serve(model_dir: Path) -> None:
             for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 params += math.prod(f.get_slice(key).get_shape())
     assert abs(params * 2 / GIB - preset.weights / GIB) < 0.05, (params, preset.weights)
+
+
+async def test_a_bad_row_fails_alone_and_its_batch_finishes(model_dir: Path) -> None:
+    """Issue 16 (7): a seed torch cannot take and a temperature that turns the logits into inf/nan, each
+    in a batch with good requests: the good ones finish with the text they get alone; the seed one is
+    refused by itself; a vanishing temperature is greedy, not a crash."""
+    from services.serving.engines.base import BadRequest
+
+    engine = TransformersEngine(model_dir=model_dir, model_name="smollm2", max_batch_size=8)
+    await engine.start()
+
+    async def run(params: SamplingParams, prompt: str = PROMPTS[1]) -> str | Exception:
+        request = GenerationRequest(prompt_ids=engine.encode(prompt), params=params)
+        try:
+            return "".join([chunk.text async for chunk in engine.generate(request)])
+        except Exception as exc:
+            return exc
+
+    try:
+        good = SamplingParams(max_new_tokens=8)
+        alone = await run(good)
+        results = await asyncio.gather(
+            run(good),
+            run(SamplingParams(max_new_tokens=8, do_sample=True, seed=2**64)),
+            run(SamplingParams(max_new_tokens=8, do_sample=True, temperature=1e-40)),
+            run(good),
+            run(SamplingParams(max_new_tokens=8, do_sample=True, temperature=1e-40, top_k=5, top_p=0.5)),
+        )
+    finally:
+        await engine.shutdown()
+    assert results[0] == results[3] == alone, results
+    assert isinstance(results[1], BadRequest) and "seed" in str(results[1]), results[1]
+    assert results[2] == results[4] == alone, results  # a temperature this small is greedy decoding

@@ -73,7 +73,7 @@ class GenerateKwargs(BaseModel):
     top_k: int = Field(default=0, ge=0)
     do_sample: bool = False
     repetition_penalty: float = Field(default=1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)  # torch's range
 
 
 class OpenAIBase(BaseModel):
@@ -86,7 +86,7 @@ class OpenAIBase(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)  # torch's range
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
 

@@ -24,13 +24,16 @@ from services.watcher.settings import WatcherSettings
 from shared.api.crd import FINALIZER
 from shared.api.workspace import spec_of
 from shared.bus.backoff import delay_for
+from shared.bus.errors import InvalidInput
 from shared.bus.publishing import Publisher
 from shared.bus.streams import key_value
-from shared.events import WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
+from shared.events import ConditionReported, WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
+from shared.kube.errors import classify
 from shared.kube.workspaces import Workspaces
 
 log = logging.getLogger("kaiten.watcher")
 PUBLISHED_BUCKET = "kaiten_watcher_published"
+OBJECT_ERRORS = (400, 403, 422)  # the apiserver refuses this object's patch: retrying will not help
 
 
 class PublishedStore:
@@ -109,7 +112,7 @@ class WorkspaceWatcher:
     async def _relist(self) -> str:
         listing = await self._workspaces.list_all(self._settings.namespace or None)
         for obj in listing.get("items", []):
-            await self.reconcile(obj)
+            await self._isolated(obj)
         return str(listing["metadata"]["resourceVersion"])
 
     async def _watch(self, resource_version: str, *, until: float) -> None:
@@ -139,7 +142,36 @@ class WorkspaceWatcher:
             await self._store.forget(obj["metadata"]["uid"])
             log.info("[%s/%s] gone", obj["metadata"].get("namespace"), obj["metadata"].get("name"))
             return
-        await self.reconcile(obj)
+        await self._isolated(obj)
+
+    async def _isolated(self, obj: dict[str, Any]) -> None:
+        """Reconcile one Workspace; a failure that is about this object alone (its spec does not fit on
+        the bus, the apiserver refuses its finalizer) is reported on it, and the loop goes on with the
+        others. Anything else (NATS or the apiserver away) still stops the pass: it relists later."""
+        try:
+            await self.reconcile(obj)
+        except InvalidInput as exc:
+            await self._report(obj, exc.reason, str(exc))
+        except ApiException as exc:
+            if exc.status not in OBJECT_ERRORS:
+                raise
+            await self._report(obj, "FinalizerRefused", f"adding the finalizer: {classify(exc, 'patch')}")
+
+    async def _report(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        ref = ref_of(obj)
+        log.error("[%s] %s: %s", ref.key, reason, message)
+        await self._publisher.publish(
+            ConditionReported(
+                workspace=ref,
+                generation=int(obj["metadata"].get("generation") or 0),
+                type="WorkspaceSucceeded",
+                status="False",
+                reason=reason,
+                message=message[:1000],
+                warning=True,
+                reporter="watcher",
+            )
+        )
 
     # --- one object -----------------------------------------------------------------------------
 

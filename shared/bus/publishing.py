@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from shared.bus.backoff import delay_for
-from shared.bus.errors import Transient
+from shared.bus.errors import InvalidInput, Transient
 from shared.events import Event, dedupe_id, encode, subject_for
 from shared.telemetry import inject_headers, publish_span
 
@@ -33,6 +34,12 @@ class Publisher:
             for attempt in range(1, self._attempts + 1):
                 try:
                     ack = await self._js.publish(subject, payload, timeout=self._timeout, headers=headers)
+                except MaxPayloadError as exc:  # it never fits: say so about this event, do not retry
+                    raise InvalidInput(
+                        f"{event.kind} for {event.workspace.key} is {len(payload)} bytes, more than the bus "
+                        f"accepts in one message ({exc}); make the Workspace's spec smaller",
+                        reason="SpecTooLarge",
+                    ) from exc
                 except (TimeoutError, ConnectionError) as exc:
                     if attempt == self._attempts:
                         raise Transient(f"publish {subject} failed after {attempt} attempts: {exc}") from exc

@@ -23,6 +23,7 @@ from typing import Any
 
 from services.serving.engines.base import (
     AdapterInfo,
+    BadRequest,
     Chunk,
     DeadlineExceeded,
     EngineUnavailable,
@@ -46,6 +47,7 @@ class _Slot:
     generated: list[int] = field(default_factory=list)
     emitted: str = ""
     done: bool = False
+    generator: Any = None  # the request's own torch.Generator (a seed), made on admission
 
     def send(self, item: Chunk | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -254,7 +256,7 @@ class TransformersEngine(HFTokenizerEngine):
             with self._lock:
                 self._pending -= 1
             rows = [first, *self._take(self.max_batch_size - 1, wait=self._batch_wait)]
-            rows = [s for s in rows if not s.cancelled.is_set()]
+            rows = self._admit([s for s in rows if not s.cancelled.is_set()])
             self._rows = rows
             try:
                 if rows:
@@ -268,6 +270,20 @@ class TransformersEngine(HFTokenizerEngine):
             self._stats["running"] = 0
             if self._stopping:
                 return
+
+    def _admit(self, slots: list[_Slot]) -> list[_Slot]:
+        """The rows that can run: one whose parameters cannot be used (a seed torch refuses) is answered
+        with its own error here, before it shares a forward pass with the others."""
+        admitted = []
+        for slot in slots:
+            try:
+                slot.generator = _generator(slot.request.params.seed)
+            except BadRequest as exc:
+                slot.done = True
+                slot.send(exc)
+                continue
+            admitted.append(slot)
+        return admitted
 
     def _take(self, n: int, *, wait: float) -> list[_Slot]:
         """Up to ``n`` more queued requests, waiting at most ``wait`` seconds for them."""
@@ -298,7 +314,7 @@ class TransformersEngine(HFTokenizerEngine):
                 batch.compact()
                 room = self.max_batch_size - len(batch.slots)
                 if room > 0 and not self._queue.empty():
-                    joining = [s for s in self._take(room, wait=0) if not s.cancelled.is_set()]
+                    joining = self._admit([s for s in self._take(room, wait=0) if not s.cancelled.is_set()])
                     if joining:
                         self._stats["joined"] += len(joining) if batch.slots else 0
                         batch.merge(self._prefill(joining))
@@ -346,7 +362,7 @@ class TransformersEngine(HFTokenizerEngine):
                 min(s.request.params.max_new_tokens, self.max_model_len - len(s.request.prompt_ids))
                 for s in slots
             ],
-            generators=[_generator(s.request.params.seed) for s in slots],
+            generators=[s.generator for s in slots],
             past=out.past_key_values,
             mask=mask,
             positions=positions[:, -1:] + 1,
@@ -364,7 +380,14 @@ class TransformersEngine(HFTokenizerEngine):
             if slot.done:
                 next_ids.append(batch.pad)
                 continue
-            token = _sample(logits[row], slot, batch.generators[row])
+            try:
+                token = _sample(logits[row], slot, batch.generators[row])
+            except Exception as exc:  # this row's parameters broke sampling: it fails, the batch goes on
+                log.warning("sampling failed for one row: %r", exc)
+                slot.done = True
+                slot.send(BadRequest(f"sampling failed for this request: {type(exc).__name__}: {exc}"))
+                next_ids.append(batch.pad)
+                continue
             next_ids.append(token)
             batch.steps[row] += 1
             self._advance(slot, token, batch.steps[row] >= batch.budgets[row])
@@ -416,11 +439,17 @@ def _incomplete(text: str, stops: Sequence[str]) -> bool:
     return text.endswith("\ufffd") or any(text.endswith(s[:i]) for s in stops for i in range(1, len(s)))
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
+MIN_TEMPERATURE = 1e-5  # sampling below this temperature is greedy decoding (and numerically safe)
+
+
 def _generator(seed: int | None) -> Any:
     import torch
 
     if seed is None:
         return None
+    if not 0 <= seed <= MAX_SEED:
+        raise BadRequest(f"seed must be between 0 and {MAX_SEED}, got {seed}")
     gen = torch.Generator()
     gen.manual_seed(seed)
     return gen
@@ -434,7 +463,7 @@ def _sample(logits: Any, slot: _Slot, generator: Any) -> int:
         seen = torch.tensor(sorted(set(slot.generated)))
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if not p.do_sample or p.temperature <= 0:
+    if not p.do_sample or p.temperature < MIN_TEMPERATURE:  # below it, logits / t overflow: greedy
         return int(torch.argmax(logits))
     logits = logits / p.temperature
     if p.top_k > 0:
