@@ -17,8 +17,10 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shared import events as ev
+from shared.api.crd import CRD_PATH
 from shared.api.workspace import spec_of
 from shared.bus.publishing import Publisher
+from shared.local.controlplane import ControlPlane
 from shared.local.procs import ManagedProcess
 from tests.conftest import REPO, SEEDS, Kubectl, Services, until
 
@@ -298,3 +300,125 @@ async def test_two_replicas_publish_each_generation_once(
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.5)
     assert await counts(nc, "observed", namespace) == expected
+
+
+OUTAGE_S = 180.0  # issue 16: three minutes, longer than the ~90 s of 8 deliveries an unknown error gets
+
+
+@pytest.mark.timeout(480)
+async def test_an_apiserver_outage_loses_no_condition_and_no_delete(
+    tmp_path: Path, nc: Client, services: Services
+) -> None:
+    """The apiserver goes away for three minutes while status events flow: when it returns, every
+    condition is written and the deleted Workspace's finalizer is released (nothing was given up)."""
+    cp = ControlPlane(tmp_path / "cp").start()  # its own: the session's must stay up for other tests
+    try:
+        kubectl = Kubectl(cp.kubeconfig)
+        kubectl.run("apply", "--server-side", "-f", str(CRD_PATH), check=True)
+        kubectl.run(
+            "wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s", check=True
+        )
+        kubectl.run("create", "namespace", "outage", check=True)
+        await start_watcher(services, KUBECONFIG=str(cp.kubeconfig), KAITEN_NAMESPACE="outage")
+        kept, _ = await apply_and_observe(kubectl, nc, "outage", "kept")
+        gone, sub = await apply_and_observe(kubectl, nc, "outage", "gone", kinds="*")
+        kubectl.run("delete", "workspace", "gone", "-n", "outage", "--wait=false", check=True)
+        assert isinstance(ev.decode((await sub.next_msg(timeout=5)).data), ev.WorkspaceDeleting)
+
+        cp.stop()  # etcd and the apiserver: the watcher's client gets connection refused
+        publisher = Publisher(nc.jetstream())
+        await publisher.publish(
+            ev.ConditionReported(
+                workspace=kept.workspace,
+                generation=1,
+                type="NodeClaimReady",
+                status="True",
+                reason="ClaimsReady",
+                message="written after the outage",
+            )
+        )
+        for owner in ("provisioner", "workload"):
+            await publisher.publish(ev.CleanupDone(workspace=gone.workspace, generation=1, owner=owner))
+        await asyncio.sleep(OUTAGE_S)
+        cp.start()  # same address, certificates and etcd data
+
+        waited = kubectl.run(
+            "wait", "-n", "outage", "--for=delete", "workspace/gone", "--timeout=120s", timeout=130
+        )
+        assert waited.returncode == 0, f"the finalizer stayed: {waited.stderr}\n{services.logs()}"
+        waited = kubectl.run("wait", "-n", "outage", "--for=condition=NodeClaimReady", "workspace/kept",
+                             "--timeout=60s")  # fmt: skip
+        assert waited.returncode == 0, f"the condition was lost: {waited.stderr}\n{services.logs()}"
+    finally:
+        cp.stop()
+
+
+REFUSE_FINALIZER = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicy
+metadata: {{name: {name}}}
+spec:
+  failurePolicy: Fail
+  matchConstraints:
+    resourceRules:
+    - apiGroups: [kaito.sh]
+      apiVersions: ["*"]
+      operations: [UPDATE]
+      resources: [workspaces]
+  validations:
+  - expression: "!has(object.metadata.finalizers) || size(object.metadata.finalizers) == 0"
+    message: "this test refuses finalizers here"
+---
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata: {{name: {name}}}
+spec:
+  policyName: {name}
+  validationActions: [Deny]
+  matchResources:
+    namespaceSelector:
+      matchLabels: {{kubernetes.io/metadata.name: {namespace}}}
+    objectSelector:
+      matchLabels: {{refuse-finalizer: "yes"}}
+"""
+
+
+async def test_one_bad_workspace_does_not_stall_the_watcher_for_the_others(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """A spec too large for the bus and a Workspace whose finalizer patch the apiserver refuses are each
+    reported on themselves; the Workspaces after them are still observed, and the watcher stays up."""
+    policy = f"refuse-finalizer-{namespace}"
+    kubectl.run(
+        "apply", "-f", "-", stdin=REFUSE_FINALIZER.format(name=policy, namespace=namespace), check=True
+    )
+    try:
+        big = json.loads(workspace("a-big"))
+        big["inference"] = {"template": {"spec": {"containers": [
+            {"name": "x", "image": "busybox", "args": ["y" * (1_100_000)]}]}}}  # fmt: skip
+        kubectl.run("apply", "--server-side", "-n", namespace, "-f", "-", stdin=json.dumps(big), check=True)
+        refused = json.loads(workspace("b-refused"))
+        refused["metadata"]["labels"] = {"refuse-finalizer": "yes"}
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(refused), check=True)
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("c-fine"), check=True)
+        sub = await nc.jetstream().subscribe(
+            f"kaiten.workspace.observed.{namespace}.c-fine", ordered_consumer=True
+        )
+        await start_watcher(services)  # the first relist meets all three, in this order
+        observed = ev.decode((await sub.next_msg(timeout=15)).data)
+        assert isinstance(observed, ev.WorkspaceObserved) and observed.workspace.name == "c-fine"
+        for name, reason in (("a-big", "SpecTooLarge"), ("b-refused", "FinalizerRefused")):
+            waited = kubectl.run("wait", "-n", namespace, "--for=condition=WorkspaceSucceeded=False",
+                                 f"workspace/{name}", "--timeout=30s")  # fmt: skip
+            assert waited.returncode == 0, f"{name}: {waited.stderr}\n{services.logs()}"
+            stored = kubectl.json("get", "workspace", name, "-n", namespace)
+            condition = next(c for c in stored["status"]["conditions"] if c["type"] == "WorkspaceSucceeded")
+            assert condition["reason"] == reason, condition
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("d-later"), check=True)
+        later = await nc.jetstream().subscribe(
+            f"kaiten.workspace.observed.{namespace}.d-later", ordered_consumer=True
+        )
+        assert isinstance(ev.decode((await later.next_msg(timeout=15)).data), ev.WorkspaceObserved)
+    finally:
+        kubectl.run("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy)
+        kubectl.run("label", "workspace", "b-refused", "-n", namespace, "refuse-finalizer-")

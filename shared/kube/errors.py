@@ -19,7 +19,8 @@ def api_message(exc: ApiException, limit: int = 300) -> str:
 
 
 def classify(exc: ApiException, what: str) -> Exception:
-    """409/429/5xx and timeouts are transient; 4xx validation errors are invalid input."""
+    """409/429/5xx, timeouts and an unreachable apiserver (status 0, ``shared.kube.client``) are
+    transient; 4xx validation errors are invalid input."""
     status = exc.status or 0
     text = f"{what}: HTTP {status}: {api_message(exc)}"
     if status in (409, 429) or status >= 500 or status == 0:
