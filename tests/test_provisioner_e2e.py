@@ -155,3 +155,32 @@ def test_byo_says_why_nodes_do_not_count() -> None:
         "1 of 2 node(s) matching the labelSelector are usable; 3 match"
         " (c: 1 GPU(s), needs 2; b: not Ready (or unschedulable))"
     )
+
+
+async def test_a_crash_between_publishing_and_storing_loses_no_event(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """Issue 16 (2): the provisioner dies (a failpoint: exit 137, as SIGKILL) between its two writes for
+    a settled request — the NodesReady event and the record saying it is settled. Restarted, it still
+    makes the Workspace ResourceReady, and NodesReady is stored once."""
+    selector = f"crash-{namespace}"
+    node = f"{namespace}-gpu-c"
+    try:
+        add_gpu_node(kubectl, node, selector)
+        await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner")
+        await services.start_ready("services.planner", KAITEN_PROVIDER="byo")
+        ws = json.loads(manifest("crash", "phi-3-mini-4k-instruct", None))
+        ws["resource"]["labelSelector"]["matchLabels"] = {"apps": selector}
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
+        first = services.start(
+            "services.provisioner", KAITEN_PROVIDER="byo", KAITEN_FAILPOINT="provisioner.settled", **FAST
+        )
+        assert first.proc is not None and first.proc.wait(timeout=60) == 137, services.logs()
+        await services.start_ready("services.provisioner", KAITEN_PROVIDER="byo", **FAST)
+        waited = kubectl.run("wait", "-n", namespace, "--for=condition=ResourceReady", "workspace/crash",
+                             "--timeout=30s")  # fmt: skip
+        assert waited.returncode == 0, f"{waited.stderr}\n{services.logs()}"
+        ready = [e for e in await events_of(nc, "nodes", namespace, "crash") if isinstance(e, ev.NodesReady)]
+        assert len(ready) == 1, ready  # published twice (before and after the crash), stored once
+    finally:
+        kubectl.run("delete", "node", node, "--wait=false")

@@ -29,6 +29,7 @@ import msgspec
 from services.provisioner.providers.base import NodeRequest, Progress, Provider, ProviderError
 from services.provisioner.store import NodeStore, StoredNodes, key_of
 from shared import events as ev
+from shared import failpoints
 from shared.bus.errors import Transient
 from shared.bus.publishing import Publisher
 from shared.planning.model import plan_from_dict
@@ -192,26 +193,27 @@ class Provisioner:
         ref = stored.request.workspace
         common: dict[str, Any] = {"workspace": ref, "generation": stored.generation}
         name = self._provider.name
+        # Publish, then store: a crash between the two repeats the publish (the same dedupe id: stored
+        # once), whereas storing first would leave a settled record whose event never went out.
         if progress.state == "ready":
+            await self._condition(common, "True", "Ready", progress.message)
+            await self._publisher.publish(ev.NodesReady(provider=name, nodes=progress.nodes, **common))
+            failpoints.reached("provisioner.settled")
             await self._store.put(
                 ref, msgspec_replace(stored, phase="ready", nodes=progress.nodes, message=progress.message)
             )
-            await self._condition(common, "True", "Ready", progress.message)
-            await self._publisher.publish(ev.NodesReady(provider=name, nodes=progress.nodes, **common))
             log.info("[%s] nodes ready: %s", ref.key, ", ".join(progress.nodes))
         elif progress.state == "failed":
-            await self._store.put(
-                ref, msgspec_replace(stored, phase="failed", reason=progress.reason, message=progress.message)
-            )
             await self._condition(common, "False", progress.reason, progress.message)
             await self._publisher.publish(
                 ev.NodesFailed(provider=name, reason=progress.reason, message=progress.message, **common)
             )
+            failpoints.reached("provisioner.settled")
+            await self._store.put(
+                ref, msgspec_replace(stored, phase="failed", reason=progress.reason, message=progress.message)
+            )
             log.warning("[%s] nodes failed: %s: %s", ref.key, progress.reason, progress.message)
         elif progress.message != stored.message:
-            await self._store.put(
-                ref, msgspec_replace(stored, reason=progress.reason, message=progress.message)
-            )
             reason = progress.reason or "Provisioning"
             await self._condition(common, "False", reason, progress.message)
             await self._publisher.publish(
@@ -223,6 +225,9 @@ class Provisioner:
                     reporter=OWNER,
                     **common,
                 )
+            )
+            await self._store.put(
+                ref, msgspec_replace(stored, reason=progress.reason, message=progress.message)
             )
 
     async def _condition(

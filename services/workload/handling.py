@@ -183,13 +183,13 @@ class Workloads:
         except (RenderError, ValidationError, InvalidInput) as exc:  # InvalidInput: the apiserver refused it
             reason = "InvalidSpec" if isinstance(exc, ValidationError) else exc.reason
             record.phase, record.message = "failed", str(exc)
-            await self._put(key, record)
             failed: ev.Event = (
                 ev.JobFailed(reason=reason, message=str(exc), **common)
                 if tuning
                 else ev.InferenceFailed(reason=reason, message=str(exc), **common)
             )
-            await self._publisher.publish(failed)
+            await self._publisher.publish(failed)  # then store: a crash between repeats the publish
+            await self._put(key, record)
             log.warning("[%s] gen %d: %s: %s", record.ref.key, generation, reason, exc)
             return
         record.since, record.message = time.time(), ""
@@ -278,22 +278,23 @@ class Workloads:
                 state, message = "failed", f"not ready after {self._timeout:.0f}s (last state {message})"
             if state == "ready" and record.phase != "ready":
                 record.phase = "ready"
-                await self._put(key, record)
                 endpoint = self._backend.endpoint(record.target())
                 await self._publisher.publish(ev.InferenceReady(endpoint=endpoint, **common))
+                await self._put(key, record)
                 log.info("[%s] serving at %s", record.ref.key, endpoint)
             elif state == "failed":
                 record.phase, record.message = "failed", message
-                await self._put(key, record)
                 await self._publisher.publish(
                     ev.InferenceFailed(reason="DeployFailed", message=message, **common)
                 )
+                await self._put(key, record)
                 log.warning("[%s] deploy failed: %s", record.ref.key, message)
 
     async def _reconcile_job(self, key: str, record: Record, common: dict[str, Any]) -> None:
         """Ray's view of the job. The job publishes its own progress and outcome (with the adapter's
         digest); what the workload publishes for the same outcome has the same dedupe id and is
-        dropped — it only speaks when the job could not (a crash, an OOM kill)."""
+        dropped — it only speaks when the job could not (a crash, an OOM kill). Every outcome is
+        published before the record that says so is stored: a crash in between repeats the publish."""
         try:
             state, message = await self._backend.job_status(record.target())
         except Transient as exc:
@@ -301,23 +302,23 @@ class Workloads:
             return
         if state in ("RUNNING", "SUCCEEDED", "FAILED") and not record.job_started:
             record.job_started = True
-            await self._put(key, record)
             await self._publisher.publish(ev.JobStarted(job=record.job, **common))
+            await self._put(key, record)
         if state == "SUCCEEDED":
             record.phase = "done"
-            await self._put(key, record)
             await self._publisher.publish(ev.JobSucceeded(job=record.job, **common))
+            await self._put(key, record)
             log.info("[%s] tuning job %s succeeded", record.ref.key, record.job)
         elif state in ("FAILED", "STOPPED"):
             record.phase, record.message = "failed", message
-            await self._put(key, record)
             await self._publisher.publish(
                 ev.JobFailed(job=record.job, reason="JobFailed", message=message or state, **common)
             )
+            await self._put(key, record)
             log.warning("[%s] tuning job %s %s: %s", record.ref.key, record.job, state, message)
         elif state == "ABSENT" and time.time() - record.since > 60:  # Ray lost it (restarted?)
             record.phase, record.message = "failed", f"Ray has no job {record.job} (was Ray restarted?)"
-            await self._put(key, record)
             await self._publisher.publish(
                 ev.JobFailed(job=record.job, reason="JobLost", message=record.message, **common)
             )
+            await self._put(key, record)
