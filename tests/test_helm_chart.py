@@ -94,6 +94,8 @@ def tls_nats(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
         proc.stop()
 
 
+@pytest.mark.controlplane
+@pytest.mark.nats
 async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
     tls_nats: tuple[str, Path, dict[str, str]], services: Services
 ) -> None:
@@ -121,6 +123,7 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
     assert "permissions violation" not in log.lower() and passwords["planner"] not in log, log[-2000:]
 
 
+@pytest.mark.nats
 async def test_a_tuning_job_reports_with_the_charts_tuning_user(
     tls_nats: tuple[str, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from shared.local.nats_server import NatsServer
 from shared.local.procs import free_port
 from shared.probes import Probes, Readiness
@@ -26,6 +28,8 @@ def get(url: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
+@pytest.mark.controlplane
+@pytest.mark.nats
 async def test_readyz_follows_nats_and_metrics_count_events(
     services: Services, nats_server: NatsServer
 ) -> None:
@@ -72,6 +76,8 @@ def test_a_stuck_event_loop_fails_healthz_and_readyz() -> None:
     assert get(f"{base}/healthz")[0] == 0  # the port is closed after stop()
 
 
+@pytest.mark.controlplane
+@pytest.mark.nats
 async def test_a_service_picks_its_probe_port_and_writes_it(services: Services, tmp_path: Path) -> None:
     """What ``kaiten up`` does: port 0 and a port file, so no other process can take a port chosen in
     advance (CI once saw Ray's gRPC answer on a port picked for a service's probes)."""
