@@ -228,7 +228,7 @@ def _build(name: str, ref: str, digest: str) -> None:
             build_base()
             context = repo_root()
         args = [
-            "bud", "--quiet", "--layers", "--isolation", "chroot", "--network", "host",
+            "bud", "--quiet", "--layers", "--force-rm", "--isolation", "chroot", "--network", "host",
             "--pull-never", "--file", str(dockerfile(name)), "--tag", ref,
             "--label", f"{DIGEST_LABEL}={digest}",
             "--label", f"org.opencontainers.image.revision={_revision()}",
