@@ -161,12 +161,15 @@ def _env(workspace: Workspace) -> list[dict[str, Any]]:
     options = _preset_options(workspace)
     if options is not None and options.model_access_secret:  # a private model: the token by reference
         # KAITO's key, and optional as in KAITO: a public model needs no token
-        ref = {"name": options.model_access_secret, "key": "HF_TOKEN", "optional": True}
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+        env.append(secret_env("HF_TOKEN", options.model_access_secret, "HF_TOKEN", optional=True))
     if secret := workspace.metadata.annotations.get(API_KEY_ANNOTATION):
-        ref = {"name": secret, "key": API_KEY_SECRET_KEY, "optional": False}
-        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
+        env.append(secret_env(API_KEY_ENV, secret, API_KEY_SECRET_KEY))
     return env
+
+
+def secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> dict[str, Any]:
+    """An environment variable read from a Secret's key by the kubelet: a reference, never the value."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
 
 
 def _pull_secrets(workspace: Workspace) -> list[dict[str, str]]:
@@ -511,10 +514,7 @@ def rayjob(
         {"name": "tuning-config", "mountPath": CONFIG_PATH, "readOnly": True},
         {"name": "tuning-work", "mountPath": WORK_PATH},
     ]
-    env = []
-    if nats_secret:
-        ref_ = {"name": nats_secret, "key": NATS_SECRET_KEY, "optional": False}
-        env.append({"name": NATS_PASSWORD_ENV, "valueFrom": {"secretKeyRef": ref_}})
+    env = [secret_env(NATS_PASSWORD_ENV, nats_secret, NATS_SECRET_KEY)] if nats_secret else []
     if tuning.output.image_push_secret:
         volumes.append(
             {

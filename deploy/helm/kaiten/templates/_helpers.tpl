@@ -25,7 +25,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
-{{/* The four services and their durable consumers and KV buckets (the NATS permissions follow). */}}
+{{/* The four services (the one list of them: Deployments, identities and NATS users range over it),
+with their durable consumers and KV buckets (the NATS permissions follow). */}}
 {{- define "kaiten.services" -}}
 watcher: {durable: status-writer, buckets: [kaiten_watcher_published], publish: ["kaiten.workspace.observed.>", "kaiten.workspace.deleting.>", "kaiten.status.condition.>"]}
 planner: {durable: planner, buckets: [kaiten_plans], publish: ["kaiten.plan.>", "kaiten.status.condition.>"]}
