@@ -6,9 +6,8 @@ Workspace CRD and the local registry's pull/push Secret), the OCI registry, the 
 a Ray head, then the watcher, planner, provisioner and workload services — and then watches them.
 A part that dies is restarted in place (same address) with backoff; a service whose ``/readyz``
 (:mod:`shared.probes`, on the port it writes to ``KAITEN_PROBE_PORT_FILE``) never answers 200 is
-reported unhealthy. Everything is
-written to ``STATE_DIR/status.json`` (atomically), which ``kaiten up``/``status``/``down`` read.
-SIGTERM stops the parts in reverse order.
+reported unhealthy. Everything is written to ``STATE_DIR/status.json`` (atomically), which
+``kaiten up``/``status``/``down`` read. SIGTERM stops the parts in reverse order.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -64,11 +65,16 @@ def identity(pid: int) -> str | None:
     from /proc/<pid>/stat). A PID reused after a reboot, or by a later process, has another identity."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3, start 22
-    return f"{boot}:{fields[19]}"
+    return f"{_boot_id()}:{fields[19]}"
+
+
+@functools.cache
+def _boot_id() -> str:
+    """This boot's id: read once (the supervisor asks for every PID on every status write)."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def wait_until(done: Callable[[], bool], seconds: float, interval: float = 0.1) -> bool:
