@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -206,6 +208,18 @@ class Services:
     def stop_all(self) -> list[str]:
         """Stop every service; returns the names of those that ignored SIGTERM and had to be killed."""
         return [proc.name for proc in self.procs if not proc.stop(timeout=10)]
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, str]:
+    """(status, body) of a GET, an error status included; (0, why) when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (loopback URLs)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback URLs)
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
 
 
 async def until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> None:

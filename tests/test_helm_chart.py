@@ -8,8 +8,6 @@ import asyncio
 import os
 import ssl
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import yaml
 from shared.local import controlplane, gotools
 from shared.local.nats_server import nats_server_binary
 from shared.local.procs import ManagedProcess, free_port, port_open
-from tests.conftest import REPO, Services, until
+from tests.conftest import REPO, Services, http_get, until
 
 CHART = REPO / "deploy" / "helm" / "kaiten"
 USERS = ("watcher", "planner", "provisioner", "workload", "tuning")
@@ -112,11 +110,7 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
     )  # fmt: skip
 
     def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-                return bool(reply.status == 200)
-        except OSError:
-            return False
+        return http_get(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200
 
     await until(ready, timeout=30, what=f"the planner ready over TLS with its own user\n{services.logs()}")
     log = services.procs[0].log_path.read_text()

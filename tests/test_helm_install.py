@@ -28,7 +28,7 @@ from shared.local import gotools
 from shared.local import kuberay as kuberay_parts
 from shared.local.node import LocalCluster
 from shared.local.procs import free_port
-from tests.conftest import REPO
+from tests.conftest import REPO, http_get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -139,8 +139,7 @@ def test_every_kaiten_pod_is_ready_through_its_probes(release: Release) -> None:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
     for name in SERVICES:  # the probes the kubelet uses, asked directly
         port = release.values["probes"]["ports"][name]
-        metrics = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{port}/metrics"], capture_output=True,
-                                 text=True, check=False, timeout=10).stdout  # fmt: skip
+        metrics = http_get(f"http://127.0.0.1:{port}/metrics")[1]
         assert f'kaiten_ready{{service="{name}"}} 1.0' in metrics, (name, metrics[-500:])
 
 

@@ -12,8 +12,6 @@ import base64
 import json
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from shared.local.procs import ManagedProcess, free_port
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
 from shared.planning.planner import PlanOptions, plan
-from tests.conftest import REPO
+from tests.conftest import REPO, http_get
 from tests.test_loopback_only import LOOPBACK, sockets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # head Ready ~30 s once the image is in
@@ -62,12 +60,7 @@ def operator(
 
 
 def http_status(url: str, token: str | None = None) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as reply:  # noqa: S310
-            return int(reply.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    return http_get(url, {"Authorization": f"Bearer {token}"} if token else None)[0]
 
 
 def local_example() -> tuple[Workspace, Plan]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,11 @@ import pytest
 from shared.local.nats_server import NatsServer
 from shared.local.procs import free_port
 from shared.probes import Probes, Readiness
-from tests.conftest import Services, until
+from tests.conftest import Services, http_get, until
 
 
 def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (loopback)
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
+    return http_get(url, timeout=2)
 
 
 @pytest.mark.controlplane
