@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.bus.errors import InvalidInput, Transient
+from shared.bus.leases import LOCK_BUCKET, LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_consumer, declare_stream
 
@@ -293,3 +294,81 @@ async def test_a_flood_of_undecodable_messages_does_not_stop_intake(nc: Client) 
     await nc.flush()
     info = await js.consumer_info(ev.STREAM, "test")
     assert info.num_ack_pending == 0 and info.num_pending == 0, info
+
+
+async def test_a_lease_is_exclusive_and_a_lost_lease_stops_the_work_under_it(nc: Client) -> None:
+    """Issue 16 (6): a Workspace's lease has one holder; when it cannot be refreshed (it expired while
+    the holder stalled, and another took it) the work under it is cancelled with ``LeaseLost`` — and
+    the new holder's lease is left alone. A shutdown's cancel stays a cancel."""
+    js = nc.jetstream()
+    a = await Leases.open(js, role="lease-test", ttl=1.5)
+    b = await Leases.open(js, role="lease-test", ttl=1.5)
+    async with a.hold("ns/x"):
+        with pytest.raises(LeaseBusy):
+            async with b.hold("ns/x"):
+                pass
+    async with b.hold("ns/x"):  # released on exit: free again
+        pass
+
+    progress: list[str] = []
+
+    async def work() -> None:
+        async with a.hold("ns/y"):
+            progress.append("started")
+            await asyncio.sleep(30)
+            progress.append("carried on without the lease")
+
+    task = asyncio.create_task(work())
+    await wait_for(lambda: progress == ["started"])
+    kv = await js.key_value(LOCK_BUCKET)
+    await kv.delete("lease-test.ns.y")  # what expiry does while the holder is frozen ...
+    taken = await b.acquire("ns/y")  # ... and another replica takes it
+    started = time.monotonic()
+    with pytest.raises(LeaseLost):
+        await task
+    assert time.monotonic() - started < 1.5 and progress == ["started"]
+    with pytest.raises(LeaseBusy):  # b's lease was not released by a's exit
+        await a.acquire("ns/y")
+    await b.release("ns/y", taken)
+
+    async def shutdown() -> None:
+        async with a.hold("ns/z"):
+            await asyncio.sleep(30)
+
+    task = asyncio.create_task(shutdown())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with b.hold("ns/z"):  # and a cancelled holder releases
+        pass
+
+
+async def test_a_handler_that_loses_its_lease_is_stopped_and_its_event_redelivered(nc: Client) -> None:
+    calls: list[str] = []
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        calls.append("call")
+        if len(calls) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                calls.append("cancelled")
+                raise
+
+    js = nc.jetstream()
+    leases = await Leases.open(js, role="lost", ttl=1.5)
+    spec = ConsumerSpec(durable="lost", filter_subjects=[ev.subject_filter("status")], busy_delay=0.1)
+    run = ConsumerRunner(
+        nc=nc, spec=spec, handler=handler, publisher=Publisher(js), reporter="test", leases=leases
+    )
+    await Publisher(js).publish(cond("lw", 1))
+    await run.start()
+    try:
+        await wait_for(lambda: calls == ["call"])
+        kv = await js.key_value(LOCK_BUCKET)
+        await kv.delete("lost.default.lw")
+        await wait_for(lambda: run.handled == 1, timeout=10)
+    finally:
+        await run.stop()
+    assert calls == ["call", "cancelled", "call"]

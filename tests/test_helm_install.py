@@ -359,13 +359,21 @@ def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Rele
         assert (
             release.password("tuning") not in configmap
         )  # the job's config names the user, not the password
+        # issue 16 (9): the input URLs (a SAS token may be in one) are in a Secret, not the ConfigMap
+        url = "http://127.0.0.1:8310/capitals-pirate.jsonl"
+        assert url not in configmap and "KAITEN_TUNING_INPUT_URLS" in configmap
+        urls_ref = next(e for e in head["env"] if e["name"] == "KAITEN_TUNING_INPUT_URLS")
+        inputs = urls_ref["valueFrom"]["secretKeyRef"]["name"]
+        got = json.loads(release.kubectl("-n", namespace, "get", "secret", inputs, "-o", "json"))
+        assert json.loads(base64.b64decode(got["data"]["urls"])) == [url]
 
         release.kubectl(
             "-n", namespace, "delete", "workspace", "tuning-smollm2", "--wait=true", "--timeout=120s"
         )
-        assert not release.kubectl(
-            "-n", namespace, "get", "secret", ref["name"], "--ignore-not-found", "-o", "name"
-        )
+        for name in (ref["name"], inputs):
+            assert not release.kubectl(
+                "-n", namespace, "get", "secret", name, "--ignore-not-found", "-o", "name"
+            )
         assert not release.kubectl("-n", namespace, "get", "rayjobs", "-o", "name").strip()
     finally:
         release.kubectl("label", "node", cluster.name, "apps-", check=False)

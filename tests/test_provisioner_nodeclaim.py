@@ -3,13 +3,19 @@ Karpenter (it launches "machines" by creating Nodes and setting claim status).""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError
 
 from services.provisioner.providers.nodeclaim import ID_LABEL
+from services.provisioner.store import NODES_BUCKET
 from shared import events as ev
 from tests.conftest import REPO, Kubectl, Services, until
 from tests.test_planner_e2e import condition, manifest
@@ -164,3 +170,58 @@ async def test_nodeclaims_created_resized_and_deleted(
         assert uid
     finally:
         kubectl.run("delete", "node", *nodes, "--ignore-not-found")
+
+
+def frozen(pid: int) -> bool:
+    """The process is stopped (SIGSTOP): state ``T`` in /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """Issue 16 (6): replica A freezes in a reconcile pass after reading a pending request and before
+    asking the provider for its nodes (a failpoint: SIGSTOP, as a stalled node would). The Workspace is
+    deleted meanwhile, and replica B handles that. A resumed must not create NodeClaims for a Workspace
+    that is gone, nor bring its record back. Before the fix the pass ran outside the Workspace's lease,
+    so B released everything, and A then created a NodeClaim nobody would ever delete."""
+    kubectl.run("apply", "-f", str(CRD), check=True)
+    kubectl.run(
+        "wait", "--for=condition=Established", "crd/nodeclaims.karpenter.sh", "--timeout=30s", check=True
+    )
+    await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner")
+    await services.start_ready("services.planner", KAITEN_PROVIDER="nodeclaim")
+    await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)  # B
+    ws = json.loads(manifest("frozen", "phi-3-mini-4k-instruct", "Standard_NC12s_v3", count=1))
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
+
+    def mine() -> list[dict[str, Any]]:
+        return [
+            c
+            for c in claims(kubectl)
+            if c["metadata"]["labels"].get("kaito.sh/workspace") == "frozen"
+            and c["metadata"]["labels"].get("kaito.sh/workspacenamespace") == namespace
+        ]
+
+    await until(lambda: len(mine()) == 1, timeout=30, what=f"B's NodeClaim\n{services.logs()}")
+    stop_in_a_pass = {"KAITEN_FAILPOINT": "provisioner.ensure=stop"}
+    a = services.start("services.provisioner", KAITEN_PROVIDER="nodeclaim", **stop_in_a_pass, **FAST)
+    assert a.proc is not None
+    try:
+        await until(lambda: frozen(a.proc.pid), timeout=30, what=f"A frozen in a pass\n{services.logs()}")
+        await asyncio.sleep(2)  # A's last pull request expires: the deletion goes to B
+        kubectl.run("delete", "-n", namespace, "workspace/frozen", "--wait=false", check=True)
+        await asyncio.sleep(5)  # B acts on the deletion as far as it may while A is frozen
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    await until(
+        lambda: kubectl.run("get", "-n", namespace, "workspace/frozen").returncode != 0,
+        timeout=60,
+        what=f"the Workspace gone\n{services.logs()}",
+    )
+    await asyncio.sleep(3)  # ten of A's passes: time to recreate what it would
+    assert mine() == [], f"a NodeClaim of a deleted Workspace exists\n{services.logs()}"
+    kv = await nc.jetstream().key_value(NODES_BUCKET)
+    with pytest.raises(KeyNotFoundError):
+        await kv.get(f"{namespace}.frozen")

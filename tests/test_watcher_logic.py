@@ -125,3 +125,42 @@ def test_finalizer_waits_for_every_owner() -> None:
     assert finalizer_removable([], [])
     assert not finalizer_removable(["provisioner"], ["provisioner", "workload"])
     assert finalizer_removable(["workload", "provisioner"], ["provisioner", "workload"])
+
+
+def test_a_late_redelivery_does_not_turn_a_condition_back() -> None:
+    """Issue 16, found by the chaos suite: a watcher is SIGKILLed holding "NodesReady=False, still
+    launching"; the restarted one applies the newer NodesReady=True first, and the old message comes
+    back ``ack_wait`` later. It must not make the Workspace not-ready again — not on its own, and not
+    when it arrives in one batch after the newer one."""
+    requested = ev.NodesRequested(
+        workspace=REF, generation=1, provider="nodeclaim", count=1, occurred_at=100.0
+    )
+    launching = ev.ConditionReported(
+        workspace=REF, generation=1, type="NodesReady", status="False", reason="WaitingForNodeClaims",
+        message="launching", occurred_at=101.0,
+    )  # fmt: skip
+    ready = ev.NodesReady(workspace=REF, generation=1, provider="nodeclaim", nodes=("n1",), occurred_at=102.0)
+    o = obj()
+
+    def apply(*events: ev.AnyEvent) -> dict[str, str]:
+        patch = status_patch(o, fold(events), "t")
+        if patch is not None:
+            status = o.setdefault("status", {})
+            times = {
+                **status.get("conditionEventTimes", {}),
+                **patch["status"].pop("conditionEventTimes", {}),
+            }
+            status.update(patch["status"], conditionEventTimes=times)
+        return {c["type"]: c["status"] for c in o["status"]["conditions"]}
+
+    assert apply(requested)["ResourceReady"] == "False"
+    assert apply(ready) == {"NodesReady": "True", "ResourceReady": "True"}
+    assert apply(launching) == {"NodesReady": "True", "ResourceReady": "True"}  # late: dropped
+    assert apply(requested) == {"NodesReady": "True", "ResourceReady": "True"}
+    assert status_patch(o, fold([launching, requested]), "t") is None  # nothing to write at all
+    assert apply(ready, launching)["NodesReady"] == "True"  # stale within one batch, too
+    newer = ev.ConditionReported(
+        workspace=REF, generation=1, type="NodesReady", status="False", reason="NodeLost",
+        message="n1 is gone", occurred_at=103.0,
+    )  # fmt: skip
+    assert apply(newer)["NodesReady"] == "False"  # a newer event still speaks

@@ -616,3 +616,42 @@ def test_a_tuning_job_gets_its_own_nats_user_by_secret_reference() -> None:
         }  # fmt: skip
     assert "pw-123" not in json.dumps([config, job])
     assert kuberay_validate([job]).returncode == 0
+
+
+def test_a_tuning_jobs_input_urls_reach_it_from_a_secret_never_its_configmap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 16 (9): a dataset URL may carry a credential (a SAS token, user:pass@). In a cluster the
+    URLs go into a Secret owned by the Workspace and reach the job by secretKeyRef; its ConfigMap (which
+    any reader of the namespace may read) names only the variable."""
+    from services.workload import kuberay
+
+    workspace, got = seed("workspace-tuning-phi-3.yaml")
+    doc = workspace.model_dump(by_alias=True, exclude_none=True)
+    sas = "https://data.example.com/c/train.jsonl?sv=2024&sig=SECRETSIG"
+    doc["tuning"]["input"] = {"urls": [sas, "https://u:p4ss@data.example.com/more.jsonl"]}
+    workspace = Workspace.model_validate(doc)
+    ref = ref_of(workspace)
+    config = tuning_config(
+        workspace, got, ref, 1, sections={}, push_secret=None, nats_url="nats://bus:4222",
+        work_dir="/w", allow_loopback_urls=False, urls_env=kuberay.INPUT_URLS_ENV,
+    )  # fmt: skip
+    configmap = kuberay.tuning_configmap(ref, "kaito.sh/v1alpha1", config, 1)
+    secret = kuberay.inputs_secret(ref, "kaito.sh/v1alpha1", 1, list(workspace.tuning.input.urls))
+    job = rayjob(ref, "kaito.sh/v1alpha1", workspace, got, "job-1", image=IMAGE, generation=1,
+                 inputs_secret=secret["metadata"]["name"])  # fmt: skip
+    assert "SECRETSIG" not in json.dumps([configmap, job]) and "p4ss" not in json.dumps([configmap, job])
+    assert secret["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
+    for pod in pods(job):
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env[kuberay.INPUT_URLS_ENV]["valueFrom"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"], "key": "urls", "optional": False,
+        }  # fmt: skip
+    assert kuberay_validate([job]).returncode == 0
+
+    # what the job reads: the ConfigMap's file, and the variable the Secret fills
+    parsed = TuningJobConfig.model_validate(yaml.safe_load(configmap["data"]["job.yaml"]))
+    with pytest.raises(ValueError, match="KAITEN_TUNING_INPUT_URLS"):
+        parsed.urls()
+    monkeypatch.setenv(kuberay.INPUT_URLS_ENV, secret["stringData"]["urls"])
+    assert parsed.urls() == [sas, "https://u:p4ss@data.example.com/more.jsonl"]

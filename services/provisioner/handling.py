@@ -12,8 +12,10 @@ and a deleted Workspace's nodes are released before cleanup is reported.
   entry is removed and ``status.cleanup_done`` (owner ``provisioner``) lets the finalizer go.
 
 One asyncio lock per Workspace keeps a reconcile pass and a deletion of the same Workspace from
-interleaving in this process; across replicas the consumer's per-Workspace lease orders handling, and
-providers are idempotent by construction (names from the Workspace uid).
+interleaving in this process. Across replicas the Workspace's lease (``shared.bus.leases``, the one the
+consumer takes for events) is taken by every reconcile pass too, so a pass on one replica and a
+deletion on another never interleave; a pass writes its outcome only if the entry is still at the
+revision it read; and providers are idempotent by construction (names from the Workspace uid).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+from nats.js.errors import KeyWrongLastSequenceError
 
 from services.provisioner.providers.base import NodeRequest, Progress, Provider, ProviderError
 from services.provisioner.store import NodeStore, StoredNodes, key_of
 from shared import events as ev
 from shared import failpoints
 from shared.bus.errors import Transient
+from shared.bus.leases import LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.planning.model import plan_from_dict
 
@@ -62,12 +66,14 @@ class Provisioner:
         provider: Provider,
         store: NodeStore,
         publisher: Publisher,
+        leases: Leases,
         interval: float = 5.0,
         timeout: float = 1800.0,
     ) -> None:
         self._provider = provider
         self._store = store
         self._publisher = publisher
+        self._leases = leases
         self._interval = interval
         self._timeout = timeout
         self._locks: dict[str, asyncio.Lock] = {}
@@ -156,20 +162,36 @@ class Provisioner:
                 if time.monotonic() < self._not_before.get(key, 0.0):
                     continue
                 try:
-                    await self.reconcile(key)
+                    await self._pass(key)
+                except LeaseLost as exc:
+                    log.warning("reconcile of %s stopped: %s", key, exc)
                 except Exception:  # one Workspace's trouble must not stop the others
                     log.exception("reconcile of %s failed", key)
             await asyncio.sleep(self._interval)
 
+    async def _pass(self, key: str) -> None:
+        """One pass over a pending entry, under the Workspace's lease; skipped while another replica (or
+        this one's consumer) holds it — that holder is acting on the Workspace already."""
+        stored = await self._store.get_key(key)
+        if stored is None or stored.phase != "pending":
+            return
+        try:
+            async with self._leases.hold(stored.request.workspace.key):
+                await self.reconcile(key)
+        except LeaseBusy:
+            return
+
     async def reconcile(self, key: str) -> None:
+        """Drive a pending entry one step; the caller holds the Workspace's lease."""
         stored = await self._store.get_key(key)
         if stored is None or stored.phase != "pending":
             return
         ref = stored.request.workspace
         async with self._lock(ref.key):
-            stored = await self._store.get_key(key)  # again, under the lock: deletion may have won
+            stored, revision = await self._store.get_entry(key)  # again, under the lock
             if stored is None or stored.phase != "pending":
                 return
+            failpoints.reached("provisioner.ensure")
             try:
                 progress = await self._provider.ensure(stored.request)
             except ProviderError as exc:
@@ -187,9 +209,12 @@ class Provisioner:
                     reason="ProvisioningTimedOut",
                     message=f"nodes not ready after {self._timeout:.0f}s: {progress.message}",
                 )
-            await self._settle(key, stored, progress)
+            try:
+                await self._settle(key, stored, progress, revision)
+            except KeyWrongLastSequenceError:
+                log.warning("[%s] entry changed during the pass (deleted?); its outcome dropped", ref.key)
 
-    async def _settle(self, key: str, stored: StoredNodes, progress: Progress) -> None:
+    async def _settle(self, key: str, stored: StoredNodes, progress: Progress, revision: int) -> None:
         ref = stored.request.workspace
         common: dict[str, Any] = {"workspace": ref, "generation": stored.generation}
         name = self._provider.name
@@ -200,7 +225,9 @@ class Provisioner:
             await self._publisher.publish(ev.NodesReady(provider=name, nodes=progress.nodes, **common))
             failpoints.reached("provisioner.settled")
             await self._store.put(
-                ref, msgspec_replace(stored, phase="ready", nodes=progress.nodes, message=progress.message)
+                ref,
+                msgspec_replace(stored, phase="ready", nodes=progress.nodes, message=progress.message),
+                last=revision,
             )
             log.info("[%s] nodes ready: %s", ref.key, ", ".join(progress.nodes))
         elif progress.state == "failed":
@@ -210,7 +237,9 @@ class Provisioner:
             )
             failpoints.reached("provisioner.settled")
             await self._store.put(
-                ref, msgspec_replace(stored, phase="failed", reason=progress.reason, message=progress.message)
+                ref,
+                msgspec_replace(stored, phase="failed", reason=progress.reason, message=progress.message),
+                last=revision,
             )
             log.warning("[%s] nodes failed: %s: %s", ref.key, progress.reason, progress.message)
         elif progress.message != stored.message:
@@ -227,7 +256,7 @@ class Provisioner:
                 )
             )
             await self._store.put(
-                ref, msgspec_replace(stored, reason=progress.reason, message=progress.message)
+                ref, msgspec_replace(stored, reason=progress.reason, message=progress.message), last=revision
             )
 
     async def _condition(

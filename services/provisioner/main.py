@@ -12,6 +12,7 @@ from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.store import NodeStore
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.leases import Leases
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
@@ -71,10 +72,12 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     assert isinstance(settings, ProvisionerSettings)
     provider = make_provider(settings, runtime)
     timeout = settings.byo_wait_s if settings.provider == "byo" else settings.provision_timeout_s
+    leases = await Leases.open(runtime.js, role=DURABLE)  # events and reconcile passes share them
     provisioner = Provisioner(
         provider=provider,
         store=await NodeStore.open(runtime.js),
         publisher=runtime.publisher,
+        leases=leases,
         interval=settings.reconcile_interval_s,
         timeout=timeout,
     )
@@ -97,6 +100,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         handler=provisioner.handle,
         publisher=runtime.publisher,
         reporter="provisioner",
+        leases=leases,
     )
     return [consumer, LoopComponent("provisioner:reconcile", provisioner.run)]
 

@@ -47,19 +47,28 @@ class NodeStore:
         return cls(await key_value(js, NODES_BUCKET))
 
     async def get_key(self, key: str) -> StoredNodes | None:
+        return (await self.get_entry(key))[0]
+
+    async def get_entry(self, key: str) -> tuple[StoredNodes | None, int]:
+        """The entry and its revision (0 when there is none), for :meth:`put`'s ``last``."""
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
-            return None
+            return None, 0
         if not entry.value:
-            return None
-        return msgspec.json.decode(entry.value, type=StoredNodes)
+            return None, int(entry.revision or 0)
+        return msgspec.json.decode(entry.value, type=StoredNodes), int(entry.revision or 0)
 
     async def get(self, ref: WorkspaceRef) -> StoredNodes | None:
         return await self.get_key(key_of(ref))
 
-    async def put(self, ref: WorkspaceRef, stored: StoredNodes) -> None:
-        await self._kv.put(key_of(ref), msgspec.json.encode(stored))
+    async def put(self, ref: WorkspaceRef, stored: StoredNodes, *, last: int | None = None) -> None:
+        """Write the entry; with ``last``, only if it is still at that revision (else
+        ``KeyWrongLastSequenceError``): a pass that read it cannot overwrite a newer write."""
+        if last is None:
+            await self._kv.put(key_of(ref), msgspec.json.encode(stored))
+        else:
+            await self._kv.update(key_of(ref), msgspec.json.encode(stored), last=last)
 
     async def forget(self, ref: WorkspaceRef) -> None:
         with contextlib.suppress(KeyNotFoundError):

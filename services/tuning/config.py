@@ -7,6 +7,8 @@ a KAITO tuning config file can be given as is (``sections`` below, or ``--config
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,6 +103,9 @@ class TuningJobConfig(BaseModel):
     method: Literal["lora", "qlora"] = "lora"
     sections: Sections = Field(default_factory=Sections)
     input_urls: list[str] = []
+    # or: the name of a variable holding them as a JSON list (a cluster's job: from a Secret, since a
+    # URL may carry a credential — a SAS token, user:pass@ — and a ConfigMap is no place for one)
+    input_urls_env: str | None = None
     input_directory: str | None = None
     output: Output
     work_dir: str = "/tmp/kaiten-tuning"  # noqa: S108  (a job container's scratch space)
@@ -116,9 +121,21 @@ class TuningJobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _input(self) -> TuningJobConfig:
-        if not self.input_urls and not self.input_directory:
+        if not self.input_urls and not self.input_urls_env and not self.input_directory:
             raise ValueError("input needs urls or a directory")
         return self
+
+    def urls(self) -> list[str]:
+        """The input URLs, from this file or from ``$<input_urls_env>``."""
+        if not self.input_urls_env:
+            return list(self.input_urls)
+        text = os.environ.get(self.input_urls_env)
+        if text is None:
+            raise ValueError(f"${self.input_urls_env} (the input URLs, from a Secret) is not set")
+        urls = json.loads(text)
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ValueError(f"${self.input_urls_env} is not a JSON list of URLs")
+        return [*self.input_urls, *urls]
 
     @classmethod
     def load(cls, path: str | Path) -> TuningJobConfig:

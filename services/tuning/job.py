@@ -135,7 +135,7 @@ async def run(config: TuningJobConfig, on_progress: Any = lambda p: None) -> tup
     inputs.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     left = config.max_download_bytes  # for all the inputs together, not each
-    for i, url in enumerate(config.input_urls):
+    for i, url in enumerate(config.urls()):
         try:
             got = await asyncio.to_thread(
                 download, url, inputs, allow_loopback=config.allow_loopback_urls, max_bytes=left, index=i

@@ -5,7 +5,10 @@ State per Workspace lives in NATS KV (``kaiten_workloads``): the latest observed
 (each with its generation) and the phase. A deployment happens when ``nodes.ready`` arrives for the
 generation whose spec and plan are both known; a reconcile loop then watches the application until it
 is RUNNING (``workload.inference_ready`` with its endpoint) or failed (``workload.inference_failed``).
-Everything is keyed and named from the Workspace, so redelivery, restarts and replicas converge.
+Everything is keyed and named from the Workspace, so redelivery, restarts and replicas converge: a
+reconcile pass takes the Workspace's lease (``shared.bus.leases``, the one the consumer takes for its
+events), so a pass on one replica never races a deletion on another, and it writes the record only if
+it is still at the revision the pass read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import msgspec
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -30,6 +33,7 @@ from services.workload.render import RenderError, job_id, kaito_sections, servin
 from shared import events as ev
 from shared.api.workspace import Workspace
 from shared.bus.errors import InvalidInput, Transient
+from shared.bus.leases import LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.streams import key_value
 from shared.kube.errors import classify
@@ -39,6 +43,7 @@ log = logging.getLogger("kaiten.workload")
 BUCKET = "kaiten_workloads"
 OWNER = "workload"
 Phase = Literal["waiting", "deploying", "ready", "failed", "deleting", "job", "done"]
+ACTIVE = ("deploying", "ready", "job")  # phases a reconcile pass follows
 REDEPLOY_GRACE_S = 10.0  # a deployment the backend has not heard of for this long is deployed again
 
 
@@ -87,6 +92,7 @@ class Workloads:
         kv: KeyValue,
         backend: Backend,
         publisher: Publisher,
+        leases: Leases,
         api: kclient.ApiClient | None = None,
         interval: float = 2.0,
         timeout: float = 900.0,
@@ -95,6 +101,7 @@ class Workloads:
         self._backend = backend
         self._core = kclient.CoreV1Api(api) if api is not None else None
         self._publisher = publisher
+        self._leases = leases
         self._interval = interval
         self._timeout = timeout
         self._locks: dict[str, asyncio.Lock] = {}
@@ -106,14 +113,23 @@ class Workloads:
     # -- state ----------------------------------------------------------------------------------------
 
     async def _get(self, key: str) -> Record | None:
+        return (await self._entry(key))[0]
+
+    async def _entry(self, key: str) -> tuple[Record | None, int]:
+        """The record and its revision (0 when there is none)."""
         try:
             entry = await self._kv.get(key)
         except KeyNotFoundError:
-            return None
-        return msgspec.json.decode(entry.value, type=Record) if entry.value else None
+            return None, 0
+        record = msgspec.json.decode(entry.value, type=Record) if entry.value else None
+        return record, int(entry.revision or 0)
 
-    async def _put(self, key: str, record: Record) -> None:
-        await self._kv.put(key, msgspec.json.encode(record))
+    async def _put(self, key: str, record: Record, *, last: int | None = None) -> int:
+        """Store the record; with ``last``, only if it is still at that revision (else
+        ``KeyWrongLastSequenceError``). Returns the new revision."""
+        if last is None:
+            return int(await self._kv.put(key, msgspec.json.encode(record)))
+        return int(await self._kv.update(key, msgspec.json.encode(record), last=last))
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -162,7 +178,7 @@ class Workloads:
             await self._deploy_locked(key, record)
         await self.reconcile(key)
 
-    async def _deploy_locked(self, key: str, record: Record) -> None:
+    async def _deploy_locked(self, key: str, record: Record, last: int | None = None) -> None:
         generation = record.plan_generation
         common: dict[str, Any] = {"workspace": record.ref, "generation": generation}
         tuning = bool(record.spec.get("tuning"))
@@ -189,11 +205,11 @@ class Workloads:
                 else ev.InferenceFailed(reason=reason, message=str(exc), **common)
             )
             await self._publisher.publish(failed)  # then store: a crash between repeats the publish
-            await self._put(key, record)
+            await self._put(key, record, last=last)
             log.warning("[%s] gen %d: %s: %s", record.ref.key, generation, reason, exc)
             return
         record.since, record.message = time.time(), ""
-        await self._put(key, record)
+        await self._put(key, record, last=last)
 
     async def _configmap(self, ref: ev.WorkspaceRef, name: str | None) -> str:
         """KAITO's tuning ConfigMap (``training_config.yaml``), if the Workspace names one."""
@@ -245,52 +261,67 @@ class Workloads:
                 keys = []
             for key in keys:
                 try:
-                    await self.reconcile(key)
+                    await self._pass(key)
+                except LeaseLost as exc:
+                    log.warning("reconcile of %s stopped: %s", key, exc)
                 except Exception:
                     log.exception("reconcile of %s failed", key)
             await asyncio.sleep(self._interval)
 
+    async def _pass(self, key: str) -> None:
+        """One pass under the Workspace's lease; skipped while another holder is acting on it."""
+        record = await self._get(key)
+        if record is None or record.phase not in ACTIVE:
+            return
+        try:
+            async with self._leases.hold(record.ref.key):
+                await self.reconcile(key)
+        except LeaseBusy:
+            return
+
     async def reconcile(self, key: str) -> None:
+        """Follow a deployed application or job one step; the caller holds the Workspace's lease."""
         async with self._lock(key):
-            record = await self._get(key)
-            if record is None or record.phase not in ("deploying", "ready", "job"):
-                return
-            common: dict[str, Any] = {"workspace": record.ref, "generation": record.deployed_generation}
-            if record.phase == "job":
-                await self._reconcile_job(key, record, common)
+            record, revision = await self._entry(key)
+            if record is None or record.phase not in ACTIVE:
                 return
             try:
-                state, message = await self._backend.status(record.target())
-            except Transient as exc:
-                log.warning("[%s] %s", record.ref.key, exc)
-                return
-            if state == "absent" and time.time() - record.since > REDEPLOY_GRACE_S:
-                # lost (the Ray cluster restarted, someone deleted it, a concurrent write dropped it)
-                log.warning("[%s] gen %d: deployment missing; deploying again", record.ref.key,
-                            record.deployed_generation)  # fmt: skip
-                await self._deploy_locked(key, record)
-                return
-            if (
-                state == "pending"
-                and record.phase == "deploying"
-                and time.time() - record.since > self._timeout
-            ):
-                state, message = "failed", f"not ready after {self._timeout:.0f}s (last state {message})"
-            if state == "ready" and record.phase != "ready":
-                record.phase = "ready"
-                endpoint = self._backend.endpoint(record.target())
-                await self._publisher.publish(ev.InferenceReady(endpoint=endpoint, **common))
-                await self._put(key, record)
-                log.info("[%s] serving at %s", record.ref.key, endpoint)
-            elif state == "failed":
-                record.phase, record.message = "failed", message
-                await self._publisher.publish(
-                    ev.InferenceFailed(reason="DeployFailed", message=message, **common)
-                )
-                await self._put(key, record)
-                log.warning("[%s] deploy failed: %s", record.ref.key, message)
+                await self._reconcile_locked(key, record, revision)
+            except KeyWrongLastSequenceError:
+                log.warning("[%s] record changed during the pass (deleted?); its outcome dropped", key)
 
-    async def _reconcile_job(self, key: str, record: Record, common: dict[str, Any]) -> None:
+    async def _reconcile_locked(self, key: str, record: Record, revision: int) -> None:
+        common: dict[str, Any] = {"workspace": record.ref, "generation": record.deployed_generation}
+        if record.phase == "job":
+            await self._reconcile_job(key, record, common, revision)
+            return
+        try:
+            state, message = await self._backend.status(record.target())
+        except Transient as exc:
+            log.warning("[%s] %s", record.ref.key, exc)
+            return
+        if state == "absent" and time.time() - record.since > REDEPLOY_GRACE_S:
+            # lost (the Ray cluster restarted, someone deleted it, a concurrent write dropped it)
+            log.warning("[%s] gen %d: deployment missing; deploying again", record.ref.key,
+                        record.deployed_generation)  # fmt: skip
+            await self._deploy_locked(key, record, last=revision)
+            return
+        if state == "pending" and record.phase == "deploying" and time.time() - record.since > self._timeout:
+            state, message = "failed", f"not ready after {self._timeout:.0f}s (last state {message})"
+        if state == "ready" and record.phase != "ready":
+            record.phase = "ready"
+            endpoint = self._backend.endpoint(record.target())
+            await self._publisher.publish(ev.InferenceReady(endpoint=endpoint, **common))
+            await self._put(key, record, last=revision)
+            log.info("[%s] serving at %s", record.ref.key, endpoint)
+        elif state == "failed":
+            record.phase, record.message = "failed", message
+            failed = ev.InferenceFailed(reason="DeployFailed", message=message, **common)
+            await self._publisher.publish(failed)
+            await self._put(key, record, last=revision)
+            log.warning("[%s] deploy failed: %s", record.ref.key, message)
+
+    async def _reconcile_job(self, key: str, record: Record, common: dict[str, Any], revision: int) -> None:
         """Ray's view of the job. The job publishes its own progress and outcome (with the adapter's
         digest); what the workload publishes for the same outcome has the same dedupe id and is
         dropped — it only speaks when the job could not (a crash, an OOM kill). Every outcome is
@@ -303,22 +334,22 @@ class Workloads:
         if state in ("RUNNING", "SUCCEEDED", "FAILED") and not record.job_started:
             record.job_started = True
             await self._publisher.publish(ev.JobStarted(job=record.job, **common))
-            await self._put(key, record)
+            revision = await self._put(key, record, last=revision)
         if state == "SUCCEEDED":
             record.phase = "done"
             await self._publisher.publish(ev.JobSucceeded(job=record.job, **common))
-            await self._put(key, record)
+            await self._put(key, record, last=revision)
             log.info("[%s] tuning job %s succeeded", record.ref.key, record.job)
         elif state in ("FAILED", "STOPPED"):
             record.phase, record.message = "failed", message
             await self._publisher.publish(
                 ev.JobFailed(job=record.job, reason="JobFailed", message=message or state, **common)
             )
-            await self._put(key, record)
+            await self._put(key, record, last=revision)
             log.warning("[%s] tuning job %s %s: %s", record.ref.key, record.job, state, message)
         elif state == "ABSENT" and time.time() - record.since > 60:  # Ray lost it (restarted?)
             record.phase, record.message = "failed", f"Ray has no job {record.job} (was Ray restarted?)"
             await self._publisher.publish(
                 ev.JobFailed(job=record.job, reason="JobLost", message=record.message, **common)
             )
-            await self._put(key, record)
+            await self._put(key, record, last=revision)

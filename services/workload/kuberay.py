@@ -500,8 +500,10 @@ def rayjob(
     generation: int,
     host: HostNetwork | None = None,
     nats_secret: str | None = None,
+    inputs_secret: str | None = None,
 ) -> dict[str, Any]:
-    """``nats_secret``: a Secret whose ``password`` is the job's NATS password (see ``nats_secret``)."""
+    """``nats_secret``: a Secret whose ``password`` is the job's NATS password (see ``nats_secret``);
+    ``inputs_secret``: one whose ``urls`` are the input URLs (see ``inputs_secret``)."""
     tuning = workspace.tuning
     if tuning is None:
         raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
@@ -515,6 +517,8 @@ def rayjob(
         {"name": "tuning-work", "mountPath": WORK_PATH},
     ]
     env = [secret_env(NATS_PASSWORD_ENV, nats_secret, NATS_SECRET_KEY)] if nats_secret else []
+    if inputs_secret:
+        env.append(secret_env(INPUT_URLS_ENV, inputs_secret, INPUT_URLS_KEY))
     if tuning.output.image_push_secret:
         volumes.append(
             {
@@ -555,6 +559,26 @@ def nats_secret(ref: WorkspaceRef, api_version: str, generation: int, password: 
         "metadata": _metadata(ref, api_version, nats_secret_name(ref), generation),
         "type": "Opaque",
         "stringData": {NATS_SECRET_KEY: password},
+    }
+
+
+INPUT_URLS_KEY = "urls"
+INPUT_URLS_ENV = "KAITEN_TUNING_INPUT_URLS"  # read by services.tuning.config (input_urls_env)
+
+
+def inputs_secret_name(ref: WorkspaceRef) -> str:
+    return object_name(ref.name, "-inputs", limit=253)
+
+
+def inputs_secret(ref: WorkspaceRef, api_version: str, generation: int, urls: list[str]) -> dict[str, Any]:
+    """The tuning job's input URLs (a JSON list), kept out of its ConfigMap: a URL may carry a
+    credential (a SAS token, ``user:pass@``). Owned by the Workspace; one per Workspace."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(ref, api_version, inputs_secret_name(ref), generation),
+        "type": "Opaque",
+        "stringData": {INPUT_URLS_KEY: json.dumps(urls)},
     }
 
 

@@ -14,6 +14,7 @@ from services.workload.kuberay import AdminPeers, HostNetwork
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.leases import Leases
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
@@ -62,10 +63,12 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         raise SystemExit(
             f"KAITEN_BACKEND={settings.backend!r}: choose kuberay (a cluster) or local (kaiten up)"
         )
+    leases = await Leases.open(runtime.js, role=DURABLE)  # events and reconcile passes share them
     workloads = await Workloads.open(
         runtime.js,
         backend=backend,
         publisher=runtime.publisher,
+        leases=leases,
         api=runtime.api,
         interval=settings.reconcile_interval_s,
         timeout=settings.deploy_timeout_s,
@@ -85,6 +88,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         handler=workloads.handle,
         publisher=runtime.publisher,
         reporter="workload",
+        leases=leases,
     )
     return [consumer, LoopComponent("workload:reconcile", workloads.run)]
 

@@ -130,8 +130,12 @@ def tuning_config(
     work_dir: str,
     allow_loopback_urls: bool,
     nats_user: str | None = None,
+    urls_env: str | None = None,
 ) -> dict[str, Any]:
     """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates).
+
+    ``urls_env``: the input URLs are not written here but read by the job from that variable (which a
+    cluster fills from a Secret: a URL may carry a credential).
 
     ``nats_user``: the job's own NATS user (its password reaches it as an environment variable from a
     Secret); it may publish its events and receive replies on its own inbox, not manage the stream."""
@@ -162,7 +166,7 @@ def tuning_config(
         "source": model_source(plan),
         "method": tuning.method,
         "sections": merged,
-        "input_urls": list(tuning.input.urls),
+        **({"input_urls_env": urls_env} if urls_env else {"input_urls": list(tuning.input.urls)}),
         "output": {
             "image": tuning.output.image,
             "push_secret": push_secret,

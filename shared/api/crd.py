@@ -396,6 +396,14 @@ def status() -> Schema:
                 "x-kubernetes-list-type": "set",
                 "description": "Owners of external state that finished cleanup.",
             },
+            "conditionEventTimes": {
+                "type": "object",
+                "maxProperties": 64,
+                "additionalProperties": {"type": "integer", "format": "int64", "minimum": 0},
+                "description": "Kaiten's bookkeeping: for each condition, when the event that last set "
+                "it occurred (microseconds since the epoch). An event older than this is a late "
+                "redelivery and does not change the condition.",
+            },
         },
     }
 

@@ -5,8 +5,10 @@ How it keeps its promises:
   each group is chained after the previous group of the same key; different keys run concurrently
   (bounded by ``max_concurrency``).
 - *Two replicas are safe*: replicas share one durable consumer (that spreads the work), and before
-  handling a key a replica takes a lease on it in a NATS KV bucket; a replica that finds the key
-  leased by another naks with a short delay, so one Workspace is never handled by two replicas at once.
+  handling a key a replica takes the Workspace's lease (``shared.bus.leases``, shared with the
+  service's reconcile loop); a replica that finds it held naks with a short delay, so one Workspace is
+  never handled by two replicas (or by a handler and a reconcile pass) at once. A handler whose lease
+  cannot be refreshed is stopped and its messages redelivered.
 - *Bursts coalesce*: messages of one key that arrive in one fetch are handed to the handler together.
 - *Bounded intake*: each message taken holds a permit of a semaphore of ``fetch_batch`` until it is
   settled, and the pull loop waits for free permits. A message that cannot be decoded is terminated as
@@ -24,21 +26,18 @@ import contextlib
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 
 from shared.bus.backoff import delay_for
 from shared.bus.errors import InvalidInput, Transient
+from shared.bus.leases import LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
-from shared.bus.streams import declare_consumer, key_value
+from shared.bus.streams import declare_consumer
 from shared.events import STREAM, AnyEvent, ConditionReported, decode
 from shared.metrics import EVENTS, HANDLER_SECONDS
 from shared.telemetry import consume_span
@@ -46,7 +45,6 @@ from shared.telemetry import consume_span
 log = logging.getLogger("kaiten.bus")
 
 Handler = Callable[[Sequence[AnyEvent]], Awaitable[None]]
-LOCK_BUCKET = "kaiten_leases"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,40 +70,6 @@ class _Group:
     events: list[AnyEvent] = field(default_factory=list)
 
 
-class LeaseBusy(Exception):
-    """Another replica is handling this Workspace right now."""
-
-
-class _Leases:
-    """Per-key leases in a KV bucket whose entries expire after ``ttl`` unless refreshed."""
-
-    def __init__(self, kv: KeyValue, *, owner: str, role: str) -> None:
-        self._kv = kv
-        self._owner = owner.encode()
-        self._role = role
-
-    @classmethod
-    async def open(cls, js: JetStreamContext, *, role: str, ttl: float) -> _Leases:
-        kv = await key_value(js, LOCK_BUCKET, ttl=ttl)
-        return cls(kv, owner=uuid.uuid4().hex, role=role)
-
-    def _name(self, key: str) -> str:
-        return f"{self._role}.{key.replace('/', '.')}"
-
-    async def acquire(self, key: str) -> int:
-        try:
-            return int(await self._kv.create(self._name(key), self._owner))
-        except KeyWrongLastSequenceError as exc:
-            raise LeaseBusy(key) from exc
-
-    async def refresh(self, key: str, revision: int) -> int:
-        return int(await self._kv.update(self._name(key), self._owner, last=revision))
-
-    async def release(self, key: str, revision: int) -> None:
-        with contextlib.suppress(Exception):  # expired or taken over: the TTL cleans up
-            await self._kv.delete(self._name(key), last=revision)
-
-
 def key_of(subject: str) -> str:
     """``kaiten.<family>.<kind>.<ns>.<name>`` → ``ns/name``."""
     parts = subject.split(".")
@@ -123,6 +87,7 @@ class ConsumerRunner:
         handler: Handler,
         publisher: Publisher,
         reporter: str,
+        leases: Leases | None = None,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -136,7 +101,7 @@ class ConsumerRunner:
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._leases: _Leases | None = None
+        self._leases = leases  # shared with the service's reconcile loop, or opened at start
         self.handled = 0  # messages acked (for status and tests)
         self.name = f"consumer:{spec.durable}"
 
@@ -150,7 +115,8 @@ class ConsumerRunner:
             ack_wait=spec.ack_wait,
             max_ack_pending=spec.max_ack_pending,
         )
-        self._leases = await _Leases.open(self._js, role=spec.durable, ttl=spec.lease_ttl)
+        if self._leases is None:
+            self._leases = await Leases.open(self._js, role=spec.durable, ttl=spec.lease_ttl)
         self._psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         self._loop_task = asyncio.create_task(self._pull_loop(), name=f"consumer:{spec.durable}")
 
@@ -262,35 +228,28 @@ class ConsumerRunner:
 
     async def _run_leased(self, group: _Group) -> None:
         assert self._leases is not None
-        try:
-            revision = await self._leases.acquire(group.key)
-        except LeaseBusy:
-            for msg, event in zip(group.msgs, group.events, strict=True):
-                await msg.nak(delay=self._spec.busy_delay)
-                self._count(event, "deferred")
-            return
         started = time.monotonic()
-        refresher = asyncio.create_task(self._keep_lease(group.key, revision), name=f"lease:{group.key}")
         try:
-            await self._dispatch(group)
-        finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                revision = await refresher
-            await self._leases.release(group.key, revision)
-            HANDLER_SECONDS.labels(self._spec.durable).observe(time.monotonic() - started)
+            async with self._leases.hold(group.key):
+                await self._dispatch(group)
+        except LeaseBusy:
+            await self._defer(group, "deferred")
+            return
+        except LeaseLost as exc:  # the handler was stopped: redeliver what it had not acked
+            log.warning("consumer %s: %s; redelivering", self._spec.durable, exc)
+            await self._defer(group, "retried")
+        HANDLER_SECONDS.labels(self._spec.durable).observe(time.monotonic() - started)
+
+    async def _defer(self, group: _Group, outcome: str) -> None:
+        for msg, event in zip(group.msgs, group.events, strict=True):
+            if msg.is_acked:  # settled before the lease was lost
+                continue
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self._spec.busy_delay)
+            self._count(event, outcome)
 
     def _count(self, event: AnyEvent, outcome: str) -> None:
         EVENTS.labels(self._spec.durable, event.kind, outcome).inc()
-
-    async def _keep_lease(self, key: str, revision: int) -> int:
-        assert self._leases is not None
-        try:
-            while True:
-                await asyncio.sleep(self._spec.lease_ttl / 3)
-                revision = await self._leases.refresh(key, revision)
-        except asyncio.CancelledError:
-            return revision
 
     async def _dispatch(self, group: _Group) -> None:
         outcome = await self._attempt(group.msgs, group.events)

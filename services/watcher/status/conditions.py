@@ -4,6 +4,11 @@ Conditions follow KAITO: ``ResourceReady``, ``InferenceReady``, ``JobStarted``, 
 plus finer ones (``Planned``, ``NodesReady``, ``NodeClaimReady``, …). A condition derived from an
 older generation never overwrites one derived from a newer generation; ``lastTransitionTime``
 moves only when ``status`` changes.
+
+Within a generation, events can arrive out of order: a message handed to a watcher that was killed is
+redelivered ``ack_wait`` later, after newer ones were applied. So each condition remembers when the
+event that last set it occurred (``status.conditionEventTimes``, µs since the epoch, written in the
+same patch as the condition), and an update from an event older than that is stale and dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class ConditionUpdate:
     reason: str
     message: str
     generation: int
+    occurred_us: int = 0  # when the event behind it occurred (µs since the epoch); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,7 @@ class StatusChange:
 
 
 def _c(type_: str, status: str, reason: str, message: str, event: ev.Event) -> ConditionUpdate:
-    return ConditionUpdate(type_, status, reason, message, event.generation)
+    return ConditionUpdate(type_, status, reason, message, event.generation, round(event.occurred_at * 1e6))
 
 
 def _failure(change: StatusChange, event: ev.Event, reason: str, message: str, *types: str) -> None:
@@ -141,6 +147,21 @@ def fold(events: Iterable[ev.AnyEvent]) -> StatusChange:
     for event in events:
         apply_event(change, event)
     return change
+
+
+def fresh(
+    updates: Sequence[ConditionUpdate], seen: dict[str, int]
+) -> tuple[list[ConditionUpdate], dict[str, int]]:
+    """The updates not older than what already set their condition (``seen``: condition type → µs of
+    the event that set it), in order, and ``seen`` advanced past them."""
+    kept: list[ConditionUpdate] = []
+    latest = dict(seen)
+    for update in updates:
+        if update.occurred_us < latest.get(update.type, 0):
+            continue  # a stale redelivery: a newer event already set this condition
+        latest[update.type] = update.occurred_us
+        kept.append(update)
+    return kept, latest
 
 
 def merge_conditions(

@@ -15,7 +15,13 @@ from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from services.watcher.status.conditions import StatusChange, finalizer_removable, fold, merge_conditions
+from services.watcher.status.conditions import (
+    StatusChange,
+    finalizer_removable,
+    fold,
+    fresh,
+    merge_conditions,
+)
 from shared.api.crd import FINALIZER
 from shared.bus.errors import Transient
 from shared.events import AnyEvent, WorkspaceRef
@@ -35,9 +41,13 @@ def status_patch(obj: dict[str, Any], change: StatusChange, now: str) -> dict[st
     """The merge patch for ``/status``, or None when the change changes nothing."""
     status = obj.get("status") or {}
     new: dict[str, Any] = {}
-    conditions = merge_conditions(status.get("conditions") or [], change.conditions, now)
+    seen = {k: int(v) for k, v in (status.get("conditionEventTimes") or {}).items()}
+    updates, latest = fresh(change.conditions, seen)
+    conditions = merge_conditions(status.get("conditions") or [], updates, now)
     if conditions != (status.get("conditions") or []):
         new["conditions"] = conditions
+    if latest != seen:
+        new["conditionEventTimes"] = {k: v for k, v in latest.items() if seen.get(k) != v}
     if change.worker_nodes is not None and list(change.worker_nodes) != status.get("workerNodes"):
         new["workerNodes"] = list(change.worker_nodes)
     if change.plan is not None:

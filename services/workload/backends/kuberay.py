@@ -23,6 +23,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from services.workload.backends.base import JobState, State, Target
 from services.workload.kuberay import (
     GENERATION_ANNOTATION,
+    INPUT_URLS_ENV,
     NAMESPACE_LABEL,
     PULL_SECRETS_PATH,
     PUSH_SECRET_PATH,
@@ -30,6 +31,8 @@ from services.workload.kuberay import (
     WORKSPACE_LABEL,
     AdminPeers,
     HostNetwork,
+    inputs_secret,
+    inputs_secret_name,
     label_value,
     nats_secret,
     network_policy,
@@ -239,8 +242,10 @@ class KubeRay:
             work_dir=f"{WORK_PATH}/job",
             allow_loopback_urls=False,
             nats_user=self._tuning_nats[0] if self._tuning_nats else None,
+            urls_env=INPUT_URLS_ENV,
         )
         secret = nats_secret(ref, version, generation, self._tuning_nats[1]) if self._tuning_nats else None
+        inputs = inputs_secret(ref, version, generation, list(target.workspace.tuning.input.urls))
         job = rayjob(
             ref,
             version,
@@ -251,10 +256,12 @@ class KubeRay:
             generation=generation,
             host=self._host,
             nats_secret=secret["metadata"]["name"] if secret else None,
+            inputs_secret=inputs["metadata"]["name"],
         )
         await self._fence(target)
         if secret is not None:
             await self.apply(secret, quiet=True)
+        await self.apply(inputs, quiet=True)
         await self.apply(tuning_configmap(ref, version, config, generation))
         await self.apply(job)
         current = set(tuning_names(ref, generation))
@@ -277,10 +284,12 @@ class KubeRay:
         found = await self._ours(target)
         for kind, name in found:
             await self._delete(kind, target.ref.namespace, name)
-        if self._tuning_nats is not None:  # by name: the workload may not list Secrets
+        # Secrets by name: the workload may not list them (both are owned by the Workspace as well)
+        if self._tuning_nats is not None:
             await self._delete(
                 "Secret", target.ref.namespace, object_name(target.ref.name, "-nats", limit=253)
             )
+        await self._delete("Secret", target.ref.namespace, inputs_secret_name(target.ref))
         return not found or not await self._ours(target)
 
     async def close(self) -> None:
