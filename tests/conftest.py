@@ -65,6 +65,16 @@ class Kubectl:
     def json(self, *args: str) -> dict:  # type: ignore[type-arg]
         return json.loads(self.run(*args, "-o", "json", check=True).stdout)
 
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Polled, not ``kubectl wait``: that fails at once on a CRD whose status has no conditions yet
+        (seen on a busy machine: ``.status.conditions accessor error: <nil>``)."""
+        deadline = time.monotonic() + timeout
+        jsonpath = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+        for crd in crds:
+            while self.run("get", f"crd/{crd}", "-o", jsonpath).stdout.strip() != "True":
+                assert time.monotonic() < deadline, f"CRD {crd} not Established after {timeout:.0f}s"
+                time.sleep(0.2)
+
 
 @pytest.fixture(scope="session")
 def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
@@ -72,9 +82,7 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
     try:
         kubectl = Kubectl(cp.kubeconfig)
         kubectl.run("apply", "-f", str(CRD_PATH), check=True)
-        kubectl.run(
-            "wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s", check=True
-        )
+        kubectl.wait_established("workspaces.kaito.sh")
         yield cp
     finally:
         cp.stop()

@@ -81,13 +81,7 @@ async def harness(
             from services.provisioner.providers.nodeclaim import NodeClaimProvider
 
             kubectl.run("apply", "-f", str(CRD), check=True)
-            kubectl.run(
-                "wait",
-                "--for=condition=Established",
-                "crd/nodeclaims.karpenter.sh",
-                "--timeout=30s",
-                check=True,
-            )
+            kubectl.wait_established("nodeclaims.karpenter.sh")
             node_class = {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"}
 
             def mine() -> list[dict[str, Any]]:

@@ -63,9 +63,7 @@ async def test_nodeclaims_created_resized_and_deleted(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
     kubectl.run("apply", "-f", str(CRD), check=True)
-    kubectl.run(
-        "wait", "--for=condition=Established", "crd/nodeclaims.karpenter.sh", "--timeout=30s", check=True
-    )
+    kubectl.wait_established("nodeclaims.karpenter.sh")
     await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner")
     await services.start_ready("services.planner", KAITEN_PROVIDER="nodeclaim")
     for _ in range(2):  # two replicas: still one claim per node
@@ -187,9 +185,7 @@ async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
     that is gone, nor bring its record back. Before the fix the pass ran outside the Workspace's lease,
     so B released everything, and A then created a NodeClaim nobody would ever delete."""
     kubectl.run("apply", "-f", str(CRD), check=True)
-    kubectl.run(
-        "wait", "--for=condition=Established", "crd/nodeclaims.karpenter.sh", "--timeout=30s", check=True
-    )
+    kubectl.wait_established("nodeclaims.karpenter.sh")
     await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner")
     await services.start_ready("services.planner", KAITEN_PROVIDER="nodeclaim")
     await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)  # B

@@ -315,9 +315,7 @@ async def test_an_apiserver_outage_loses_no_condition_and_no_delete(
     try:
         kubectl = Kubectl(cp.kubeconfig)
         kubectl.run("apply", "--server-side", "-f", str(CRD_PATH), check=True)
-        kubectl.run(
-            "wait", "--for=condition=Established", "crd/workspaces.kaito.sh", "--timeout=60s", check=True
-        )
+        kubectl.wait_established("workspaces.kaito.sh")
         kubectl.run("create", "namespace", "outage", check=True)
         await start_watcher(services, KUBECONFIG=str(cp.kubeconfig), KAITEN_NAMESPACE="outage")
         kept, _ = await apply_and_observe(kubectl, nc, "outage", "kept")

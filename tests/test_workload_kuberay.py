@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -225,16 +224,7 @@ def kuberay_crds(kubectl: Kubectl) -> list[Path]:
     paths = kuberay_parts.crds()
     for path in paths:  # server-side: the CRDs are too big for the last-applied annotation
         kubectl.run("apply", "--server-side", "-f", str(path), check=True, timeout=120)
-    deadline = time.monotonic() + 60
-    for crd in ("rayservices.ray.io", "rayjobs.ray.io", "rayclusters.ray.io"):
-        while (
-            "True"
-            not in kubectl.run(
-                "get", f"crd/{crd}", "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}"
-            ).stdout
-        ):
-            assert time.monotonic() < deadline, f"CRD {crd} not Established"
-            time.sleep(0.2)
+    kubectl.wait_established("rayservices.ray.io", "rayjobs.ray.io", "rayclusters.ray.io")
     return paths
 
 

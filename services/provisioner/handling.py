@@ -34,8 +34,9 @@ from services.provisioner.store import NodeStore, StoredNodes, key_of
 from shared import events as ev
 from shared import failpoints
 from shared.bus.errors import Transient
-from shared.bus.leases import LeaseBusy, LeaseLost, Leases
+from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
+from shared.bus.reconciling import reconcile_forever
 from shared.planning.model import plan_from_dict
 
 log = logging.getLogger("kaiten.provisioner")
@@ -157,21 +158,13 @@ class Provisioner:
     # -- the reconcile loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            for key in await self._store.keys():
-                if time.monotonic() < self._not_before.get(key, 0.0):
-                    continue
-                try:
-                    await self._pass(key)
-                except LeaseLost as exc:
-                    log.warning("reconcile of %s stopped: %s", key, exc)
-                except Exception:  # one Workspace's trouble must not stop the others
-                    log.exception("reconcile of %s failed", key)
-            await asyncio.sleep(self._interval)
+        await reconcile_forever("reconcile", self._store.keys, self._pass, self._interval)
 
     async def _pass(self, key: str) -> None:
         """One pass over a pending entry, under the Workspace's lease; skipped while another replica (or
         this one's consumer) holds it — that holder is acting on the Workspace already."""
+        if time.monotonic() < self._not_before.get(key, 0.0):
+            return  # the provider asked us to wait (Retry-After)
         stored = await self._store.get_key(key)
         if stored is None or stored.phase != "pending":
             return

@@ -33,8 +33,9 @@ from services.workload.render import RenderError, job_id, kaito_sections, servin
 from shared import events as ev
 from shared.api.workspace import Workspace
 from shared.bus.errors import InvalidInput, Transient
-from shared.bus.leases import LeaseBusy, LeaseLost, Leases
+from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
+from shared.bus.reconciling import reconcile_forever
 from shared.bus.streams import key_value
 from shared.kube.errors import classify
 from shared.planning.model import plan_from_dict
@@ -254,19 +255,13 @@ class Workloads:
     # -- the reconcile loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            try:
-                keys = list(await self._kv.keys())
-            except NoKeysError:
-                keys = []
-            for key in keys:
-                try:
-                    await self._pass(key)
-                except LeaseLost as exc:
-                    log.warning("reconcile of %s stopped: %s", key, exc)
-                except Exception:
-                    log.exception("reconcile of %s failed", key)
-            await asyncio.sleep(self._interval)
+        await reconcile_forever("reconcile", self._keys, self._pass, self._interval)
+
+    async def _keys(self) -> list[str]:
+        try:
+            return list(await self._kv.keys())
+        except NoKeysError:  # nats-py's answer for an empty bucket
+            return []
 
     async def _pass(self, key: str) -> None:
         """One pass under the Workspace's lease; skipped while another holder is acting on it."""

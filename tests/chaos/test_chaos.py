@@ -61,8 +61,7 @@ def install_crds(kubectl: Kubectl) -> None:
     (server-side: too big for the last-applied annotation)."""
     for path in [CRD_PATH, NODECLAIM_CRD, *kuberay_parts.crds()]:
         kubectl.run("apply", "--server-side", "-f", str(path), check=True, timeout=120)
-    for crd in ("workspaces.kaito.sh", "nodeclaims.karpenter.sh", "rayservices.ray.io"):
-        kubectl.run("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s", check=True)
+    kubectl.wait_established("workspaces.kaito.sh", "nodeclaims.karpenter.sh", "rayservices.ray.io")
 
 
 class Karpenter(threading.Thread):
