@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from shared import telemetry
 from shared.bus.connection import close, connect
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_stream
@@ -97,6 +98,7 @@ def setup_logging(service: str, level: str) -> None:
 async def serve(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging(service, settings.log_level)
+    stop_tracing = telemetry.configure(service)
     probes = None
     if settings.probe_port is not None:  # first, so liveness answers during a slow start too
         probes = Probes(service, settings.probe_host, settings.probe_port, settings.stuck_after_s).start()
@@ -107,6 +109,8 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
     finally:
         if probes is not None:
             probes.stop()
+        if stop_tracing is not None:
+            stop_tracing()  # flushes the spans still batched
 
 
 async def _serve(

@@ -32,7 +32,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from services.provisioner.providers.base import NodeRequest, Progress, Provider, ProviderError
 from services.provisioner.store import NodeStore, StoredNodes, key_of
 from shared import events as ev
-from shared import failpoints
+from shared import failpoints, telemetry
 from shared.bus.errors import Transient
 from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
@@ -113,7 +113,12 @@ class Provisioner:
             await self._store.put(
                 ref,
                 StoredNodes(
-                    uid=ref.uid, generation=event.generation, request=request, phase="pending", since=since
+                    uid=ref.uid,
+                    generation=event.generation,
+                    request=request,
+                    phase="pending",
+                    since=since,
+                    trace=telemetry.carrier(),
                 ),
             )
             await self._publisher.publish(
@@ -143,7 +148,8 @@ class Provisioner:
             if stored is not None and stored.uid == ref.uid and stored.phase != "deleting":
                 await self._store.put(ref, msgspec_replace(stored, phase="deleting"))
             try:
-                gone = await self._provider.release(ref)
+                with telemetry.span(f"{self._provider.name} release", **{"kaito.workspace.key": ref.key}):
+                    gone = await self._provider.release(ref)
             except ProviderError as exc:  # e.g. no permission to delete: say so, and keep trying
                 raise Transient(f"[{ref.key}] release: {exc.reason}: {exc.message}") from exc
             if not gone:
@@ -170,7 +176,8 @@ class Provisioner:
             return
         try:
             async with self._leases.hold(stored.request.workspace.key):
-                await self.reconcile(key)
+                with telemetry.resumed(stored.trace):
+                    await self.reconcile(key)
         except LeaseBusy:
             return
 
@@ -186,7 +193,8 @@ class Provisioner:
                 return
             failpoints.reached("provisioner.ensure")
             try:
-                progress = await self._provider.ensure(stored.request)
+                with telemetry.span(f"{self._provider.name} ensure", **{"kaito.workspace.key": ref.key}):
+                    progress = await self._provider.ensure(stored.request)
             except ProviderError as exc:
                 progress = Progress(state="failed", reason=exc.reason, message=exc.message)
             except Transient as exc:

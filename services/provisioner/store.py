@@ -32,6 +32,7 @@ class StoredNodes(msgspec.Struct, frozen=True, kw_only=True):
     nodes: tuple[str, ...] = ()
     reason: str = ""
     message: str = ""
+    trace: dict[str, str] = {}  # the plan's trace context: a reconcile pass's events continue it
 
 
 def key_of(ref: WorkspaceRef) -> str:

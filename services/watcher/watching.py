@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 
 from services.watcher.deciding import Action, Published, decide
 from services.watcher.settings import WatcherSettings
+from shared import telemetry
 from shared.api.crd import FINALIZER
 from shared.api.workspace import spec_of
 from shared.bus.backoff import delay_for
@@ -62,6 +63,16 @@ class PublishedStore:
     async def forget(self, uid: str) -> None:
         with contextlib.suppress(KeyNotFoundError):
             await self._kv.purge(uid)
+
+
+def span_attributes(obj: dict[str, Any]) -> dict[str, str | int]:
+    meta = obj["metadata"]
+    return {
+        "k8s.namespace.name": str(meta.get("namespace", "")),
+        "kaito.workspace.name": str(meta.get("name", "")),
+        "kaito.workspace.uid": str(meta.get("uid", "")),
+        "kaito.workspace.generation": int(meta.get("generation") or 0),
+    }
 
 
 def ref_of(obj: dict[str, Any]) -> WorkspaceRef:
@@ -182,12 +193,14 @@ class WorkspaceWatcher:
             if action is Action.ADD_FINALIZER:
                 await self._add_finalizer(obj)
             elif action is Action.PUBLISH_OBSERVED:
-                await self._publish_observed(obj, ref)
+                with telemetry.span("workspace observe", **span_attributes(obj)):  # the trace's root
+                    await self._publish_observed(obj, ref)
                 published = Published(generation=int(obj["metadata"]["generation"]), deleting=False)
                 await self._store.put(ref.uid, published)
             elif action is Action.PUBLISH_DELETING:
                 generation = int(obj["metadata"].get("generation") or 0)
-                await self._publisher.publish(WorkspaceDeleting(workspace=ref, generation=generation))
+                with telemetry.span("workspace delete", **span_attributes(obj)):
+                    await self._publisher.publish(WorkspaceDeleting(workspace=ref, generation=generation))
                 log.info("[%s] deleting (uid %s)", ref.key, ref.uid)
                 published = Published(generation=published.generation, deleting=True)
                 await self._store.put(ref.uid, published)

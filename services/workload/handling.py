@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from services.workload.backends.base import Backend, Target
 from services.workload.render import RenderError, job_id, kaito_sections, serving_config
 from shared import events as ev
+from shared import telemetry
 from shared.api.workspace import Workspace
 from shared.bus.errors import InvalidInput, Transient
 from shared.bus.leases import LeaseBusy, Leases
@@ -64,6 +65,7 @@ class Record(msgspec.Struct, kw_only=True):
     message: str = ""
     job: str = ""  # the Ray job submission id of a tuning Workspace
     job_started: bool = False
+    trace: dict[str, str] = {}  # the latest event's trace context: a reconcile pass's events continue it
 
     @property
     def ref(self) -> ev.WorkspaceRef:
@@ -157,6 +159,7 @@ class Workloads:
                     record.plan, record.plan_generation = dict(event.plan), event.generation
                 elif isinstance(event, ev.NodesReady) and event.generation > record.nodes_generation:
                     record.nodes_generation = event.generation
+            record.trace = telemetry.carrier()
             await self._put(key, record)
             # whichever of spec, plan and nodes arrives last (events of one Workspace may reach two
             # replicas in any order) completes the generation and deploys it
@@ -189,13 +192,15 @@ class Workloads:
             if workspace.tuning is not None:
                 record.job = job_id(record.ref, generation)
                 sections = kaito_sections(await self._configmap(record.ref, workspace.tuning.config))
-                await self._backend.submit(record.target(workspace), sections)
+                with telemetry.span("tuning job submit", **{"kaito.workspace.key": record.ref.key}):
+                    await self._backend.submit(record.target(workspace), sections)
                 record.phase, record.job_started = "job", False
                 log.info("[%s] gen %d: tuning job %s submitted", record.ref.key, generation, record.job)
             else:
                 target = record.target(workspace)
                 assert target.plan is not None
-                await self._backend.deploy(target, serving_config(workspace, target.plan))
+                with telemetry.span("ray deploy", **{"kaito.workspace.key": record.ref.key}):
+                    await self._backend.deploy(target, serving_config(workspace, target.plan))
                 record.phase = "deploying"
         except (RenderError, ValidationError, InvalidInput) as exc:  # InvalidInput: the apiserver refused it
             reason = "InvalidSpec" if isinstance(exc, ValidationError) else exc.reason
@@ -270,7 +275,8 @@ class Workloads:
             return
         try:
             async with self._leases.hold(record.ref.key):
-                await self.reconcile(key)
+                with telemetry.resumed(record.trace):
+                    await self.reconcile(key)
         except LeaseBusy:
             return
 

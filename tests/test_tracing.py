@@ -1,0 +1,237 @@
+"""Traces leave the services (issue 19): a real OTLP/HTTP receiver in the test decodes what the
+OpenTelemetry SDK's exporter sends (``opentelemetry-proto``), and one Workspace's trace runs from the
+watcher's observation through the planner, the provisioner (its nodes become ready in a later
+reconcile pass) and the workload (the RayService deploy, and ``InferenceReady`` from its reconcile
+pass) — one trace id, one root, every other span's parent in the trace. After the run every service's
+``/metrics`` shows the events it handled."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from shared import telemetry
+from tests.chaos.test_chaos import NODECLAIM_CRD, NS_LABEL
+from tests.conftest import Kubectl, Services, http_get, until
+from tests.test_planner_e2e import manifest
+from tests.test_provisioner_e2e import FAST
+from tests.test_provisioner_nodeclaim import claims, launch
+from tests.test_workload_kuberay import IMAGE, kuberay_crds, kuberay_writes, ready_status  # noqa: F401
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
+
+
+@dataclass(frozen=True)
+class Span:
+    service: str
+    trace: str
+    id: str
+    parent: str
+    name: str
+
+
+class Receiver(ThreadingHTTPServer):
+    """An OTLP/HTTP trace receiver: ``POST /v1/traces`` with an ``ExportTraceServiceRequest``."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def trace_of(self, trace: str) -> list[Span]:
+        with self.lock:
+            return [s for s in self.spans if s.trace == trace]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        request = ExportTraceServiceRequest.FromString(body)
+        got = []
+        for resource_spans in request.resource_spans:
+            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            for scope in resource_spans.scope_spans:
+                got += [
+                    Span(
+                        attrs["service.name"],
+                        s.trace_id.hex(),
+                        s.span_id.hex(),
+                        s.parent_span_id.hex(),
+                        s.name,
+                    )
+                    for s in scope.spans
+                ]
+        with self.server.lock:
+            self.server.spans += got
+        reply = ExportTraceServiceResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def tree(spans: list[Span]) -> str:
+    """The span tree, indented, for the failure message and the note."""
+    children: dict[str, list[Span]] = {}
+    for s in spans:
+        children.setdefault(s.parent, []).append(s)
+    lines: list[str] = []
+
+    def walk(parent: str, depth: int) -> None:
+        for s in children.get(parent, []):
+            lines.append(f"{'  ' * depth}{s.service}: {s.name}")
+            walk(s.id, depth + 1)
+
+    walk("", 0)
+    return "\n".join(lines)
+
+
+def handled(metrics: str, consumer: str) -> float:
+    """The sum of ``kaiten_events_total{consumer=…,outcome="handled"}`` in a ``/metrics`` text."""
+    total = 0.0
+    for line in metrics.splitlines():
+        labels = line.partition("}")[0]
+        if (
+            line.startswith("kaiten_events_total{")
+            and f'consumer="{consumer}"' in labels
+            and ('outcome="handled"' in labels)
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("kuberay_crds")
+async def test_one_trace_from_apply_to_inference_ready(
+    kubectl: Kubectl, namespace: str, services: Services, receiver: Receiver, tmp_path: Path
+) -> None:
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+    def probes(name: str) -> dict[str, str]:
+        return {"KAITEN_PROBE_PORT": "0", "KAITEN_PROBE_PORT_FILE": str(tmp_path / f"{name}.port")}
+
+    kubectl.run("apply", "-f", str(NODECLAIM_CRD), check=True)
+    kubectl.wait_established("nodeclaims.karpenter.sh")
+    nodes: list[str] = []
+    try:
+        await services.start_ready("services.watcher", **otel, **probes("watcher"))
+        await services.start_ready(
+            "services.planner", KAITEN_PROVIDER="nodeclaim", **otel, **probes("planner")
+        )
+        await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST, **otel,
+                                   **probes("provisioner"))  # fmt: skip
+        await services.start_ready("services.workload", KAITEN_BACKEND="kuberay", KAITEN_RAY_IMAGE=IMAGE,
+                                   **FAST, **otel, **probes("workload"))  # fmt: skip
+        ws = manifest("traced", "phi-3-mini-4k-instruct", "Standard_NC12s_v3")
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=ws, check=True)
+
+        def mine() -> list[dict[str, Any]]:
+            return [c for c in claims(kubectl) if c["metadata"]["labels"].get(NS_LABEL) == namespace]
+
+        await until(lambda: mine(), timeout=30, what=f"the NodeClaim\n{services.logs()}")
+        nodes += [launch(kubectl, c) for c in mine()]  # Karpenter: NodesReady comes from a later pass
+        await until(
+            lambda: kubectl.run("get", "rayservice", "traced", "-n", namespace).returncode == 0,
+            timeout=60,
+            what=f"the RayService\n{services.logs()}",
+        )
+        app = "traced"
+        kuberay_writes(kubectl, namespace, "rayservice", "traced", ready_status(1, "traced-x1", app))
+        kubectl.run("wait", "-n", namespace, "--for=condition=InferenceReady", "workspace/traced",
+                    "--timeout=60s", check=True)  # fmt: skip
+
+        def ready_span() -> Span | None:
+            name = f"kaiten.workload.inference_ready.{namespace}.traced publish"
+            with receiver.lock:
+                return next((s for s in receiver.spans if s.name == name), None)
+
+        await until(lambda: ready_span() is not None, timeout=30, what="the InferenceReady publish span")
+        found = ready_span()
+        assert found is not None
+        await until(
+            lambda: (
+                {"kaiten-watcher", "kaiten-planner", "kaiten-provisioner", "kaiten-workload"}
+                <= {s.service for s in receiver.trace_of(found.trace)}
+            ),
+            timeout=30,
+            what="spans of all four services in the trace",
+        )
+    finally:
+        if nodes:
+            kubectl.run("delete", "node", *nodes, "--wait=false")
+    spans = receiver.trace_of(found.trace)
+    shown = tree(spans)
+    print(f"\ntrace {found.trace}:\n{shown}")
+    ids = {s.id for s in spans}
+    roots = [s for s in spans if not s.parent]
+    assert [(r.service, r.name) for r in roots] == [("kaiten-watcher", "workspace observe")], shown
+    assert all(s.parent in ids for s in spans if s.parent), f"a parent outside the trace\n{shown}"
+    # every service's /metrics counts what it handled (the watcher's consumer is its status writer)
+    for service, consumer in [("watcher", "status-writer"), ("planner", "planner"),
+                              ("provisioner", "provisioner"), ("workload", "workload")]:  # fmt: skip
+        port = (tmp_path / f"{service}.port").read_text().strip()
+        status, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and handled(metrics, consumer) > 0, f"{service}:\n{metrics[:3000]}"
+    names = {(s.service, s.name.replace(f".{namespace}.traced", "")) for s in spans}
+    for expected in [
+        ("kaiten-watcher", "kaiten.workspace.observed publish"),
+        ("kaiten-planner", "kaiten.workspace.observed process"),
+        ("kaiten-planner", "kaiten.plan.resolved publish"),
+        ("kaiten-provisioner", "kaiten.plan.resolved process"),
+        ("kaiten-provisioner", "nodeclaim ensure"),
+        ("kaiten-provisioner", "kaiten.nodes.ready publish"),  # from a reconcile pass: the trace goes on
+        ("kaiten-workload", "kaiten.nodes.ready process"),
+        ("kaiten-workload", "ray deploy"),
+        ("kaiten-workload", "kaiten.workload.inference_ready publish"),  # the workload's reconcile pass
+        ("kaiten-watcher", "kaiten.workload.inference_ready process"),  # the status writer
+    ]:
+        assert expected in names, f"{expected} missing from\n{shown}"
+
+
+def test_tracing_is_off_unless_the_environment_says_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert telemetry.configure("planner") is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert telemetry.configure("planner") is None
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    with pytest.raises(SystemExit, match="http/protobuf"):
+        telemetry.configure("planner")
