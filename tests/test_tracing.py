@@ -208,6 +208,8 @@ async def test_one_trace_from_apply_to_inference_ready(
         port = (tmp_path / f"{service}.port").read_text().strip()
         status, metrics = http_get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200 and handled(metrics, consumer) > 0, f"{service}:\n{metrics[:3000]}"
+        print(f"{service} /metrics:", *(line for line in metrics.splitlines() if line.startswith("kaiten_")
+                                         and "_bucket" not in line), sep="\n  ")  # fmt: skip
     names = {(s.service, s.name.replace(f".{namespace}.traced", "")) for s in spans}
     for expected in [
         ("kaiten-watcher", "kaiten.workspace.observed publish"),

@@ -119,8 +119,9 @@ def buildah(*args: str, capture: bool = False) -> str:
         *args,
     ]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise StartFailed(f"buildah {args[0]} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    if result.returncode != 0:  # bud --quiet says why on stdout
+        why = (result.stderr.strip() or result.stdout.strip())[-4000:]
+        raise StartFailed(f"buildah {args[0]} failed ({result.returncode}):\n{why}")
     return result.stdout if capture else ""
 
 
@@ -197,6 +198,7 @@ def ensure(name: str) -> Image:
     ref = f"{REGISTRY}/{name}:{digest[:16]}"
     archive = images_dir() / "archives" / f"{name}-{digest[:16]}.tar"
     if not exists(ref):
+        _forget_older(name)
         _build(name, ref, digest)
     if not archive.exists():
         archive.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +209,22 @@ def ensure(name: str) -> Image:
         buildah("push", "--quiet", ref, f"docker-archive:{tmp}:{ref}")
         tmp.rename(archive)
     return Image(name=name, ref=ref, archive=archive, digest=digest)
+
+
+def _forget_older(name: str) -> None:
+    """Before a new build of ``name``: remove its older builds, their archives and the build cache no
+    image refers to any more. The Ray image is ~7 GB a build; kept, three builds filled this machine's
+    disk and the fourth failed (``buildah bud`` 125)."""
+    prefix = f"{REGISTRY}/{name}:"
+    images = json.loads(buildah("images", "--json", capture=True) or "[]")
+    older = [ref for image in images for ref in image.get("names") or [] if ref.startswith(prefix)]
+    for ref in older:
+        buildah("rmi", ref)
+    for archive in (images_dir() / "archives").glob(f"{name}-*.tar"):
+        archive.unlink()
+    if older:
+        buildah("rmi", "--prune")
+        _progress(f"removed {len(older)} older build(s) of {name}: {', '.join(older)}")
 
 
 def _pause_digest() -> str:
