@@ -30,7 +30,7 @@ from shared.local.procs import ManagedProcess, free_port
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
 from shared.planning.planner import PlanOptions, plan
-from tests.conftest import REPO, http_get
+from tests.conftest import REPO, Kubectl, http_get
 from tests.test_loopback_only import LOOPBACK, sockets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]  # head Ready ~30 s once the image is in
@@ -44,7 +44,7 @@ def operator(
     no init container that would look the head up by its cluster DNS name."""
     for crd in kuberay_parts.crds():
         local_cluster.kubectl("apply", "--server-side", "-f", str(crd))
-    local_cluster.kubectl("wait", "--for=condition=Established", "crd/rayclusters.ray.io", "--timeout=60s")
+    Kubectl(local_cluster.kubeconfig).wait_established("rayclusters.ray.io")
     log_dir = tmp_path_factory.mktemp("kuberay")
     proc = ManagedProcess(
         name="kuberay-operator",

@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from typing import IO
 import yaml
 
 from shared.local.controlplane import ControlPlane, cache_root, ensure_binaries
-from shared.local.images import Image, ensure
+from shared.local.images import Image, ensure, image_id
 from shared.local.procs import (
     ManagedProcess,
     StartFailed,
@@ -141,6 +142,7 @@ class LocalCluster:
             self._share_state_dir()
             self.controlplane = ControlPlane(self.state_dir / "controlplane", node=self.name).start()
             self._start_containerd(images["pause"].ref)
+            self._forget_older(list(images.values()))
             for image in images.values():
                 self._import(image)
             self._start_controller_manager(bins["kube-controller-manager"])
@@ -213,6 +215,19 @@ class LocalCluster:
     def untag_image(self, ref: str) -> None:
         """Remove a name ``tag_image`` added (the content stays while another name refers to it)."""
         self._ctr("images", "rm", ref, check=False)
+
+    def _forget_older(self, images: list[Image]) -> None:
+        """Remove every other name in containerd (older builds of our images, a tag a crashed test left)
+        and, with ``--sync``, the content only they held. containerd's root outlives a node (an image is
+        imported once per machine), so without this every rebuilt Ray image stayed: 40 GB, and the disk
+        was full. Everything in this containerd is ours: the images given, by tag and by CRI's
+        ``sha256:<config>`` name."""
+        keep = {image.ref for image in images} | {image_id(image.ref) for image in images}
+        names = self._ctr("images", "list", "--quiet").stdout.split()
+        older = [name for name in names if name not in keep]
+        if older:
+            self._ctr("images", "rm", "--sync", *older, timeout=600)
+            print(f"removed {len(older)} older image name(s) from the node's containerd", file=sys.stderr)
 
     def _import(self, image: Image) -> None:
         started = time.monotonic()
@@ -548,7 +563,6 @@ def _kubelet_config(pki: Path, root: Path, socket: Path, port: int, healthz: int
 
 if __name__ == "__main__":  # a node by hand: python -m shared.local.node DIR [IMAGE ...]; stop: SIGTERM/^C
     import signal
-    import sys
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
