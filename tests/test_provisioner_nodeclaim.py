@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from nats.js.errors import KeyNotFoundError
 from services.provisioner.providers.nodeclaim import ID_LABEL
 from services.provisioner.store import NODES_BUCKET
 from shared import events as ev
+from shared.local import procs
 from tests.conftest import REPO, Kubectl, Services, until
 from tests.test_planner_e2e import condition, manifest
 from tests.test_provisioner_e2e import FAST, events_of
@@ -30,8 +30,15 @@ def claims(kubectl: Kubectl, workspace_id: str | None = None) -> list[dict[str, 
     return list(kubectl.json("get", "nodeclaims.karpenter.sh", "-l", selector)["items"])
 
 
-def karpenter_status(kubectl: Kubectl, claim: str, **status: Any) -> None:
-    kubectl.run(
+# The conditions Karpenter sets on a claim whose machine is up and whose node joined.
+READY_CONDITIONS = [
+    {"type": t, "status": "True", "reason": t} for t in ("Launched", "Registered", "Initialized", "Ready")
+]
+
+
+def karpenter_status(kubectl: Kubectl, claim: str, *, check: bool = True, **status: Any) -> bool:
+    """What Karpenter writes: a merge-patch of the claim's status. True when the apiserver took it."""
+    patched = kubectl.run(
         "patch",
         "nodeclaim.karpenter.sh",
         claim,
@@ -39,8 +46,9 @@ def karpenter_status(kubectl: Kubectl, claim: str, **status: Any) -> None:
         "--type=merge",
         "-p",
         json.dumps({"status": status}),
-        check=True,
+        check=check,
     )
+    return patched.returncode == 0
 
 
 def launch(kubectl: Kubectl, claim: dict[str, Any]) -> str:
@@ -52,10 +60,7 @@ def launch(kubectl: Kubectl, claim: dict[str, Any]) -> str:
         "metadata": {"name": name, "labels": claim["metadata"]["labels"]},
     }
     kubectl.run("apply", "-f", "-", stdin=json.dumps(node), check=True)
-    conditions = [
-        {"type": t, "status": "True", "reason": t} for t in ("Launched", "Registered", "Initialized", "Ready")
-    ]
-    karpenter_status(kubectl, claim["metadata"]["name"], nodeName=name, conditions=conditions)
+    karpenter_status(kubectl, claim["metadata"]["name"], nodeName=name, conditions=READY_CONDITIONS)
     return name
 
 
@@ -170,12 +175,6 @@ async def test_nodeclaims_created_resized_and_deleted(
         kubectl.run("delete", "node", *nodes, "--ignore-not-found")
 
 
-def frozen(pid: int) -> bool:
-    """The process is stopped (SIGSTOP): state ``T`` in /proc."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat.rsplit(")", 1)[1].split()[0] == "T"
-
-
 async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
@@ -205,7 +204,9 @@ async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
     a = services.start("services.provisioner", KAITEN_PROVIDER="nodeclaim", **stop_in_a_pass, **FAST)
     assert a.proc is not None
     try:
-        await until(lambda: frozen(a.proc.pid), timeout=30, what=f"A frozen in a pass\n{services.logs()}")
+        await until(
+            lambda: procs.state(a.proc.pid) == "T", timeout=30, what=f"A frozen in a pass\n{services.logs()}"
+        )
         await asyncio.sleep(2)  # A's last pull request expires: the deletion goes to B
         kubectl.run("delete", "-n", namespace, "workspace/frozen", "--wait=false", check=True)
         await asyncio.sleep(5)  # B acts on the deletion as far as it may while A is frozen

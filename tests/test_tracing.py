@@ -21,11 +21,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from services.provisioner.providers.base import WORKSPACE_NAMESPACE_LABEL
 from shared import telemetry
-from tests.chaos.test_chaos import NODECLAIM_CRD, NS_LABEL
 from tests.conftest import Kubectl, Services, http_get, until
 from tests.test_planner_e2e import manifest
 from tests.test_provisioner_e2e import FAST
+from tests.test_provisioner_nodeclaim import CRD as NODECLAIM_CRD
 from tests.test_provisioner_nodeclaim import claims, launch
 from tests.test_workload_kuberay import IMAGE, kuberay_crds, kuberay_writes, ready_status  # noqa: F401
 
@@ -162,7 +163,11 @@ async def test_one_trace_from_apply_to_inference_ready(
         kubectl.run("apply", "-n", namespace, "-f", "-", stdin=ws, check=True)
 
         def mine() -> list[dict[str, Any]]:
-            return [c for c in claims(kubectl) if c["metadata"]["labels"].get(NS_LABEL) == namespace]
+            return [
+                c
+                for c in claims(kubectl)
+                if c["metadata"]["labels"].get(WORKSPACE_NAMESPACE_LABEL) == namespace
+            ]
 
         await until(lambda: mine(), timeout=30, what=f"the NodeClaim\n{services.logs()}")
         nodes += [launch(kubectl, c) for c in mine()]  # Karpenter: NodesReady comes from a later pass

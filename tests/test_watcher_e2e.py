@@ -32,10 +32,10 @@ async def start_watcher(services: Services, **env: str) -> ManagedProcess:
     return await services.start_ready("services.watcher", **env)
 
 
-async def counts(nc: Client, kind: str, namespace: str) -> dict[str, int]:
-    """Messages stored per Workspace name for ``kaiten.workspace.<kind>.<namespace>.*``."""
+async def counts(nc: Client, kind: str, namespace: str, *, family: str = "workspace") -> dict[str, int]:
+    """Messages stored per Workspace name for ``kaiten.<family>.<kind>.<namespace>.*``."""
     info = await nc.jetstream().stream_info(
-        ev.STREAM, subjects_filter=f"kaiten.workspace.{kind}.{namespace}.*"
+        ev.STREAM, subjects_filter=f"kaiten.{family}.{kind}.{namespace}.*"
     )
     return {subject.rsplit(".", 1)[-1]: n for subject, n in (info.state.subjects or {}).items()}
 

@@ -219,13 +219,17 @@ def test_the_validator_can_fail() -> None:
 # -- against the apiserver with KubeRay's CRDs --------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def kuberay_crds(kubectl: Kubectl) -> list[Path]:
+def install_kuberay_crds(kubectl: Kubectl) -> list[Path]:
     paths = kuberay_parts.crds()
     for path in paths:  # server-side: the CRDs are too big for the last-applied annotation
         kubectl.run("apply", "--server-side", "-f", str(path), check=True, timeout=120)
     kubectl.wait_established("rayservices.ray.io", "rayjobs.ray.io", "rayclusters.ray.io")
     return paths
+
+
+@pytest.fixture(scope="session")
+def kuberay_crds(kubectl: Kubectl) -> list[Path]:
+    return install_kuberay_crds(kubectl)
 
 
 @pytest.fixture

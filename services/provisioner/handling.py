@@ -139,7 +139,7 @@ class Provisioner:
                 request.instance_type,
                 self._provider.name,
             )
-        await self.reconcile(key_of(ref))
+        await self.reconcile(key_of(ref), ref)
 
     async def _release(self, event: ev.WorkspaceDeleting) -> None:
         ref = event.workspace
@@ -177,18 +177,14 @@ class Provisioner:
         try:
             async with self._leases.hold(stored.request.workspace.key):
                 with telemetry.resumed(stored.trace):
-                    await self.reconcile(key)
+                    await self.reconcile(key, stored.request.workspace)
         except LeaseBusy:
             return
 
-    async def reconcile(self, key: str) -> None:
-        """Drive a pending entry one step; the caller holds the Workspace's lease."""
-        stored = await self._store.get_key(key)
-        if stored is None or stored.phase != "pending":
-            return
-        ref = stored.request.workspace
+    async def reconcile(self, key: str, ref: ev.WorkspaceRef) -> None:
+        """Drive ``ref``'s pending entry one step; the caller holds the Workspace's lease."""
         async with self._lock(ref.key):
-            stored, revision = await self._store.get_entry(key)  # again, under the lock
+            stored, revision = await self._store.get_entry(key)  # read under the lock: deletion may have won
             if stored is None or stored.phase != "pending":
                 return
             failpoints.reached("provisioner.ensure")

@@ -551,15 +551,8 @@ def nats_secret_name(ref: WorkspaceRef) -> str:
 
 def nats_secret(ref: WorkspaceRef, api_version: str, generation: int, password: str) -> dict[str, Any]:
     """The tuning job's NATS password in the Workspace's namespace (a pod can only refer to Secrets of
-    its own namespace). Owned by the Workspace, so it goes with it; one per Workspace, every
-    generation's job uses it."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": _metadata(ref, api_version, nats_secret_name(ref), generation),
-        "type": "Opaque",
-        "stringData": {NATS_SECRET_KEY: password},
-    }
+    its own namespace). One per Workspace, every generation's job uses it."""
+    return _secret(ref, api_version, generation, nats_secret_name(ref), {NATS_SECRET_KEY: password})
 
 
 INPUT_URLS_KEY = "urls"
@@ -572,13 +565,20 @@ def inputs_secret_name(ref: WorkspaceRef) -> str:
 
 def inputs_secret(ref: WorkspaceRef, api_version: str, generation: int, urls: list[str]) -> dict[str, Any]:
     """The tuning job's input URLs (a JSON list), kept out of its ConfigMap: a URL may carry a
-    credential (a SAS token, ``user:pass@``). Owned by the Workspace; one per Workspace."""
+    credential (a SAS token, ``user:pass@``). One per Workspace."""
+    return _secret(ref, api_version, generation, inputs_secret_name(ref), {INPUT_URLS_KEY: json.dumps(urls)})
+
+
+def _secret(
+    ref: WorkspaceRef, api_version: str, generation: int, name: str, data: dict[str, str]
+) -> dict[str, Any]:
+    """An Opaque Secret of the Workspace, owned by it (so it goes with it)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(ref, api_version, inputs_secret_name(ref), generation),
+        "metadata": _metadata(ref, api_version, name, generation),
         "type": "Opaque",
-        "stringData": {INPUT_URLS_KEY: json.dumps(urls)},
+        "stringData": data,
     }
 
 

@@ -202,8 +202,7 @@ def ensure(name: str) -> Image:
         _build(name, ref, digest)
     if not archive.exists():
         archive.parent.mkdir(parents=True, exist_ok=True)
-        for old in archive.parent.glob(f"{name}-*.tar"):  # the Ray image's is ~6 GB: keep the newest only
-            old.unlink()
+        _drop_archives(name)  # the Ray image's is ~7 GB: keep the newest only
         tmp = archive.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
         buildah("push", "--quiet", ref, f"docker-archive:{tmp}:{ref}")
@@ -220,11 +219,15 @@ def _forget_older(name: str) -> None:
     older = [ref for image in images for ref in image.get("names") or [] if ref.startswith(prefix)]
     for ref in older:
         buildah("rmi", ref)
-    for archive in (images_dir() / "archives").glob(f"{name}-*.tar"):
-        archive.unlink()
+    _drop_archives(name)
     if older:
         buildah("rmi", "--prune")
         _progress(f"removed {len(older)} older build(s) of {name}: {', '.join(older)}")
+
+
+def _drop_archives(name: str) -> None:
+    for archive in (images_dir() / "archives").glob(f"{name}-*.tar"):
+        archive.unlink()
 
 
 def _pause_digest() -> str:

@@ -60,15 +60,26 @@ def running(pids: set[int]) -> set[int]:
     return pids & live
 
 
-def identity(pid: int) -> str | None:
-    """Which process ``pid`` is: this boot's id and the process's start time (clock ticks since boot,
-    from /proc/<pid>/stat). A PID reused after a reboot, or by a later process, has another identity."""
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat's fields after "pid (comm) ": [0] is the state (field 3), [19] the start time."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state is field 3, start 22
-    return f"{_boot_id()}:{fields[19]}"
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def identity(pid: int) -> str | None:
+    """Which process ``pid`` is: this boot's id and the process's start time (clock ticks since boot,
+    from /proc/<pid>/stat). A PID reused after a reboot, or by a later process, has another identity."""
+    fields = _stat(pid)
+    return f"{_boot_id()}:{fields[19]}" if fields else None
+
+
+def state(pid: int) -> str | None:
+    """The process's state letter (``R``, ``S``, ``T`` stopped, ``Z`` …), or None when it is gone."""
+    fields = _stat(pid)
+    return fields[0] if fields else None
 
 
 @functools.cache

@@ -35,6 +35,7 @@ from services.workload.kuberay import (
     inputs_secret_name,
     label_value,
     nats_secret,
+    nats_secret_name,
     network_policy,
     object_name,
     rayjob,
@@ -286,9 +287,7 @@ class KubeRay:
             await self._delete(kind, target.ref.namespace, name)
         # Secrets by name: the workload may not list them (both are owned by the Workspace as well)
         if self._tuning_nats is not None:
-            await self._delete(
-                "Secret", target.ref.namespace, object_name(target.ref.name, "-nats", limit=253)
-            )
+            await self._delete("Secret", target.ref.namespace, nats_secret_name(target.ref))
         await self._delete("Secret", target.ref.namespace, inputs_secret_name(target.ref))
         return not found or not await self._ours(target)
 
