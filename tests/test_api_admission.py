@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.api.crd import CHART_CRD_PATH, CRD_PATH, render
+from shared.api.crd import (
+    CHART_CRD_PATH,
+    CRD_PATH,
+    SchemaDrift,
+    _model_in,
+    crd,
+    describe,
+    render,
+    workspace_schema,
+)
 from shared.api.workspace import Workspace, WorkspaceV1Alpha1, WorkspaceV1Beta1
 from tests.conftest import SEEDS, Kubectl
 
@@ -451,3 +460,58 @@ def test_seed_manifests_apply_unchanged_and_show_seed_columns(kubectl: Kubectl, 
 def test_committed_crd_is_generated_from_the_definition() -> None:
     assert CRD_PATH.read_text() == render(), "run: python -m shared.api.crd"
     assert CHART_CRD_PATH.read_text() == render(), "run: python -m shared.api.crd (the chart's copy)"
+
+
+def _model_description(path: str) -> str:
+    """The description of a dotted field path in the pydantic models (the CRD's one source)."""
+    model: Any = Workspace
+    description = ""
+    for key in path.split("."):
+        field = next(f for name, f in model.model_fields.items() if (f.alias or name) == key)
+        description = field.description or ""
+        model = _model_in(field.annotation)
+    return " ".join(description.split())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "inference.adapters",
+        "inference.adapters.strength",
+        "inference.preset.presetOptions.modelAccessSecret",
+        "resource.labelSelector.matchExpressions.operator",
+        "tuning.input.urls",
+        "status.state",
+    ],
+)
+def test_kubectl_explain_describes_nested_fields(kubectl: Kubectl, path: str) -> None:
+    out = kubectl.run("explain", f"workspaces.{path}", check=True).stdout
+    expected = _model_description(path)
+    assert len(expected) > 20
+    assert expected in " ".join(out.split()), out
+
+
+def test_short_names_and_kaitos_category_list_workspaces(kubectl: Kubectl, namespace: str) -> None:
+    kubectl.run("apply", "-n", namespace, "-f", "-", check=True, stdin=json.dumps(inference_ws("short")))
+    for resource in ("wk", "wks", "workspace"):  # "workspace" is also KAITO's category
+        names = kubectl.run("get", resource, "-n", namespace, "-o", "name", check=True).stdout.split()
+        assert names == ["workspace.kaito.sh/short"], (resource, names)
+    assert "workspace.kaito.sh/short" in kubectl.run("get", "kaito", "-n", namespace, "-o", "name").stdout
+
+
+def test_every_crd_field_is_described_from_the_models() -> None:
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    undescribed: list[str] = []
+
+    def walk(node: Obj, path: str) -> None:
+        for key, sub in (node.get("properties") or {}).items():
+            if not sub.get("description") and path + key != "metadata":  # Kubernetes' own, not ours
+                undescribed.append(path + key)
+            walk(sub.get("items", sub), f"{path}{key}.")
+
+    walk(schema, "")
+    assert undescribed == []
+    broken = copy.deepcopy(workspace_schema())
+    broken["properties"]["resource"]["properties"]["newField"] = {"type": "string"}
+    with pytest.raises(SchemaDrift, match="only in the CRD: \\['newField'\\]"):
+        describe(broken, Workspace)

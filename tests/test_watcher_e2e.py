@@ -166,6 +166,7 @@ async def test_condition_events_reach_kubectl_and_kaiten_events(
     assert conditions["InferenceReady"]["observedGeneration"] == gen
     assert conditions["ResourceReady"]["reason"] == "ResourceReady"
     assert stored["status"]["workerNodes"] == ["node-a"]
+    assert stored["status"]["state"] == "Ready"  # KAITO's high-level state
     out, err = viewer.communicate(timeout=40)
     assert viewer.returncode == 0, err
     lines = out.strip().splitlines()

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from services.watcher.deciding import Action, Published, decide
-from services.watcher.status.conditions import ConditionUpdate, finalizer_removable, fold, merge_conditions
+from services.watcher.status.conditions import (
+    ConditionUpdate,
+    finalizer_removable,
+    fold,
+    merge_conditions,
+    workspace_state,
+)
 from services.watcher.status.writing import status_patch
 from shared import events as ev
 from shared.api.crd import FINALIZER
@@ -164,3 +170,49 @@ def test_a_late_redelivery_does_not_turn_a_condition_back() -> None:
         message="n1 is gone", occurred_at=103.0,
     )  # fmt: skip
     assert apply(newer)["NodesReady"] == "False"  # a newer event still speaks
+
+
+def _conds(**status: str) -> list[dict[str, Any]]:
+    return [{"type": type_, "status": value} for type_, value in status.items()]
+
+
+@pytest.mark.parametrize(
+    ("conditions", "tuning", "previous", "expected"),
+    [
+        (_conds(Planned="True"), False, None, "Pending"),
+        (_conds(ResourceReady="True", InferenceReady="False"), False, "Pending", "Pending"),
+        (_conds(ResourceReady="True", InferenceReady="True"), False, "Pending", "Ready"),
+        (_conds(ResourceReady="True", InferenceReady="False"), False, "Ready", "NotReady"),
+        (_conds(ResourceReady="False", InferenceReady="True"), False, "NotReady", "NotReady"),
+        (
+            _conds(ResourceReady="False", WorkspaceSucceeded="False"),
+            False,
+            None,
+            "Pending",
+        ),  # no Failed (KAITO)
+        (_conds(ResourceReady="True"), True, None, "Pending"),
+        (_conds(JobStarted="True", WorkspaceSucceeded="Unknown"), True, "Pending", "Running"),
+        (_conds(JobStarted="True", WorkspaceSucceeded="True"), True, "Running", "Succeeded"),
+        (_conds(JobStarted="True", WorkspaceSucceeded="False"), True, "Running", "Failed"),
+    ],
+)
+def test_state_follows_kaitos_rules(
+    conditions: list[dict[str, Any]], tuning: bool, previous: str | None, expected: str
+) -> None:
+    assert workspace_state(conditions, tuning=tuning, previous=previous) == expected
+
+
+def test_status_patch_writes_the_state_with_the_conditions_it_follows_from() -> None:
+    o = obj()
+    ready = fold(
+        [
+            ev.NodesReady(workspace=REF, generation=1, provider="local", nodes=("n1",)),
+            ev.InferenceReady(workspace=REF, generation=1, endpoint="http://127.0.0.1:8000"),
+        ]
+    )
+    patch = status_patch(o, ready, "t")
+    assert patch is not None and patch["status"]["state"] == "Ready"
+    o["status"] = patch["status"]
+    down = fold([ev.InferenceFailed(workspace=REF, generation=1, reason="Crashed", message="replica died")])
+    patch = status_patch(o, down, "t2")
+    assert patch is not None and patch["status"]["state"] == "NotReady"

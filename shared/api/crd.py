@@ -12,10 +12,14 @@ preset, model does not fit) are the planner's.
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel
+
+from shared.api.workspace import Workspace, WorkspaceState
 
 GROUP = "kaito.sh"
 PLURAL = "workspaces"
@@ -76,14 +80,13 @@ def image_ref(what: str) -> Schema:
     )
 
 
-def preserved(description: str) -> Schema:
-    return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "description": description}
+def preserved() -> Schema:
+    return {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
 
 
 def label_selector() -> Schema:
     return {
         "type": "object",
-        "description": "Selects the nodes of this Workspace; nodes Kaiten provisions carry these labels.",
         "properties": {
             "matchLabels": {"type": "object", "maxProperties": 32, "additionalProperties": string(63)},
             "matchExpressions": {
@@ -128,13 +131,10 @@ def resource() -> Schema:
                 "minimum": 1,
                 "maximum": 64,
                 "default": 1,
-                "description": "Number of GPU nodes (the planner may require more).",
             },
             "instanceType": string(
                 64,
                 minLength=1,
-                description="GPU VM size, e.g. Standard_NC6s_v3; "
-                "omit it to let the planner choose the cheapest that fits.",
                 x_rules=[
                     rule(
                         "self.matches('^[A-Za-z0-9][A-Za-z0-9_.-]*$')",
@@ -254,7 +254,6 @@ def inference() -> Schema:
             "preset": preset("inference"),
             "config": string(
                 253,
-                description="Name of a ConfigMap with inference parameters.",
                 x_rules=[
                     rule(f"self.matches('{DNS_SUBDOMAIN}')", "inference.config must be a ConfigMap name")
                 ],
@@ -263,8 +262,7 @@ def inference() -> Schema:
                 "type": "object",
                 "required": ["spec"],
                 "x-kubernetes-preserve-unknown-fields": True,
-                "description": "A pod template for a custom model (instead of a preset).",
-                "properties": {"metadata": preserved("pod metadata"), "spec": preserved("pod spec")},
+                "properties": {"metadata": preserved(), "spec": preserved()},
             },
             "adapters": adapters(),
         },
@@ -312,7 +310,7 @@ def tuning() -> Schema:
                     },
                     "image": image_ref("tuning.input.image"),
                     "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
-                    "volumeSource": preserved("a Kubernetes volume source holding the dataset"),
+                    "volumeSource": preserved(),
                 },
                 "x-kubernetes-validations": [
                     rule(
@@ -326,7 +324,7 @@ def tuning() -> Schema:
                 "properties": {
                     "image": image_ref("tuning.output.image"),
                     "imagePushSecret": secret_name("tuning.output.imagePushSecret"),
-                    "volumeSource": preserved("a Kubernetes volume source to write the adapter to"),
+                    "volumeSource": preserved(),
                 },
                 "x-kubernetes-validations": [
                     rule(
@@ -361,6 +359,7 @@ def status() -> Schema:
         "type": "object",
         "properties": {
             "workerNodes": string_list(256, string(253)),
+            "state": {"type": "string", "enum": list(get_args(WorkspaceState))},
             "conditions": {
                 "type": "array",
                 "maxItems": 64,
@@ -372,12 +371,9 @@ def status() -> Schema:
                 "type": "integer",
                 "format": "int32",
                 "minimum": 0,
-                "description": "Nodes the current plan needs (KAITO's field).",
             },
             "plan": {
                 "type": "object",
-                "description": "Summary of the planner's current plan "
-                "(the full plan is in the plan.resolved event).",
                 "properties": {
                     "instanceType": string(128),
                     "nodes": {"type": "integer", "format": "int32", "minimum": 0},
@@ -394,15 +390,11 @@ def status() -> Schema:
                 "maxItems": 16,
                 "items": string(63),
                 "x-kubernetes-list-type": "set",
-                "description": "Owners of external state that finished cleanup.",
             },
             "conditionEventTimes": {
                 "type": "object",
                 "maxProperties": 64,
                 "additionalProperties": {"type": "integer", "format": "int64", "minimum": 0},
-                "description": "Kaiten's bookkeeping: for each condition, when the event that last set "
-                "it occurred (microseconds since the epoch). An event older than this is a late "
-                "redelivery and does not change the condition.",
             },
         },
     }
@@ -411,7 +403,6 @@ def status() -> Schema:
 def workspace_schema() -> Schema:
     return {
         "type": "object",
-        "description": "A model to serve (inference) or fine-tune (tuning), and the GPU nodes for it.",
         "required": ["resource"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -457,6 +448,49 @@ def _lower(schema: Any) -> Any:
     return out
 
 
+class SchemaDrift(ValueError):
+    """The CRD's schema and the pydantic models disagree (a field missing on one side, or without a
+    description): the CRD is not generated."""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds (itself, in a list, or optional), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (list, Union, types.UnionType):
+        return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+    return None
+
+
+def describe(schema: Schema, model: type[BaseModel], path: str = "") -> Schema:
+    """``schema`` with each property's description taken from the model field of the same (alias)
+    name, recursively: the descriptions have one source, the models ``kaiten`` reads Workspaces with."""
+    props = schema.get("properties")
+    if props is None:  # opaque here (metadata): described by Kubernetes itself
+        return schema
+    fields = {field.alias or name: field for name, field in model.model_fields.items()}
+    if set(props) != set(fields):
+        raise SchemaDrift(
+            f"{path or model.__name__}: only in the CRD: {sorted(set(props) - set(fields))}; "
+            f"only in {model.__name__}: {sorted(set(fields) - set(props))}"
+        )
+    described = {}
+    for key, sub in props.items():
+        if not path and key == "metadata":
+            described[key] = sub  # Kubernetes' own: the apiserver refuses anything but name rules here
+            continue
+        field = fields[key]
+        if not field.description:
+            raise SchemaDrift(f"{path}{key}: {model.__name__}.{key} has no Field(description=...)")
+        inner = _model_in(field.annotation)
+        if inner is not None and sub.get("type") == "array":
+            sub = {**sub, "items": describe(sub["items"], inner, f"{path}{key}[].")}
+        elif inner is not None:
+            sub = describe(sub, inner, f"{path}{key}.")
+        described[key] = {"description": " ".join(field.description.split()), **sub}
+    return {**schema, "properties": described}
+
+
 def printer_columns() -> list[Schema]:
     def cond(name: str, condition: str, priority: int = 0) -> Schema:
         col: Schema = {
@@ -474,6 +508,7 @@ def printer_columns() -> list[Schema]:
         cond("InferenceReady", "InferenceReady"),
         cond("WorkspaceReady", "WorkspaceSucceeded"),
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        {"name": "State", "type": "string", "jsonPath": ".status.state", "priority": 1},
         cond("JobStarted", "JobStarted", priority=1),
         {"name": "Preset", "type": "string", "jsonPath": ".inference.preset.name", "priority": 1},
         {"name": "TuningPreset", "type": "string", "jsonPath": ".tuning.preset.name", "priority": 1},
@@ -484,7 +519,10 @@ def printer_columns() -> list[Schema]:
 
 
 def crd() -> Schema:
-    schema = _lower(workspace_schema())
+    schema = {
+        "description": " ".join((Workspace.__doc__ or "").split()),
+        **describe(_lower(workspace_schema()), Workspace),
+    }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -496,8 +534,8 @@ def crd() -> Schema:
                 "listKind": "WorkspaceList",
                 "plural": PLURAL,
                 "singular": "workspace",
-                "shortNames": ["wk"],
-                "categories": ["kaito", "kaiten"],
+                "shortNames": ["wk", "wks"],
+                "categories": ["workspace", "kaito", "kaiten"],  # KAITO's, then ours
             },
             "scope": "Namespaced",
             "versions": [

@@ -17,94 +17,313 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
 
+# Every field's ``description`` is also its description in the CRD (``kubectl explain``):
+# ``shared.api.crd`` takes them from here, and fails to generate if a schema field has none.
+
+
 class LabelSelectorRequirement(_Lenient):
-    key: str
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = []
+    """A label key, an operator and values."""
+
+    key: str = Field(description="The label key the requirement applies to.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to the values: In, NotIn, Exists or DoesNotExist."
+    )
+    values: list[str] = Field(
+        default_factory=list,
+        description="The values for In and NotIn (at least one); empty for Exists and DoesNotExist.",
+    )
 
 
 class LabelSelector(_Lenient):
-    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
-    match_expressions: list[LabelSelectorRequirement] = Field(default_factory=list, alias="matchExpressions")
+    """Selects the nodes of this Workspace; nodes Kaiten provisions carry these labels."""
+
+    match_labels: dict[str, str] = Field(
+        default_factory=dict,
+        alias="matchLabels",
+        description="Labels every node of this Workspace carries (key: value). Kaiten puts them on the "
+        "nodes it provisions; bring-your-own nodes must already have them.",
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list,
+        alias="matchExpressions",
+        description="Label requirements the nodes must meet, all of them (ANDed).",
+    )
 
 
 class ResourceSpec(_Lenient):
-    count: int = 1
-    instance_type: str | None = Field(default=None, alias="instanceType")
-    label_selector: LabelSelector = Field(alias="labelSelector")
-    preferred_nodes: list[str] = Field(default_factory=list, alias="preferredNodes")
+    """The GPU nodes to run the workload on. If fewer nodes than needed match instanceType and
+    labelSelector, the provisioner creates the rest before the workload is deployed; the nodes used are
+    listed in status.workerNodes."""
+
+    count: int = Field(
+        1,
+        description="The number of GPU nodes (default 1; the planner may need more to fit the model, "
+        "see status.targetNodeCount). Tuning runs on one node.",
+    )
+    instance_type: str | None = Field(
+        default=None,
+        alias="instanceType",
+        description="The GPU node SKU, e.g. Standard_NC6s_v3 (Azure) or g5.xlarge (AWS). Omit it to let "
+        "the planner choose the cheapest that fits the model; leave it empty for bring-your-own nodes. "
+        "Immutable.",
+    )
+    label_selector: LabelSelector = Field(
+        alias="labelSelector",
+        description="The labels the GPU nodes must carry. Immutable.",
+    )
+    preferred_nodes: list[str] = Field(
+        default_factory=list,
+        alias="preferredNodes",
+        description="Existing nodes to use first (KAITO deprecates it in v1beta1). A node without the "
+        "required labels is ignored; the remaining nodes are provisioned.",
+    )
 
 
 class PresetOptions(_Lenient):
-    image: str | None = None
-    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
-    model_access_secret: str | None = Field(default=None, alias="modelAccessSecret")
+    """Options of a preset model."""
+
+    image: str | None = Field(
+        default=None,
+        description="A private model image (with accessMode private): the model's weights in an OCI "
+        "image. KAITO deprecates it in v1beta1.",
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        alias="imagePullSecrets",
+        description="Secrets in the Workspace's namespace for pulling the model image.",
+    )
+    model_access_secret: str | None = Field(
+        default=None,
+        alias="modelAccessSecret",
+        description="A Secret in the Workspace's namespace holding the model hub access token under "
+        "the key HF_TOKEN (gated models such as Llama).",
+    )
 
 
 class PresetSpec(_Lenient):
-    name: str
-    access_mode: Literal["public", "private"] | None = Field(default=None, alias="accessMode")
-    preset_options: PresetOptions | None = Field(default=None, alias="presetOptions")
+    """The base model to load, by its preset name, with preset configurations."""
+
+    name: str = Field(
+        description="The preset's name, e.g. phi-3-mini-4k-instruct (`kaiten plan --presets` lists "
+        "them). Immutable."
+    )
+    access_mode: Literal["public", "private"] | None = Field(
+        default=None,
+        alias="accessMode",
+        description="Whether the model image is in a public (default) or a private registry; private "
+        "needs presetOptions.image. KAITO deprecates it in v1beta1.",
+    )
+    preset_options: PresetOptions | None = Field(
+        default=None,
+        alias="presetOptions",
+        description="Where to get the model from, and with which secrets.",
+    )
 
 
 class AdapterSource(_Lenient):
-    name: str
-    image: str
-    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
+    """Where to obtain the adapter."""
+
+    name: str = Field(
+        description="The adapter's name, unique in the Workspace; requests select it by this name."
+    )
+    image: str = Field(
+        description="The OCI image holding the adapter (adapter_config.json and the weights), as a tuning "
+        "Workspace pushes it."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        alias="imagePullSecrets",
+        description="Secrets in the Workspace's namespace for pulling the adapter image.",
+    )
 
 
 class AdapterSpec(_Lenient):
-    source: AdapterSource
-    strength: str | None = None
+    """A LoRA adapter served on top of the base model."""
+
+    source: AdapterSource = Field(description="Where to obtain the adapter data.")
+    strength: str | None = Field(
+        default=None,
+        description="The multiplier applied to the adapter's weights, a number between 0 and 1 as a "
+        'string, e.g. "0.5" (default "1.0").',
+    )
 
     @property
     def weight(self) -> float:
         return float(self.strength) if self.strength is not None else 1.0
 
 
+class PodTemplate(_Lenient):
+    """A pod template for a custom model, instead of a preset."""
+
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="The pod's metadata (labels, annotations)."
+    )
+    spec: dict[str, Any] = Field(
+        default_factory=dict, description="The pod's spec (containers, volumes, ...)."
+    )
+
+
 class InferenceSpec(_Lenient):
-    preset: PresetSpec | None = None
-    config: str | None = None
-    template: dict[str, Any] | None = None
-    adapters: list[AdapterSpec] = []
+    """Serve a model: a preset (with optional adapters) or a custom pod template."""
+
+    preset: PresetSpec | None = Field(
+        default=None, description="The base model to deploy with preset configurations."
+    )
+    config: str | None = Field(
+        default=None,
+        description="The name of a ConfigMap in the Workspace's namespace holding inference arguments "
+        "(inference_config.yaml).",
+    )
+    template: PodTemplate | None = Field(
+        default=None,
+        description="The pod template that runs a custom inference service, when no preset fits; set "
+        "either preset or template.",
+    )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        description="LoRA adapters applied to the preset model, each with its strength (at most 10).",
+    )
 
 
 class DataSource(_Lenient):
-    name: str | None = None
-    urls: list[str] = []
-    image: str | None = None
-    image_pull_secrets: list[str] = Field(default_factory=list, alias="imagePullSecrets")
-    volume_source: dict[str, Any] | None = Field(default=None, alias="volumeSource")
+    """Where the tuning data comes from: exactly one of urls, image or volumeSource."""
+
+    name: str | None = Field(default=None, description="The dataset's name.")
+    urls: list[str] = Field(
+        default_factory=list,
+        description="http(s) URLs of the data files (JSON Lines, JSON, CSV or Parquet). They may carry "
+        "credentials (a SAS token): Kaiten keeps them in a Secret, never in logs or status.",
+    )
+    image: str | None = Field(
+        default=None, description="An OCI image with the data under /data (as KAITO lays it out)."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        alias="imagePullSecrets",
+        description="Secrets in the Workspace's namespace for pulling the data image.",
+    )
+    volume_source: dict[str, Any] | None = Field(
+        default=None,
+        alias="volumeSource",
+        description="A Kubernetes volume source (a PVC, for example) holding the data.",
+    )
 
 
 class DataDestination(_Lenient):
-    image: str | None = None
-    image_push_secret: str | None = Field(default=None, alias="imagePushSecret")
-    volume_source: dict[str, Any] | None = Field(default=None, alias="volumeSource")
+    """Where the tuned adapter goes: exactly one of image or volumeSource."""
+
+    image: str | None = Field(
+        default=None,
+        description="The OCI image the adapter is pushed to (needs imagePushSecret); serve it with "
+        "inference.adapters[].source.image.",
+    )
+    image_push_secret: str | None = Field(
+        default=None,
+        alias="imagePushSecret",
+        description="A Secret in the Workspace's namespace (a docker-config-json) allowed to push the "
+        "output image.",
+    )
+    volume_source: dict[str, Any] | None = Field(
+        default=None,
+        alias="volumeSource",
+        description="A Kubernetes volume source to write the adapter to.",
+    )
 
 
 class TuningSpec(_Lenient):
-    preset: PresetSpec
-    method: Literal["lora", "qlora"] = "lora"
-    config: str | None = None
-    input: DataSource
-    output: DataDestination
+    """Fine-tune a preset model with a parameter-efficient method and publish the adapter."""
+
+    preset: PresetSpec = Field(description="The model to load for tuning.")
+    method: Literal["lora", "qlora"] = Field(
+        "lora",
+        description="The parameter-efficient fine-tuning method: lora (default) or qlora (4-bit base model).",
+    )
+    config: str | None = Field(
+        default=None,
+        description="The name of a ConfigMap in the Workspace's namespace with tuning arguments; unset: "
+        "the defaults of the method.",
+    )
+    input: DataSource = Field(description="The training data.")
+    output: DataDestination = Field(description="Where to store the adapter.")
 
 
 class Condition(_Lenient):
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    observed_generation: int | None = Field(default=None, alias="observedGeneration")
-    last_transition_time: str | None = Field(default=None, alias="lastTransitionTime")
+    """One aspect of the Workspace's state (Kubernetes' condition convention)."""
+
+    type: str = Field(
+        description="ResourceReady, InferenceReady, JobStarted, WorkspaceSucceeded (KAITO's), or a finer "
+        "one: Planned, NodesReady, NodeClaimReady, ..."
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field("", description="A CamelCase reason for the status, for programs.")
+    message: str = Field("", description="What happened, for people.")
+    observed_generation: int | None = Field(
+        default=None,
+        alias="observedGeneration",
+        description="The metadata.generation the condition was derived from.",
+    )
+    last_transition_time: str | None = Field(
+        default=None,
+        alias="lastTransitionTime",
+        description="When the status last changed.",
+    )
+
+
+class PlanSummary(_Lenient):
+    """Summary of the planner's current plan (the full plan is in the plan.resolved event)."""
+
+    instance_type: str = Field("", alias="instanceType", description="The node SKU the plan uses.")
+    nodes: int = Field(0, description="Nodes the plan needs.")
+    gpus_per_node: int = Field(0, alias="gpusPerNode", description="GPUs used on each node.")
+    engine: str = Field("", description="The inference engine: vllm, or cpu without a GPU.")
+    dtype: str = Field("", description="The weights' data type, e.g. float16 or bfloat16.")
+    max_model_len: int = Field(0, alias="maxModelLen", description="The context length, in tokens.")
+    parallelism: str = Field(
+        "", description="Tensor, pipeline and data parallel degrees, e.g. 'TP2 PP1 DP1'."
+    )
+    observed_generation: int = Field(
+        0, alias="observedGeneration", description="The metadata.generation the plan was made for."
+    )
+
+
+WorkspaceState = Literal["Pending", "Ready", "NotReady", "Running", "Succeeded", "Failed"]
 
 
 class WorkspaceStatus(_Lenient):
-    worker_nodes: list[str] = Field(default_factory=list, alias="workerNodes")
-    conditions: list[Condition] = []
-    cleaned_up_by: list[str] = Field(default_factory=list, alias="cleanedUpBy")
-    target_node_count: int | None = Field(default=None, alias="targetNodeCount")
+    """The observed state of the Workspace, written by Kaiten."""
+
+    worker_nodes: list[str] = Field(
+        default_factory=list,
+        alias="workerNodes",
+        description="The nodes chosen to run the workload.",
+    )
+    state: WorkspaceState | None = Field(
+        default=None,
+        description="The high-level state, as KAITO reports it. Inference: Pending, then Ready, or "
+        "NotReady once it has been up. Tuning: Pending, Running, Succeeded or Failed.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="The current conditions of the Workspace."
+    )
+    cleaned_up_by: list[str] = Field(
+        default_factory=list,
+        alias="cleanedUpBy",
+        description="Owners of external state (provisioner, workload) that finished cleaning up after a "
+        "delete; the finalizer goes when all have.",
+    )
+    target_node_count: int | None = Field(
+        default=None,
+        alias="targetNodeCount",
+        description="The number of GPU nodes the current plan needs (KAITO's field).",
+    )
+    plan: PlanSummary | None = Field(default=None, description=PlanSummary.__doc__)
+    condition_event_times: dict[str, int] = Field(
+        default_factory=dict,
+        alias="conditionEventTimes",
+        description="Kaiten's bookkeeping: for each condition, when the event that last set it occurred "
+        "(microseconds since the epoch). An event older than this is a late redelivery and does not "
+        "change the condition.",
+    )
 
 
 class ObjectMeta(_Lenient):
@@ -120,15 +339,25 @@ class ObjectMeta(_Lenient):
 
 
 class Workspace(_Lenient):
-    """A Workspace of either served version; ``api_version`` tells which."""
+    """A model to serve (inference) or fine-tune (tuning), and the GPU nodes for it."""
 
-    api_version: Literal["kaito.sh/v1alpha1", "kaito.sh/v1beta1"] = Field(alias="apiVersion")
-    kind: Literal["Workspace"] = "Workspace"
-    metadata: ObjectMeta
-    resource: ResourceSpec
-    inference: InferenceSpec | None = None
-    tuning: TuningSpec | None = None
-    status: WorkspaceStatus = WorkspaceStatus()
+    # Either served version; ``api_version`` tells which it was read as.
+
+    api_version: Literal["kaito.sh/v1alpha1", "kaito.sh/v1beta1"] = Field(
+        alias="apiVersion",
+        description="The versioned schema of this object: kaito.sh/v1alpha1 or kaito.sh/v1beta1 (the "
+        "same schema; v1beta1 is stored).",
+    )
+    kind: Literal["Workspace"] = Field("Workspace", description="Workspace.")
+    metadata: ObjectMeta = Field(description="The object's metadata; the name must be a DNS label.")
+    resource: ResourceSpec = Field(description=ResourceSpec.__doc__)
+    inference: InferenceSpec | None = Field(
+        default=None, description="Serve a model. Set exactly one of inference and tuning."
+    )
+    tuning: TuningSpec | None = Field(
+        default=None, description="Fine-tune a model. Set exactly one of inference and tuning."
+    )
+    status: WorkspaceStatus = Field(WorkspaceStatus(), description=WorkspaceStatus.__doc__)
 
     @property
     def mode(self) -> Literal["inference", "tuning"]:

@@ -188,5 +188,22 @@ def merge_conditions(
     return [merged[t] for t in order]
 
 
+def workspace_state(conditions: Sequence[dict[str, Any]], *, tuning: bool, previous: str | None) -> str:
+    """``status.state`` by KAITO's rules. Tuning: Failed, Succeeded, Running (job started) or Pending.
+    Inference: Ready while resources and inference are ready; once it has been Ready or NotReady it
+    is NotReady otherwise, before that Pending."""
+    status = {c.get("type"): c.get("status") for c in conditions}
+    if tuning:
+        succeeded = status.get("WorkspaceSucceeded")
+        if succeeded == "True":
+            return "Succeeded"
+        if succeeded == "False":
+            return "Failed"
+        return "Running" if status.get("JobStarted") == "True" else "Pending"
+    if status.get("InferenceReady") == "True" and status.get("ResourceReady") == "True":
+        return "Ready"
+    return "NotReady" if previous in ("Ready", "NotReady") else "Pending"
+
+
 def finalizer_removable(cleaned_up_by: Iterable[str], owners: Iterable[str]) -> bool:
     return set(owners) <= set(cleaned_up_by)

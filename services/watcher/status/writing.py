@@ -21,6 +21,7 @@ from services.watcher.status.conditions import (
     fold,
     fresh,
     merge_conditions,
+    workspace_state,
 )
 from shared.api.crd import FINALIZER
 from shared.bus.errors import Transient
@@ -46,6 +47,9 @@ def status_patch(obj: dict[str, Any], change: StatusChange, now: str) -> dict[st
     conditions = merge_conditions(status.get("conditions") or [], updates, now)
     if conditions != (status.get("conditions") or []):
         new["conditions"] = conditions
+    state = workspace_state(conditions, tuning="tuning" in obj, previous=status.get("state"))
+    if state != status.get("state"):
+        new["state"] = state
     if latest != seen:
         new["conditionEventTimes"] = {k: v for k, v in latest.items() if seen.get(k) != v}
     if change.worker_nodes is not None and list(change.worker_nodes) != status.get("workerNodes"):
