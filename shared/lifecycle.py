@@ -27,7 +27,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from shared import telemetry
+from shared import logs, telemetry
 from shared.bus.connection import close, connect
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_stream
@@ -85,19 +85,10 @@ class Runtime:
 StartFn = Callable[[Runtime], Awaitable[Sequence[Component]]]
 
 
-def setup_logging(service: str, level: str) -> None:
-    replica = f"{socket.gethostname()}:{os.getpid()}"
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {service}[{replica}] %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
 async def serve(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
-    setup_logging(service, settings.log_level)
+    replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+    logs.setup(service, settings.log_level, settings.log_format, replica)
     stop_tracing = telemetry.configure(service)
     probes = None
     if settings.probe_port is not None:  # first, so liveness answers during a slow start too

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 
+from services import configuration
+from services.watcher.settings import WatcherSettings
 from tests.conftest import REPO
 
 OWN_SETTING = {
@@ -31,3 +35,55 @@ def test_help_lists_the_settings_and_exits(service: str) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("service", "env", "problem"),
+    [
+        ("planner", {"KAITEN_PROVIDER": "gcp"}, "KAITEN_PROVIDER: Input should be 'aks', 'nodeclaim'"),
+        ("watcher", {"KAITEN_CLEANUP_OWNERS": "provisioner,wokload"}, "unknown cleanup owner 'wokload'"),
+        ("workload", {"KAITEN_SERVE_PORT": "eighty"}, "KAITEN_SERVE_PORT: Input should be a valid integer"),
+        ("provisioner", {"KAITEN_LOG_FORMAT": "xml"}, "KAITEN_LOG_FORMAT: Input should be 'text' or 'json'"),
+    ],
+)
+def test_a_bad_setting_stops_the_service_naming_the_variable(
+    service: str, env: dict[str, str], problem: str
+) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", f"services.{service}"],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "invalid settings" in run.stderr and problem in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_settings_read_the_environment_lists_comma_separated() -> None:
+    env = {"KAITEN_CLEANUP_OWNERS": "provisioner", "KAITEN_LOG_LEVEL": "debug"}
+    env["KAITEN_RESYNC_PERIOD_S"] = "2.5"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        settings = WatcherSettings.from_env()
+        patch.setenv("KAITEN_CLEANUP_OWNERS", "")
+        assert WatcherSettings.from_env().cleanup_owners == ()
+    assert settings.cleanup_owners == ("provisioner",)
+    assert settings.log_level == "DEBUG" and settings.resync_period_s == 2.5
+
+
+def test_configuration_doc_is_generated_from_the_settings() -> None:
+    assert configuration.PATH.read_text() == configuration.render(), "run: python -m services.configuration"
+
+
+def test_every_variable_the_code_reads_is_documented() -> None:
+    documented = set(re.findall(r"`((?:KAITEN|OTEL)_[A-Z0-9_]+)`", configuration.PATH.read_text()))
+    read: dict[str, str] = {}
+    for root in ("shared", "services", "deploy", "Makefile", ".ci"):
+        path = REPO / root
+        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            if file.suffix in {".py", ".yaml", ".tpl", ""} and "__pycache__" not in file.parts:
+                for name in re.findall(r"\bKAITEN_[A-Z0-9_]*[A-Z0-9]\b", file.read_text(errors="replace")):
+                    read.setdefault(name, str(file.relative_to(REPO)))
+    missing = {name: where for name, where in read.items() if name not in documented}
+    assert not missing, f"not in docs/configuration.md: {missing}"

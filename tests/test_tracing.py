@@ -8,6 +8,7 @@ pass) — one trace id, one root, every other span's parent in the trace. After 
 from __future__ import annotations
 
 import gzip
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ def handled(metrics: str, consumer: str) -> float:
 async def test_one_trace_from_apply_to_inference_ready(
     kubectl: Kubectl, namespace: str, services: Services, receiver: Receiver, tmp_path: Path
 ) -> None:
-    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "KAITEN_LOG_FORMAT": "json"}  # fmt: skip
 
     def probes(name: str) -> dict[str, str]:
         return {"KAITEN_PROBE_PORT": "0", "KAITEN_PROBE_PORT_FILE": str(tmp_path / f"{name}.port")}
@@ -215,6 +217,19 @@ async def test_one_trace_from_apply_to_inference_ready(
         assert status == 200 and handled(metrics, consumer) > 0, f"{service}:\n{metrics[:3000]}"
         print(f"{service} /metrics:", *(line for line in metrics.splitlines() if line.startswith("kaiten_")
                                          and "_bucket" not in line), sep="\n  ")  # fmt: skip
+    # JSON logs: every line an object; the lines about the Workspace name it and join its trace
+    uid = kubectl.json("get", "workspace", "traced", "-n", namespace)["metadata"]["uid"]
+    for proc in services.procs:
+        records = [json.loads(line) for line in proc.log_path.read_text().splitlines() if line.strip()]
+        about = [r for r in records if r.get("uid") == uid]
+        assert about, f"{proc.name}: no line about the Workspace\n{records[-20:]}"
+        for record in about:
+            assert (record["namespace"], record["name"], record["generation"]) == (namespace, "traced", 1)
+            assert {"time", "level", "logger", "message", "service", "replica"} <= set(record), record
+        assert any(r.get("trace_id") == found.trace for r in about), f"{proc.name}: {about}"
+        if proc.name.startswith(("planner", "provisioner", "workload")):  # consumers: the event handled
+            assert any(r.get("event_id") for r in about), f"{proc.name}: {about}"
+        print(f"{proc.name}:", json.dumps(about[0]))
     names = {(s.service, s.name.replace(f".{namespace}.traced", "")) for s in spans}
     for expected in [
         ("kaiten-watcher", "kaiten.workspace.observed publish"),

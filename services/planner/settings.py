@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from shared.planning.planner import PlanOptions
 from shared.planning.sizing import DEFAULT_CONTEXT
-from shared.settings import ServiceSettings
+from shared.settings import Provider, ServiceSettings
 
 
 class PlannerSettings(ServiceSettings):
-    # The installation's provider (aks | nodeclaim | byo | local): "local" plans only the local
-    # machine, "byo" only existing nodes. The provisioner is configured with the same value.
-    provider: str = "local"
-    cloud: str = "azure"  # the SKUs an omitted instanceType may choose from (azure | aws)
-    catalog_files: tuple[str, ...] = ()  # operator overrides (a mounted ConfigMap), applied in order
-    max_nodes: int = 16  # most nodes one Workspace may get
-    auto_max_nodes: int = 4  # most nodes an automatically chosen instance type may need
-    context_tokens: int = DEFAULT_CONTEXT  # the context every plan must hold
-    batch: int = 64  # observed events of one Workspace taken together (only the newest is planned)
+    provider: Provider = Field(
+        "local",
+        description="The installation's provider (aks | nodeclaim | byo | local): local plans only the "
+        "local machine, byo only existing nodes. The provisioner is given the same value.",
+    )
+    cloud: Literal["azure", "aws"] = Field(
+        "azure", description="The SKUs an omitted instanceType may choose from (azure | aws)."
+    )
+    catalog_files: tuple[str, ...] = Field(
+        (), description="Catalog overrides (a mounted ConfigMap's files), applied in order."
+    )
+    max_nodes: int = Field(16, description="The most nodes one Workspace may get.")
+    auto_max_nodes: int = Field(
+        4, description="The most nodes an automatically chosen instance type may need."
+    )
+    context_tokens: int = Field(DEFAULT_CONTEXT, description="The context (tokens) every plan must hold.")
+    batch: int = Field(
+        64, description="Observed events of one Workspace taken together (only the newest is planned)."
+    )
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(

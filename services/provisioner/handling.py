@@ -32,7 +32,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from services.provisioner.providers.base import NodeRequest, Progress, Provider, ProviderError
 from services.provisioner.store import NodeStore, StoredNodes, key_of
 from shared import events as ev
-from shared import failpoints, telemetry
+from shared import failpoints, logs, telemetry
 from shared.bus.errors import Transient
 from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
@@ -176,8 +176,9 @@ class Provisioner:
             return
         try:
             async with self._leases.hold(stored.request.workspace.key):
-                with telemetry.resumed(stored.trace):
-                    await self.reconcile(key, stored.request.workspace)
+                ref = stored.request.workspace
+                with telemetry.resumed(stored.trace), logs.about(ref, generation=stored.generation):
+                    await self.reconcile(key, ref)
         except LeaseBusy:
             return
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from shared.settings import ServiceSettings
 
@@ -12,14 +12,25 @@ CLEANUP_OWNERS = ("provisioner", "workload")
 
 
 class WatcherSettings(ServiceSettings):
-    namespace: str = ""  # empty: all namespaces
-    resync_period_s: float = 300.0  # relist everything this often to repair anything a watch missed
-    watch_timeout_s: int = 240  # server-side watch timeout; a fresh watch resumes from resourceVersion
-    inactivity_timeout_s: float = 300.0  # no event (not even a bookmark) for this long: rewatch
-    # Owners of external state that must report CleanupDone before the finalizer goes: all of them
-    # unless a deployment narrows it deliberately (KAITEN_CLEANUP_OWNERS="" waits for none).
-    cleanup_owners: tuple[str, ...] = CLEANUP_OWNERS
-    status_coalesce_batch: int = 64  # status events of one Workspace folded into one patch
+    namespace: str = Field("", description="Watch this namespace only. Empty: all namespaces.")
+    resync_period_s: float = Field(
+        300.0, description="Seconds between relists of everything, to repair anything a watch missed."
+    )
+    watch_timeout_s: int = Field(
+        240,
+        description="The server-side watch timeout (seconds); a fresh watch resumes from resourceVersion.",
+    )
+    inactivity_timeout_s: float = Field(
+        300.0, description="Seconds without any event (not even a bookmark) after which to watch again."
+    )
+    cleanup_owners: tuple[str, ...] = Field(
+        CLEANUP_OWNERS,
+        description="Owners of external state that must report CleanupDone before the finalizer goes: "
+        "all of them unless a deployment narrows it deliberately (empty waits for none).",
+    )
+    status_coalesce_batch: int = Field(
+        64, description="Status events of one Workspace folded into one patch."
+    )
 
     @field_validator("cleanup_owners")
     @classmethod

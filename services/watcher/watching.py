@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 
 from services.watcher.deciding import Action, Published, decide
 from services.watcher.settings import WatcherSettings
-from shared import telemetry
+from shared import logs, telemetry
 from shared.api.crd import FINALIZER
 from shared.api.workspace import spec_of
 from shared.bus.backoff import delay_for
@@ -159,8 +159,10 @@ class WorkspaceWatcher:
         """Reconcile one Workspace; a failure that is about this object alone (its spec does not fit on
         the bus, the apiserver refuses its finalizer) is reported on it, and the loop goes on with the
         others. Anything else (NATS or the apiserver away) still stops the pass: it relists later."""
+        generation = int(obj["metadata"].get("generation") or 0)
         try:
-            await self.reconcile(obj)
+            with logs.about(ref_of(obj), generation=generation):
+                await self.reconcile(obj)
         except InvalidInput as exc:
             await self._report(obj, exc.reason, str(exc))
         except ApiException as exc:

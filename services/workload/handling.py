@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from services.workload.backends.base import Backend, Target
 from services.workload.render import RenderError, job_id, kaito_sections, serving_config
 from shared import events as ev
-from shared import telemetry
+from shared import logs, telemetry
 from shared.api.workspace import Workspace
 from shared.bus.errors import InvalidInput, Transient
 from shared.bus.leases import LeaseBusy, Leases
@@ -275,7 +275,10 @@ class Workloads:
             return
         try:
             async with self._leases.hold(record.ref.key):
-                with telemetry.resumed(record.trace):
+                with (
+                    telemetry.resumed(record.trace),
+                    logs.about(record.ref, generation=record.spec_generation),
+                ):
                     await self.reconcile(key)
         except LeaseBusy:
             return

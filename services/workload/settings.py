@@ -2,33 +2,59 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr, field_validator
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
 
 from shared.settings import ServiceSettings
 
 
 class WorkloadSettings(ServiceSettings):
-    backend: str = "local"  # local (the Ray cluster of kaiten up) or kuberay (RayService / RayJob objects)
-    ray_image: str = (
-        "kaiten-ray:0.1.0"  # kuberay: the Ray image with kaiten[serving,tuning,gpu] (deploy/images)
+    backend: Literal["local", "kuberay"] = Field(
+        "local", description="local (the Ray cluster of kaiten up) or kuberay (RayService / RayJob objects)."
     )
-    ray_host_network: str = ""  # kuberay: Ray pods on the node's network, bound to this address (a node
-    # without a pod network, such as the test node: 127.0.0.1); single-node plans only. Unset: pod network
-    network_policy: bool = True  # kuberay: a NetworkPolicy per Workspace fences its Ray pods (install.md)
-    ray_operator_labels: tuple[str, ...] = ("app.kubernetes.io/name=kuberay-operator",)  # KubeRay's pods:
-    # they may reach the dashboard, GCS and client ports (key=value labels)
-    control_namespace: str = ""  # Kaiten's own namespace (the chart sets it): its workload may reach them too
-    tuning_nats_user: str = ""  # kuberay: tuning jobs publish as this NATS user (the chart: "tuning") …
-    tuning_nats_password: SecretStr | None = None  # … with this password, put in a Secret per Workspace
-    ray_dashboard_url: str = ""  # the local Ray dashboard (Serve and Jobs REST APIs)
-    ray_token_path: str = ""  # the Ray cluster's auth token file (RayHead.token_path)
-    serve_port: int = 8000  # Ray Serve's HTTP proxy port on 127.0.0.1
-    reconcile_interval_s: float = 2.0  # how often deploying applications are checked
-    deploy_timeout_s: float = 900.0  # an application not RUNNING after this has failed
-    work_dir: str = (
-        ""  # tuning job configs and push-secret copies (0600); default ~/.local/state/kaiten/workload
+    ray_image: str = Field(
+        "kaiten-ray:0.1.0",
+        description="kuberay: the Ray image with kaiten[serving,tuning,gpu] (deploy/images).",
     )
-    allow_loopback_urls: bool = False  # tuning inputs on 127.0.0.1: local runs only (kaiten up sets it)
+    ray_host_network: str = Field(
+        "",
+        description="kuberay: Ray pods on the node's network, bound to this address (a node without a "
+        "pod network, such as the test node: 127.0.0.1); single-node plans only. Empty: the pod network.",
+    )
+    network_policy: bool = Field(
+        True, description="kuberay: a NetworkPolicy per Workspace fences its Ray pods (docs/install.md)."
+    )
+    ray_operator_labels: tuple[str, ...] = Field(
+        ("app.kubernetes.io/name=kuberay-operator",),
+        description="kuberay: KubeRay's pods (key=value labels); they may reach the dashboard, GCS and "
+        "client ports.",
+    )
+    control_namespace: str = Field(
+        "",
+        description="Kaiten's own namespace (the chart sets it): its workload may reach the Ray ports too.",
+    )
+    tuning_nats_user: str = Field(
+        "", description="kuberay: tuning jobs publish as this NATS user (the chart: tuning)."
+    )
+    tuning_nats_password: SecretStr | None = Field(
+        None, description="kuberay: that user's password, put in a Secret per Workspace. Never logged."
+    )
+    ray_dashboard_url: str = Field("", description="local: the Ray dashboard (Serve and Jobs REST APIs).")
+    ray_token_path: str = Field("", description="local: the Ray cluster's auth token file.")
+    serve_port: int = Field(8000, description="local: Ray Serve's HTTP proxy port on 127.0.0.1.")
+    reconcile_interval_s: float = Field(2.0, description="Seconds between checks of deploying applications.")
+    deploy_timeout_s: float = Field(
+        900.0, description="Seconds after which an application not RUNNING has failed."
+    )
+    work_dir: str = Field(
+        "",
+        description="Tuning job configs and push-secret copies (mode 0600). Empty: "
+        "~/.local/state/kaiten/workload.",
+    )
+    allow_loopback_urls: bool = Field(
+        False, description="Tuning inputs on 127.0.0.1: local runs only (kaiten up sets it)."
+    )
 
     @field_validator("ray_operator_labels")
     @classmethod

@@ -33,6 +33,7 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shared import logs
 from shared.bus.backoff import delay_for
 from shared.bus.errors import InvalidInput, Transient
 from shared.bus.leases import LeaseBusy, LeaseLost, Leases
@@ -266,8 +267,11 @@ class ConsumerRunner:
                     await self._settle(msg, event, single)
 
     async def _attempt(self, msgs: list[Msg], events: list[AnyEvent]) -> Exception | None:
-        first = msgs[0]
-        with consume_span(first.subject, first.headers, self._spec.durable):
+        first, last = msgs[0], events[-1]
+        with (
+            consume_span(first.subject, first.headers, self._spec.durable),
+            logs.about(last.workspace, generation=last.generation, event_id=last.event_id),
+        ):
             try:
                 await self._handler(events)
             except asyncio.CancelledError:
