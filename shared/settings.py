@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "KAITEN_"
 Provider = Literal["aks", "nodeclaim", "byo", "local"]  # where nodes come from (docs/provisioning.md)
+Cloud = Literal["azure", "aws"]  # whose instance types the catalog offers
 
 
 class ServiceSettings(BaseSettings):

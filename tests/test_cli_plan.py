@@ -1,10 +1,12 @@
-"""``kaiten plan``: the dry run a user types, through the installed console script."""
+"""``kaiten plan``: the dry run a user types, through the installed console script; and what every
+command has (``--version``, shell completion)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -68,3 +70,21 @@ def test_plan_catalog_listings_and_errors(tmp_path: Path) -> None:
     assert bad_catalog.returncode == 2 and "catalog skus entry 'x'" in bad_catalog.stderr
     missing = kaiten("plan")
     assert missing.returncode == 2 and "-f FILE" in missing.stderr
+
+
+def test_version_completion_and_choices() -> None:
+    assert kaiten("--version").stdout.strip() == f"kaiten {version('kaiten')}"
+    wrong = kaiten("plan", "--provider", "gcp")
+    assert wrong.returncode == 2 and "invalid choice: 'gcp' (choose from 'aks', 'nodeclaim'" in wrong.stderr
+    assert kaiten("plan", "--cloud", "gcp").returncode == 2
+    script = kaiten("completion", "bash").stdout
+    complete = (  # what bash does on <TAB>: call the completion function with the words so far
+        'source /dev/stdin; complete -p kaiten >/dev/null || exit 9; for line in "kaiten pl" '
+        '"kaiten plan --provider " "kaiten chat --"; do read -ra COMP_WORDS <<< "$line"; '
+        '[[ $line == *" " ]] && COMP_WORDS+=(""); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); '
+        'COMP_LINE=$line; COMP_POINT=${#line}; _shtab_kaiten; echo "${COMPREPLY[*]}"; done'
+    )
+    shown = subprocess.run(["bash", "-c", complete], input=script, capture_output=True, text=True, check=True)
+    plan, providers, chat_flags = shown.stdout.splitlines()
+    assert plan == "plan" and providers.split() == ["aks", "nodeclaim", "byo", "local"], shown.stdout
+    assert {"--url", "--api-key", "--workspace"} <= set(chat_flags.split()), chat_flags

@@ -21,6 +21,7 @@ from services.serving.api import Limits, make_app
 from services.serving.app import AdapterSpec, ServingConfig, build
 from services.serving.engines.base import AdapterInfo
 from services.serving.engines.transformers_engine import TransformersEngine
+from shared.cli import main as cli
 from shared.local.procs import descendants, free_port
 from shared.local.ray_head import RayHead
 from tests.conftest import NAME, SMOLLM2
@@ -283,7 +284,9 @@ def test_ray_listens_and_dials_on_loopback_only(ray_head: RayHead, serve_url: st
     assert not bad, f"non-loopback sockets: {bad}"
 
 
-def test_an_api_key_guards_the_model_routes_but_not_the_probes(model_dir: Path) -> None:
+def test_an_api_key_guards_the_model_routes_but_not_the_probes(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = TransformersEngine(model_dir=model_dir, model_name=NAME)
     with in_process(engine, api_key="s3cret-key") as server:
         for path, body in (
@@ -317,6 +320,21 @@ def test_an_api_key_guards_the_model_routes_but_not_the_probes(model_dir: Path) 
             model=NAME, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, stream=True
         )
         assert [chunk for chunk in stream], "a streamed completion with the key"
+
+        # `kaiten chat --url` (a port-forward to a cluster's Workspace, say) sends the key it is given
+        ask = ["chat", "Say hi", "--max-tokens", "4", "--url", server.url]
+        refused_cli = _kaiten(ask, capsys)
+        assert refused_cli[0] == 1 and "needs an API key (--api-key or $KAITEN_API_KEY)" in refused_cli[2]
+        code, out, err = _kaiten([*ask, "--api-key", "s3cret-key"], capsys)
+        assert code == 0 and out.strip(), err
+        monkeypatch.setenv("KAITEN_API_KEY", "s3cret-key")
+        assert _kaiten(ask, capsys)[0] == 0
+
+
+def _kaiten(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.run(cli.build_parser().parse_args(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def test_the_api_key_comes_from_the_replicas_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from shared.planning.planner import PlanOptions
 from shared.planning.sizing import DEFAULT_CONTEXT
-from shared.settings import Provider, ServiceSettings
+from shared.settings import Cloud, Provider, ServiceSettings
 
 
 class PlannerSettings(ServiceSettings):
@@ -17,7 +15,7 @@ class PlannerSettings(ServiceSettings):
         description="The installation's provider (aks | nodeclaim | byo | local): local plans only the "
         "local machine, byo only existing nodes. The provisioner is given the same value.",
     )
-    cloud: Literal["azure", "aws"] = Field(
+    cloud: Cloud = Field(
         "azure", description="The SKUs an omitted instanceType may choose from (azure | aws)."
     )
     catalog_files: tuple[str, ...] = Field(

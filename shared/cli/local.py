@@ -381,38 +381,53 @@ def chat(
     name: str,
     namespace: str,
     max_tokens: int,
+    url: str | None = None,
+    api_key: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    data = read_status(root) or {}
-    kubeconfig = os.environ.get("KUBECONFIG") or data.get("endpoints", {}).get("kubeconfig")
-    if not kubeconfig:
-        print("no cluster: start one with `kaiten up`, or set KUBECONFIG", file=err)
-        return 1
-    got = _kubectl(kubeconfig, "get", "workspace", name, "-n", namespace, "-o", "json", check=False)
-    if got.returncode != 0:
-        print(f"workspace {namespace}/{name}: {got.stderr.strip()}", file=err)
-        return 1
-    ready = condition(json.loads(got.stdout), "InferenceReady")
-    if ready.get("status") != "True":
-        why = ready.get("message") or ready.get("reason") or "no InferenceReady condition yet"
-        print(f"workspace {namespace}/{name} is not serving: {why}", file=err)
-        return 1
-    endpoint = endpoint_of(ready.get("message", ""))
-    if not endpoint:
-        print(f"workspace {namespace}/{name} reports no endpoint: {ready.get('message')!r}", file=err)
+    """Ask ``name``'s model; at ``url`` when given (a port-forward to a cluster's Workspace, say), else
+    at the endpoint its ``InferenceReady`` condition reports (``kaiten up``'s cluster or $KUBECONFIG)."""
+    endpoint = url.rstrip("/") if url else _ready_endpoint(root, name, namespace, err)
+    if endpoint is None:
         return 1
     body = {
         "messages": [{"role": "user", "content": question}],
         "generate_kwargs": {"max_new_tokens": max_tokens},
     }
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        answer = httpx.post(f"{endpoint}/chat", json=body, timeout=300)
+        answer = httpx.post(f"{endpoint}/chat", json=body, headers=headers, timeout=300)
     except httpx.HTTPError as exc:
         print(f"{endpoint}/chat: {exc}", file=err)
+        return 1
+    if answer.status_code == 401:
+        print(f"{endpoint}/chat: this Workspace needs an API key (--api-key or $KAITEN_API_KEY)", file=err)
         return 1
     if answer.status_code != 200:
         print(f"{endpoint}/chat answered {answer.status_code}: {answer.text[:500]}", file=err)
         return 1
     print(answer.json()["Result"], file=out)
     return 0
+
+
+def _ready_endpoint(root: Path, name: str, namespace: str, err: TextIO) -> str | None:
+    data = read_status(root) or {}
+    kubeconfig = os.environ.get("KUBECONFIG") or data.get("endpoints", {}).get("kubeconfig")
+    if not kubeconfig:
+        print("no cluster: start one with `kaiten up`, set KUBECONFIG, or give --url", file=err)
+        return None
+    got = _kubectl(kubeconfig, "get", "workspace", name, "-n", namespace, "-o", "json", check=False)
+    if got.returncode != 0:
+        print(f"workspace {namespace}/{name}: {got.stderr.strip()}", file=err)
+        return None
+    ready = condition(json.loads(got.stdout), "InferenceReady")
+    if ready.get("status") != "True":
+        why = ready.get("message") or ready.get("reason") or "no InferenceReady condition yet"
+        print(f"workspace {namespace}/{name} is not serving: {why}", file=err)
+        return None
+    endpoint = endpoint_of(ready.get("message", ""))
+    if not endpoint:
+        print(f"workspace {namespace}/{name} reports no endpoint: {ready.get('message')!r}", file=err)
+        return None
+    return endpoint

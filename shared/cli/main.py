@@ -7,6 +7,7 @@
 - ``kaiten events``  follow Workspace status events as they happen.
 - ``kaiten down``    stop everything ``up`` started (``--purge`` also removes the state).
 - ``kaiten plan``    what the planner would decide for a manifest (dry run, no cluster).
+- ``kaiten completion bash|zsh|tcsh``  a shell completion script (shtab).
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import json
 import os
 import re
 import sys
+from importlib.metadata import version
 from pathlib import Path
+
+import shtab
 
 from shared.bus.errors import BusUnavailable
 from shared.cli import local
@@ -55,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kaiten",
         description="Kaiten: LLM inference and fine-tuning on Kubernetes from one Workspace resource.",
     )
+    parser.add_argument("--version", action="version", version=f"kaiten {version('kaiten')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     events = sub.add_parser("events", help="follow Workspace status events")
@@ -91,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("-w", "--workspace", default=local.SAMPLE_NAME, help=f"default: {local.SAMPLE_NAME}")
     chat.add_argument("-n", "--namespace", default="default")
     chat.add_argument("--max-tokens", type=int, default=128)
+    chat.add_argument(
+        "--url",
+        help="the Workspace's endpoint, e.g. http://127.0.0.1:8080 after `kubectl port-forward "
+        "svc/<workspace> 8080:80` (default: the endpoint its InferenceReady condition reports)",
+    )
+    chat.add_argument("--api-key", default=None, help="the serving API key (default: $KAITEN_API_KEY)")
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=shtab.SUPPORTED_SHELLS)
     for command in (up, status, down, chat):
         command.add_argument("--state-dir", type=Path, default=None, help=state_help)
     return parser
@@ -126,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.command == "plan":
         return plan_cmd.run(args, sys.stdin, sys.stdout, sys.stderr)
+    if args.command == "completion":  # e.g. `source <(kaiten completion bash)`
+        print(shtab.complete(build_parser(), shell=args.shell))
+        return 0
     root = getattr(args, "state_dir", None) or local.state_dir()
     if args.command == "up":
         return local.up(root, sample=not args.no_sample, timeout=args.timeout)
@@ -135,5 +151,13 @@ def run(args: argparse.Namespace) -> int:
         return local.down(root, purge=args.purge)
     assert args.command == "chat"
     return local.chat(
-        root, args.question, name=args.workspace, namespace=args.namespace, max_tokens=args.max_tokens
+        root,
+        args.question,
+        name=args.workspace,
+        namespace=args.namespace,
+        max_tokens=args.max_tokens,
+        url=args.url,
+        api_key=args.api_key or os.environ.get("KAITEN_API_KEY") or None,
+        out=sys.stdout,
+        err=sys.stderr,
     )

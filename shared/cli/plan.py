@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, get_args
 
 import yaml
 from pydantic import ValidationError
@@ -15,6 +15,7 @@ from shared.api.workspace import Workspace
 from shared.planning.catalog import GIB, CatalogError, Catalogs, load_catalogs
 from shared.planning.model import Plan, Rejection, plan_to_dict
 from shared.planning.planner import PlanOptions, plan
+from shared.settings import Cloud, Provider
 
 
 def add_parser(sub: Any) -> None:
@@ -27,9 +28,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "-f", "--filename", action="append", type=Path, default=[], help="manifest(s); '-' for stdin"
     )
-    p.add_argument("--provider", default="aks", help="aks | nodeclaim | byo | local (default: aks)")
+    p.add_argument("--provider", default="aks", choices=get_args(Provider), help="default: aks")
     p.add_argument(
-        "--cloud", default="azure", help="SKUs an omitted instanceType may choose from (azure | aws)"
+        "--cloud",
+        default="azure",
+        choices=get_args(Cloud),
+        help="SKUs an omitted instanceType may choose from (default: azure)",
     )
     p.add_argument(
         "--catalog", action="append", type=Path, default=[], help="operator catalog override file(s)"
