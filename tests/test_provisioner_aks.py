@@ -21,7 +21,7 @@ from nats.aio.client import Client
 from services.provisioner.providers.aks import POOL_LABEL, pool_name
 from shared import events as ev
 from tests.arm_server import GPUS, ArmServer
-from tests.conftest import Kubectl, Services, until
+from tests.conftest import Kubectl, Services, http_get, until
 from tests.test_planner_e2e import condition, manifest
 from tests.test_provisioner_e2e import events_of
 
@@ -230,7 +230,10 @@ async def test_throttling_quota_and_a_sigkill_mid_creation(
     )
     os.kill(first.pid, signal.SIGKILL)
     first.proc.wait()  # type: ignore[union-attr]
-    await services.start_ready("services.provisioner", **aks_env(arm))
+    port_file = services.log_dir / "provisioner.port"
+    await services.start_ready(
+        "services.provisioner", **aks_env(arm), KAITEN_PROBE_PORT="0", KAITEN_PROBE_PORT_FILE=str(port_file)
+    )
     quota = pool_of(namespace, "quota", apply(kubectl, namespace, "quota", "Standard_NC24s_v3"))
 
     for name in ("throttled", "killed"):
@@ -260,6 +263,11 @@ async def test_throttling_quota_and_a_sigkill_mid_creation(
     assert [r.status for r in arm.pool_requests("PUT", quota)] == [400]
     failed = [e for e in await events_of(nc, "nodes", namespace, "quota") if isinstance(e, ev.NodesFailed)]
     assert [(e.reason, e.provider) for e in failed] == [("QuotaExceeded", "aks")]
+    # on-call sees it in /metrics: ARM's status and error code, and the failed call
+    status, metrics = http_get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics")
+    assert status == 200
+    assert 'kaiten_provider_errors_total{code="QuotaExceeded",provider="aks",status="400"} 1.0' in metrics
+    assert 'kaiten_provider_calls_total{operation="ensure",outcome="failed",provider="aks"} 1.0' in metrics
     no_secret_anywhere(services, kubectl, namespace)
 
 

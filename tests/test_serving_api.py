@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.serving.api import Limits, make_app
 from services.serving.app import AdapterSpec, ServingConfig, build
@@ -237,6 +238,16 @@ def test_metrics_and_health(server: Endpoint) -> None:
         "kaiten_batch_size",
     ):
         assert f"\n{name} " in text, name
+    # vLLM's names for what means the same here (KAITO's dashboards, its KEDA scaler)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:time_to_first_token_seconds",
+    ):
+        assert name in families and families[name].samples[0].labels["model_name"] == NAME, name
+    generated = families["vllm:generation_tokens"].samples[0]  # the parser drops _total from the name
+    assert generated.value == families["kaiten_completion_tokens"].samples[0].value > 0
 
 
 @pytest.fixture(params=["ray-serve", "in-process"])
@@ -347,3 +358,23 @@ def test_the_api_key_comes_from_the_replicas_environment(monkeypatch: pytest.Mon
     assert configured_key("explicit") == "explicit"
     monkeypatch.setenv(API_KEY_ENV, "")
     assert configured_key(None) is None
+
+
+def test_vllms_own_metrics_pass_through_unchanged() -> None:
+    """With the vLLM engine, /metrics adds what vLLM's stat logger registered in prometheus_client
+    (names and labels as vLLM exports them), and nothing else of the registry."""
+    from prometheus_client import REGISTRY, Gauge
+
+    from services.serving.metrics import vllm_native
+
+    waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting.", ["model_name", "engine"])
+    try:
+        waiting.labels(NAME, "0").set(3)
+        text = vllm_native()
+    finally:
+        REGISTRY.unregister(waiting)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert list(families) == ["vllm:num_requests_waiting"], text
+    sample = families["vllm:num_requests_waiting"].samples[0]
+    assert sample.labels == {"model_name": NAME, "engine": "0"} and sample.value == 3
+    assert vllm_native() == ""  # no vLLM engine in this process: nothing

@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.provisioner.providers.base import WORKSPACE_NAMESPACE_LABEL
 from shared import telemetry
@@ -124,6 +125,15 @@ def tree(spans: list[Span]) -> str:
     return "\n".join(lines)
 
 
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """One sample's value in a ``/metrics`` text (prometheus_client's parser); 0 when absent."""
+    for family in text_string_to_metric_families(metrics):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return 0.0
+
+
 def handled(metrics: str, consumer: str) -> float:
     """The sum of ``kaiten_events_total{consumer=…,outcome="handled"}`` in a ``/metrics`` text."""
     total = 0.0
@@ -210,6 +220,7 @@ async def test_one_trace_from_apply_to_inference_ready(
     assert [(r.service, r.name) for r in roots] == [("kaiten-watcher", "workspace observe")], shown
     assert all(s.parent in ids for s in spans if s.parent), f"a parent outside the trace\n{shown}"
     # every service's /metrics counts what it handled (the watcher's consumer is its status writer)
+    scraped: dict[str, str] = {}
     for service, consumer in [("watcher", "status-writer"), ("planner", "planner"),
                               ("provisioner", "provisioner"), ("workload", "workload")]:  # fmt: skip
         port = (tmp_path / f"{service}.port").read_text().strip()
@@ -217,6 +228,15 @@ async def test_one_trace_from_apply_to_inference_ready(
         assert status == 200 and handled(metrics, consumer) > 0, f"{service}:\n{metrics[:3000]}"
         print(f"{service} /metrics:", *(line for line in metrics.splitlines() if line.startswith("kaiten_")
                                          and "_bucket" not in line), sep="\n  ")  # fmt: skip
+        assert f'kaiten_consumer_pending{{consumer="{consumer}"}} 0.0' in metrics, metrics  # caught up
+        scraped[service] = metrics
+    assert 'kaiten_workspaces{state="Ready"} 1.0' in scraped["watcher"]
+    assert (
+        'kaiten_provider_calls_total{operation="ensure",outcome="ready",provider="nodeclaim"} 1.0'
+        in (scraped["provisioner"])
+    )
+    for service in ("provisioner", "workload"):  # the passes that saw the nodes and the RayService ready
+        assert sample(scraped[service], "kaiten_reconcile_passes_total", loop="reconcile", outcome="done") > 0
     # JSON logs: every line an object; the lines about the Workspace name it and join its trace
     uid = kubectl.json("get", "workspace", "traced", "-n", namespace)["metadata"]["uid"]
     for proc in services.procs:

@@ -37,6 +37,7 @@ from shared.bus.errors import Transient
 from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.reconciling import reconcile_forever
+from shared.metrics import PROVIDER_CALLS
 from shared.planning.model import plan_from_dict
 
 log = logging.getLogger("kaiten.provisioner")
@@ -147,11 +148,17 @@ class Provisioner:
             stored = await self._store.get(ref)
             if stored is not None and stored.uid == ref.uid and stored.phase != "deleting":
                 await self._store.put(ref, msgspec_replace(stored, phase="deleting"))
+            name = self._provider.name
             try:
-                with telemetry.span(f"{self._provider.name} release", **{"kaito.workspace.key": ref.key}):
+                with telemetry.span(f"{name} release", **{"kaito.workspace.key": ref.key}):
                     gone = await self._provider.release(ref)
             except ProviderError as exc:  # e.g. no permission to delete: say so, and keep trying
+                PROVIDER_CALLS.labels(name, "release", "failed").inc()
                 raise Transient(f"[{ref.key}] release: {exc.reason}: {exc.message}") from exc
+            except (Transient, TimeoutError, ConnectionError):
+                PROVIDER_CALLS.labels(name, "release", "retry").inc()
+                raise
+            PROVIDER_CALLS.labels(name, "release", "ready" if gone else "pending").inc()
             if not gone:
                 raise Transient(f"[{ref.key}] nodes are still being deleted", retry_after=self._interval)
             if stored is not None and stored.uid == ref.uid:
@@ -189,18 +196,22 @@ class Provisioner:
             if stored is None or stored.phase != "pending":
                 return
             failpoints.reached("provisioner.ensure")
+            calls = PROVIDER_CALLS.labels(self._provider.name, "ensure", "retry")
             try:
                 with telemetry.span(f"{self._provider.name} ensure", **{"kaito.workspace.key": ref.key}):
                     progress = await self._provider.ensure(stored.request)
             except ProviderError as exc:
                 progress = Progress(state="failed", reason=exc.reason, message=exc.message)
             except Transient as exc:
+                calls.inc()
                 self._not_before[key] = time.monotonic() + (exc.retry_after or self._interval)
                 log.warning("[%s] %s; retrying", ref.key, exc)
                 return
             except (TimeoutError, ConnectionError) as exc:
+                calls.inc()
                 log.warning("[%s] provider unreachable: %r; retrying", ref.key, exc)
                 return
+            PROVIDER_CALLS.labels(self._provider.name, "ensure", progress.state).inc()
             if progress.state == "pending" and time.time() - stored.since > self._timeout:
                 progress = Progress(
                     state="failed",

@@ -29,7 +29,7 @@ from services.serving.engines.base import (
     GenerationRequest,
     SamplingParams,
 )
-from services.serving.metrics import Metrics
+from services.serving.metrics import Metrics, vllm_native
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -197,7 +197,13 @@ def make_app(
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        text = request.app.state.metrics.render(_engine(request).stats())
+        engine, metrics = _engine(request), request.app.state.metrics
+        stats = engine.stats()
+        text = metrics.render(stats)
+        if getattr(engine, "exports_vllm_metrics", False):  # the vLLM engine: vLLM's own, unchanged
+            text += vllm_native()
+        else:
+            text += metrics.render_vllm_names(stats, engine.model_name)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

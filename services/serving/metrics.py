@@ -2,6 +2,11 @@
 
 Counters: requests (by outcome), prompt and completion tokens, 429 rejections. Histogram: time to first
 token. Gauges from the engine: queue depth, running rows, last batch size, mean batch size.
+
+vLLM's own names too, so KAITO's dashboards and its KEDA scaler (``vllm:num_requests_waiting``) work
+unchanged: with the vLLM engine its own ``vllm:*`` metrics are passed through as vLLM exports them
+(:func:`vllm_native`); with the CPU engine the ones that mean the same thing here are rendered under the
+same names and labels (:meth:`Metrics.render_vllm_names`).
 """
 
 from __future__ import annotations
@@ -55,6 +60,35 @@ class Metrics:
             if seconds <= bound:
                 self.ttft_counts[i] += 1
 
+    def render_vllm_names(self, engine: dict[str, float], model_name: str) -> str:
+        """The ``vllm:*`` metrics the CPU engine can give with vLLM's meaning (label ``model_name``)."""
+        label = f'model_name="{model_name}"'
+        running = engine.get("running", engine.get("last_batch_size", 0))
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{label}}} {running:g}",
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{label}}} {engine.get('queue_depth', 0):g}",
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{label}}} {self.prompt_tokens}",
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{label}}} {self.completion_tokens}",
+            "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
+            "# TYPE vllm:time_to_first_token_seconds histogram",
+            *(
+                f'vllm:time_to_first_token_seconds_bucket{{{label},le="{b}"}} {c}'
+                for b, c in zip(TTFT_BUCKETS, self.ttft_counts, strict=True)
+            ),
+            f'vllm:time_to_first_token_seconds_bucket{{{label},le="+Inf"}} {self.ttft_n}',
+            f"vllm:time_to_first_token_seconds_sum{{{label}}} {self.ttft_sum:.6f}",
+            f"vllm:time_to_first_token_seconds_count{{{label}}} {self.ttft_n}",
+        ]
+        return "\n".join(lines) + "\n"
+
     def render(self, engine: dict[str, float]) -> str:
         lines = [
             "# HELP kaiten_requests_total Generation requests by outcome.",
@@ -95,3 +129,16 @@ class Metrics:
             f"kaiten_batch_joined_total {engine.get('joined', 0):g}",
         ]
         return "\n".join(lines) + "\n"
+
+
+def vllm_native() -> str:
+    """vLLM's own ``vllm:*`` metrics, from the registry its stat logger writes to in this process."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
+    keep: list[str] = []
+    for line in text.splitlines():
+        name = line.split(" ", 3)[2] if line.startswith("# ") else line
+        if name.startswith("vllm:"):
+            keep.append(line)
+    return "\n".join(keep) + "\n" if keep else ""

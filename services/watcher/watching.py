@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, get_args
 
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
@@ -23,7 +23,7 @@ from services.watcher.deciding import Action, Published, decide
 from services.watcher.settings import WatcherSettings
 from shared import logs, telemetry
 from shared.api.crd import FINALIZER
-from shared.api.workspace import spec_of
+from shared.api.workspace import WorkspaceState, spec_of
 from shared.bus.backoff import delay_for
 from shared.bus.errors import InvalidInput
 from shared.bus.publishing import Publisher
@@ -31,6 +31,7 @@ from shared.bus.streams import key_value
 from shared.events import ConditionReported, WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
 from shared.kube.errors import classify
 from shared.kube.workspaces import Workspaces
+from shared.metrics import WORKSPACES
 
 log = logging.getLogger("kaiten.watcher")
 PUBLISHED_BUCKET = "kaiten_watcher_published"
@@ -80,6 +81,41 @@ def ref_of(obj: dict[str, Any]) -> WorkspaceRef:
     return WorkspaceRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"])
 
 
+class Census:
+    """Workspaces by ``status.state`` for ``kaiten_workspaces``: every state KAITO knows is exported,
+    with 0 when none is in it, so a dashboard's series do not vanish."""
+
+    STATES = (*get_args(WorkspaceState), "None")
+
+    def __init__(self) -> None:
+        self._state: dict[str, str] = {}
+
+    def relisted(self, items: list[dict[str, Any]]) -> None:
+        self._state = {}  # what a relist no longer shows is gone, even if its DELETED event was missed
+        for obj in items:
+            self.seen(obj, export=False)
+        self._export()
+
+    def seen(self, obj: dict[str, Any], *, export: bool = True) -> None:
+        self._state[obj["metadata"]["uid"]] = str((obj.get("status") or {}).get("state"))
+        if export:
+            self._export()
+
+    def gone(self, uid: str) -> None:
+        self._state.pop(uid, None)
+        self._export()
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.STATES, 0)
+        for state in self._state.values():
+            counts[state] = counts.get(state, 0) + 1
+        return counts
+
+    def _export(self) -> None:
+        for state, count in self.counts().items():
+            WORKSPACES.labels(state).set(count)
+
+
 class WorkspaceWatcher:
     """The watch loop (run as a lifecycle ``LoopComponent``)."""
 
@@ -95,6 +131,7 @@ class WorkspaceWatcher:
         self._publisher = publisher
         self._store = store
         self._settings = settings
+        self.census = Census()
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -122,6 +159,7 @@ class WorkspaceWatcher:
 
     async def _relist(self) -> str:
         listing = await self._workspaces.list_all(self._settings.namespace or None)
+        self.census.relisted(listing.get("items", []))
         for obj in listing.get("items", []):
             await self._isolated(obj)
         return str(listing["metadata"]["resourceVersion"])
@@ -150,9 +188,11 @@ class WorkspaceWatcher:
         if kind == "BOOKMARK" or not isinstance(obj, dict):
             return
         if kind == "DELETED":
+            self.census.gone(obj["metadata"]["uid"])
             await self._store.forget(obj["metadata"]["uid"])
             log.info("[%s/%s] gone", obj["metadata"].get("namespace"), obj["metadata"].get("name"))
             return
+        self.census.seen(obj)
         await self._isolated(obj)
 
     async def _isolated(self, obj: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from shared.bus.leases import LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_consumer
 from shared.events import STREAM, AnyEvent, ConditionReported, decode
-from shared.metrics import EVENTS, HANDLER_SECONDS
+from shared.metrics import CONSUMER_IN_FLIGHT, CONSUMER_PENDING, EVENTS, HANDLER_SECONDS
 from shared.telemetry import consume_span
 
 log = logging.getLogger("kaiten.bus")
@@ -99,6 +99,7 @@ class ConsumerRunner:
         self._tails: dict[str, asyncio.Task[None]] = {}
         # One permit per message taken and not yet settled: intake waits for room, never polls.
         self._intake = asyncio.Semaphore(spec.fetch_batch)
+        self._in_flight = 0  # messages fetched and not yet settled (the permits a fetch waits with: not)
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -161,6 +162,9 @@ class ConsumerRunner:
                 await asyncio.sleep(0.5)
                 continue
             self._release(room - len(msgs))
+            self._settled(-len(msgs))
+            if msgs:
+                CONSUMER_PENDING.labels(spec.durable).set(msgs[-1].metadata.num_pending or 0)
             for group in await self._group(msgs):
                 self._schedule(group)
 
@@ -176,6 +180,11 @@ class ConsumerRunner:
     def _release(self, permits: int) -> None:
         for _ in range(permits):
             self._intake.release()
+
+    def _settled(self, count: int) -> None:
+        """``count`` messages settled (negative: received); the in-flight gauge follows."""
+        self._in_flight -= count
+        CONSUMER_IN_FLIGHT.labels(self._spec.durable).set(self._in_flight)
 
     async def _group(self, msgs: list[Msg]) -> list[_Group]:
         """Decode every message first: an undecodable one is terminated (and its permit returned) here,
@@ -195,6 +204,7 @@ class ConsumerRunner:
                     await msg.term()
                 EVENTS.labels(self._spec.durable, "unknown", "undecodable").inc()
                 self._release(1)
+                self._settled(1)
                 continue
             key = key_of(msg.subject)
             group = groups.setdefault(key, _Group(key=key, msgs=[]))
@@ -226,6 +236,7 @@ class ConsumerRunner:
         finally:
             heartbeat.cancel()
             self._release(len(group.msgs))
+            self._settled(len(group.msgs))
 
     async def _run_leased(self, group: _Group) -> None:
         assert self._leases is not None

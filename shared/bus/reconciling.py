@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import nats.errors
 
 from shared.bus.errors import Transient
+from shared.metrics import RECONCILE_KEYS, RECONCILE_PASSES
 
 log = logging.getLogger("kaiten.reconcile")
 # What a NATS blip raises: nats-py's errors (its TimeoutError is also the builtin one), and the socket's.
@@ -31,11 +32,16 @@ async def reconcile_forever(
         except BUS_TROUBLE as exc:
             log.warning("%s: cannot list the keys (%r); next pass in %.1fs", what, exc, interval)
             todo = []
+        RECONCILE_KEYS.labels(what).set(len(todo))
         for key in todo:
             try:
                 await one(key)
+                outcome = "done"
             except RETRY_NEXT_PASS as exc:
                 log.warning("%s of %s: %r; next pass", what, key, exc)
+                outcome = "retry"
             except Exception:  # one key's trouble must not stop the others
                 log.exception("%s of %s failed", what, key)
+                outcome = "error"
+            RECONCILE_PASSES.labels(what, outcome).inc()
         await asyncio.sleep(interval)

@@ -34,6 +34,7 @@ from services.provisioner.providers.base import GPU_TAINT, NodeRequest, Progress
 from shared.bus.errors import Transient
 from shared.events import WorkspaceRef
 from shared.kube.errors import classify
+from shared.metrics import PROVIDER_ERRORS
 from shared.planning.model import NodeInfo
 
 log = logging.getLogger("kaiten.provisioner.aks")
@@ -92,6 +93,7 @@ def azure_error(exc: BaseException, what: str) -> BaseException:
     if isinstance(exc, HttpResponseError):
         status = exc.status_code or 0
         code = (exc.error.code if exc.error is not None else "") or f"Http{status}"
+        PROVIDER_ERRORS.labels("aks", str(status), code).inc()
         message = (exc.error.message if exc.error is not None else "") or str(exc.message)
         if status == 429 or status >= 500 or (status == 409 and code not in PERMANENT):
             headers = getattr(exc.response, "headers", None) or {}

@@ -110,6 +110,7 @@ class VLLMEngine(HFTokenizerEngine):
         adapter_cache: Path,
     ) -> None:
         self.model_name = model_name
+        self.exports_vllm_metrics = True  # its stat logger fills prometheus_client's registry: /metrics
         self.max_prompt_tokens = max_prompt_tokens
         self.max_model_len = int(engine_args.get("max-model-len", max_model_len))
         self._model = model
