@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from kubernetes_asyncio import client as kclient
 from nats.aio.client import Client
 from nats.js import JetStreamContext
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from pydantic import ValidationError
 
 from shared import logs, telemetry
@@ -213,7 +214,8 @@ class _Watchdog:
         version = kclient.VersionApi(self._api)
         while True:
             try:
-                await asyncio.wait_for(version.get_code(), self.API_CHECK_S / 2)
+                with suppress_instrumentation():  # a health check every 10 s is not worth a trace
+                    await asyncio.wait_for(version.get_code(), self.API_CHECK_S / 2)
             except Exception as exc:  # any failure: readiness says so once it lasts
                 log.debug("apiserver check failed: %r", exc)
             else:

@@ -4,10 +4,13 @@ Publisher and consumer middleware follow the OpenTelemetry messaging conventions
 (``messaging.system=nats``, ``messaging.destination.name``, ``messaging.message.id``).
 
 :func:`configure` (called once by the service lifecycle) sets up the SDK from the standard ``OTEL_*``
-variables: spans are exported over OTLP/HTTP (protobuf) when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set, and not at all otherwise (or with
+variables: spans are exported over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set — HTTP/protobuf by default, gRPC with
+``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=grpc`` — and not at all otherwise (or with
 ``OTEL_TRACES_EXPORTER=none`` / ``OTEL_SDK_DISABLED=true``). ``OTEL_SERVICE_NAME`` and
-``OTEL_RESOURCE_ATTRIBUTES`` are honoured; the service name defaults to ``kaiten-<service>``.
+``OTEL_RESOURCE_ATTRIBUTES`` are honoured; the service name defaults to ``kaiten-<service>``. Every
+kube and ARM request (both clients are aiohttp's) is a client span, by OpenTelemetry's aiohttp
+instrumentation.
 
 Work that a reconcile loop finishes later (nodes ready, a deployment running) continues the trace of
 the event that started it: the handler keeps :func:`carrier` in its KV record and the pass resumes it
@@ -18,13 +21,19 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.trace import Span, SpanKind
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export import SpanExporter
+
 tracer = trace.get_tracer("kaiten")
+FLUSH_S = 3.0  # the longest a stopping service waits for its last spans to leave
 log = logging.getLogger("kaiten.telemetry")
 
 
@@ -39,22 +48,70 @@ def configure(service: str) -> Callable[[], None] | None:
     if not (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
         return None
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-    if protocol and protocol != "http/protobuf":
+    protocol = protocol or "http/protobuf"
+    if protocol not in ("http/protobuf", "grpc"):
         raise SystemExit(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: Kaiten exports traces over http/protobuf only "
-            "(point it at the collector's OTLP/HTTP port, 4318)"
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol}: Kaiten exports traces over http/protobuf (the "
+            "collector's port 4318) or grpc (4317)"
         )
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     attributes = {} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: f"kaiten-{service}"}
-    provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # endpoint, headers: OTEL_*
+    # shut down by the lifecycle, bounded (below): not again at exit, where an absent collector would
+    # hold the process through the exporter's retries
+    provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(_exporter(protocol)))  # endpoint, headers: OTEL_*
     trace.set_tracer_provider(provider)
-    log.info("traces exported over OTLP/HTTP as %s", provider.resource.attributes.get(SERVICE_NAME))
-    return provider.shutdown
+    AioHttpClientInstrumentor().instrument(  # before any client session exists
+        tracer_provider=provider,
+        request_hook=lambda span, params: span.update_name(f"{params.method} {route(params.url.path)}"),
+    )
+    log.info("traces exported over OTLP (%s) as %s", protocol, provider.resource.attributes.get(SERVICE_NAME))
+
+    def shutdown() -> None:
+        """Flush what is batched, for at most ``FLUSH_S``: a collector that is down must not hold a
+        stopping service past its grace (the exporter retries for up to 10 s per batch)."""
+        AioHttpClientInstrumentor().uninstrument()
+        flushing = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+        flushing.start()
+        flushing.join(FLUSH_S)
+        if flushing.is_alive():
+            log.warning("traces not all exported within %.0fs (is the collector up?); dropping them", FLUSH_S)
+
+    return shutdown
+
+
+def route(path: str) -> str:
+    """The resource a kube or ARM request is about, without names (a span name has few values):
+    ``/apis/kaito.sh/v1beta1/namespaces/ns/workspaces/w/status`` → ``workspaces/status``,
+    ``/subscriptions/s/resourceGroups/g/…/managedClusters/c/agentPools/p`` → ``agentPools``."""
+    parts = [part for part in path.split("/") if part]
+    if "oauth2" in parts:  # a sign-in (Microsoft Entra): /<tenant>/oauth2/v2.0/token
+        return "/".join(parts[parts.index("oauth2") :])
+    if parts[:1] == ["subscriptions"]:  # ARM: collection/name pairs; the collection is what counts
+        return parts[-1] if len(parts) % 2 else parts[-2]
+    if parts[:1] == ["api"]:
+        parts = parts[2:]  # api/v1
+    elif parts[:1] == ["apis"]:
+        parts = parts[3:]  # apis/<group>/<version>
+    if parts[:1] == ["namespaces"] and len(parts) > 2:
+        parts = parts[2:]
+    if not parts:
+        return path
+    return f"{parts[0]}/{parts[2]}" if len(parts) > 2 else parts[0]
+
+
+def _exporter(protocol: str) -> SpanExporter:
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+
+        return Grpc()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    return Http()
 
 
 def carrier() -> dict[str, str]:

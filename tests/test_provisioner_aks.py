@@ -24,6 +24,7 @@ from tests.arm_server import GPUS, ArmServer
 from tests.conftest import Kubectl, Services, http_get, until
 from tests.test_planner_e2e import condition, manifest
 from tests.test_provisioner_e2e import events_of
+from tests.test_tracing import Receiver, receiver  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
 SECRET = "test-secret-do-not-log"
@@ -193,7 +194,12 @@ async def test_pool_created_resized_deleted(
 
 
 async def test_throttling_quota_and_a_sigkill_mid_creation(
-    kubectl: Kubectl, namespace: str, nc: Client, services: Services, arm: ArmServer
+    kubectl: Kubectl,
+    namespace: str,
+    nc: Client,
+    services: Services,
+    arm: ArmServer,
+    receiver: Receiver,  # noqa: F811 - the fixture imported above
 ) -> None:
     # A 429 storm on the create: the SDK backs off as Retry-After says, and the pool still comes.
     arm.fail(
@@ -232,8 +238,9 @@ async def test_throttling_quota_and_a_sigkill_mid_creation(
     first.proc.wait()  # type: ignore[union-attr]
     port_file = services.log_dir / "provisioner.port"
     await services.start_ready(
-        "services.provisioner", **aks_env(arm), KAITEN_PROBE_PORT="0", KAITEN_PROBE_PORT_FILE=str(port_file)
-    )
+        "services.provisioner", **aks_env(arm), KAITEN_PROBE_PORT="0", KAITEN_PROBE_PORT_FILE=str(port_file),
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY="100",
+    )  # fmt: skip
     quota = pool_of(namespace, "quota", apply(kubectl, namespace, "quota", "Standard_NC24s_v3"))
 
     for name in ("throttled", "killed"):
@@ -268,6 +275,15 @@ async def test_throttling_quota_and_a_sigkill_mid_creation(
     assert status == 200
     assert 'kaiten_provider_errors_total{code="QuotaExceeded",provider="aks",status="400"} 1.0' in metrics
     assert 'kaiten_provider_calls_total{operation="ensure",outcome="failed",provider="aks"} 1.0' in metrics
+    # … and in traces: every ARM call (and the sign-in) is a span under the provider's ensure
+    await until(
+        lambda: (
+            {"aks ensure", "PUT agentPools", "GET agentPools", "POST oauth2/v2.0/token"}
+            <= {s.name for s in receiver.spans if s.service == "kaiten-provisioner"}
+        ),
+        timeout=10,
+        what=f"ARM spans: {sorted({s.name for s in receiver.spans})}",
+    )
     no_secret_anywhere(services, kubectl, namespace)
 
 

@@ -11,15 +11,21 @@ import gzip
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -61,6 +67,32 @@ class Receiver(ThreadingHTTPServer):
             return [s for s in self.spans if s.trace == trace]
 
 
+def spans_of(request: ExportTraceServiceRequest) -> list[Span]:
+    got = []
+    for resource_spans in request.resource_spans:
+        attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+        for scope in resource_spans.scope_spans:
+            got += [
+                Span(attrs["service.name"], s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name)
+                for s in scope.spans
+            ]
+    return got
+
+
+class GrpcReceiver(TraceServiceServicer):
+    """An OTLP/gRPC trace receiver: the collector's ``TraceService/Export`` on a loopback port."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    def Export(self, request: ExportTraceServiceRequest, context: object) -> ExportTraceServiceResponse:
+        self.spans += spans_of(request)
+        return ExportTraceServiceResponse()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: Receiver
 
@@ -68,21 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
-        request = ExportTraceServiceRequest.FromString(body)
-        got = []
-        for resource_spans in request.resource_spans:
-            attrs = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope in resource_spans.scope_spans:
-                got += [
-                    Span(
-                        attrs["service.name"],
-                        s.trace_id.hex(),
-                        s.span_id.hex(),
-                        s.parent_span_id.hex(),
-                        s.name,
-                    )
-                    for s in scope.spans
-                ]
+        got = spans_of(ExportTraceServiceRequest.FromString(body))
         with self.server.lock:
             self.server.spans += got
         reply = ExportTraceServiceResponse().SerializeToString()
@@ -257,13 +275,35 @@ async def test_one_trace_from_apply_to_inference_ready(
         ("kaiten-planner", "kaiten.plan.resolved publish"),
         ("kaiten-provisioner", "kaiten.plan.resolved process"),
         ("kaiten-provisioner", "nodeclaim ensure"),
+        ("kaiten-provisioner", "POST nodeclaims"),  # a kube call is a client span
         ("kaiten-provisioner", "kaiten.nodes.ready publish"),  # from a reconcile pass: the trace goes on
         ("kaiten-workload", "kaiten.nodes.ready process"),
         ("kaiten-workload", "ray deploy"),
         ("kaiten-workload", "kaiten.workload.inference_ready publish"),  # the workload's reconcile pass
         ("kaiten-watcher", "kaiten.workload.inference_ready process"),  # the status writer
+        ("kaiten-watcher", "PATCH workspaces/status"),  # … and its status patch
     ]:
         assert expected in names, f"{expected} missing from\n{shown}"
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/apis/kaito.sh/v1beta1/namespaces/ns/workspaces/w/status", "workspaces/status"),
+        ("/apis/kaito.sh/v1beta1/workspaces", "workspaces"),
+        ("/apis/karpenter.sh/v1/nodeclaims/c1", "nodeclaims"),
+        ("/api/v1/namespaces/ns/events", "events"),
+        ("/api/v1/namespaces/ns", "namespaces"),
+        ("/version", "version"),
+        ("/tenant-kaiten/oauth2/v2.0/token", "oauth2/v2.0/token"),
+        ("/subscriptions/s/resourceGroups/g/providers/Microsoft.ContainerService/managedClusters/c/agentPools/p",
+         "agentPools"),
+        ("/subscriptions/s/resourceGroups/g/providers/Microsoft.ContainerService/managedClusters/c/agentPools",
+         "agentPools"),
+    ],
+)  # fmt: skip
+def test_kube_and_arm_spans_are_named_by_resource_not_by_object(path: str, name: str) -> None:
+    assert telemetry.route(path) == name
 
 
 def test_tracing_is_off_unless_the_environment_says_where(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,6 +314,35 @@ def test_tracing_is_off_unless_the_environment_says_where(monkeypatch: pytest.Mo
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert telemetry.configure("planner") is None
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-    with pytest.raises(SystemExit, match="http/protobuf"):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(SystemExit, match=r"http/protobuf .* or grpc"):
         telemetry.configure("planner")
+
+
+@pytest.mark.timeout(120)
+async def test_traces_leave_over_grpc_too_with_a_span_per_kube_call(
+    kubectl: Kubectl, namespace: str, services: Services
+) -> None:
+    receiver = GrpcReceiver()
+    receiver.server.start()
+    try:
+        await services.start_ready(
+            "services.watcher",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{receiver.port}",
+            OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+        ws = manifest("grpc", "phi-3-mini-4k-instruct", "Standard_NC12s_v3")
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=ws, check=True)
+
+        def names() -> set[tuple[str, str]]:
+            return {(s.service, s.name) for s in list(receiver.spans)}
+
+        expected = {
+            ("kaiten-watcher", "workspace observe"),  # the root of the Workspace's trace
+            ("kaiten-watcher", "GET workspaces"),  # the apiserver list, as an aiohttp client span
+            ("kaiten-watcher", "PATCH workspaces"),  # the finalizer
+        }
+        await until(lambda: expected <= names(), timeout=30, what=f"{expected} over gRPC: {names()}")
+    finally:
+        receiver.server.stop(grace=None).wait(10)
