@@ -114,6 +114,15 @@ def _exporter(protocol: str) -> SpanExporter:
     return Http()
 
 
+def forwarded_env(service: str) -> dict[str, str]:
+    """The ``OTEL_*`` variables of this process, for a process it starts (a tuning job) to export its
+    spans to the same place under its own name; empty when tracing is off here."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("OTEL_")}
+    if not (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+        return {}
+    return {**env, "OTEL_SERVICE_NAME": f"kaiten-{service}"}
+
+
 def carrier() -> dict[str, str]:
     """The current trace context as headers (``traceparent``), to keep with work that goes on later."""
     return inject_headers({})

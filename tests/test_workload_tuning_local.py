@@ -15,9 +15,10 @@ from shared import events as ev
 from shared.local.procs import free_port
 from shared.local.ray_head import RayHead
 from shared.oci import pull
-from tests.conftest import Kubectl, Services, start_local_chain
+from tests.conftest import Kubectl, Services, start_local_chain, until
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of
+from tests.test_tracing import Receiver, receiver, tree  # noqa: F401  (a fixture)
 from tests.test_tuning import PASSWORD, USER, data_dir, data_url, push_secret, registry  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
@@ -34,6 +35,7 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     registry: str,  # noqa: F811
     push_secret: Path,  # noqa: F811
     tmp_path: Path,
+    receiver: Receiver,  # noqa: F811
 ) -> None:
     kubectl.run(
         "create", "secret", "docker-registry", "push-secret", "-n", namespace, f"--docker-server={registry}",
@@ -52,9 +54,11 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     }  # fmt: skip
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(configmap), check=True)
     work = tmp_path / "workload"
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     await start_local_chain(
-        services, ray_dashboard, free_port(), KAITEN_ALLOW_LOOPBACK_URLS="true", KAITEN_WORK_DIR=str(work)
-    )
+        services, ray_dashboard, free_port(), KAITEN_ALLOW_LOOPBACK_URLS="true", KAITEN_WORK_DIR=str(work),
+        **otel,
+    )  # fmt: skip
     image = f"{registry}/adapters/tuned:0.1"
     workspace = {
         "apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace", "metadata": {"name": "tune"},
@@ -82,6 +86,20 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     pulled = pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
     assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
     assert PASSWORD not in services.logs() and PASSWORD not in json.dumps(obj)
+
+    # the job continued the workload's trace: its own spans (the workload passed OTEL_* on), and the
+    # trace context its JobSucceeded event carried
+    def job_spans() -> set[str]:
+        with receiver.lock:
+            submits = [s for s in receiver.spans if s.name == "tuning job submit"]
+            return {s.name for s in receiver.spans if submits and s.trace == submits[0].trace
+                    and s.service == "kaiten-tuning"}  # fmt: skip
+
+    published = f"kaiten.workload.job_succeeded.{namespace}.tune publish"
+    wanted = {"tuning job", "tuning download", "tuning train", "tuning push", published}
+    await until(lambda: wanted <= job_spans(), timeout=30, what=f"the job's spans: {job_spans()}")
+    submit = next(s for s in receiver.spans if s.name == "tuning job submit")
+    print(f"trace {submit.trace}:\n{tree(receiver.trace_of(submit.trace))}")
 
     kubectl.run("delete", "-n", namespace, "workspace/tune", "--timeout=60s", check=True)
     assert not (work / f"{namespace}.tune").exists()  # the job config and the secret copy are gone

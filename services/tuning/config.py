@@ -118,6 +118,8 @@ class TuningJobConfig(BaseModel):
     allow_loopback_urls: bool = False  # local runs and tests; never in a cluster
     max_download_bytes: int = 2 << 30
     threads: int = Field(default=0, ge=0)  # torch threads; 0: torch's default
+    # the workload's trace context (traceparent): the job's spans and events join it
+    trace: dict[str, str] = {}
 
     @model_validator(mode="after")
     def _input(self) -> TuningJobConfig:

@@ -26,6 +26,7 @@ from services.tuning.download import DownloadError, download
 from services.tuning.push import PushError, check_access, push
 from services.tuning.train import Progress, Result, TrainingError, train
 from shared import events as ev
+from shared import telemetry
 
 log = logging.getLogger("kaiten.tuning")
 EXPECTED = (DownloadError, DatasetError, TrainingError, PushError)
@@ -137,9 +138,10 @@ async def run(config: TuningJobConfig, on_progress: Any = lambda p: None) -> tup
     left = config.max_download_bytes  # for all the inputs together, not each
     for i, url in enumerate(config.urls()):
         try:
-            got = await asyncio.to_thread(
-                download, url, inputs, allow_loopback=config.allow_loopback_urls, max_bytes=left, index=i
-            )
+            with telemetry.span("tuning download", **{"kaiten.input.index": i}):  # never the URL: a SAS
+                got = await asyncio.to_thread(
+                    download, url, inputs, allow_loopback=config.allow_loopback_urls, max_bytes=left, index=i
+                )
         except DownloadError as exc:
             if exc.reason == "InputTooLarge" and left < config.max_download_bytes:
                 raise DownloadError(
@@ -155,26 +157,36 @@ async def run(config: TuningJobConfig, on_progress: Any = lambda p: None) -> tup
         files += found
     rows = conversations(files, config.sections.dataset)
     log.info("%d conversation(s) from %d file(s)", len(rows), len(files))
-    model_dir = await asyncio.to_thread(resolve, config.source)
-    result = await asyncio.to_thread(train, model_dir, rows, config, work, on_progress)
+    with telemetry.span("tuning load model", preset=config.preset):
+        model_dir = await asyncio.to_thread(resolve, config.source)
+    with telemetry.span("tuning train", method=config.method, rows=len(rows)):
+        result = await asyncio.to_thread(train, model_dir, rows, config, work, on_progress)
     outputs = []
     if config.output.directory:
         target = Path(config.output.directory)
         await asyncio.to_thread(shutil.copytree, result.adapter_dir, target, dirs_exist_ok=True)
         outputs.append(str(target))
     if config.output.image:
-        digest = await asyncio.to_thread(
-            push,
-            result.adapter_dir,
-            config.output.image,
-            config.output.push_secret,
-            insecure=config.output.insecure,
-        )
+        with telemetry.span("tuning push", image=config.output.image):
+            digest = await asyncio.to_thread(
+                push,
+                result.adapter_dir,
+                config.output.image,
+                config.output.push_secret,
+                insecure=config.output.insecure,
+            )
         outputs.append(f"{config.output.image}@{digest}" if digest else config.output.image)
     return ", ".join(outputs), result
 
 
 async def amain(config: TuningJobConfig) -> int:
+    """The job under the workload's trace (``config.trace``): its spans, and the trace context its
+    events carry, continue the Workspace's trace."""
+    with telemetry.resumed(config.trace), telemetry.span("tuning job", job=config.job):
+        return await _amain(config)
+
+
+async def _amain(config: TuningJobConfig) -> int:
     reporter = Reporter(config, asyncio.get_running_loop())
     await reporter.open()
     try:
@@ -212,4 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s tuning %(name)s: %(message)s")
     config = TuningJobConfig.load(args.config)
-    sys.exit(asyncio.run(amain(config)))
+    stop_tracing = telemetry.configure("tuning")  # from OTEL_* (the workload passes its own on)
+    try:
+        code = asyncio.run(amain(config))
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()
+    sys.exit(code)

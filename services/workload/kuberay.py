@@ -501,9 +501,11 @@ def rayjob(
     host: HostNetwork | None = None,
     nats_secret: str | None = None,
     inputs_secret: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``nats_secret``: a Secret whose ``password`` is the job's NATS password (see ``nats_secret``);
-    ``inputs_secret``: one whose ``urls`` are the input URLs (see ``inputs_secret``)."""
+    ``inputs_secret``: one whose ``urls`` are the input URLs (see ``inputs_secret``); ``env``: plain
+    variables for the job (where its traces go)."""
     tuning = workspace.tuning
     if tuning is None:
         raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
@@ -516,9 +518,10 @@ def rayjob(
         {"name": "tuning-config", "mountPath": CONFIG_PATH, "readOnly": True},
         {"name": "tuning-work", "mountPath": WORK_PATH},
     ]
-    env = [secret_env(NATS_PASSWORD_ENV, nats_secret, NATS_SECRET_KEY)] if nats_secret else []
+    plain = [{"name": key, "value": value} for key, value in sorted((env or {}).items())]
+    env_list = plain + ([secret_env(NATS_PASSWORD_ENV, nats_secret, NATS_SECRET_KEY)] if nats_secret else [])
     if inputs_secret:
-        env.append(secret_env(INPUT_URLS_ENV, inputs_secret, INPUT_URLS_KEY))
+        env_list.append(secret_env(INPUT_URLS_ENV, inputs_secret, INPUT_URLS_KEY))
     if tuning.output.image_push_secret:
         volumes.append(
             {
@@ -536,7 +539,7 @@ def rayjob(
             "jobId": submission_id,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
-            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env),
+            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env_list),
         },
     }
 

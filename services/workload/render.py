@@ -131,6 +131,7 @@ def tuning_config(
     allow_loopback_urls: bool,
     nats_user: str | None = None,
     urls_env: str | None = None,
+    trace: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates).
 
@@ -138,7 +139,9 @@ def tuning_config(
     cluster fills from a Secret: a URL may carry a credential).
 
     ``nats_user``: the job's own NATS user (its password reaches it as an environment variable from a
-    Secret); it may publish its events and receive replies on its own inbox, not manage the stream."""
+    Secret); it may publish its events and receive replies on its own inbox, not manage the stream.
+
+    ``trace``: the submitting span's context (``telemetry.carrier()``), which the job continues."""
     tuning = workspace.tuning
     if tuning is None:
         raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
@@ -176,6 +179,7 @@ def tuning_config(
         "workspace": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid, "generation": generation},
         "nats_url": nats_url,
         "allow_loopback_urls": allow_loopback_urls,
+        **({"trace": trace} if trace else {}),
         **(
             {"nats_user": nats_user, "nats_inbox_prefix": f"_INBOX_{nats_user}", "declare_stream": False}
             if nats_user

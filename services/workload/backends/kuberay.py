@@ -45,6 +45,7 @@ from services.workload.kuberay import (
     tuning_names,
 )
 from services.workload.render import tuning_config
+from shared import telemetry
 from shared.bus.errors import InvalidInput
 from shared.kube.errors import api_message, classify
 
@@ -244,6 +245,7 @@ class KubeRay:
             allow_loopback_urls=False,
             nats_user=self._tuning_nats[0] if self._tuning_nats else None,
             urls_env=INPUT_URLS_ENV,
+            trace=telemetry.carrier(),
         )
         secret = nats_secret(ref, version, generation, self._tuning_nats[1]) if self._tuning_nats else None
         inputs = inputs_secret(ref, version, generation, list(target.workspace.tuning.input.urls))
@@ -258,6 +260,7 @@ class KubeRay:
             host=self._host,
             nats_secret=secret["metadata"]["name"] if secret else None,
             inputs_secret=inputs["metadata"]["name"],
+            env=telemetry.forwarded_env("tuning"),  # its spans go where ours go
         )
         await self._fence(target)
         if secret is not None:

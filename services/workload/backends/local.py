@@ -26,6 +26,7 @@ from services.workload.render import (
     serve_application,
     tuning_config,
 )
+from shared import telemetry
 from shared.bus.errors import Transient
 from shared.kube.errors import classify
 
@@ -116,8 +117,14 @@ class LocalJobs:
     def __init__(self, ray: LocalRay) -> None:
         self._ray = ray
 
-    async def submit(self, submission_id: str, entrypoint: str) -> None:
-        body = {"entrypoint": entrypoint, "submission_id": submission_id, "metadata": {"kaiten": "tuning"}}
+    async def submit(self, submission_id: str, entrypoint: str, env: dict[str, str] | None = None) -> None:
+        body: dict[str, Any] = {
+            "entrypoint": entrypoint,
+            "submission_id": submission_id,
+            "metadata": {"kaiten": "tuning"},
+        }
+        if env:
+            body["runtime_env"] = {"env_vars": env}
         response = await self._ray.request("POST", "/api/jobs/", json=body)
         if response.status_code == 200 or "already exists" in response.text:
             return  # a redelivery, restart or second replica: the id is the idempotency key
@@ -211,10 +218,15 @@ class LocalBackend:
             nats_url=self._nats_url,
             work_dir=str(work / "job"),
             allow_loopback_urls=self._allow_loopback,
+            trace=telemetry.carrier(),
         )
         path = work / "job.yaml"
         await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
-        await self._jobs.submit(target.job, f"{sys.executable} -m services.tuning --config {path}")
+        await self._jobs.submit(
+            target.job,
+            f"{sys.executable} -m services.tuning --config {path}",
+            env=telemetry.forwarded_env("tuning"),  # its spans go where ours go
+        )
 
     async def job_status(self, target: Target) -> tuple[JobState, str]:
         return await self._jobs.status(target.job)
