@@ -20,9 +20,10 @@ from shared.local import controlplane, gotools
 from shared.local.nats_server import nats_server_binary
 from shared.local.procs import ManagedProcess, free_port, port_open
 from tests.conftest import REPO, Services, http_get, until
+from tests.test_watcher_e2e import KAITEN
 
 CHART = REPO / "deploy" / "helm" / "kaiten"
-USERS = ("watcher", "planner", "provisioner", "workload", "tuning")
+USERS = ("watcher", "planner", "provisioner", "workload", "tuning", "viewer")
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -151,3 +152,63 @@ async def test_a_tuning_job_reports_with_the_charts_tuning_user(
         await reporter.publish(lambda **common: ev.TuningProgress(step=1, total_steps=2, **common))
     finally:
         await reporter.close()
+
+
+@pytest.mark.nats
+async def test_kaiten_events_follows_a_clusters_bus_as_the_read_only_viewer(
+    tls_nats: tuple[str, Path, dict[str, str]],
+) -> None:
+    """What a user runs after `kubectl port-forward` to the chart's NATS: `kaiten events` as `viewer`
+    replays and follows; the viewer can neither publish an event nor create a consumer."""
+    from shared import events as ev
+    from shared.bus.errors import Transient
+    from shared.bus.publishing import Publisher
+    from shared.bus.streams import declare_stream
+
+    url, ca, passwords = tls_nats
+    tls = ssl.create_default_context(cafile=str(ca))
+
+    async def as_user(user: str) -> nats.aio.client.Client:
+        return await nats.connect(
+            url, user=user, password=passwords[user], tls=tls, inbox_prefix=f"_INBOX_{user}",
+            connect_timeout=5, allow_reconnect=False,
+        )  # fmt: skip
+
+    watcher, planner = await as_user("watcher"), await as_user("planner")
+    ref = ev.WorkspaceRef(namespace="team-a", name="ws", uid="u-1")
+    try:
+        await declare_stream(watcher.jetstream())  # as every service does at start
+        await Publisher(planner.jetstream()).publish(ev.PlanResolved(workspace=ref, generation=1, plan={}))
+        env = {**os.environ, "KAITEN_NATS_PASSWORD": passwords["viewer"]}
+        viewer_cli = [str(KAITEN), "events", "-n", "team-a", "--nats", url, "--nats-user", "viewer",
+                      "--nats-ca", str(ca), "--timeout", "30"]  # fmt: skip
+        replayed = subprocess.run([*viewer_cli, "--since", "10m", "--count", "1"], env=env,
+                                  capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert replayed.returncode == 0, replayed.stderr
+        assert "team-a/ws" in replayed.stdout and "plan.resolved" in replayed.stdout, replayed.stdout
+        following = subprocess.Popen([*viewer_cli, "--count", "1"], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        await asyncio.sleep(3)  # connected and subscribed
+        await Publisher(watcher.jetstream()).publish(ev.WorkspaceDeleting(workspace=ref, generation=1))
+        out, err = following.communicate(timeout=40)
+        assert following.returncode == 0 and "workspace.deleting" in out, (out, err)
+        before = (await watcher.jetstream().stream_info(ev.STREAM)).state.last_seq
+    finally:
+        await watcher.close()
+        await planner.close()
+    viewer = await as_user("viewer")
+    try:
+        deleting = ev.WorkspaceDeleting(
+            workspace=ev.WorkspaceRef(namespace="x", name="y", uid="z"), generation=1
+        )
+        with pytest.raises(Transient, match="failed after 1 attempts"):  # refused: no ack ever comes
+            await Publisher(viewer.jetstream(), timeout=1, attempts=1).publish(deleting)
+        with pytest.raises(nats.errors.TimeoutError):
+            await viewer.jetstream(timeout=1).add_consumer(ev.STREAM, durable_name="sneaky")
+    finally:
+        await viewer.close()
+    watcher = await as_user("watcher")
+    try:
+        assert (await watcher.jetstream().stream_info(ev.STREAM)).state.last_seq == before  # nothing stored
+    finally:
+        await watcher.close()

@@ -33,6 +33,7 @@ def stream_config(name: str = STREAM, subjects_root: str = SUBJECT_ROOT) -> Stre
         storage=StorageType.FILE,
         duplicate_window=DUPLICATE_WINDOW_S,
         max_age=MAX_AGE_S,
+        allow_direct=True,  # `kaiten events --since` reads stored events by direct get (read-only)
     )
 
 

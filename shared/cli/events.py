@@ -1,4 +1,5 @@
-"""``kaiten events``: follow status events from the stream (an ordered, ephemeral consumer)."""
+"""``kaiten events``: follow status events as they are published, after replaying the stored ones
+(``--since``) with JetStream's direct get — what the chart's read-only ``viewer`` NATS user may do."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ import datetime as dt
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 import httpx
 import msgspec
+from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import events as ev
 from shared.bus.connection import connect
+from shared.bus.errors import BusUnavailable
 
 ENVELOPE = {"schema", "event_id", "workspace", "generation", "correlation_id", "occurred_at"}
 QUIET_KINDS = {"workspace.observed", "tuning.progress"}  # shown only with --all-events
@@ -51,9 +55,21 @@ def as_json(event: ev.AnyEvent) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class BusAccess:
+    """How ``kaiten events`` reaches the bus: ``kaiten up``'s (no user), or a cluster's NATS as the
+    chart's read-only ``viewer`` (through ``kubectl port-forward``, say)."""
+
+    url: str
+    user: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    credentials: str | None = None
+
+
 async def follow(
     *,
-    nats_url: str,
+    bus: BusAccess,
     namespace: str | None,
     name: str | None,
     since: dt.datetime | None,
@@ -63,37 +79,85 @@ async def follow(
     everything: bool,
     out: TextIO,
 ) -> int:
-    nc = await connect(nats_url, name="kaiten-events", connect_timeout=5, max_reconnect_attempts=5)
-    js = nc.jetstream()
+    """Print events as they are published (a plain subscription); with ``since``, first the stored
+    ones from then on (JetStream's direct get: read-only, no consumer to create). An event both
+    replayed and received live is printed once (its ``Nats-Msg-Id``)."""
+    nc = await connect(
+        bus.url,
+        name="kaiten-events",
+        connect_timeout=5,
+        max_reconnect_attempts=5,
+        user=bus.user,
+        password=bus.password,
+        inbox_prefix=f"_INBOX_{bus.user}" if bus.user else "_INBOX",
+        ca_file=bus.ca_file,
+        user_credentials=bus.credentials,
+    )
     subject = ev.subject_filter("*", "*", namespace or "*", name or "*")
-    kwargs: dict[str, Any] = {"ordered_consumer": True}
-    if since is not None:
-        kwargs["deliver_policy"] = DeliverPolicy.BY_START_TIME
-        kwargs["config"] = _start_time_config(since)
-    else:
-        kwargs["deliver_policy"] = DeliverPolicy.NEW
-    sub = await js.subscribe(subject, **kwargs)
+    live = await nc.subscribe(subject)  # first: nothing published during the replay is missed
+    seen: set[str] = set()
     shown = 0
+
+    def show(data: bytes, headers: dict[str, str] | None) -> bool:
+        """Print one event (unless seen, quiet or unknown); True once ``count`` are shown."""
+        nonlocal shown
+        key = (headers or {}).get("Nats-Msg-Id")
+        if key is not None:
+            if key in seen:
+                return False
+            seen.add(key)
+        try:
+            event = ev.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return False  # a newer schema we do not know: skip rather than crash the viewer
+        if not everything and event.kind in QUIET_KINDS:
+            return False
+        print(_render(event, as_json), file=out, flush=True)
+        shown += 1
+        return count is not None and shown >= count
+
     try:
         async with asyncio.timeout(stop_after):
-            async for msg in sub.messages:
-                try:
-                    event = ev.decode(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue  # a newer schema we do not know: skip rather than crash the viewer
-                if not everything and event.kind in QUIET_KINDS:
-                    continue
-                print(_render(event, as_json), file=out, flush=True)
-                shown += 1
-                if count is not None and shown >= count:
-                    break
+            done = False
+            if since is not None:
+                async for data, headers in stored_since(nc, subject, since):
+                    if done := show(data, headers):
+                        break
+            if not done:
+                async for msg in live.messages:
+                    if show(msg.data, msg.headers):
+                        break
     except TimeoutError:
         pass
     finally:
         with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+            await live.unsubscribe()
         await nc.close()
     return 0 if count is None or shown >= count else 1
+
+
+async def stored_since(
+    nc: Client, subject: str, since: dt.datetime
+) -> AsyncIterator[tuple[bytes, dict[str, str] | None]]:
+    """The stream's messages on ``subject`` from ``since`` on, in order, by direct get (what a
+    read-only user may do: ``$JS.API.DIRECT.GET.KAITEN``), until there are no more."""
+    request: dict[str, Any] = {
+        "start_time": since.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
+        "next_by_subj": subject,
+    }
+    while True:
+        reply = await nc.request(f"$JS.API.DIRECT.GET.{ev.STREAM}", json.dumps(request).encode(), timeout=5)
+        headers = reply.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return  # no (more) message
+        if status:
+            raise BusUnavailable(f"reading the stream: {status} {headers.get('Description', '')}".strip())
+        yield reply.data, {k: v for k, v in headers.items() if k not in _DIRECT_GET_HEADERS}
+        request = {"seq": int(headers["Nats-Sequence"]) + 1, "next_by_subj": subject}
+
+
+_DIRECT_GET_HEADERS = {"Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Stamp", "Nats-Num-Pending"}
 
 
 def _render(event: ev.AnyEvent, json_lines: bool) -> str:

@@ -27,7 +27,7 @@ import shtab
 from shared.bus.errors import BusUnavailable
 from shared.cli import local
 from shared.cli import plan as plan_cmd
-from shared.cli.events import follow
+from shared.cli.events import BusAccess, follow
 
 
 def parse_since(text: str) -> dt.datetime:
@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument(
         "--nats", default=None, help="NATS URL (default: $KAITEN_NATS_URL, then `kaiten up`'s)"
     )
+    events.add_argument(
+        "--nats-user",
+        default=os.environ.get("KAITEN_NATS_USER"),
+        help="a cluster's NATS user, e.g. the chart's read-only `viewer` (its password: "
+        "$KAITEN_NATS_PASSWORD; default: $KAITEN_NATS_USER)",
+    )
+    events.add_argument(
+        "--nats-ca", default=os.environ.get("KAITEN_NATS_CA_FILE"), help="CA bundle for a tls:// URL"
+    )
+    events.add_argument("--nats-creds", default=None, help="a NATS .creds file (JWT accounts)")
 
     plan_cmd.add_parser(sub)
 
@@ -126,7 +136,14 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "events":
         return asyncio.run(
             follow(
-                nats_url=args.nats or default_nats_url(),
+                bus=BusAccess(
+                    url=args.nats or default_nats_url(),
+                    user=args.nats_user,
+                    password=os.environ.get("KAITEN_NATS_PASSWORD")
+                    or None,  # never an argument: ps shows those
+                    ca_file=args.nats_ca,
+                    credentials=args.nats_creds,
+                ),
                 namespace=args.namespace,
                 name=args.name,
                 since=args.since,
