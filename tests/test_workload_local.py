@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from pathlib import Path
 
 import httpx
@@ -18,9 +19,10 @@ from services.tuning.push import push
 from shared import events as ev
 from shared.local.procs import free_port
 from shared.local.ray_head import RayHead
-from tests.conftest import REPO, Kubectl, Services, start_local_chain
+from tests.conftest import REPO, Kubectl, Services, start_local_chain, until
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of
+from tests.test_tracing import Receiver, receiver  # noqa: F401  (a fixture)
 from tests.test_tuning import PASSWORD, USER, push_secret, registry  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
@@ -28,10 +30,16 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.nats, pytest.mark.slow]
 
 @pytest.mark.timeout(240)  # measured 57 s (cold model cache)
 async def test_local_example_is_served_and_answers(
-    kubectl: Kubectl, namespace: str, nc: Client, services: Services, ray_dashboard: RayHead
+    kubectl: Kubectl,
+    namespace: str,
+    nc: Client,
+    services: Services,
+    ray_dashboard: RayHead,
+    receiver: Receiver,  # noqa: F811
 ) -> None:
     serve_port = free_port()
-    await start_local_chain(services, ray_dashboard, serve_port)
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    await start_local_chain(services, ray_dashboard, serve_port, **otel)
     kubectl.run(
         "apply",
         "-n",
@@ -52,12 +60,19 @@ async def test_local_example_is_served_and_answers(
         if isinstance(e, ev.InferenceReady)
     ]
     assert ready.endpoint == f"http://127.0.0.1:{serve_port}/{namespace}/workspace-smollm2"
+    caller = secrets.token_hex(16)  # a client's trace: the replica's request span continues it
     answer = httpx.post(
         f"{ready.endpoint}/chat",
         json={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        headers={"traceparent": f"00-{caller}-{secrets.token_hex(8)}-01"},
         timeout=120,
     )
     assert answer.status_code == 200 and "Paris" in answer.json()["Result"], answer.text
+    await until(
+        lambda: [s for s in receiver.trace_of(caller) if s.service == "kaiten-serving" and "/chat" in s.name],
+        timeout=30,
+        what=f"the replica's span in the caller's trace: {sorted({(s.service, s.name) for s in receiver.spans})}",  # noqa: E501
+    )
     models = httpx.get(f"{ready.endpoint}/v1/models", timeout=30).json()
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
 

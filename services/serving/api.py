@@ -18,6 +18,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.serving.auth import allowed, configured_key, presented_key
@@ -171,6 +172,12 @@ def make_app(
             return _error(request, 413, f"request body is {length} bytes; the limit is {limit}")
         response: Response = await call_next(request)
         return response
+
+    # Outermost: a server span per model request (not /health, /metrics), continuing the caller's trace
+    # (traceparent); spans go nowhere until the replica configures an exporter (app.Server).
+    app.add_middleware(
+        OpenTelemetryMiddleware, excluded_urls="/health,/metrics", exclude_spans=["receive", "send"]
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

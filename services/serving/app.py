@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.serving.api import Limits, make_app, set_process_engine
 from services.serving.engines.base import AdapterInfo, Engine
+from shared import telemetry
 from shared.model_sources import ModelSource, resolve
 
 SERVE_HEADROOM = 32  # requests a replica takes beyond what its engine queues: cheap ones, or 429s
@@ -155,6 +156,16 @@ def keep_internal_grpc_on_loopback() -> bool:
     return True
 
 
+_tracing: list[bool] = []  # configured in this replica process already
+
+
+def trace_requests() -> None:
+    """Export the replica's request spans (the app's OpenTelemetry middleware makes them) as the
+    workload's ``OTEL_*`` say, passed to the replica in its runtime env; once per process."""
+    if not _tracing:
+        _tracing.append(telemetry.configure("serving") is not None)
+
+
 def build(args: dict[str, Any]) -> Any:
     """Ray Serve application builder (``import_path: services.serving.app:build``)."""
     from ray import serve
@@ -179,6 +190,7 @@ def build(args: dict[str, Any]) -> Any:
     class Server:
         async def __init__(self, raw: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
             keep_internal_grpc_on_loopback()  # before Serve opens the server, after this returns
+            trace_requests()
             self.engine = build_engine(ServingConfig.model_validate(raw))
             await self.engine.start()
             set_process_engine(self.engine)

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from services.workload.render import SERVING_IMPORT_PATH, RenderError, app_name
+from services.workload.render import RenderError, serve_application
 from shared.api.workspace import PresetOptions, Workspace
 from shared.events import WorkspaceRef
 from shared.planning.model import Plan
@@ -368,20 +368,15 @@ def rayservice(
     image: str,
     generation: int,
     host: HostNetwork | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """``env``: variables for the serving replicas (where their traces go)."""
     http = {"host": "0.0.0.0", "port": SERVE_PORT}  # noqa: S104  (the Service reaches it)
     if host is not None:
         http = {"host": host.address, "port": host.serve}
     serve_config = {
         "http_options": http,
-        "applications": [
-            {
-                "name": app_name(ref),
-                "route_prefix": "/",
-                "import_path": SERVING_IMPORT_PATH,
-                "args": config,
-            }
-        ],
+        "applications": [{**serve_application(ref, config, env), "route_prefix": "/"}],
     }
     volumes, mounts = adapter_pull_volumes(workspace)
     return {

@@ -87,14 +87,20 @@ def serving_config(
     }
 
 
-def serve_application(ref: WorkspaceRef, config: dict[str, Any]) -> dict[str, Any]:
-    """One entry of a Serve config's ``applications`` (the REST API and RayService ``serveConfigV2``)."""
-    return {
+def serve_application(
+    ref: WorkspaceRef, config: dict[str, Any], env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One entry of a Serve config's ``applications`` (the REST API and RayService ``serveConfigV2``);
+    ``env``: variables for its replicas (where their traces go)."""
+    app: dict[str, Any] = {
         "name": app_name(ref),
         "route_prefix": route_prefix(ref),
         "import_path": SERVING_IMPORT_PATH,
         "args": config,
     }
+    if env:
+        app["runtime_env"] = {"env_vars": env}
+    return app
 
 
 def job_id(ref: WorkspaceRef, generation: int) -> str:

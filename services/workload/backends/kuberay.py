@@ -201,6 +201,7 @@ class KubeRay:
             image=self._image,
             generation=generation,
             host=self._host,
+            env=telemetry.forwarded_env("serving"),
         )
         current = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
         cluster = (current or {}).get("spec", {}).get("selector", {}).get("ray.io/cluster")

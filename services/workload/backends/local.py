@@ -184,7 +184,7 @@ class LocalBackend:
                 await self._secret_file(target, name, secrets / name, "InvalidPullSecret")
                 for name in adapter.get("pull_secrets", [])
             ]
-        await self._ray.deploy(serve_application(target.ref, config))
+        await self._ray.deploy(serve_application(target.ref, config, telemetry.forwarded_env("serving")))
         log.info("[%s] gen %d: %s deploying", target.ref.key, target.generation, app_name(target.ref))
 
     async def status(self, target: Target) -> tuple[State, str]:
