@@ -60,8 +60,9 @@ class Server:
 
 
 class Endpoint:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, replica_metrics: str | None = None) -> None:
         self.url = url
+        self.replica_metrics = replica_metrics  # the replica's own /metrics (on Ray Serve)
 
 
 @contextmanager
@@ -95,8 +96,9 @@ def on_ray_serve(serve_url: str, name: str, config: ServingConfig) -> Iterator[E
     from ray import serve
 
     serve.run(build(config.model_dump()), name=name, route_prefix=f"/{name}")
+    port = config.metrics_port
     try:
-        yield Endpoint(f"{serve_url}/{name}")
+        yield Endpoint(f"{serve_url}/{name}", f"http://127.0.0.1:{port}/metrics" if port else None)
     finally:
         serve.delete(name)
 
@@ -108,6 +110,8 @@ def server(request: pytest.FixtureRequest, model_dir: Path, adapter_dir: Path) -
             model_name=NAME,
             source=SMOLLM2,
             adapters=[AdapterSpec(name="style", path=str(adapter_dir))],
+            metrics_port=free_port(),  # each replica's own scrape target
+            metrics_host="127.0.0.1",
         )
         with on_ray_serve(request.getfixturevalue("serve_url"), "kaiten", config) as endpoint:
             yield endpoint
@@ -248,6 +252,11 @@ def test_metrics_and_health(server: Endpoint) -> None:
         assert name in families and families[name].samples[0].labels["model_name"] == NAME, name
     generated = families["vllm:generation_tokens"].samples[0]  # the parser drops _total from the name
     assert generated.value == families["kaiten_completion_tokens"].samples[0].value > 0
+    if server.replica_metrics:  # the replica's own port: what the proxy's random replica said, and more
+        own = {f.name: f for f in text_string_to_metric_families(httpx.get(server.replica_metrics).text)}
+        served = next(s.value for s in own["kaiten_requests"].samples if s.labels.get("outcome") == "ok")
+        assert served >= ok, own.keys()
+        assert "vllm:num_requests_waiting" in own
 
 
 @pytest.fixture(params=["ray-serve", "in-process"])

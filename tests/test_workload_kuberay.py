@@ -516,7 +516,8 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
     )
     got = plan(workspace, CATALOGS, [], PlanOptions(cloud="azure", provider="local"))
     assert isinstance(got, Plan)
-    host = HostNetwork(gcs=7001, dashboard=7002, client=7003, agent=7004, metrics=7005, serve=7006)
+    host = HostNetwork(gcs=7001, dashboard=7002, client=7003, agent=7004, metrics=7005, serve=7006,
+                       replica_metrics=7007)  # fmt: skip
     config = serving_config(workspace, got, lambda s: f"{PULL_SECRETS_PATH}/{s}")
     obj = rayservice(ref_of(workspace), "kaito.sh/v1alpha1", workspace, got, config, image=IMAGE,
                      generation=1, host=host)  # fmt: skip
@@ -527,7 +528,10 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
     assert params["disable-usage-stats"] == "true"
     ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
     assert ports == {"gcs-server": 7001, "dashboard": 7002, "client": 7003, "dashboard-agent": 7004,
-                     "metrics": 7005, "serve": 7006}  # fmt: skip
+                     "metrics": 7005, "serve": 7006, "replica-metrics": 7007}  # fmt: skip
+    args = yaml.safe_load(obj["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert (args["metrics_host"], args["metrics_port"]) == ("127.0.0.1", 7007)  # each replica's own /metrics
+    assert head["template"]["metadata"]["annotations"]["prometheus.io/port"] == "7007"
     assert [params[k] for k in ("port", "dashboard-port", "ray-client-server-port",
                                 "dashboard-agent-listen-port", "metrics-export-port")] == [
         "7001", "7002", "7003", "7004", "7005"]  # fmt: skip

@@ -108,13 +108,41 @@ class ApiError(Exception):
 
 
 _process_engine: Engine | None = None
+_process_metrics: Metrics | None = None
 
 
 def set_process_engine(engine: Engine) -> None:
     """The engine of this process, for apps built without one. Ray Serve serves a copy of the ingress
-    app it was given, so a replica cannot hand its engine to that app through ``app.state``."""
-    global _process_engine
+    app it was given, so a replica cannot hand its engine to that app through ``app.state`` (nor take
+    its metrics from there: they are the process's too, see :func:`process_metrics`)."""
+    global _process_engine, _process_metrics
     _process_engine = engine
+    if _process_metrics is None:
+        _process_metrics = Metrics()
+
+
+def process_metrics() -> str:
+    """This process's ``/metrics`` text (a replica's own scrape port serves it), or "" before its
+    engine is set."""
+    if _process_engine is None or _process_metrics is None:
+        return ""
+    return render_metrics(_process_metrics, _process_engine)
+
+
+def render_metrics(metrics: Metrics, engine: Engine) -> str:
+    stats = engine.stats()
+    text = metrics.render(stats)
+    if getattr(engine, "exports_vllm_metrics", False):  # the vLLM engine: vLLM's own, unchanged
+        return text + vllm_native()
+    return text + metrics.render_vllm_names(stats, engine.model_name)
+
+
+def _metrics(request: Request) -> Metrics:
+    # module-level for the same reason as _loaded_engine: the app's own (in process), else the process's
+    metrics: Metrics | None = request.app.state.metrics or _process_metrics
+    if metrics is None:
+        raise EngineUnavailable("the model is still loading")
+    return metrics
 
 
 def _loaded_engine(request: Request) -> Engine | None:
@@ -150,7 +178,7 @@ def make_app(
     app = FastAPI(title="Kaiten serving", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.limits = limits or Limits()
-    app.state.metrics = Metrics()
+    app.state.metrics = Metrics() if engine is not None else None  # None: the process's (a Serve replica)
     app.state.api_key = api_key
 
     @app.middleware("http")
@@ -193,7 +221,7 @@ def make_app(
             exc.status, "invalid_request_error"
         )
         if exc.status == 429:
-            request.app.state.metrics.rejected += 1
+            _metrics(request).rejected += 1
         return _error(request, exc.status, str(exc), kind)
 
     @app.get("/health")
@@ -204,19 +232,13 @@ def make_app(
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        engine, metrics = _engine(request), request.app.state.metrics
-        stats = engine.stats()
-        text = metrics.render(stats)
-        if getattr(engine, "exports_vllm_metrics", False):  # the vLLM engine: vLLM's own, unchanged
-            text += vllm_native()
-        else:
-            text += metrics.render_vllm_names(stats, engine.model_name)
+        text = render_metrics(_metrics(request), _engine(request))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         engine = _engine(request)
-        created = int(request.app.state.metrics.started)
+        created = int(_metrics(request).started)
         data = [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "kaiten"}]
         data += [
             {
@@ -334,8 +356,7 @@ def _request(
     request: Request, ids: list[int], params: SamplingParams, adapter: str | None
 ) -> AsyncIterator[Chunk]:
     deadline = time.monotonic() + _limits(request).request_timeout_s
-    metrics: Metrics = request.app.state.metrics
-    return metrics.observe(
+    return _metrics(request).observe(
         _engine(request).generate(GenerationRequest(ids, params, adapter, deadline)), len(ids)
     )
 

@@ -7,15 +7,17 @@ engine; the FastAPI app is the ingress.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.serving.api import Limits, make_app, set_process_engine
+from services.serving.api import Limits, make_app, process_metrics, set_process_engine
 from services.serving.engines.base import AdapterInfo, Engine
 from shared import telemetry
 from shared.model_sources import ModelSource, resolve
 
+log = logging.getLogger("kaiten.serving")
 SERVE_HEADROOM = 32  # requests a replica takes beyond what its engine queues: cheap ones, or 429s
 
 
@@ -62,6 +64,11 @@ class ServingConfig(BaseModel):
     replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    # Each replica's own /metrics on this port (a scrape through Serve's proxy reaches one replica,
+    # chosen by the proxy); None: none. A second replica in the same network namespace finds it taken
+    # and is scraped through the proxy only.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - a pod's own network; 127.0.0.1 on a host network
 
     @model_validator(mode="after")
     def _distinct_names(self) -> ServingConfig:
@@ -156,6 +163,27 @@ def keep_internal_grpc_on_loopback() -> bool:
     return True
 
 
+def serve_replica_metrics(host: str, port: int) -> bool:
+    """This replica's ``/metrics`` (the same text as the app's) on ``host:port``, from prometheus_client's
+    HTTP server in a thread of its own; False when the port is taken."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.parser import text_string_to_metric_families
+
+    class Replica:
+        def collect(self) -> Any:
+            yield from text_string_to_metric_families(process_metrics())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Replica())
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.warning("replica metrics on %s:%d: %s; scraped through Serve's proxy only", host, port, exc)
+        return False
+    log.info("replica metrics on http://%s:%d/metrics", host, port)
+    return True
+
+
 _tracing: list[bool] = []  # configured in this replica process already
 
 
@@ -194,6 +222,9 @@ def build(args: dict[str, Any]) -> Any:
             self.engine = build_engine(ServingConfig.model_validate(raw))
             await self.engine.start()
             set_process_engine(self.engine)
+            config = ServingConfig.model_validate(raw)
+            if config.metrics_port is not None:
+                serve_replica_metrics(config.metrics_host, config.metrics_port)
 
         def check_health(self) -> None:
             ok, why = self.engine.healthy()

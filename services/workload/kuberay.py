@@ -38,6 +38,7 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "kaiten"}
 GPU_TOLERATION = {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
 MAX_RAY_NAME = 47  # KubeRay: 53 (the longest service suffix) - 6 (the generated cluster suffix)
 SERVE_PORT = 8000
+REPLICA_METRICS_PORT = 8001  # each serving replica's own /metrics (a scrape through Serve's proxy sees one)
 # An API key for /chat and /v1/* (services.serving.api): the Workspace names a Secret of its namespace in
 # this annotation; the key is read from the Secret's API_KEY_SECRET_KEY and reaches the replicas as an env.
 API_KEY_ANNOTATION = "kaiten.sh/api-key-secret"
@@ -249,6 +250,7 @@ class HostNetwork:
     agent: int = 52365
     metrics: int = 8080
     serve: int = SERVE_PORT
+    replica_metrics: int = REPLICA_METRICS_PORT  # not Ray's: each serving replica's own /metrics
 
     def ports(self) -> list[dict[str, Any]]:
         named = {"gcs-server": self.gcs, "dashboard": self.dashboard, "client": self.client,
@@ -370,22 +372,43 @@ def rayservice(
     host: HostNetwork | None = None,
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``env``: variables for the serving replicas (where their traces go)."""
+    """``env``: variables for the serving replicas (where their traces go).
+
+    Each replica also serves its own ``/metrics`` on ``REPLICA_METRICS_PORT`` of its pod (a named
+    container port ``replica-metrics``, and the ``prometheus.io/*`` annotations scrapers look for)."""
     http = {"host": "0.0.0.0", "port": SERVE_PORT}  # noqa: S104  (the Service reaches it)
+    metrics_host, metrics_port = "0.0.0.0", REPLICA_METRICS_PORT  # noqa: S104  (the pod's own network)
     if host is not None:
         http = {"host": host.address, "port": host.serve}
+        metrics_host, metrics_port = host.address, host.replica_metrics
+    config = {**config, "metrics_port": metrics_port, "metrics_host": metrics_host}
     serve_config = {
         "http_options": http,
         "applications": [{**serve_application(ref, config, env), "route_prefix": "/"}],
     }
     volumes, mounts = adapter_pull_volumes(workspace)
+    cluster = _cluster(ref, workspace, plan, image, volumes, mounts, host)
+    for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
+        pod = group["template"]
+        pod.setdefault("metadata", {}).setdefault("annotations", {}).update(
+            {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(metrics_port),
+                "prometheus.io/path": "/metrics",
+            }
+        )
+        for container in pod["spec"]["containers"]:
+            container["ports"] = [
+                *container.get("ports", []),
+                {"name": "replica-metrics", "containerPort": metrics_port},
+            ]
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": _metadata(ref, api_version, object_name(ref.name), generation),
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
-            "rayClusterConfig": _cluster(ref, workspace, plan, image, volumes, mounts, host),
+            "rayClusterConfig": cluster,
         },
     }
 
@@ -435,10 +458,11 @@ class AdminPeers:
 
 
 def network_policy(ref: WorkspaceRef, api_version: str, generation: int, admin: AdminPeers) -> dict[str, Any]:
-    """Ingress to the Workspace's Ray pods: Serve from any pod of the namespace; the dashboard (job
-    submission is code execution), the GCS and the Ray client port only from ``admin``; anything
-    between the Workspace's own Ray pods (workers and head use many ports). Named ports, so the same
-    policy fits the pod network's fixed ports and the host network's chosen ones."""
+    """Ingress to the Workspace's Ray pods: Serve and the replicas' metrics from any pod of the
+    namespace; the dashboard (job submission is code execution), the GCS and the Ray client port only
+    from ``admin``; anything between the Workspace's own Ray pods (workers and head use many ports).
+    Named ports, so the same policy fits the pod network's fixed ports and the host network's chosen
+    ones."""
     own = {
         "podSelector": {
             "matchLabels": {WORKSPACE_LABEL: label_value(ref.name), NAMESPACE_LABEL: ref.namespace}
@@ -452,7 +476,10 @@ def network_policy(ref: WorkspaceRef, api_version: str, generation: int, admin: 
             **own,
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": {}}], "ports": [{"port": "serve", "protocol": "TCP"}]},
+                {
+                    "from": [{"podSelector": {}}],
+                    "ports": [{"port": p, "protocol": "TCP"} for p in ("serve", "replica-metrics")],
+                },
                 {
                     "from": admin.peers(),
                     "ports": [{"port": p, "protocol": "TCP"} for p in ("dashboard", "gcs-server", "client")],
