@@ -233,7 +233,8 @@ def test_a_workspace_goes_through_the_installed_services(release: Release) -> No
             release.kubectl("-n", namespace, "get", "networkpolicy", f"{name}-ray", "-o", "json")
         )
         rules = policy["spec"]["ingress"]
-        assert rules[0] == {"from": [{"podSelector": {}}], "ports": [{"port": "serve", "protocol": "TCP"}]}
+        ports = [{"port": "serve", "protocol": "TCP"}, {"port": "replica-metrics", "protocol": "TCP"}]
+        assert rules[0] == {"from": [{"podSelector": {}}], "ports": ports}  # Serve, each replica's /metrics
         assert {p["port"] for p in rules[1]["ports"]} == {"dashboard", "gcs-server", "client"}
         assert {"kubernetes.io/metadata.name": NAMESPACE} in [
             peer.get("namespaceSelector", {}).get("matchLabels") for peer in rules[1]["from"]
