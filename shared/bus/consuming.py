@@ -99,7 +99,7 @@ class ConsumerRunner:
         self._tails: dict[str, asyncio.Task[None]] = {}
         # One permit per message taken and not yet settled: intake waits for room, never polls.
         self._intake = asyncio.Semaphore(spec.fetch_batch)
-        self._in_flight = 0  # messages fetched and not yet settled (the permits a fetch waits with: not)
+        self._in_flight = 0  # messages fetched and not yet settled (not the permits a pending fetch holds)
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
