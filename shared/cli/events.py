@@ -24,6 +24,7 @@ from shared.bus.errors import BusUnavailable
 
 ENVELOPE = {"schema", "event_id", "workspace", "generation", "correlation_id", "occurred_at"}
 QUIET_KINDS = {"workspace.observed", "tuning.progress"}  # shown only with --all-events
+SEEN_MAX = 4096  # event ids `kaiten events` remembers, to print one both replayed and live once
 
 
 def describe(event: ev.AnyEvent) -> str:
@@ -95,7 +96,7 @@ async def follow(
     )
     subject = ev.subject_filter("*", "*", namespace or "*", name or "*")
     live = await nc.subscribe(subject)  # first: nothing published during the replay is missed
-    seen: set[str] = set()
+    seen: dict[str, None] = {}  # the newest ids shown (insertion order), SEEN_MAX at most
     shown = 0
 
     def show(data: bytes, headers: dict[str, str] | None) -> bool:
@@ -105,7 +106,9 @@ async def follow(
         if key is not None:
             if key in seen:
                 return False
-            seen.add(key)
+            seen[key] = None
+            if len(seen) > SEEN_MAX:  # only recent ids can come again (the replay's end, a retry)
+                del seen[next(iter(seen))]
         try:
             event = ev.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
