@@ -45,7 +45,7 @@ def configure(service: str) -> Callable[[], None] | None:
         return None
     if env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() in ("none", ""):
         return None
-    if not (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+    if not _endpoint_given(env):
         return None
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
     protocol = protocol or "http/protobuf"
@@ -114,11 +114,16 @@ def _exporter(protocol: str) -> SpanExporter:
     return Http()
 
 
+def _endpoint_given(env: Mapping[str, str]) -> bool:
+    """Whether the environment says where traces go (without that, tracing is off)."""
+    return bool(env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
 def forwarded_env(service: str) -> dict[str, str]:
     """The ``OTEL_*`` variables of this process, for a process it starts (a tuning job) to export its
     spans to the same place under its own name; empty when tracing is off here."""
     env = {key: value for key, value in os.environ.items() if key.startswith("OTEL_")}
-    if not (env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")):
+    if not _endpoint_given(env):
         return {}
     return {**env, "OTEL_SERVICE_NAME": f"kaiten-{service}"}
 

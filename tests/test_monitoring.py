@@ -19,16 +19,17 @@ DASHBOARD = REPO / "deploy" / "grafana" / "kaiten-dashboard.json"
 def exported() -> set[str]:
     """Every sample name the services and the serving replica expose (counters with ``_total``,
     histograms with ``_bucket``/``_sum``/``_count``)."""
-    names = {sample.name for family in REGISTRY.collect() for sample in family.samples}
-    names |= {family.name for family in REGISTRY.collect() if family.type == "gauge"}  # none set yet
-    names |= {f"{family.name}_total" for family in REGISTRY.collect() if family.type == "counter"}
-    names |= {f"{family.name}_bucket" for family in REGISTRY.collect() if family.type == "histogram"}
     serving = Metrics()
     text = serving.render({}) + serving.render_vllm_names({}, "m")
-    for family in text_string_to_metric_families(text):
+    names: set[str] = set()
+    for family in [*REGISTRY.collect(), *text_string_to_metric_families(text)]:
         names |= {sample.name for sample in family.samples}
-        if family.type == "counter":
-            names.add(f"{family.name}_total")
+        # a labelled metric no one has set yet has no sample: its names from its type
+        names |= {
+            "gauge": {family.name},
+            "counter": {f"{family.name}_total"},
+            "histogram": {f"{family.name}_bucket"},
+        }.get(family.type, set())
     return names
 
 

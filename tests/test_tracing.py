@@ -153,17 +153,15 @@ def sample(metrics: str, name: str, **labels: str) -> float:
 
 
 def handled(metrics: str, consumer: str) -> float:
-    """The sum of ``kaiten_events_total{consumer=…,outcome="handled"}`` in a ``/metrics`` text."""
-    total = 0.0
-    for line in metrics.splitlines():
-        labels = line.partition("}")[0]
-        if (
-            line.startswith("kaiten_events_total{")
-            and f'consumer="{consumer}"' in labels
-            and ('outcome="handled"' in labels)
-        ):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """The sum of ``kaiten_events_total{consumer=…,outcome="handled"}`` over every kind."""
+    return sum(
+        float(found.value)
+        for family in text_string_to_metric_families(metrics)
+        for found in family.samples
+        if found.name == "kaiten_events_total"
+        and found.labels.get("consumer") == consumer
+        and found.labels.get("outcome") == "handled"
+    )
 
 
 @pytest.mark.timeout(180)

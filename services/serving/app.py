@@ -219,10 +219,10 @@ def build(args: dict[str, Any]) -> Any:
         async def __init__(self, raw: dict[str, Any]) -> None:  # type: ignore[misc]  # Serve awaits it
             keep_internal_grpc_on_loopback()  # before Serve opens the server, after this returns
             trace_requests()
-            self.engine = build_engine(ServingConfig.model_validate(raw))
+            config = ServingConfig.model_validate(raw)
+            self.engine = build_engine(config)
             await self.engine.start()
             set_process_engine(self.engine)
-            config = ServingConfig.model_validate(raw)
             if config.metrics_port is not None:
                 serve_replica_metrics(config.metrics_host, config.metrics_port)
 
