@@ -87,3 +87,18 @@ def test_every_variable_the_code_reads_is_documented() -> None:
                     read.setdefault(name, str(file.relative_to(REPO)))
     missing = {name: where for name, where in read.items() if name not in documented}
     assert not missing, f"not in docs/configuration.md: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "shown"), [("text", "planner[replica-7]"), ("json", '"replica": "replica-7"')]
+)
+def test_every_log_line_names_the_replica_id(fmt: str, shown: str) -> None:
+    """KAITEN_REPLICA_ID is what the lines say (it used to be ignored for hostname:pid)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "services.planner"],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+        env={**os.environ, "KAITEN_REPLICA_ID": "replica-7", "KAITEN_LOG_FORMAT": fmt,
+             "KAITEN_NATS_URL": "nats://127.0.0.1:1", "KAITEN_CONNECT_TIMEOUT_S": "1"},
+    )  # fmt: skip
+    lines = [line for line in run.stderr.splitlines() if "kaiten.bus" in line]  # NATS refused: logged
+    assert lines and all(shown in line for line in lines), run.stderr[-2000:]
