@@ -8,6 +8,7 @@ of ours listens anywhere but loopback. Each phase is timed and the table printed
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -35,9 +36,20 @@ QUESTION = "What is the capital of France?"
 
 
 def ours(marker: Path) -> list[str]:
-    """Processes whose command line names ``marker`` (read-only: we never kill by name)."""
+    """Processes whose command line or environment names ``marker`` (read-only: we never kill by name).
+
+    The environment too: Ray's processes name only their own temp dir on the command line, so a Ray
+    head the stack lost (a CI run left one running) is found by the ``KAITEN_STATE_DIR`` it inherited."""
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if str(marker) in line and "ps -eo" not in line]
+    found = []
+    for line in out.splitlines()[1:]:
+        pid = line.split()[0]
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if "ps -eo" not in line and (
+                str(marker) in line or str(marker).encode() in Path(f"/proc/{pid}/environ").read_bytes()
+            ):
+                found.append(line)
+    return found
 
 
 class Phases:

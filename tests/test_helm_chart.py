@@ -18,7 +18,7 @@ import yaml
 
 from shared.local import controlplane, gotools
 from shared.local.nats_server import nats_server_binary
-from shared.local.procs import ManagedProcess, free_port, port_open
+from shared.local.procs import ManagedProcess, free_port, free_ports, port_open
 from tests.conftest import REPO, Services, http_get, until
 from tests.test_watcher_e2e import KAITEN
 
@@ -66,7 +66,7 @@ def test_the_chart_lints_clean_and_the_schema_refuses_bad_values() -> None:
 @pytest.fixture
 def tls_nats(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
     """nats-server running the chart's own nats.conf, with TLS, on 127.0.0.1."""
-    port, monitor = free_port(), free_port()
+    port, monitor = free_ports(2)
     docs = template("bindAddress=127.0.0.1", f"nats.port={port}", f"nats.monitorPort={monitor}",
                     "nats.tls.enabled=true", "nats.tls.secretName=nats-tls")  # fmt: skip
     conf = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["nats.conf"]

@@ -27,7 +27,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from shared.local import gotools
 from shared.local import kuberay as kuberay_parts
 from shared.local.node import LocalCluster
-from shared.local.procs import free_port
+from shared.local.procs import free_ports
 from tests.conftest import REPO, http_get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -88,18 +88,19 @@ def image_values(ref: str) -> dict[str, str]:
 def release(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     cluster = local_cluster
     assert cluster.controlplane is not None
+    *probe_ports, nats_port, monitor_port = free_ports(len(SERVICES) + 2)
     values = {
         "image": image_values(cluster.imported["services"].ref),
         "provider": "byo",
         "hostNetwork": True,
         "bindAddress": "127.0.0.1",
         "apiServer": {"host": "127.0.0.1", "port": str(cluster.controlplane.api_port)},
-        "probes": {"ports": {name: free_port() for name in SERVICES}},
+        "probes": {"ports": dict(zip(SERVICES, probe_ports, strict=True))},
         "ray": {"image": cluster.imported["ray"].ref, "hostNetworkAddress": "127.0.0.1"},
         "nats": {
             "image": image_values(cluster.imported["nats"].ref),
-            "port": free_port(),
-            "monitorPort": free_port(),
+            "port": nats_port,
+            "monitorPort": monitor_port,
             "persistence": {"enabled": False},  # the node has no storage provisioner
         },
     }

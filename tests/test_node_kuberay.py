@@ -26,7 +26,7 @@ from shared.events import WorkspaceRef
 from shared.local import images
 from shared.local import kuberay as kuberay_parts
 from shared.local.node import LocalCluster
-from shared.local.procs import ManagedProcess, free_port
+from shared.local.procs import ManagedProcess, free_ports
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
 from shared.planning.planner import PlanOptions, plan
@@ -97,8 +97,8 @@ def test_a_rendered_raycluster_is_ready_under_kuberay_with_our_ray_image(
     workspace, _ = local_example()
     labels = [f"{k}={v}" for k, v in workspace.resource.label_selector.match_labels.items()]
     cluster.kubectl("label", "node", cluster.name, "--overwrite", *labels)  # the planned node
-    host = HostNetwork(gcs=free_port(), dashboard=free_port(), client=free_port(), agent=free_port(),
-                       metrics=free_port(), serve=free_port())  # fmt: skip
+    gcs, dashboard, client, agent, metrics, serve = free_ports(6)
+    host = HostNetwork(gcs=gcs, dashboard=dashboard, client=client, agent=agent, metrics=metrics, serve=serve)
     obj = ray_cluster(cluster, namespace, host)
     name = obj["metadata"]["name"]
     subprocess.run(

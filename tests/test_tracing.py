@@ -7,9 +7,11 @@ pass) — one trace id, one root, every other span's parent in the trace. After 
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -217,14 +219,12 @@ async def test_one_trace_from_apply_to_inference_ready(
         await until(lambda: ready_span() is not None, timeout=30, what="the InferenceReady publish span")
         found = ready_span()
         assert found is not None
-        await until(
-            lambda: (
-                {"kaiten-watcher", "kaiten-planner", "kaiten-provisioner", "kaiten-workload"}
-                <= {s.service for s in receiver.trace_of(found.trace)}
-            ),
-            timeout=30,
-            what="spans of all four services in the trace",
-        )
+        # Each service exports its spans on its own schedule: the status writer's span for the
+        # InferenceReady event may come after the workload's publish (a CI run asserted in between).
+        # (the assertion below shows the tree of what came, if something never does)
+        deadline = time.monotonic() + 30
+        while missing(receiver.trace_of(found.trace), namespace) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
     finally:
         if nodes:
             kubectl.run("delete", "node", *nodes, "--wait=false")
@@ -266,22 +266,29 @@ async def test_one_trace_from_apply_to_inference_ready(
         if proc.name.startswith(("planner", "provisioner", "workload")):  # consumers: the event handled
             assert any(r.get("event_id") for r in about), f"{proc.name}: {about}"
         print(f"{proc.name}:", json.dumps(about[0]))
+    assert not missing(spans, namespace), f"{missing(spans, namespace)} missing from\n{shown}"
+
+
+EXPECTED = [
+    ("kaiten-watcher", "kaiten.workspace.observed publish"),
+    ("kaiten-planner", "kaiten.workspace.observed process"),
+    ("kaiten-planner", "kaiten.plan.resolved publish"),
+    ("kaiten-provisioner", "kaiten.plan.resolved process"),
+    ("kaiten-provisioner", "nodeclaim ensure"),
+    ("kaiten-provisioner", "POST nodeclaims"),  # a kube call is a client span
+    ("kaiten-provisioner", "kaiten.nodes.ready publish"),  # from a reconcile pass: the trace goes on
+    ("kaiten-workload", "kaiten.nodes.ready process"),
+    ("kaiten-workload", "ray deploy"),
+    ("kaiten-workload", "kaiten.workload.inference_ready publish"),  # the workload's reconcile pass
+    ("kaiten-watcher", "kaiten.workload.inference_ready process"),  # the status writer
+    ("kaiten-watcher", "PATCH workspaces/status"),  # … and its status patch
+]
+
+
+def missing(spans: list[Span], namespace: str) -> list[tuple[str, str]]:
+    """The (service, span name) pairs of one Workspace's trace not among ``spans``."""
     names = {(s.service, s.name.replace(f".{namespace}.traced", "")) for s in spans}
-    for expected in [
-        ("kaiten-watcher", "kaiten.workspace.observed publish"),
-        ("kaiten-planner", "kaiten.workspace.observed process"),
-        ("kaiten-planner", "kaiten.plan.resolved publish"),
-        ("kaiten-provisioner", "kaiten.plan.resolved process"),
-        ("kaiten-provisioner", "nodeclaim ensure"),
-        ("kaiten-provisioner", "POST nodeclaims"),  # a kube call is a client span
-        ("kaiten-provisioner", "kaiten.nodes.ready publish"),  # from a reconcile pass: the trace goes on
-        ("kaiten-workload", "kaiten.nodes.ready process"),
-        ("kaiten-workload", "ray deploy"),
-        ("kaiten-workload", "kaiten.workload.inference_ready publish"),  # the workload's reconcile pass
-        ("kaiten-watcher", "kaiten.workload.inference_ready process"),  # the status writer
-        ("kaiten-watcher", "PATCH workspaces/status"),  # … and its status patch
-    ]:
-        assert expected in names, f"{expected} missing from\n{shown}"
+    return [expected for expected in EXPECTED if expected not in names]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open
+from shared.local.procs import ManagedProcess, StartFailed, free_port, free_ports, port_open
 
 K8S_VERSION = "v1.32.4"
 ETCD_VERSION = "v3.5.16"
@@ -308,7 +308,7 @@ class ControlPlane:
         return self
 
     def _start_etcd(self, binary: Path) -> str:
-        client, peer = free_port(), free_port()
+        client, peer = free_ports(2)
         url = f"http://127.0.0.1:{client}"
         data = self.state_dir / "etcd"
         etcd = ManagedProcess(

@@ -53,6 +53,7 @@ from shared.local.procs import (
     StartFailed,
     descendants,
     free_port,
+    free_ports,
     kill_pids,
     port_open,
     running,
@@ -275,7 +276,7 @@ class LocalCluster:
         cp = self._cp()
         root = self.state_dir / "kubelet"
         root.mkdir(parents=True, exist_ok=True)
-        port, healthz = free_port(), free_port()
+        port, healthz = free_ports(2)
         config = root / "config.yaml"
         config.write_text(
             yaml.safe_dump(_kubelet_config(cp.pki, root, self.containerd_socket, port, healthz))

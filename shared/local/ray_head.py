@@ -26,7 +26,7 @@ from shared.local.procs import (
     ManagedProcess,
     StartFailed,
     descendants,
-    free_port,
+    free_ports,
     kill_pids,
     port_open,
     running,
@@ -60,16 +60,13 @@ class RayHead:
     dashboard_port: int = 0
     temp_dir: Path | None = None
 
-    def start(self) -> RayHead:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        # Ray's unix socket paths are length-limited: keep its session dir short, under /tmp.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
-        self.token_path = self.state_dir / "ray_auth_token"
-        if not self.token_path.exists():
-            self.token_path.write_text(secrets.token_hex(32))
-            self.token_path.chmod(0o600)
-        self.port = self.port or free_port()
-        self.dashboard_port = self.dashboard_port or free_port()
+    def command(self) -> list[str]:
+        """The ``ray start`` command line. Ports not given are chosen now, all different: Ray refuses
+        to start when two of its parts are given one port."""
+        given = {self.port, self.dashboard_port} - {0}
+        picked = iter([p for p in free_ports(4 + len(given)) if p not in given])
+        self.port = self.port or next(picked)
+        self.dashboard_port = self.dashboard_port or next(picked)
         argv = [
             str(ray_binary()),
             "start",
@@ -77,8 +74,8 @@ class RayHead:
             "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={self.port}",
-            f"--ray-client-server-port={free_port()}",  # default 10001 is fixed: two heads would clash
-            f"--dashboard-agent-listen-port={free_port()}",  # default 52365, likewise
+            f"--ray-client-server-port={next(picked)}",  # default 10001 is fixed: two heads would clash
+            f"--dashboard-agent-listen-port={next(picked)}",  # default 52365, likewise
             f"--num-cpus={self.num_cpus}",
             f"--temp-dir={self.temp_dir}",
             "--disable-usage-stats",
@@ -91,6 +88,17 @@ class RayHead:
             ]
         else:
             argv += ["--include-dashboard=false"]
+        return argv
+
+    def start(self) -> RayHead:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Ray's unix socket paths are length-limited: keep its session dir short, under /tmp.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="kr-", dir="/tmp"))
+        self.token_path = self.state_dir / "ray_auth_token"
+        if not self.token_path.exists():
+            self.token_path.write_text(secrets.token_hex(32))
+            self.token_path.chmod(0o600)
+        argv = self.command()
         # On SIGTERM Ray first drains the node, waiting up to 30 s (its default) for Serve replicas to
         # move to another node; a one-node head has none, so it only waited: no drain.
         env = {**os.environ, **self.driver_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
