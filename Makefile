@@ -30,20 +30,20 @@ lock: $(PY)
 
 # Build (first time only, then cached) the real etcd + kube-apiserver from Go modules: what `kaiten up` runs.
 controlplane: setup
-	$(TIMED) build-controlplane $(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries()"
+	$(TIMED) build-controlplane $(PY) -c "from kaiten.local.controlplane import ensure_binaries; ensure_binaries()"
 
 # For the tests only: KubeRay's published CRDs, and its validation checks (deploy/kuberay) built the same way.
 kuberay: setup
-	$(TIMED) build-kuberay $(PY) -m shared.local.kuberay
+	$(TIMED) build-kuberay $(PY) -m kaiten.local.kuberay
 
-# For the tests only: a real node (shared/local/node.py): kube-controller-manager, kube-scheduler and the
+# For the tests only: a real node (kaiten/local/node.py): kube-controller-manager, kube-scheduler and the
 # kubelet from the same Go module, KubeRay's operator and Helm from their own, and the images built offline
 # from deploy/images/*.Dockerfile (needs Debian's containerd, runc, buildah and mmdebstrap: `make tools`).
 node: setup tools
-	$(TIMED) build-node $(PY) -c "from shared.local.controlplane import ensure_binaries; ensure_binaries(node=True)"
-	$(TIMED) build-kuberay $(PY) -m shared.local.kuberay --operator
-	$(TIMED) build-node $(PY) -m shared.local.gotools
-	$(TIMED) build-images $(PY) -m shared.local.images pause services ray nats
+	$(TIMED) build-node $(PY) -c "from kaiten.local.controlplane import ensure_binaries; ensure_binaries(node=True)"
+	$(TIMED) build-kuberay $(PY) -m kaiten.local.kuberay --operator
+	$(TIMED) build-node $(PY) -m kaiten.local.gotools
+	$(TIMED) build-images $(PY) -m kaiten.local.images pause services ray nats
 
 crd: setup
 	$(PY) -m shared.api.crd

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import nats
 
+from kaiten.local.nats_server import NatsServer
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_stream
-from shared.local.nats_server import NatsServer
 
 
 def sample(i: int, workspaces: int) -> ev.ConditionReported:

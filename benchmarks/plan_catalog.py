@@ -16,11 +16,11 @@ import argparse
 import time
 from collections.abc import Callable
 
+from services.planner import sizing
+from services.planner.planning import PlanOptions, plan
 from shared.api.workspace import Workspace
-from shared.planning import sizing
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
-from shared.planning.planner import PlanOptions, plan
 
 
 def workspace(preset: str, instance_type: str | None) -> Workspace:

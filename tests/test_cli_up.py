@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from shared.local.procs import descendants, free_port, running
+from kaiten.local.procs import descendants, free_port, running
 from shared.oci import pull
 from tests.conftest import REPO, Kubectl
 from tests.test_loopback_only import LOOPBACK, sockets
@@ -292,8 +292,8 @@ def test_down_kills_only_recorded_processes_that_are_still_the_same_process(tmp_
     PID's start (boot id + start time) with what was recorded, and spares a process that is not it."""
     import io
 
-    from shared.cli.local import reap
-    from shared.local.procs import identity
+    from kaiten.cli.local import reap
+    from kaiten.local.procs import identity
 
     ours_now = subprocess.Popen(["sleep", "60"])
     stranger = subprocess.Popen(["sleep", "60"])  # a "reused" PID: recorded with another start

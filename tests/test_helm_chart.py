@@ -16,9 +16,9 @@ import nats
 import pytest
 import yaml
 
-from shared.local import controlplane, gotools
-from shared.local.nats_server import nats_server_binary
-from shared.local.procs import ManagedProcess, free_port, free_ports, port_open
+from kaiten.local import controlplane, gotools
+from kaiten.local.nats_server import nats_server_binary
+from kaiten.local.procs import ManagedProcess, free_port, free_ports, port_open
 from tests.conftest import REPO, Services, http_get, until
 from tests.test_watcher_e2e import KAITEN
 
@@ -161,9 +161,9 @@ async def test_kaiten_events_follows_a_clusters_bus_as_the_read_only_viewer(
     """What a user runs after `kubectl port-forward` to the chart's NATS: `kaiten events` as `viewer`
     replays and follows; the viewer can neither publish an event nor create a consumer."""
     from shared import events as ev
-    from shared.bus.errors import Transient
     from shared.bus.publishing import Publisher
     from shared.bus.streams import declare_stream
+    from shared.errors import Transient
 
     url, ca, passwords = tls_nats
     tls = ssl.create_default_context(cafile=str(ca))

@@ -24,10 +24,10 @@ import pytest
 import yaml
 from nats.errors import TimeoutError as NatsTimeout
 
-from shared.local import gotools
-from shared.local import kuberay as kuberay_parts
-from shared.local.node import LocalCluster
-from shared.local.procs import free_ports
+from kaiten.local import gotools
+from kaiten.local import kuberay as kuberay_parts
+from kaiten.local.node import LocalCluster
+from kaiten.local.procs import free_ports
 from tests.conftest import REPO, http_get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]

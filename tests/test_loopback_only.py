@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from nats.aio.client import Client
 
-from shared.local.controlplane import ControlPlane
-from shared.local.nats_server import NatsServer
+from kaiten.local.controlplane import ControlPlane
+from kaiten.local.nats_server import NatsServer
 from tests.conftest import Kubectl, Services
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]

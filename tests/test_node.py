@@ -1,4 +1,4 @@
-"""The real single-node cluster (``shared.local.node``): kubelet + containerd + runc, images built from
+"""The real single-node cluster (``kaiten.local.node``): kubelet + containerd + runc, images built from
 ``deploy/images/*.Dockerfile``, pods on 127.0.0.1, and a clean stop."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.local import images
-from shared.local.node import LocalCluster
+from kaiten.local import images
+from kaiten.local.node import LocalCluster
 from tests.test_loopback_only import LOOPBACK, sockets
 
 # The first cluster test pays for the node's start: ~15 s, and once per machine the import of the Ray
@@ -117,7 +117,7 @@ spec:
 
 
 def test_a_deployment_serves_on_loopback_with_logs_exec_and_a_token(cluster: LocalCluster) -> None:
-    from shared.local.procs import free_port
+    from kaiten.local.procs import free_port
 
     port, name = free_port(), f"web-{uuid.uuid4().hex[:6]}"
     subprocess.run(
@@ -147,7 +147,7 @@ def test_a_deployment_serves_on_loopback_with_logs_exec_and_a_token(cluster: Loc
 def test_a_second_node_on_the_machine_is_refused_and_touches_nothing(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
-    from shared.local.procs import StartFailed
+    from kaiten.local.procs import StartFailed
 
     with pytest.raises(StartFailed, match="another local node runs on this machine"):
         LocalCluster(tmp_path / "second").start()

@@ -19,17 +19,17 @@ from typing import Any
 import pytest
 import yaml
 
+from kaiten.local import images
+from kaiten.local import kuberay as kuberay_parts
+from kaiten.local.node import LocalCluster
+from kaiten.local.procs import ManagedProcess, free_ports
+from services.planner.planning import PlanOptions, plan
 from services.workload.kuberay import HostNetwork, ray_version, rayservice
 from services.workload.render import serving_config
 from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef
-from shared.local import images
-from shared.local import kuberay as kuberay_parts
-from shared.local.node import LocalCluster
-from shared.local.procs import ManagedProcess, free_ports
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
-from shared.planning.planner import PlanOptions, plan
 from tests.conftest import REPO, Kubectl, http_get
 from tests.test_loopback_only import LOOPBACK, sockets
 

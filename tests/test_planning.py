@@ -1,6 +1,6 @@
 """Table tests of the pure planner: (model, SKU, context) → plan or rejection.
 
-The expected figures are worked by hand from the memory model in shared/planning/sizing.py; the
+The expected figures are worked by hand from the memory model in services/planner/sizing.py; the
 comments show the arithmetic for the cases that pin the rule (GiB, usable = utilization × memory).
 """
 
@@ -14,11 +14,11 @@ import msgspec
 import pytest
 import yaml
 
+from services.planner import sizing
+from services.planner.planning import PlanOptions, plan
 from shared.api.workspace import Workspace
-from shared.planning import sizing
 from shared.planning.catalog import GIB, Catalogs, load_catalogs
 from shared.planning.model import NodeInfo, Plan, Rejection, plan_from_dict, plan_to_dict
-from shared.planning.planner import PlanOptions, plan
 
 SEEDS = Path(__file__).resolve().parent.parent / "examples" / "seed"
 

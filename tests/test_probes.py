@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.local.nats_server import NatsServer
-from shared.local.procs import free_port
+from kaiten.local.nats_server import NatsServer
+from kaiten.local.procs import free_port
 from shared.probes import Probes, Readiness
 from tests.conftest import Services, http_get, until
 
@@ -83,7 +83,7 @@ async def test_a_service_picks_its_probe_port_and_writes_it(services: Services, 
 def test_the_supervisor_judges_a_port_that_speaks_no_http_as_not_ready() -> None:
     """A port answered by something else (binary, not HTTP) is "not ready", not a crash of the
     supervisor (http.client.BadStatusLine is no OSError)."""
-    from shared.cli.stack import _answers_200
+    from kaiten.cli.stack import _answers_200
 
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]

@@ -1,4 +1,4 @@
-"""``shared.local.procs``: the processes we start are the processes we know.
+"""``kaiten.local.procs``: the processes we start are the processes we know.
 
 The ``kaiten up`` supervisor stops on SIGTERM by raising from its signal handler, wherever it is. A CI
 run left a whole Ray head running after a Ctrl-C during ``kaiten up``: the signal had come while the
@@ -19,7 +19,7 @@ from tests.conftest import REPO
 SPAWNER = textwrap.dedent("""
     import json, os, random, signal, sys, threading, time
     from pathlib import Path
-    from shared.local.procs import ManagedProcess, descendants, kill_pids, running
+    from kaiten.local.procs import ManagedProcess, descendants, kill_pids, running
 
     class Stop(Exception):
         pass

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from kaiten.local.controlplane import ControlPlane
 from services.provisioner.providers.base import NodeRequest, Progress, Provider
-from shared.bus.errors import Transient
+from shared.errors import Transient
 from shared.events import WorkspaceRef
 from shared.kube.client import api_client
-from shared.local.controlplane import ControlPlane
 from tests.arm_server import ArmServer
 from tests.conftest import Kubectl
 from tests.test_planner_e2e import add_gpu_node

@@ -13,10 +13,10 @@ import pytest
 from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError
 
+from kaiten.local import procs
 from services.provisioner.providers.nodeclaim import ID_LABEL
 from services.provisioner.store import NODES_BUCKET
 from shared import events as ev
-from shared.local import procs
 from tests.conftest import REPO, Kubectl, Services, until
 from tests.test_planner_e2e import condition, manifest
 from tests.test_provisioner_e2e import FAST, events_of

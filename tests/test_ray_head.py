@@ -1,4 +1,4 @@
-"""Our Ray head (``shared.local.ray_head``): a Serve application running on it does not slow its stop.
+"""Our Ray head (``kaiten.local.ray_head``): a Serve application running on it does not slow its stop.
 
 Ray drains a node on SIGTERM, waiting up to 30 s for Serve replicas to move to another node. A one-node
 head has no other node, so the stop only waited — on a cold CI machine that wait ran a test past its
@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.local.procs import descendants, free_port, running
-from shared.local.ray_head import STOP_GRACE_S, RayHead
+from kaiten.local.procs import descendants, free_port, running
+from kaiten.local.ray_head import STOP_GRACE_S, RayHead
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # a dashboard head starts in ~25 s cold

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from services import configuration
+from kaiten import configuration
 from services.watcher.settings import WatcherSettings
 from tests.conftest import REPO
 
@@ -73,7 +73,7 @@ def test_settings_read_the_environment_lists_comma_separated() -> None:
 
 
 def test_configuration_doc_is_generated_from_the_settings() -> None:
-    assert configuration.PATH.read_text() == configuration.render(), "run: python -m services.configuration"
+    assert configuration.PATH.read_text() == configuration.render(), "run: python -m kaiten.configuration"
 
 
 def test_every_variable_the_code_reads_is_documented() -> None:

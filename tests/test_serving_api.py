@@ -18,13 +18,13 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from kaiten.cli import main as cli
+from kaiten.local.procs import descendants, free_port
+from kaiten.local.ray_head import RayHead
 from services.serving.api import Limits, make_app
 from services.serving.app import AdapterSpec, ServingConfig, build
 from services.serving.engines.base import AdapterInfo
 from services.serving.engines.transformers_engine import TransformersEngine
-from shared.cli import main as cli
-from shared.local.procs import descendants, free_port
-from shared.local.ray_head import RayHead
 from tests.conftest import NAME, SMOLLM2
 from tests.test_loopback_only import LOOPBACK, sockets
 

@@ -112,10 +112,10 @@ def test_adapter_strength_as_scaled_lora_b_weights(
 def test_vllm_engine_args_from_a_multi_gpu_plan(adapter_dir: Path) -> None:
     """The planner's vLLM flags become AsyncEngineArgs fields, LoRA is sized from the adapter, and a
     tensor-parallel replica gets one placement-group bundle per GPU."""
+    from services.planner.planning import PlanOptions, plan
     from shared.api.workspace import Workspace
     from shared.planning.catalog import load_catalogs
     from shared.planning.model import Plan
-    from shared.planning.planner import PlanOptions, plan
 
     ws = Workspace.model_validate(
         {

@@ -22,11 +22,11 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
+from kaiten.local.nats_server import NatsServer
+from kaiten.local.procs import ManagedProcess, free_port, port_open
 from services.tuning.config import TuningJobConfig
 from services.tuning.job import amain
 from shared import events as ev
-from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess, free_port, port_open
 from shared.oci import pull
 from tests.conftest import REPO, SMOLLM2
 

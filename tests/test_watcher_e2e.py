@@ -16,12 +16,12 @@ import yaml
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from kaiten.local.controlplane import ControlPlane
+from kaiten.local.procs import ManagedProcess
 from shared import events as ev
 from shared.api.crd import CRD_PATH
 from shared.api.workspace import spec_of
 from shared.bus.publishing import Publisher
-from shared.local.controlplane import ControlPlane
-from shared.local.procs import ManagedProcess
 from tests.conftest import REPO, SEEDS, Kubectl, Services, until
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]

@@ -20,6 +20,9 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio import config as kconfig
 from nats.aio.client import Client
 
+from kaiten.local import kuberay as kuberay_parts
+from kaiten.local.controlplane import ControlPlane
+from services.planner.planning import PlanOptions, plan
 from services.serving.app import ServingConfig
 from services.tuning.config import TuningJobConfig
 from services.workload.backends.base import Target
@@ -40,11 +43,8 @@ from services.workload.render import job_id, serving_config, tuning_config
 from shared import events as ev
 from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef
-from shared.local import kuberay as kuberay_parts
-from shared.local.controlplane import ControlPlane
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
-from shared.planning.planner import PlanOptions, plan
 from tests.conftest import SEEDS, Kubectl, Services, until
 from tests.test_planner_e2e import add_gpu_node, manifest
 from tests.test_provisioner_e2e import FAST, events_of
@@ -277,7 +277,7 @@ async def test_the_apiserver_accepts_every_seed_object_strictly(
 
 @pytest.mark.controlplane
 async def test_a_field_kuberay_does_not_know_is_an_error_not_pruned(backend: KubeRay, namespace: str) -> None:
-    from shared.bus.errors import InvalidInput
+    from shared.errors import InvalidInput
 
     workspace, got = seed("workspace-phi-3-mini.yaml")
     rs, _ = render(workspace, got, ref_of(workspace, namespace))

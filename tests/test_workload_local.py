@@ -15,10 +15,10 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
+from kaiten.local.procs import free_port
+from kaiten.local.ray_head import RayHead
 from services.tuning.push import push
 from shared import events as ev
-from shared.local.procs import free_port
-from shared.local.ray_head import RayHead
 from tests.conftest import REPO, Kubectl, Services, start_local_chain, until
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from services.planner.planning import PlanOptions, plan
 from services.serving.app import ServingConfig, replica_options
 from services.workload.render import (
     RenderError,
@@ -20,7 +21,6 @@ from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef
 from shared.planning.catalog import load_catalogs
 from shared.planning.model import Plan
-from shared.planning.planner import PlanOptions, plan
 from tests.conftest import REPO, SEEDS
 
 CATALOGS = load_catalogs()

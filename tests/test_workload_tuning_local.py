@@ -11,9 +11,9 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
+from kaiten.local.procs import free_port
+from kaiten.local.ray_head import RayHead
 from shared import events as ev
-from shared.local.procs import free_port
-from shared.local.ray_head import RayHead
 from shared.oci import pull
 from tests.conftest import Kubectl, Services, start_local_chain, until
 from tests.test_planner_e2e import condition

@@ -10,16 +10,16 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from services.planner.planning import PlanOptions, plan, uses_existing_nodes
 from services.planner.store import PlanStore, StoredPlan
 from shared import events as ev
 from shared.api.workspace import Workspace
-from shared.bus.errors import InvalidInput
 from shared.bus.publishing import Publisher
+from shared.errors import InvalidInput
 from shared.kube.errors import classify
 from shared.planning.catalog import Catalogs
 from shared.planning.inventory import selector_query
 from shared.planning.model import NodeInfo, Plan, plan_to_dict
-from shared.planning.planner import PlanOptions, plan, uses_existing_nodes
 
 log = logging.getLogger("kaiten.planner")
 

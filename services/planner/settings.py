@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared.planning.planner import PlanOptions
-from shared.planning.sizing import DEFAULT_CONTEXT
+from services.planner.planning import PlanOptions
+from services.planner.sizing import DEFAULT_CONTEXT
 from shared.settings import Cloud, Provider, ServiceSettings
 
 

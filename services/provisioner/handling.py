@@ -33,10 +33,10 @@ from services.provisioner.providers.base import NodeRequest, Progress, Provider,
 from services.provisioner.store import NodeStore, StoredNodes, key_of
 from shared import events as ev
 from shared import failpoints, logs, telemetry
-from shared.bus.errors import Transient
 from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.reconciling import reconcile_forever
+from shared.errors import Transient
 from shared.metrics import PROVIDER_CALLS
 from shared.planning.model import plan_from_dict
 

@@ -25,9 +25,9 @@ from shared import logs, telemetry
 from shared.api.crd import FINALIZER
 from shared.api.workspace import WorkspaceState, spec_of
 from shared.bus.backoff import delay_for
-from shared.bus.errors import InvalidInput
 from shared.bus.publishing import Publisher
 from shared.bus.streams import key_value
+from shared.errors import InvalidInput
 from shared.events import ConditionReported, WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
 from shared.kube.errors import classify
 from shared.kube.workspaces import Workspaces

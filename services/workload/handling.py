@@ -33,11 +33,11 @@ from services.workload.render import RenderError, job_id, kaito_sections, servin
 from shared import events as ev
 from shared import logs, telemetry
 from shared.api.workspace import Workspace
-from shared.bus.errors import InvalidInput, Transient
 from shared.bus.leases import LeaseBusy, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.reconciling import reconcile_forever
 from shared.bus.streams import key_value
+from shared.errors import InvalidInput, Transient
 from shared.kube.errors import classify
 from shared.planning.model import plan_from_dict
 

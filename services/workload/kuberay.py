@@ -235,7 +235,7 @@ HEAD_PORTS = [
 class HostNetwork:
     """Ray pods on the node's own network, every listener on ``address``, on these ports.
 
-    For a node without a pod network: the local test node (``shared.local.node``), where pods use
+    For a node without a pod network: the local test node (``kaiten.local.node``), where pods use
     ``hostNetwork`` and must bind 127.0.0.1. KubeRay's defaults would listen on every interface at fixed
     ports, and it has no setting for the node IP, so the rendering says everything: ``node-ip-address``,
     each port in ``rayStartParams`` and as a named container port, usage stats off, and probes of our

@@ -2,9 +2,9 @@
 
 from shared.bus.connection import connect
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
-from shared.bus.errors import InvalidInput, Transient
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_consumer, declare_stream
+from shared.errors import InvalidInput, Transient
 
 __all__ = [
     "ConsumerRunner",

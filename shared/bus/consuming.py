@@ -15,7 +15,7 @@ How it keeps its promises:
   it arrives, and its permit returns at once.
 - *Long work says it is alive*: ``in_progress()`` every ``ack_wait / 3`` until acked.
 - *Ack after the side effect*: a group is acked only after the handler returns.
-- *Failures by taxonomy* (``shared.bus.errors``); a failed group of several messages is retried one
+- *Failures by taxonomy* (``shared.errors``); a failed group of several messages is retried one
   message at a time, so a poison message is isolated and the good ones are not lost with it.
 """
 
@@ -35,10 +35,10 @@ from nats.aio.msg import Msg
 
 from shared import logs
 from shared.bus.backoff import delay_for
-from shared.bus.errors import InvalidInput, Transient
 from shared.bus.leases import LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_consumer
+from shared.errors import InvalidInput, Transient
 from shared.events import STREAM, AnyEvent, ConditionReported, decode
 from shared.metrics import CONSUMER_IN_FLIGHT, CONSUMER_PENDING, EVENTS, HANDLER_SECONDS
 from shared.telemetry import consume_span

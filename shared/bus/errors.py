@@ -1,29 +1,7 @@
-"""The error taxonomy that decides ack/nak/term. Only the consumer runner touches messages.
-
-- :class:`Transient` (or a handler's ``asyncio.TimeoutError``/``ConnectionError``): ``nak(delay)`` with
-  backoff, honouring ``retry_after``.
-- :class:`InvalidInput`: the message can never succeed: status condition + Kubernetes Event, ``term()``.
-- anything else: backoff until ``max_attempts`` deliveries, then status + ``term()``.
-- ``asyncio.CancelledError`` (shutdown): neither ack nor nak; the server redelivers after ``ack_wait``.
-"""
+"""Errors of the bus itself. The taxonomy handlers raise (:class:`~shared.errors.Transient`,
+:class:`~shared.errors.InvalidInput`) is :mod:`shared.errors`: the kube and ARM helpers raise it too."""
 
 from __future__ import annotations
-
-
-class Transient(Exception):
-    """Worth retrying later (apiserver 5xx/409, throttling, a busy peer)."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class InvalidInput(Exception):
-    """Will never succeed as sent; ``reason`` is a CamelCase condition reason."""
-
-    def __init__(self, message: str, *, reason: str = "InvalidInput") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class BusUnavailable(Exception):

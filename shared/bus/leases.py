@@ -23,8 +23,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from shared.bus.errors import Transient
 from shared.bus.streams import key_value
+from shared.errors import Transient
 
 log = logging.getLogger("kaiten.bus")
 LOCK_BUCKET = "kaiten_leases"

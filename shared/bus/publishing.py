@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from shared.bus.backoff import delay_for
-from shared.bus.errors import InvalidInput, Transient
+from shared.errors import InvalidInput, Transient
 from shared.events import Event, dedupe_id, encode, subject_for
 from shared.telemetry import inject_headers, publish_span
 

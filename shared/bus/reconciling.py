@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import nats.errors
 
-from shared.bus.errors import Transient
+from shared.errors import Transient
 from shared.metrics import RECONCILE_KEYS, RECONCILE_PASSES
 
 log = logging.getLogger("kaiten.reconcile")

@@ -6,7 +6,7 @@ import json
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from shared.bus.errors import InvalidInput, Transient
+from shared.errors import InvalidInput, Transient
 
 
 def api_message(exc: ApiException, limit: int = 300) -> str:

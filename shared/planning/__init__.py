@@ -1,10 +1,9 @@
-"""Planning: presets and GPU SKUs into a plan that fits, at the lowest cost.
-
-A pure core shared by the planner service (which publishes plans), the provisioner and workload (which
-read them) and ``kaiten plan`` (a dry run without a cluster):
+"""The plan and what it is made from: the types every service reads, and the catalogs.
 
 - :mod:`.catalog` loads and validates the catalogs (``shared/catalog/*.yaml`` + operator files);
-- :mod:`.model` the Plan / Rejection / inventory types;
-- :mod:`.sizing` the memory model (and KAITO's rule, kept as a reference);
-- :mod:`.planner` ``plan(workspace, catalogs, inventory) -> Plan | Rejection``.
+- :mod:`.model` the Plan / Rejection / node types;
+- :mod:`.inventory` node shapes and label selectors (the planner and the BYO provisioner read nodes).
+
+The algorithm that makes a plan is the planner's (:mod:`services.planner.planning`,
+:mod:`services.planner.sizing`); ``kaiten plan`` imports it from there.
 """

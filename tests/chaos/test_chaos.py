@@ -29,11 +29,11 @@ import httpx
 import nats
 import pytest
 
+from kaiten.local.controlplane import ControlPlane
+from kaiten.local.nats_server import NatsServer
+from kaiten.local.procs import ManagedProcess
 from services.provisioner.providers.base import WORKSPACE_NAMESPACE_LABEL
 from shared.api.crd import CRD_PATH
-from shared.local.controlplane import ControlPlane
-from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess
 from tests.chaos.conftest import Row
 from tests.conftest import Kubectl, Services
 from tests.test_planner_e2e import condition, manifest

@@ -16,11 +16,11 @@ import openai
 import pytest
 import uvicorn
 
+from kaiten.local.procs import free_port
 from services.serving.api import make_app
 from services.serving.app import AdapterSpec, ServingConfig, build_engine
 from services.serving.engines.base import GenerationRequest, QueueFull, SamplingParams
 from services.serving.engines.vllm_engine import VLLMEngine, engine_kwargs
-from shared.local.procs import free_port
 from tests.conftest import NAME, SMOLLM2
 
 ENGINE_ARGS = {
@@ -127,10 +127,10 @@ def test_every_planned_engine_arg_is_a_vllm_engine_arg() -> None:
     """Plan every preset on every SKU; each vLLM flag the planner emits must name an AsyncEngineArgs field."""
     from vllm import AsyncEngineArgs
 
+    from services.planner.planning import PlanOptions, plan
     from shared.api.workspace import Workspace
     from shared.planning.catalog import load_catalogs
     from shared.planning.model import Plan
-    from shared.planning.planner import PlanOptions, plan
 
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     catalogs = load_catalogs()

@@ -31,7 +31,7 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.provisioner.providers.base import GPU_TAINT, NodeRequest, Progress, ProviderError, short_id
-from shared.bus.errors import Transient
+from shared.errors import Transient
 from shared.events import WorkspaceRef
 from shared.kube.errors import classify
 from shared.metrics import PROVIDER_ERRORS

@@ -24,7 +24,7 @@ from services.watcher.status.conditions import (
     workspace_state,
 )
 from shared.api.crd import FINALIZER
-from shared.bus.errors import Transient
+from shared.errors import Transient
 from shared.events import AnyEvent, WorkspaceRef
 from shared.kube.errors import classify
 from shared.kube.workspaces import Workspaces

@@ -46,7 +46,7 @@ from services.workload.kuberay import (
 )
 from services.workload.render import tuning_config
 from shared import telemetry
-from shared.bus.errors import InvalidInput
+from shared.errors import InvalidInput
 from shared.kube.errors import api_message, classify
 
 log = logging.getLogger("kaiten.workload.kuberay")

@@ -27,7 +27,7 @@ from services.workload.render import (
     tuning_config,
 )
 from shared import telemetry
-from shared.bus.errors import Transient
+from shared.errors import Transient
 from shared.kube.errors import classify
 
 log = logging.getLogger("kaiten.workload.local")

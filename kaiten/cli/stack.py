@@ -1,6 +1,6 @@
 """The local system's supervisor: what ``kaiten up`` starts in the background.
 
-``python -m shared.cli.stack STATE_DIR`` holds ``STATE_DIR/lock`` for its lifetime (a second one
+``python -m kaiten.cli.stack STATE_DIR`` holds ``STATE_DIR/lock`` for its lifetime (a second one
 exits at once), starts the parts in order — NATS JetStream, etcd + kube-apiserver (plus the
 Workspace CRD and the local registry's pull/push Secret), the OCI registry, the dataset file server,
 a Ray head, then the watcher, planner, provisioner and workload services — and then watches them.
@@ -34,12 +34,12 @@ from typing import Any, TextIO
 
 import yaml
 
+from kaiten.local.controlplane import BUILD_ESTIMATE, ControlPlane, binaries
+from kaiten.local.nats_server import NatsServer
+from kaiten.local.procs import ManagedProcess, StartFailed, descendants, free_port, identity, port_open
+from kaiten.local.ray_head import RayHead
 from shared.api.crd import CRD_PATH
 from shared.bus.backoff import delay_for
-from shared.local.controlplane import BUILD_ESTIMATE, ControlPlane, binaries
-from shared.local.nats_server import NatsServer
-from shared.local.procs import ManagedProcess, StartFailed, descendants, free_port, identity, port_open
-from shared.local.ray_head import RayHead
 
 PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
 SERVICES = ("watcher", "planner", "provisioner", "workload")

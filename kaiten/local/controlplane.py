@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.local.procs import ManagedProcess, StartFailed, free_port, free_ports, port_open
+from kaiten.local.procs import ManagedProcess, StartFailed, free_port, free_ports, port_open
 
 K8S_VERSION = "v1.32.4"
 ETCD_VERSION = "v3.5.16"
@@ -45,7 +45,7 @@ def cache_dir() -> Path:
 PACKAGES = {
     "etcd": "go.etcd.io/etcd/server/v3",
     "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
-    # a node (shared.local.node): only built when one is asked for
+    # a node (kaiten.local.node): only built when one is asked for
     "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
     "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
     "kubelet": "k8s.io/kubernetes/cmd/kubelet",
@@ -263,7 +263,7 @@ current-context: kaiten-local
 class ControlPlane:
     """``with ControlPlane(dir) as cp: cp.kubeconfig``; stops both processes by PID on exit.
 
-    ``node``: the name of a kubelet that will join (``shared.local.node``): its certificates are made,
+    ``node``: the name of a kubelet that will join (``kaiten.local.node``): its certificates are made,
     and the apiserver runs as a cluster's does (Node + RBAC authorization, NodeRestriction and
     ServiceAccount admission, a client certificate for talking to kubelets)."""
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import shtab
 
+from kaiten.cli import local
+from kaiten.cli import plan as plan_cmd
+from kaiten.cli.events import BusAccess, follow
 from shared.bus.errors import BusUnavailable
-from shared.cli import local
-from shared.cli import plan as plan_cmd
-from shared.cli.events import BusAccess, follow
 
 
 def parse_since(text: str) -> dt.datetime:

@@ -7,7 +7,7 @@
    - ``instanceType`` given → that SKU; it must fit at some node count up to ``max_nodes``;
    - omitted → the cheapest SKU of the installation's cloud (price × nodes, fewer nodes on ties, at most
      ``auto_max_nodes``), naming the cheaper SKUs that did not fit and why.
-3. Size it (:mod:`shared.planning.sizing`): node count, parallelism, dtype, max model length, engine
+3. Size it (:mod:`services.planner.sizing`): node count, parallelism, dtype, max model length, engine
    arguments, disk, and a one-line explanation with the numbers.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from services.planner import sizing
 from shared.api.workspace import Workspace
-from shared.planning import sizing
 from shared.planning.catalog import GIB, Catalogs, GpuModel, Preset, Sku, cc_tuple
 from shared.planning.inventory import NodeShape, node_shape, selected, selector_query
 from shared.planning.model import EngineArg, Memory, NodeInfo, Plan, Rejection, TuningPlan

@@ -3,7 +3,7 @@
 ``with LocalCluster(dir, images=[...]) as cluster: cluster.kubeconfig`` starts, each by PID and with
 every listener on 127.0.0.1:
 
-- etcd and kube-apiserver (:class:`~shared.local.controlplane.ControlPlane` with ``node=``: Node + RBAC
+- etcd and kube-apiserver (:class:`~kaiten.local.controlplane.ControlPlane` with ``node=``: Node + RBAC
   authorization, NodeRestriction and ServiceAccount admission, so pods get tokens);
 - kube-controller-manager (Deployments, ReplicaSets, StatefulSets, Jobs, ServiceAccount tokens, the
   garbage collector, …) and kube-scheduler, without leader election;
@@ -46,9 +46,9 @@ from typing import IO
 
 import yaml
 
-from shared.local.controlplane import ControlPlane, cache_root, ensure_binaries
-from shared.local.images import Image, ensure, image_id
-from shared.local.procs import (
+from kaiten.local.controlplane import ControlPlane, cache_root, ensure_binaries
+from kaiten.local.images import Image, ensure, image_id
+from kaiten.local.procs import (
     ManagedProcess,
     StartFailed,
     descendants,
@@ -562,7 +562,7 @@ def _kubelet_config(pki: Path, root: Path, socket: Path, port: int, healthz: int
     }
 
 
-if __name__ == "__main__":  # a node by hand: python -m shared.local.node DIR [IMAGE ...]; stop: SIGTERM/^C
+if __name__ == "__main__":  # a node by hand: python -m kaiten.local.node DIR [IMAGE ...]; stop: SIGTERM/^C
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from shared.local.controlplane import cache_root, repo_root
-from shared.local.gotools import go_install
-from shared.local.procs import StartFailed
+from kaiten.local.controlplane import cache_root, repo_root
+from kaiten.local.gotools import go_install
+from kaiten.local.procs import StartFailed
 
 KUBERAY_VERSION = "v1.5.1"
 MODULE = "github.com/ray-project/kuberay/ray-operator"
@@ -87,5 +87,5 @@ def ensure(*, with_operator: bool = False) -> None:
         operator()
 
 
-if __name__ == "__main__":  # python -m shared.local.kuberay [--operator]
+if __name__ == "__main__":  # python -m kaiten.local.kuberay [--operator]
     ensure(with_operator="--operator" in sys.argv[1:])

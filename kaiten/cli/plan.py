@@ -11,10 +11,10 @@ from typing import IO, Any, get_args
 import yaml
 from pydantic import ValidationError
 
+from services.planner.planning import PlanOptions, plan
 from shared.api.workspace import Workspace
 from shared.planning.catalog import GIB, CatalogError, Catalogs, load_catalogs
 from shared.planning.model import Plan, Rejection, plan_to_dict
-from shared.planning.planner import PlanOptions, plan
 from shared.settings import Cloud, Provider
 
 

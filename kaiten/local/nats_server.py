@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.local.procs import ManagedProcess, StartFailed, free_port, port_open
+from kaiten.local.procs import ManagedProcess, StartFailed, free_port, port_open
 
 
 def nats_server_binary() -> Path:

@@ -14,7 +14,7 @@ Every image is tagged ``localhost/kaiten/<name>:<digest>``: the digest is the SH
 of every file its ``COPY`` lines take from the repository, so an image whose tag exists is current and is
 not rebuilt, and a test can tell that what a pod runs was built from the files at hand. Builds keep their
 storage under ``$KAITEN_CACHE_DIR/images``; :func:`ensure` returns a docker-archive tarball per image,
-which the node's containerd imports (``shared.local.node``).
+which the node's containerd imports (``kaiten.local.node``).
 
 Build steps run on the host network (``RUN pip install`` reaches the package index as the host does);
 the host's CA bundle is mounted for the build only, never copied into an image.
@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.local.controlplane import cache_root, repo_root
-from shared.local.procs import StartFailed
+from kaiten.local.controlplane import cache_root, repo_root
+from kaiten.local.procs import StartFailed
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim-bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")

@@ -1,6 +1,6 @@
 """``kaiten up`` / ``status`` / ``down`` / ``chat``: the system on one machine.
 
-``up`` starts the supervisor (:mod:`shared.cli.stack`) in the background, shows each part coming up,
+``up`` starts the supervisor (:mod:`kaiten.cli.stack`) in the background, shows each part coming up,
 prints how to use the cluster with kubectl, applies the sample Workspace (unless ``--no-sample``),
 follows its status events live until it is ready, and prints the endpoint and a ``curl`` line. The
 system keeps running until ``kaiten down``.
@@ -20,9 +20,9 @@ from typing import Any, TextIO
 
 import httpx
 
-from shared.cli.events import endpoint_of, watch_workspace
-from shared.cli.stack import PROJECT, lock
-from shared.local.procs import identity, kill_pids, running, tail
+from kaiten.cli.events import endpoint_of, watch_workspace
+from kaiten.cli.stack import PROJECT, lock
+from kaiten.local.procs import identity, kill_pids, running, tail
 
 SAMPLE = PROJECT / "examples" / "local" / "workspace-smollm2.yaml"
 SAMPLE_NAME = "workspace-smollm2"
@@ -117,7 +117,7 @@ def up(
     started = time.monotonic()
     with (root / "supervisor.log").open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli.stack", str(root)],
+            [sys.executable, "-m", "kaiten.cli.stack", str(root)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

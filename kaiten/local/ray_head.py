@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.local.procs import (
+from kaiten.local.procs import (
     ManagedProcess,
     StartFailed,
     descendants,

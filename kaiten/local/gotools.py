@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from shared.local.controlplane import cache_root
-from shared.local.procs import StartFailed
+from kaiten.local.controlplane import cache_root
+from kaiten.local.procs import StartFailed
 
 
 def go_install(package: str, version: str, name: str, *, estimate: str) -> Path:
@@ -52,5 +52,5 @@ def helm() -> Path:
     return go_install(HELM_PACKAGE, HELM_VERSION, "helm", estimate="~1-2 min")
 
 
-if __name__ == "__main__":  # python -m shared.local.gotools: build what the tests need
+if __name__ == "__main__":  # python -m kaiten.local.gotools: build what the tests need
     print(helm())
