@@ -14,11 +14,14 @@ Rules (see docs/events.md):
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from typing import Any, ClassVar, Literal
 
 import msgspec
+
+from shared.planning.model import Plan
 
 STREAM = "KAITEN"
 SUBJECT_ROOT = "kaiten"
@@ -85,13 +88,36 @@ WorkspaceEvent = WorkspaceObserved | WorkspaceDeleting
 # --- plan family: published by the planner ------------------------------------------------------
 
 
+class SelectorRequirement(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    key: str
+    operator: str  # In, NotIn, Exists, DoesNotExist (the CRD admits no other)
+    values: tuple[str, ...] = ()
+
+
+class LabelSelector(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    match_labels: dict[str, str] = {}
+    match_expressions: tuple[SelectorRequirement, ...] = ()
+
+
+class Resource(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """The spec's ``resource`` section as the user wrote it (camelCase on the wire, as in the object).
+
+    Lenient: a field a newer CRD adds is ignored here, not an error, so an older service reads a newer
+    publisher's events."""
+
+    instance_type: str = ""
+    count: int | None = None
+    label_selector: LabelSelector = LabelSelector()
+    preferred_nodes: tuple[str, ...] = ()
+
+
 class PlanResolved(Event, frozen=True, kw_only=True, tag="plan.resolved"):
     family: ClassVar[str] = "plan"
-    plan: dict[str, Any]
+    plan: Plan
     explanation: str = ""
-    # The spec's resource section (labelSelector, preferredNodes, …) the plan was made for, so the
-    # provisioner's request is self-contained: nodes it creates carry the selector's labels.
-    resource: dict[str, Any] = {}
+    # The resource section the plan was made for, so the provisioner's request is self-contained:
+    # nodes it creates carry the selector's labels.
+    resource: Resource = Resource()
 
 
 class PlanRejected(Event, frozen=True, kw_only=True, tag="plan.rejected"):
@@ -252,3 +278,27 @@ def encode(event: Event) -> bytes:
 def decode(data: bytes) -> AnyEvent:
     """Decode any Kaiten event; raises ``msgspec.ValidationError``/``DecodeError`` on bad input."""
     return _decoder.decode(data)
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (2020-12) of every event, generated from the Structs above: what a consumer in
+    another language validates against. Checked in as ``docs/events.schema.json`` (a test fails when it
+    is stale; ``python -m shared.events docs/events.schema.json`` rewrites it)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"Kaiten events, schema {SCHEMA_VERSION}",
+        **msgspec.json.schema(AnyEvent),
+    }
+
+
+def render_json_schema() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m shared.events PATH  (writes the events' JSON Schema to PATH)")
+    with open(sys.argv[1], "w", encoding="utf-8") as out:
+        out.write(render_json_schema())

@@ -22,6 +22,8 @@ from shared.bus.publishing import Publisher
 from shared.bus.reconciling import reconcile_forever
 from shared.bus.streams import declare_consumer, declare_stream
 from shared.errors import InvalidInput, Transient
+from shared.planning.model import Plan
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.nats
 
@@ -100,6 +102,48 @@ async def test_events_round_trip_and_subjects() -> None:
         ev.decode(b'{"kind": "workspace.observed", "generation": "x"}')
 
 
+def test_the_events_json_schema_is_generated_from_the_structs() -> None:
+    assert (REPO / "docs/events.schema.json").read_text() == ev.render_json_schema(), (
+        "run: python -m shared.events docs/events.schema.json"
+    )
+
+
+def test_a_plan_travels_typed_and_reads_what_schema_1_publishers_wrote() -> None:
+    """Issue 17: ``PlanResolved`` carries the ``Plan`` and the spec's ``resource`` as Structs, not dicts.
+    The wire format is what it was (the plan's fields, the resource section in camelCase), so events
+    already in the stream still decode; a resource field a newer CRD adds is ignored, not an error."""
+    plan = msgspec.convert(PLAN_FIELDS, Plan)
+    written_before = {  # as the planner published it when both were dicts
+        "kind": "plan.resolved", "schema": 1, "event_id": "e1", "generation": 2, "occurred_at": 1.0,
+        "workspace": {"namespace": "ns", "name": "w", "uid": "u"},
+        "plan": PLAN_FIELDS, "explanation": "fits",
+        "resource": {"instanceType": "Standard_NC24ads_A100_v4", "count": 2, "preferredNodes": ["n1"],
+                     "labelSelector": {"matchLabels": {"apps": "llama"},
+                                       "matchExpressions": [{"key": "zone", "operator": "Exists"}]},
+                     "partition": {"profile": "from-a-newer-crd"}},
+    }  # fmt: skip
+    event = ev.decode(msgspec.json.encode(written_before))
+    assert isinstance(event, ev.PlanResolved) and event.plan == plan
+    assert event.plan.pipeline_parallel == 2 and event.resource.preferred_nodes == ("n1",)
+    assert event.resource.label_selector.match_labels == {"apps": "llama"}
+    assert event.resource.label_selector.match_expressions[0].operator == "Exists"
+    again = msgspec.json.decode(ev.encode(event))  # and it is written the same way
+    assert again["plan"] == PLAN_FIELDS
+    assert again["resource"]["labelSelector"] == written_before["resource"]["labelSelector"]
+    with pytest.raises(msgspec.ValidationError):  # a plan missing its fields is refused at decode
+        ev.decode(msgspec.json.encode({**written_before, "plan": {"sku": "x"}}))
+
+
+PLAN_FIELDS: dict[str, object] = {
+    "mode": "inference", "preset": "llama-3.1-8b-instruct", "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "sku": "Standard_NC24ads_A100_v4", "cloud": "azure", "gpu": "A100", "gpu_memory": 85899345920,
+    "nodes": 2, "gpus_per_node": 1, "tensor_parallel": 1, "pipeline_parallel": 2, "data_parallel": 1,
+    "dtype": "bfloat16", "quantization": None, "max_model_len": 32768, "engine": "vllm",
+    "engine_args": {"max-model-len": 32768}, "disk_gib": 100, "memory": None, "cost_per_hour": 7.35,
+    "explanation": "fits", "byo_nodes": [], "alternatives": [], "notes": [], "tuning": None, "runtime": {},
+}  # fmt: skip
+
+
 async def test_one_workspace_in_order_different_workspaces_concurrently(nc: Client) -> None:
     seen: dict[str, list[int]] = defaultdict(list)
     active: set[str] = set()
@@ -153,7 +197,7 @@ async def test_invalid_input_is_terminated_with_a_status_event(nc: Client) -> No
         raise InvalidInput("preset nope is unknown", reason="UnknownPreset")
 
     pub = Publisher(nc.jetstream())
-    await pub.publish(ev.PlanResolved(workspace=ref("bad"), generation=1, plan={}))
+    await pub.publish(ev.PlanRejected(workspace=ref("bad"), generation=1, reason="R", message="m"))
     spec = ConsumerSpec(durable="planner-like", filter_subjects=[ev.subject_filter("plan")])
     run = ConsumerRunner(nc=nc, spec=spec, handler=handler, publisher=pub, reporter="planner")
     sub = await nc.jetstream().subscribe("kaiten.status.condition.default.bad", ordered_consumer=True)
@@ -183,7 +227,7 @@ async def test_unknown_error_gives_up_after_max_attempts(nc: Client) -> None:
         raise RuntimeError("bug")
 
     pub = Publisher(nc.jetstream())
-    await pub.publish(ev.PlanResolved(workspace=ref("w"), generation=1, plan={}))
+    await pub.publish(ev.PlanRejected(workspace=ref("w"), generation=1, reason="R", message="m"))
     spec = ConsumerSpec(durable="p", filter_subjects=[ev.subject_filter("plan")], max_attempts=3)
     run = ConsumerRunner(nc=nc, spec=spec, handler=handler, publisher=pub, reporter="planner")
     sub = await nc.jetstream().subscribe("kaiten.status.condition.default.w", ordered_consumer=True)

@@ -178,14 +178,15 @@ async def test_kaiten_events_follows_a_clusters_bus_as_the_read_only_viewer(
     ref = ev.WorkspaceRef(namespace="team-a", name="ws", uid="u-1")
     try:
         await declare_stream(watcher.jetstream())  # as every service does at start
-        await Publisher(planner.jetstream()).publish(ev.PlanResolved(workspace=ref, generation=1, plan={}))
+        rejected = ev.PlanRejected(workspace=ref, generation=1, reason="UnknownPreset", message="m")
+        await Publisher(planner.jetstream()).publish(rejected)
         env = {**os.environ, "KAITEN_NATS_PASSWORD": passwords["viewer"]}
         viewer_cli = [str(KAITEN), "events", "-n", "team-a", "--nats", url, "--nats-user", "viewer",
                       "--nats-ca", str(ca), "--timeout", "30"]  # fmt: skip
         replayed = subprocess.run([*viewer_cli, "--since", "10m", "--count", "1"], env=env,
                                   capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         assert replayed.returncode == 0, replayed.stderr
-        assert "team-a/ws" in replayed.stdout and "plan.resolved" in replayed.stdout, replayed.stdout
+        assert "team-a/ws" in replayed.stdout and "plan.rejected" in replayed.stdout, replayed.stdout
         following = subprocess.Popen([*viewer_cli, "--count", "1"], env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)  # fmt: skip
         await asyncio.sleep(3)  # connected and subscribed

@@ -95,7 +95,7 @@ async def test_seed_manifests_are_planned_into_status(
     assert row[column:].split()[:2] == ["1", "Standard_NC6s_v3"], wide
     events = await plan_events(nc, namespace)
     assert sorted(e.workspace.name for e in events) == sorted(names)
-    assert all(isinstance(e, ev.PlanResolved) and e.plan["sku"] == "Standard_NC6s_v3" for e in events)
+    assert all(isinstance(e, ev.PlanResolved) and e.plan.sku == "Standard_NC6s_v3" for e in events)
     kv = await nc.jetstream().key_value(PLANS_BUCKET)
     stored = msgspec.json.decode((await kv.get(f"{namespace}.workspace-phi-3-mini")).value, type=StoredPlan)
     assert stored.generation == 1 and stored.plan is not None and stored.plan["nodes"] == 1
@@ -278,8 +278,8 @@ async def test_byo_plans_on_the_matching_nodes(
         )
         (resolved,) = await plan_events(nc, namespace, "mine")
         assert isinstance(resolved, ev.PlanResolved)
-        assert resolved.plan["byo_nodes"] == [names[0], names[1]]  # preferred first; the NotReady one never
-        assert (resolved.plan["gpu"], resolved.plan["pipeline_parallel"], resolved.plan["cost_per_hour"]) == (
+        assert resolved.plan.byo_nodes == (names[0], names[1])  # preferred first; the NotReady one never
+        assert (resolved.plan.gpu, resolved.plan.pipeline_parallel, resolved.plan.cost_per_hour) == (
             "A100",
             2,
             0.0,

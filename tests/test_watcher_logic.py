@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from services.watcher.deciding import Action, Published, decide
@@ -17,6 +18,7 @@ from services.watcher.status.conditions import (
 from services.watcher.status.writing import status_patch
 from shared import events as ev
 from shared.api.crd import FINALIZER
+from shared.planning.model import Plan
 
 REF = ev.WorkspaceRef(namespace="ns", name="w", uid="u1")
 
@@ -106,8 +108,13 @@ def test_status_patch_is_none_when_nothing_changes() -> None:
 
 
 def test_plan_sets_target_node_count_and_summary_never_from_an_older_generation() -> None:
-    plan = {"sku": "Standard_NC24ads_A100_v4", "nodes": 2, "gpus_per_node": 1, "engine": "vllm"}
-    plan |= {"dtype": "bfloat16", "max_model_len": 32768, "tensor_parallel": 1, "pipeline_parallel": 2}
+    plan = Plan(
+        mode="inference", preset="llama-3.1-8b-instruct", model="meta-llama/Llama-3.1-8B-Instruct",
+        sku="Standard_NC24ads_A100_v4", cloud="azure", gpu="A100", gpu_memory=80 * 1024**3, nodes=2,
+        gpus_per_node=1, tensor_parallel=1, pipeline_parallel=2, data_parallel=1, dtype="bfloat16",
+        quantization=None, max_model_len=32768, engine="vllm", engine_args={}, disk_gib=100, memory=None,
+        cost_per_hour=7.35, explanation="",
+    )  # fmt: skip
     o = obj()
     patch = status_patch(o, fold([ev.PlanResolved(workspace=REF, generation=2, plan=plan)]), "t")
     assert patch is not None
@@ -123,7 +130,7 @@ def test_plan_sets_target_node_count_and_summary_never_from_an_older_generation(
         "observedGeneration": 2,
     }
     o["status"] = patch["status"]
-    older = fold([ev.PlanResolved(workspace=REF, generation=1, plan={**plan, "nodes": 5})])
+    older = fold([ev.PlanResolved(workspace=REF, generation=1, plan=msgspec.structs.replace(plan, nodes=5))])
     assert "targetNodeCount" not in (status_patch(o, older, "t2") or {"status": {}})["status"]
 
 

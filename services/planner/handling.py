@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -74,13 +75,13 @@ class Planner:
             "correlation_id": event.correlation_id or event.event_id,
         }
         if isinstance(result, Plan):
-            data = plan_to_dict(result)
-            await self._store.put(ref, StoredPlan(uid=ref.uid, generation=event.generation, plan=data))
+            stored = StoredPlan(uid=ref.uid, generation=event.generation, plan=plan_to_dict(result))
+            await self._store.put(ref, stored)
             await self._publisher.publish(
                 ev.PlanResolved(
-                    plan=data,
+                    plan=result,
                     explanation=result.explanation,
-                    resource=dict(event.spec.get("resource") or {}),
+                    resource=msgspec.convert(event.spec.get("resource") or {}, ev.Resource),
                     **common,
                 )
             )

@@ -38,25 +38,22 @@ from shared.bus.publishing import Publisher
 from shared.bus.reconciling import reconcile_forever
 from shared.errors import Transient
 from shared.metrics import PROVIDER_CALLS
-from shared.planning.model import plan_from_dict
 
 log = logging.getLogger("kaiten.provisioner")
 OWNER = "provisioner"
 
 
 def request_from_plan(event: ev.PlanResolved) -> NodeRequest:
-    plan = plan_from_dict(event.plan)
-    resource = event.resource
-    selector = resource.get("labelSelector") or {}
+    plan, resource = event.plan, event.resource
     return NodeRequest(
         workspace=event.workspace,
         generation=event.generation,
         instance_type=plan.sku,
         count=plan.nodes,
         gpus_per_node=plan.gpus_per_node,
-        labels=dict(selector.get("matchLabels") or {}),
-        selector=dict(selector),
-        preferred_nodes=tuple(resource.get("preferredNodes") or ()),
+        labels=dict(resource.label_selector.match_labels),
+        selector=msgspec.to_builtins(resource.label_selector),
+        preferred_nodes=resource.preferred_nodes,
         byo_nodes=plan.byo_nodes,
     )
 

@@ -156,7 +156,7 @@ class Workloads:
                     record.spec, record.spec_generation = dict(event.spec), event.generation
                     record.api_version = event.api_version
                 elif isinstance(event, ev.PlanResolved) and event.generation >= record.plan_generation:
-                    record.plan, record.plan_generation = dict(event.plan), event.generation
+                    record.plan, record.plan_generation = msgspec.to_builtins(event.plan), event.generation
                 elif isinstance(event, ev.NodesReady) and event.generation > record.nodes_generation:
                     record.nodes_generation = event.generation
             record.trace = telemetry.carrier()

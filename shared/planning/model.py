@@ -1,8 +1,8 @@
 """What the planner produces (:class:`Plan` or :class:`Rejection`) and consumes (:class:`NodeInfo`).
 
-Plans travel inside ``plan.resolved`` events as plain dicts (:func:`plan_to_dict`) and are read back by
-the provisioner and the workload with :func:`plan_from_dict`. Everything here is deterministic: the same
-spec, catalogs and inventory give an identical Plan, byte for byte.
+A :class:`Plan` travels typed inside ``plan.resolved`` events (``shared.events.PlanResolved``);
+services that keep one in a KV record of their own store it with :func:`plan_to_dict`. Everything
+here is deterministic: the same spec, catalogs and inventory give an identical Plan, byte for byte.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import events as ev
+from shared.planning.model import Plan
 
 
 @dataclass(frozen=True)
@@ -125,17 +126,16 @@ def apply_event(change: StatusChange, event: ev.AnyEvent) -> None:
             pass  # not status-bearing (observed, tuning progress)
 
 
-def plan_status(plan: dict[str, Any], generation: int) -> dict[str, Any]:
+def plan_status(plan: Plan, generation: int) -> dict[str, Any]:
     """The short plan summary shown in ``status.plan`` (the full plan lives in NATS KV)."""
     summary = {
-        "instanceType": plan.get("sku", ""),
-        "nodes": int(plan.get("nodes", 0)),
-        "gpusPerNode": int(plan.get("gpus_per_node", 0)),
-        "engine": plan.get("engine", ""),
-        "dtype": plan.get("dtype", ""),
-        "maxModelLen": int(plan.get("max_model_len", 0)),
-        "parallelism": f"TP{plan.get('tensor_parallel', 1)} PP{plan.get('pipeline_parallel', 1)} "
-        f"DP{plan.get('data_parallel', 1)}",
+        "instanceType": plan.sku,
+        "nodes": plan.nodes,
+        "gpusPerNode": plan.gpus_per_node,
+        "engine": plan.engine,
+        "dtype": plan.dtype,
+        "maxModelLen": plan.max_model_len,
+        "parallelism": f"TP{plan.tensor_parallel} PP{plan.pipeline_parallel} DP{plan.data_parallel}",
         "observedGeneration": generation,
     }
     return {key: value for key, value in summary.items() if value not in ("", None)}
