@@ -217,6 +217,10 @@ def test_bad_inputs_get_clear_errors(server: Endpoint, client: openai.OpenAI) ->
         client.chat.completions.create(model=NAME, messages=[])
     with pytest.raises(openai.UnprocessableEntityError, match="seed"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], seed=2**64)
+    with pytest.raises(openai.UnprocessableEntityError, match="presence_penalty"):  # OpenAI's range: ±2
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], presence_penalty=3
+        )
 
 
 def test_adapter_changes_the_output(client: openai.OpenAI) -> None:

@@ -209,3 +209,29 @@ async def test_a_bad_row_fails_alone_and_its_batch_finishes(model_dir: Path) -> 
     assert results[0] == results[3] == alone, results
     assert isinstance(results[1], BadRequest) and "seed" in str(results[1]), results[1]
     assert results[2] == results[4] == alone, results  # a temperature this small is greedy decoding
+
+
+def test_openai_presence_and_frequency_penalties_lower_the_logits_of_tokens_already_generated() -> None:
+    """OpenAI's meaning: a generated token's logit drops by ``presence_penalty`` once and by
+    ``frequency_penalty`` per time it occurred (they were accepted and ignored, or approximated by a
+    repetition penalty)."""
+    import torch
+
+    from services.serving.engines.transformers_engine import _sample, _Slot
+
+    def pick(**params: float) -> int:
+        logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
+        slot = _Slot(
+            GenerationRequest([0], SamplingParams(**params)), asyncio.new_event_loop(), asyncio.Queue()
+        )
+        slot.generated = [1, 1, 3]  # token 1 twice, token 3 once
+        slot.loop.close()
+        return _sample(logits, slot, None)
+
+    assert pick() == 1  # greedy: the highest logit
+    assert pick(frequency_penalty=0.2) == 1  # 3.0 - 2 × 0.2 = 2.6 > 2.5
+    assert pick(frequency_penalty=0.3) == 2  # 3.0 - 2 × 0.3 = 2.4 < 2.5
+    assert pick(presence_penalty=0.6) == 2  # 3.0 - 0.6 = 2.4: once, however often it came
+    assert pick(presence_penalty=0.2, frequency_penalty=0.1) == 1  # 3.0 - 0.2 - 0.2 = 2.6
+    assert pick(presence_penalty=0.4, frequency_penalty=0.1) == 2  # 3.0 - 0.4 - 0.2 = 2.4
+    assert pick(presence_penalty=-2.0) == 1  # a negative penalty favours what came: 1.0 + 2 < 3.0 + 2

@@ -88,8 +88,8 @@ class OpenAIBase(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)  # torch's range
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
 
 
 class ChatCompletionBody(OpenAIBase):
@@ -348,7 +348,8 @@ def _openai_params(
         do_sample=body.temperature > 0,
         stop=stop,
         seed=body.seed,
-        repetition_penalty=1.0 + max(0.0, body.frequency_penalty) * 0.1,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
     )
 
 

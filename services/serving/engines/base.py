@@ -39,7 +39,9 @@ class SamplingParams:
     do_sample: bool = False  # greedy unless asked (KAITO's /chat default); the OpenAI API sets True
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # transformers' (divides a generated token's positive logit)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a generated token's logit
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token was generated
 
 
 @dataclass
@@ -48,7 +50,6 @@ class GenerationRequest:
     params: SamplingParams
     adapter: str | None = None
     deadline: float = field(default_factory=lambda: time.monotonic() + 300)
-    enqueued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)

@@ -463,6 +463,9 @@ def _sample(logits: Any, slot: _Slot, generator: Any) -> int:
         seen = torch.tensor(sorted(set(slot.generated)))
         values = logits[seen]
         logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and slot.generated:
+        tokens, counts = torch.unique(torch.tensor(slot.generated), return_counts=True)
+        logits[tokens] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     if not p.do_sample or p.temperature < MIN_TEMPERATURE:  # below it, logits / t overflow: greedy
         return int(torch.argmax(logits))
     logits = logits / p.temperature

@@ -121,7 +121,6 @@ class VLLMEngine(HFTokenizerEngine):
         self._in_flight = 0
         self._lora: dict[str, Any] = {}
         self._engine: Any = None
-        self._error = ""
         self._stats = dict.fromkeys(("requests", "aborted"), 0.0)
         self.tokenizer: Any = None
 
@@ -177,6 +176,8 @@ class VLLMEngine(HFTokenizerEngine):
             top_k=0 if greedy else p.top_k,
             seed=p.seed,
             repetition_penalty=p.repetition_penalty,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
             stop=list(p.stop) or None,
             output_kind=RequestOutputKind.DELTA,
         )
