@@ -25,6 +25,8 @@ from kaiten.cli.stack import PROJECT, lock
 from kaiten.local.procs import identity, kill_pids, running, tail
 
 SAMPLE = PROJECT / "examples" / "local" / "workspace-smollm2.yaml"
+# What `up` reads from the repository besides the packages (an installed wheel has none of it).
+CHECKOUT_NEEDS = ("deploy/controlplane/go.mod", "deploy/crds", "examples/local")
 SAMPLE_NAME = "workspace-smollm2"
 QUESTION = "What is the capital of France?"
 MARKS = {
@@ -100,6 +102,14 @@ class Live:
 def up(
     root: Path, *, sample: bool, timeout: float, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
+    if missing := [p for p in CHECKOUT_NEEDS if not (PROJECT / p).exists()]:
+        print(
+            f"kaiten up runs from a source checkout: it builds etcd and kube-apiserver from"
+            f" deploy/controlplane and serves the sample from examples/local, and {PROJECT} has no"
+            f" {', '.join(missing)} (an installed package). In a clone of the repository: make up",
+            file=err,
+        )
+        return 2
     root.mkdir(parents=True, exist_ok=True)
     if supervisor_running(root):
         status = read_status(root) or {}
