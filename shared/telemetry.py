@@ -27,13 +27,14 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from opentelemetry import context, propagate, trace
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
 
 tracer = trace.get_tracer("kaiten")
 FLUSH_S = 3.0  # the longest a stopping service waits for its last spans to leave
+_recording = False  # a TracerProvider is installed (configure): spans are made, not only passed on
 log = logging.getLogger("kaiten.telemetry")
 
 
@@ -65,6 +66,8 @@ def configure(service: str) -> Callable[[], None] | None:
     provider = TracerProvider(resource=Resource.create(attributes), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(_exporter(protocol)))  # endpoint, headers: OTEL_*
     trace.set_tracer_provider(provider)
+    global _recording
+    _recording = True
     AioHttpClientInstrumentor().instrument(  # before any client session exists
         tracer_provider=provider,
         request_hook=lambda span, params: span.update_name(f"{params.method} {route(params.url.path)}"),
@@ -174,7 +177,20 @@ def publish_span(subject: str, msg_id: str) -> Iterator[Span]:
 
 @contextmanager
 def consume_span(subject: str, headers: dict[str, str] | None, consumer: str) -> Iterator[Span]:
-    """A CONSUMER span whose parent is the publisher's span from the headers."""
+    """A CONSUMER span whose parent is the publisher's span from the headers.
+
+    With tracing off here no span is made (it would record nothing), but the publisher's context is
+    still made current, so what this handler publishes carries the trace on."""
+    if not _recording:
+        if not headers or "traceparent" not in headers:
+            yield INVALID_SPAN
+            return
+        token = context.attach(propagate.extract(headers))
+        try:
+            yield trace.get_current_span()
+        finally:
+            context.detach(token)
+        return
     parent = propagate.extract(headers or {})
     token = context.attach(parent)
     try:

@@ -86,6 +86,35 @@ async def test_publish_dedupes_by_msg_id_and_carries_trace_context(nc: Client) -
     assert ev.decode(msg.data) == event
 
 
+async def test_a_service_with_tracing_off_carries_the_trace_on(nc: Client) -> None:
+    """No TracerProvider in this process (tracing off, as in a service without ``OTEL_*``): the
+    consumer makes no span, but what a handler publishes carries the trace it received."""
+    js = nc.jetstream()
+    caller = "0af7651916cd43dd8448eb211c80319c"
+    await js.publish(
+        "kaiten.status.condition.default.traced", ev.encode(cond("traced", 1)),
+        headers={"traceparent": f"00-{caller}-b7ad6b7169203331-01"},
+    )  # fmt: skip
+    pub = Publisher(js)
+    sent: list[int] = []
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        if events[-1].workspace.name == "traced":
+            sent.append((await pub.publish(ev.NodesRequested(workspace=ref("onward"), generation=1,
+                                                                provider="p", count=1))).seq)  # fmt: skip
+
+    run = runner(nc, handler, durable="traced")
+    await run.start()
+    try:
+        await wait_for(lambda: sent)
+    finally:
+        await run.stop()
+    onward = await js.get_msg(ev.STREAM, sent[0])
+    assert onward.headers is not None and onward.headers["traceparent"].split("-")[1] == caller, (
+        onward.headers
+    )
+
+
 async def test_events_round_trip_and_subjects() -> None:
     observed = ev.WorkspaceObserved(
         workspace=ref("w", "ns1"),
@@ -390,6 +419,37 @@ async def test_a_lease_is_exclusive_and_a_lost_lease_stops_the_work_under_it(nc:
     with pytest.raises(asyncio.CancelledError):
         await task
     async with b.hold("ns/z"):  # and a cancelled holder releases
+        pass
+
+
+async def test_a_lingering_lease_is_taken_back_without_a_round_trip_and_freed_after(nc: Client) -> None:
+    """Issue 20: a lease parked after use is taken back by this process with no KV create (the entry's
+    revision does not move); meanwhile it is busy for another replica, and for other work here; it is
+    deleted ``linger`` after its last use, or at once by ``close()``."""
+    js = nc.jetstream()
+    a = await Leases.open(js, role="linger", ttl=3.0, linger=0.6)
+    b = await Leases.open(js, role="linger", ttl=3.0)
+    kv = await js.key_value(LOCK_BUCKET)
+    async with a.hold("ns/x"):
+        pass
+    parked = (await kv.get("linger.ns.x")).revision
+    with pytest.raises(LeaseBusy):  # another replica: busy while parked
+        async with b.hold("ns/x"):
+            pass
+    inside: list[str] = []
+    async with a.hold("ns/x"):  # taken back: the same entry, no create
+        assert (await kv.get("linger.ns.x")).revision == parked
+        with pytest.raises(LeaseBusy):  # other work in this process (a reconcile pass) waits its turn
+            async with a.hold("ns/x"):
+                inside.append("twice")
+    assert inside == []
+    await asyncio.sleep(1.0)  # > linger since the last use: deleted
+    async with b.hold("ns/x"):
+        pass
+    async with a.hold("ns/z"):
+        pass
+    await a.close()  # a stopping service frees what it parked, without waiting for the linger
+    async with b.hold("ns/z"):
         pass
 
 

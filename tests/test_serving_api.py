@@ -156,6 +156,24 @@ def test_chat_answers_a_question(server: Endpoint) -> None:
     assert 0 < len(short.json()["Result"].split()) <= 4
 
 
+def test_the_seeds_curl_line_gets_an_answer_not_its_question_back(server: Endpoint) -> None:
+    """Issue 18: the seed's walkthrough sends ``{"prompt": "YOUR QUESTION HERE"}`` to /chat. The raw prompt
+    made the instruct model stop at once: the answer was the question, echoed. A prompt to a model with
+    a chat template is now one user turn through it; ``return_full_text`` keeps KAITO's meaning."""
+    question = "What is the capital of France?"
+    r = httpx.post(  # curl -X POST .../chat -H "Content-Type: application/json" -d '{"prompt":"..."}'
+        f"{server.url}/chat",
+        content=f'{{"prompt":"{question}"}}',
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    result = r.json()["Result"]
+    assert result.startswith(question) and "Paris" in result[len(question) :], result
+    alone = httpx.post(f"{server.url}/chat", json={"prompt": question, "return_full_text": False}, timeout=60)
+    assert "Paris" in alone.json()["Result"] and not alone.json()["Result"].startswith(question), alone.text
+
+
 def test_openai_client_chat_stream_completions_models(client: openai.OpenAI) -> None:
     chat = client.chat.completions.create(
         model=NAME,

@@ -12,7 +12,7 @@ from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.store import NodeStore
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
-from shared.bus.leases import Leases
+from shared.bus.leases import LINGER, Leases
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
@@ -72,7 +72,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     assert isinstance(settings, ProvisionerSettings)
     provider = make_provider(settings, runtime)
     timeout = settings.byo_wait_s if settings.provider == "byo" else settings.provision_timeout_s
-    leases = await Leases.open(runtime.js, role=DURABLE)  # events and reconcile passes share them
+    leases = await Leases.open(runtime.js, role=DURABLE, linger=LINGER)  # events and passes share them
     provisioner = Provisioner(
         provider=provider,
         store=await NodeStore.open(runtime.js),

@@ -267,7 +267,7 @@ def make_app(
         if body.prompt is not None:
             if not body.prompt.strip():
                 raise ApiError(400, "prompt is empty")
-            ids = engine.encode(body.prompt)
+            ids = engine.encode_prompt(body.prompt)
         else:
             assert body.messages is not None
             if not body.messages:

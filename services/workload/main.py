@@ -14,7 +14,7 @@ from services.workload.kuberay import AdminPeers, HostNetwork
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
-from shared.bus.leases import Leases
+from shared.bus.leases import LINGER, Leases
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
@@ -63,7 +63,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         raise SystemExit(
             f"KAITEN_BACKEND={settings.backend!r}: choose kuberay (a cluster) or local (kaiten up)"
         )
-    leases = await Leases.open(runtime.js, role=DURABLE)  # events and reconcile passes share them
+    leases = await Leases.open(runtime.js, role=DURABLE, linger=LINGER)  # events and passes share them
     workloads = await Workloads.open(
         runtime.js,
         backend=backend,

@@ -8,12 +8,14 @@ How it keeps its promises:
   handling a key a replica takes the Workspace's lease (``shared.bus.leases``, shared with the
   service's reconcile loop); a replica that finds it held naks with a short delay, so one Workspace is
   never handled by two replicas (or by a handler and a reconcile pass) at once. A handler whose lease
-  cannot be refreshed is stopped and its messages redelivered.
+  cannot be refreshed is stopped and its messages redelivered. A lease lingers ``lease_linger`` after
+  its group, so a busy Workspace's next group takes it back without a round trip.
 - *Bursts coalesce*: messages of one key that arrive in one fetch are handed to the handler together.
 - *Bounded intake*: each message taken holds a permit of a semaphore of ``fetch_batch`` until it is
   settled, and the pull loop waits for free permits. A message that cannot be decoded is terminated as
   it arrives, and its permit returns at once.
-- *Long work says it is alive*: ``in_progress()`` every ``ack_wait / 3`` until acked.
+- *Long work says it is alive*: ``in_progress()`` every ``ack_wait / 3`` until acked (one heartbeat
+  loop for every message in flight).
 - *Ack after the side effect*: a group is acked only after the handler returns.
 - *Failures by taxonomy* (``shared.errors``); a failed group of several messages is retried one
   message at a time, so a poison message is isolated and the good ones are not lost with it.
@@ -28,6 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -35,7 +38,7 @@ from nats.aio.msg import Msg
 
 from shared import logs
 from shared.bus.backoff import delay_for
-from shared.bus.leases import LeaseBusy, LeaseLost, Leases
+from shared.bus.leases import LINGER, LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
 from shared.bus.streams import declare_consumer
 from shared.errors import InvalidInput, Transient
@@ -60,11 +63,12 @@ class ConsumerSpec:
     max_attempts: int = 8  # deliveries before an unknown error becomes a terminal status
     max_transient_attempts: int = 32  # transient errors get longer (backoff caps at 30 s: ~15 min)
     lease_ttl: float = 30.0  # s; a crashed replica's lease on a Workspace expires after this
+    lease_linger: float = LINGER  # s a lease stays parked after a group, for the key's next group
     busy_delay: float = 0.25  # s; redelivery delay when another replica holds the Workspace
     failure_condition: str = "WorkspaceSucceeded"  # condition set False when a message is given up
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: a set of groups at work
 class _Group:
     key: str
     msgs: list[Msg]
@@ -103,7 +107,14 @@ class ConsumerRunner:
         self._slots = asyncio.Semaphore(spec.max_concurrency)
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self._leases = leases  # shared with the service's reconcile loop, or opened at start
+        self._working: set[_Group] = set()  # fetched, not yet settled: what the heartbeat keeps alive
+        # the metrics' labelled children, looked up once (labels() costs more than the count)
+        self._events: dict[tuple[str, str], Any] = {}
+        self._in_flight_gauge = CONSUMER_IN_FLIGHT.labels(spec.durable)
+        self._pending_gauge = CONSUMER_PENDING.labels(spec.durable)
+        self._handler_seconds = HANDLER_SECONDS.labels(spec.durable)
         self.handled = 0  # messages acked (for status and tests)
         self.name = f"consumer:{spec.durable}"
 
@@ -118,23 +129,30 @@ class ConsumerRunner:
             max_ack_pending=spec.max_ack_pending,
         )
         if self._leases is None:
-            self._leases = await Leases.open(self._js, role=spec.durable, ttl=spec.lease_ttl)
+            self._leases = await Leases.open(
+                self._js, role=spec.durable, ttl=spec.lease_ttl, linger=spec.lease_linger
+            )
         self._psub = await self._js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         self._loop_task = asyncio.create_task(self._pull_loop(), name=f"consumer:{spec.durable}")
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name=f"heartbeat:{spec.durable}")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop intake, wait for in-flight groups up to ``grace`` s, cancel the rest (they redeliver)."""
         self._stopping.set()
-        if self._loop_task:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        for task in (self._loop_task, self._heartbeat_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         pending = [t for t in self._tails.values() if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace)
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        if self._leases is not None:  # parked leases go now: another replica may take the keys
+            with contextlib.suppress(TimeoutError):  # NATS gone: they expire after their TTL
+                await asyncio.wait_for(self._leases.close(), timeout=5)
         with contextlib.suppress(Exception):
             await self._psub.unsubscribe()
 
@@ -164,7 +182,7 @@ class ConsumerRunner:
             self._release(room - len(msgs))
             self._settled(-len(msgs))
             if msgs:
-                CONSUMER_PENDING.labels(spec.durable).set(msgs[-1].metadata.num_pending or 0)
+                self._pending_gauge.set(msgs[-1].metadata.num_pending or 0)
             for group in await self._group(msgs):
                 self._schedule(group)
 
@@ -184,7 +202,7 @@ class ConsumerRunner:
     def _settled(self, count: int) -> None:
         """``count`` messages settled (negative: received); the in-flight gauge follows."""
         self._in_flight -= count
-        CONSUMER_IN_FLIGHT.labels(self._spec.durable).set(self._in_flight)
+        self._in_flight_gauge.set(self._in_flight)
 
     async def _group(self, msgs: list[Msg]) -> list[_Group]:
         """Decode every message first: an undecodable one is terminated (and its permit returned) here,
@@ -227,14 +245,14 @@ class ConsumerRunner:
     # --- handling -------------------------------------------------------------------------------
 
     async def _run_group(self, group: _Group, previous: asyncio.Task[None] | None) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(group.msgs), name=f"heartbeat:{group.key}")
+        self._working.add(group)
         try:
-            if previous is not None:
+            if previous is not None and not previous.done():
                 await asyncio.wait([previous])  # order within a Workspace; its outcome is its own
             async with self._slots:
                 await self._run_leased(group)
         finally:
-            heartbeat.cancel()
+            self._working.discard(group)
             self._release(len(group.msgs))
             self._settled(len(group.msgs))
 
@@ -250,7 +268,7 @@ class ConsumerRunner:
         except LeaseLost as exc:  # the handler was stopped: redeliver what it had not acked
             log.warning("consumer %s: %s; redelivering", self._spec.durable, exc)
             await self._defer(group, "retried")
-        HANDLER_SECONDS.labels(self._spec.durable).observe(time.monotonic() - started)
+        self._handler_seconds.observe(time.monotonic() - started)
 
     async def _defer(self, group: _Group, outcome: str) -> None:
         for msg, event in zip(group.msgs, group.events, strict=True):
@@ -261,7 +279,12 @@ class ConsumerRunner:
             self._count(event, outcome)
 
     def _count(self, event: AnyEvent, outcome: str) -> None:
-        EVENTS.labels(self._spec.durable, event.kind, outcome).inc()
+        counter = self._events.get((event.kind, outcome))
+        if counter is None:
+            counter = self._events[event.kind, outcome] = EVENTS.labels(
+                self._spec.durable, event.kind, outcome
+            )
+        counter.inc()
 
     async def _dispatch(self, group: _Group) -> None:
         outcome = await self._attempt(group.msgs, group.events)
@@ -350,9 +373,13 @@ class ConsumerRunner:
         await msg.term()
         self._count(event, "failed")
 
-    async def _heartbeat(self, msgs: list[Msg]) -> None:
+    async def _heartbeat(self) -> None:
+        """Every ``ack_wait / 3``: ``in_progress()`` for each message fetched and not yet settled (one
+        loop for all of them, not a task per group), so long work is not redelivered meanwhile."""
         while True:
             await asyncio.sleep(self._spec.ack_wait / 3)
-            for msg in msgs:
-                with contextlib.suppress(Exception):
-                    await msg.in_progress()
+            for group in list(self._working):
+                for msg in group.msgs:
+                    if not msg.is_acked:
+                        with contextlib.suppress(Exception):
+                            await msg.in_progress()

@@ -77,6 +77,8 @@ class Engine(Protocol):
 
     def encode(self, prompt: str) -> list[int]: ...
 
+    def encode_prompt(self, prompt: str) -> list[int]: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
@@ -113,6 +115,14 @@ class HFTokenizerEngine:
     def encode(self, prompt: str, special: bool = True) -> list[int]:
         ids: list[int] = self.tokenizer(prompt, add_special_tokens=special)["input_ids"]
         return ids
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """KAITO's ``/chat`` ``prompt``: one user turn through the chat template when the model has one
+        (an instruct model given the raw text stops at once: the answer was the question), else the
+        text as it is, for a base model to continue."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.encode(prompt)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
