@@ -1,0 +1,391 @@
+"""Control-plane latency: how fast ``kubectl apply`` turns into action, and how that grows with the
+number of Workspaces (issue 20).
+
+Real etcd + kube-apiserver and a real nats-server on 127.0.0.1, Kaiten's four control-plane services
+as processes (provider ``nodeclaim``, backend ``kuberay``); the benchmark plays Karpenter: each
+NodeClaim it sees becomes a Node and is marked Ready ``--claim-delay`` seconds later. Per size N, N
+inference Workspaces are applied in one ``kubectl apply``, then deleted in one ``kubectl delete``.
+
+Figures per size, p50 / p99 over the N Workspaces (seconds):
+- apply → ``plan.resolved`` on the bus;
+- apply → NodeClaim created (as a watch sees it);
+- claim Ready → RayService created (the workload's reaction, without the Karpenter delay);
+- delete → Workspace gone (finalizer released after the provisioner and the workload cleaned up);
+then each service's peak RSS and CPU seconds, and events on the bus per Workspace.
+
+With ``--replicas 2`` every service runs twice: throughput should grow, not shrink.
+
+KAITO's workspace controller side by side (the issue's comparison) is not here yet: see
+docs/performance.md for why and what it takes.
+
+    python benchmarks/control_plane.py [--sizes 1,100] [--claim-delay 1.0] [--replicas 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from kubernetes_asyncio import client, watch
+
+from kaiten.local import kuberay
+from kaiten.local.controlplane import ControlPlane
+from kaiten.local.nats_server import NatsServer
+from kaiten.local.procs import ManagedProcess, tail
+from shared.api.crd import CRD_PATH
+from shared.kube.client import api_client
+
+REPO = Path(__file__).resolve().parents[1]
+NODECLAIM_CRD = REPO / "deploy" / "test-crds" / "karpenter.sh_nodeclaims.yaml"
+SERVICES = ("watcher", "planner", "provisioner", "workload")
+READY = [
+    {"type": t, "status": "True", "reason": t} for t in ("Launched", "Registered", "Initialized", "Ready")
+]
+WS_LABEL = "kaito.sh/workspace"
+NS_LABEL = "kaito.sh/workspacenamespace"
+
+
+@dataclass
+class Seen:
+    """When each Workspace (``ns/name``) reached each step, in ``time.monotonic()`` seconds."""
+
+    applied: float = 0.0
+    deleted: float = 0.0
+    planned: dict[str, float] = field(default_factory=dict)
+    claimed: dict[str, float] = field(default_factory=dict)
+    claim_ready: dict[str, float] = field(default_factory=dict)
+    rayservice: dict[str, float] = field(default_factory=dict)
+    gone: dict[str, float] = field(default_factory=dict)
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        ["kubectl", "--kubeconfig", str(kubeconfig), *args], input=stdin, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {done.stderr}")
+    return done.stdout
+
+
+def workspaces(namespace: str, count: int) -> str:
+    docs = [
+        {"apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace",
+         "metadata": {"name": f"ws-{i}", "namespace": namespace},
+         "resource": {"instanceType": "Standard_NC12s_v3",
+                      "labelSelector": {"matchLabels": {"apps": f"ws-{i}"}}},
+         "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}}}
+        for i in range(count)
+    ]  # fmt: skip
+    return "\n---\n".join(json.dumps(d) for d in docs)
+
+
+def workspace_of(labels: dict[str, str]) -> str:
+    return f"{labels.get(NS_LABEL, '')}/{labels.get(WS_LABEL, '')}"
+
+
+async def karpenter(api: client.ApiClient, seen: Seen, delay: float, stop: asyncio.Event) -> None:
+    """Every NodeClaim that appears: noted, and ``delay`` s later a Node with its labels, and Ready."""
+    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def launch(claim: dict[str, Any]) -> None:
+        await asyncio.sleep(delay)
+        name, labels = claim["metadata"]["name"], claim["metadata"].get("labels") or {}
+        node = f"{name}-node"
+        body: Any = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}}
+        await core.create_node(body)
+        await custom.patch_cluster_custom_object_status(
+            "karpenter.sh", "v1", "nodeclaims", name, {"status": {"nodeName": node, "conditions": READY}}
+        )
+        seen.claim_ready.setdefault(workspace_of(labels), time.monotonic())
+
+    async for item in _watch(custom.list_cluster_custom_object, stop, "karpenter.sh", "v1", "nodeclaims"):
+        if item["type"] == "ADDED":
+            key = workspace_of(item["object"]["metadata"].get("labels") or {})
+            seen.claimed.setdefault(key, time.monotonic())
+            task = asyncio.create_task(launch(item["object"]))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+
+async def rayservices(api: client.ApiClient, seen: Seen, stop: asyncio.Event) -> None:
+    custom = client.CustomObjectsApi(api)
+    async for item in _watch(custom.list_cluster_custom_object, stop, "ray.io", "v1", "rayservices"):
+        if item["type"] == "ADDED":
+            seen.rayservice.setdefault(
+                workspace_of(item["object"]["metadata"].get("labels") or {}), time.monotonic()
+            )
+
+
+async def deletions(api: client.ApiClient, seen: Seen, stop: asyncio.Event) -> None:
+    custom = client.CustomObjectsApi(api)
+    async for item in _watch(custom.list_cluster_custom_object, stop, "kaito.sh", "v1beta1", "workspaces"):
+        if item["type"] == "DELETED":
+            meta = item["object"]["metadata"]
+            seen.gone.setdefault(f"{meta['namespace']}/{meta['name']}", time.monotonic())
+
+
+async def _watch(fn: Any, stop: asyncio.Event, *args: str) -> Any:
+    while not stop.is_set():
+        stream = watch.Watch().stream(fn, *args, timeout_seconds=30)
+        try:
+            async for item in stream:
+                yield item
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a watch that ended: start again
+            await asyncio.sleep(0.1)
+
+
+async def planned(url: str, seen: Seen, stop: asyncio.Event) -> int:
+    """Notes each ``plan.resolved``; returns how many events the run's namespace got on the bus."""
+    nc = await nats.connect(url)
+    count = 0
+
+    async def on_plan(msg: Any) -> None:
+        parts = msg.subject.split(".")
+        seen.planned.setdefault(f"{parts[-2]}/{parts[-1]}", time.monotonic())
+
+    await nc.subscribe("kaiten.plan.resolved.>", cb=on_plan)
+
+    async def on_any(msg: Any) -> None:
+        nonlocal count
+        count += 1
+
+    await nc.subscribe("kaiten.>", cb=on_any)
+    await stop.wait()
+    await nc.close()
+    return count
+
+
+def start_services(env: dict[str, str], logs: Path, replicas: int) -> list[ManagedProcess]:
+    procs = []
+    for name in SERVICES:
+        for replica in range(replicas):
+            procs.append(
+                ManagedProcess(
+                    name=f"{name}-{replica}", argv=[sys.executable, "-m", f"services.{name}"],
+                    log_path=logs / f"{name}-{replica}.log", cwd=REPO,
+                    env={**env, "KAITEN_REPLICA_ID": f"{name}-{replica}"},
+                ).start()
+            )  # fmt: skip
+    deadline = time.monotonic() + 60
+    for proc in procs:
+        service = proc.name.rsplit("-", 1)[0]
+        while f"{service} ready" not in proc.log_path.read_text(errors="replace"):
+            if not proc.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not start:\n{tail(proc.log_path)}")
+            time.sleep(0.2)
+    return procs
+
+
+def usage(pid: int) -> tuple[float, float]:
+    """(peak RSS in MiB, CPU seconds) of a running process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return peak / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def pcts(values: list[float]) -> str:
+    if not values:
+        return f"{'—':>8}{'—':>8}"
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return f"{statistics.median(ordered):>8.2f}{p99:>8.2f}"
+
+
+async def run_size(
+    cp: ControlPlane, size: int, claim_delay: float, limit: float, nats_url: str | None
+) -> tuple[Seen, int]:
+    """One size against one system: Kaiten when ``nats_url`` is given (done when every RayService
+    exists), else KAITO's controller (done when every NodeClaim is Ready). Returns the times, and for
+    Kaiten how many events the run put on the bus."""
+    namespace = f"bench-{size}-{os.getpid() % 1000}"
+    kubectl(cp.kubeconfig, "create", "namespace", namespace)
+    seen, stop = Seen(), asyncio.Event()
+    api = await api_client(str(cp.kubeconfig))
+    watchers = [
+        asyncio.create_task(karpenter(api, seen, claim_delay, stop)),
+        asyncio.create_task(deletions(api, seen, stop)),
+    ]
+    if nats_url:
+        watchers.append(asyncio.create_task(rayservices(api, seen, stop)))
+    counting = asyncio.create_task(planned(nats_url, seen, stop)) if nats_url else None
+    await asyncio.sleep(1.0)  # the watches are open
+    names = [f"{namespace}/ws-{i}" for i in range(size)]
+    reached = seen.rayservice if nats_url else seen.claim_ready
+    seen.applied = time.monotonic()
+    await asyncio.to_thread(kubectl, cp.kubeconfig, "apply", "-f", "-", stdin=workspaces(namespace, size))
+    deadline = time.monotonic() + limit
+    while not all(n in reached for n in names):
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"size {size}: {len(seen.planned)} planned, {len(seen.claimed)} claimed, "
+                f"{len(seen.claim_ready)} ready, {len(seen.rayservice)} RayServices after {limit:.0f}s"
+            )
+        await asyncio.sleep(0.1)
+    seen.deleted = time.monotonic()
+    await asyncio.to_thread(
+        kubectl, cp.kubeconfig, "delete", "workspaces", "--all", "-n", namespace, "--wait=false"
+    )
+    while not all(n in seen.gone for n in names):
+        if time.monotonic() > deadline + limit:
+            raise RuntimeError(f"size {size}: {len(seen.gone)} of {size} Workspaces gone")
+        await asyncio.sleep(0.1)
+    stop.set()
+    for task in watchers:
+        task.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    events = await counting if counting else 0
+    await api.close()
+    return seen, events
+
+
+Rows = list[tuple[int, Seen, int]]
+Usage = dict[str, tuple[float, float]]
+
+
+async def bench_kaiten(
+    root: Path, sizes: list[int], claim_delay: float, replicas: int, limit: float
+) -> tuple[Rows, Usage]:
+    kuberay.ensure()  # its CRDs
+    with NatsServer(root / "nats") as server, ControlPlane(root / "kaiten-cp") as cp:
+        for crd in (CRD_PATH, NODECLAIM_CRD, *kuberay.crds()):
+            kubectl(cp.kubeconfig, "apply", "--server-side", "-f", str(crd))
+        crds = ("crd/workspaces.kaito.sh", "crd/nodeclaims.karpenter.sh", "crd/rayservices.ray.io")
+        kubectl(cp.kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", *crds)
+        env = {
+            **os.environ, "KAITEN_NATS_URL": server.url, "KUBECONFIG": str(cp.kubeconfig),
+            "KAITEN_PROVIDER": "nodeclaim", "KAITEN_BACKEND": "kuberay",
+            "KAITEN_RAY_IMAGE": "bench/ray:1",
+            "KAITEN_RECONCILE_INTERVAL_S": "1", "KAITEN_CLEANUP_OWNERS": "provisioner,workload",
+            "PYTHONUNBUFFERED": "1",
+        }  # fmt: skip
+        procs = start_services(env, root / "logs", replicas)
+        try:
+            rows = [(size, *await run_size(cp, size, claim_delay, limit, server.url)) for size in sizes]
+            return rows, {p.name: usage(p.pid) for p in procs}
+        finally:
+            for proc in procs:
+                proc.stop(timeout=10)
+
+
+def build_kaito(src: Path) -> Path:
+    """KAITO's workspace controller (``cmd/workspace``) built from a checkout, cached by its sources."""
+    digest = hashlib.sha256()
+    for path in sorted([src / "go.mod", src / "go.sum", *src.glob("cmd/**/*.go"), *src.glob("pkg/**/*.go"),
+                        *src.glob("api/**/*.go")]):  # fmt: skip
+        digest.update(path.read_bytes())
+    out = Path.home() / ".cache" / "kaiten" / "kaito" / f"workspace-{digest.hexdigest()[:16]}"
+    if not out.exists():
+        print(f"building KAITO's workspace controller from {src} (minutes, once) ...", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["go", "build", "-trimpath", "-o", str(out), "./cmd/workspace"], cwd=src, check=True,
+            env={**os.environ, "CGO_ENABLED": "0"},
+        )  # fmt: skip
+    return out
+
+
+async def bench_kaito(
+    root: Path, src: Path, sizes: list[int], claim_delay: float, limit: float
+) -> tuple[Rows, Usage]:
+    """KAITO's controller against a fresh apiserver with KAITO's own CRDs, its webhook off, creating
+    NodeClaims (``--node-provisioner=azure-gpu-provisioner``) for the same Karpenter stand-in."""
+    binary = build_kaito(src)
+    with ControlPlane(root / "kaito-cp") as cp:
+        crds = (src / "config" / "crd" / "bases" / "kaito.sh_workspaces.yaml",
+                src / "charts" / "kaito" / "workspace" / "crds" / "karpenter.sh_nodeclaims.yaml")  # fmt: skip
+        for crd in crds:
+            kubectl(cp.kubeconfig, "apply", "--server-side", "-f", str(crd))
+        established = ("crd/workspaces.kaito.sh", "crd/nodeclaims.karpenter.sh")
+        kubectl(cp.kubeconfig, "wait", "--for=condition=Established", "--timeout=60s", *established)
+        kubectl(cp.kubeconfig, "create", "namespace", "kaito-system")
+        proc = ManagedProcess(
+            name="kaito-workspace",
+            argv=[str(binary), "--webhook=false", "--node-provisioner=azure-gpu-provisioner",
+                  "--leader-elect=false", "--metrics-bind-address=0", "--health-probe-bind-address=0"],
+            log_path=root / "logs" / "kaito-workspace.log",
+            env={**os.environ, "KUBECONFIG": str(cp.kubeconfig), "SYSTEM_NAMESPACE": "kaito-system",
+                 "CLOUD_PROVIDER": "azure", "CLUSTER_NAME": "bench"},
+        ).start()  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "Starting workers" not in proc.log_path.read_text(errors="replace"):
+                if not proc.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"KAITO's controller did not start:\n{tail(proc.log_path)}")
+                await asyncio.sleep(0.2)
+            rows = [(size, *await run_size(cp, size, claim_delay, limit, None)) for size in sizes]
+            return rows, {proc.name: usage(proc.pid)}
+        finally:
+            proc.stop(timeout=10)
+
+
+def table(title: str, rows: Rows, usages: Usage, *, kaiten: bool) -> None:
+    print(f"{title}\n")
+    print(f"{'size':>5}  {'apply→plan':>16}  {'apply→claim':>16}  {'ready→RayService':>16}"
+          f"  {'delete→gone':>16}  events/ws")  # fmt: skip
+    print(f"{'':>5}  {'p50     p99':>16}  {'p50     p99':>16}  {'p50     p99':>16}  {'p50     p99':>16}")
+    for size, seen, events in rows:
+        keys = list(seen.claim_ready)
+        plan = [seen.planned[k] - seen.applied for k in keys if k in seen.planned]
+        claim = [seen.claimed[k] - seen.applied for k in keys if k in seen.claimed]
+        ray = [seen.rayservice[k] - seen.claim_ready[k] for k in keys if k in seen.rayservice]
+        gone = [t - seen.deleted for t in seen.gone.values()]
+        per_ws = f"{events / size:>9.1f}" if kaiten else f"{'—':>9}"
+        print(f"{size:>5}  {pcts(plan)}  {pcts(claim)}  {pcts(ray)}  {pcts(gone)}  {per_ws}")
+    print(f"\n{'process':<18}{'peak RSS MiB':>14}{'CPU s':>8}")
+    for name, (rss, cpu) in usages.items():
+        print(f"{name:<18}{rss:>14.0f}{cpu:>8.1f}")
+    print()
+
+
+def p99(rows: Rows, size: int) -> float:
+    seen = next(s for n, s, _ in rows if n == size)
+    ordered = sorted(t - seen.applied for t in seen.claimed.values())
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+async def main(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with tempfile.TemporaryDirectory(prefix="kaiten-bench-") as tmp:
+        root = Path(tmp)
+        rows, usages = await bench_kaiten(root, sizes, args.claim_delay, args.replicas, args.limit)
+        theirs = None
+        if args.kaito_src:
+            theirs = await bench_kaito(root, Path(args.kaito_src), sizes, args.claim_delay, args.limit)
+    delay = f"Karpenter stand-in {args.claim_delay}s"
+    table(f"Kaiten, {args.replicas} replica(s) per service, {delay}", rows, usages, kaiten=True)
+    if theirs is None:
+        print("KAITO's controller: not run (--kaito-src DIR, a KAITO checkout; see docs/performance.md)")
+        return
+    table(f"KAITO's workspace controller, {delay}", *theirs, kaiten=False)
+    largest = max(sizes)
+    print(
+        f"kaiten/kaito apply→claim p99 ratio @{largest}: {p99(rows, largest) / p99(theirs[0], largest):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1,100", help="comma-separated numbers of Workspaces")
+    parser.add_argument("--claim-delay", type=float, default=1.0, help="s from NodeClaim to Ready")
+    parser.add_argument("--replicas", type=int, default=1, help="of each Kaiten service")
+    parser.add_argument("--limit", type=float, default=600.0, help="s per size and phase before giving up")
+    parser.add_argument("--kaito-src", help="a KAITO checkout: build its controller and compare")
+    asyncio.run(main(parser.parse_args()))
