@@ -212,8 +212,8 @@ async def test_spec_change_replans_label_change_does_not(
     events = await plan_events(nc, namespace, "scale")
     assert [e.generation for e in events] == [1, 2]
     first, second = (e.plan for e in events if isinstance(e, ev.PlanResolved))
-    assert (first["nodes"], first["data_parallel"]) == (1, 1)
-    assert (second["nodes"], second["data_parallel"]) == (3, 3)
+    assert (first.nodes, first.data_parallel) == (1, 1)
+    assert (second.nodes, second.data_parallel) == (3, 3)
     obj = kubectl.json("get", "workspace", "scale", "-n", namespace)
     assert obj["status"]["plan"]["observedGeneration"] == 2
 
