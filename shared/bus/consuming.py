@@ -279,12 +279,13 @@ class ConsumerRunner:
             self._count(event, outcome)
 
     def _count(self, event: AnyEvent, outcome: str) -> None:
-        counter = self._events.get((event.kind, outcome))
+        self._counter(event.kind, outcome).inc()
+
+    def _counter(self, kind: str, outcome: str) -> Any:
+        counter = self._events.get((kind, outcome))
         if counter is None:
-            counter = self._events[event.kind, outcome] = EVENTS.labels(
-                self._spec.durable, event.kind, outcome
-            )
-        counter.inc()
+            counter = self._events[kind, outcome] = EVENTS.labels(self._spec.durable, kind, outcome)
+        return counter
 
     async def _dispatch(self, group: _Group) -> None:
         outcome = await self._attempt(group.msgs, group.events)
@@ -315,9 +316,12 @@ class ConsumerRunner:
         return None
 
     async def _ack(self, msgs: list[Msg], events: list[AnyEvent]) -> None:
+        kinds: dict[str, int] = {}
         for msg, event in zip(msgs, events, strict=True):
             await msg.ack()
-            self._count(event, "handled")
+            kinds[event.kind] = kinds.get(event.kind, 0) + 1
+        for kind, count in kinds.items():  # one increment per kind, not per message
+            self._counter(kind, "handled").inc(count)
         self.handled += len(msgs)
 
     async def _settle(self, msg: Msg, event: AnyEvent, exc: Exception) -> None:
