@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import hashlib
 import json
 import os
@@ -50,9 +51,7 @@ from shared.kube.client import api_client
 REPO = Path(__file__).resolve().parents[1]
 NODECLAIM_CRD = REPO / "deploy" / "test-crds" / "karpenter.sh_nodeclaims.yaml"
 SERVICES = ("watcher", "planner", "provisioner", "workload")
-READY = [
-    {"type": t, "status": "True", "reason": t} for t in ("Launched", "Registered", "Initialized", "Ready")
-]
+STEPS = ("Launched", "Registered", "Initialized", "Ready")
 WS_LABEL = "kaito.sh/workspace"
 NS_LABEL = "kaito.sh/workspacenamespace"
 
@@ -80,6 +79,14 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
     return done.stdout
 
 
+def ready() -> list[dict[str, str]]:
+    """The conditions Karpenter sets on a claim whose node joined."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [
+        {"type": t, "status": "True", "reason": t, "message": "", "lastTransitionTime": now} for t in STEPS
+    ]
+
+
 def established(kubeconfig: Path, crds: tuple[str, ...]) -> None:
     """Wait until each CRD serves (``kubectl wait`` fails while a new CRD has no conditions yet)."""
     deadline = time.monotonic() + 60
@@ -97,7 +104,7 @@ def workspaces(namespace: str, count: int) -> str:
     docs = [
         {"apiVersion": "kaito.sh/v1alpha1", "kind": "Workspace",
          "metadata": {"name": f"ws-{i}", "namespace": namespace},
-         "resource": {"instanceType": "Standard_NC12s_v3",
+         "resource": {"instanceType": "Standard_NV36ads_A10_v5",  # a SKU both systems know
                       "labelSelector": {"matchLabels": {"apps": f"ws-{i}"}}},
          "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}}}
         for i in range(count)
@@ -132,13 +139,15 @@ async def karpenter(api: client.ApiClient, seen: Seen, delay: float, stop: async
             "v1",
             "nodeclaims",
             name,
-            {"status": {"nodeName": node, "conditions": READY}},
+            {"status": {"nodeName": node, "conditions": ready()}},
             _content_type="application/merge-patch+json",
         )
         seen.claim_ready.setdefault(workspace_of(labels), time.monotonic())
 
+    launched: set[str] = set()
     async for item in _watch(custom.list_cluster_custom_object, stop, "karpenter.sh", "v1", "nodeclaims"):
-        if item["type"] == "ADDED":
+        if item["type"] == "ADDED" and item["object"]["metadata"]["name"] not in launched:  # a re-list: once
+            launched.add(item["object"]["metadata"]["name"])
             key = workspace_of(item["object"]["metadata"].get("labels") or {})
             seen.claimed.setdefault(key, time.monotonic())
             task = asyncio.create_task(launch(item["object"]))
@@ -164,14 +173,23 @@ async def deletions(api: client.ApiClient, seen: Seen, stop: asyncio.Event) -> N
 
 
 async def _watch(fn: Any, stop: asyncio.Event, *args: str) -> Any:
+    """Watch events; a watch the server ends goes on from the last resourceVersion seen, so no event
+    (a deletion most of all) falls between two watches."""
+    version = ""
     while not stop.is_set():
-        stream = watch.Watch().stream(fn, *args, timeout_seconds=30)
+        options: dict[str, Any] = {"timeout_seconds": 300}
+        if version:
+            options["resource_version"] = version
         try:
-            async for item in stream:
+            async for item in watch.Watch().stream(fn, *args, **options):
+                version = item["object"]["metadata"].get("resourceVersion") or version
                 yield item
         except asyncio.CancelledError:
             raise
-        except Exception:  # a watch that ended: start again
+        except Exception as exc:  # ended or expired (410): say so, start again
+            status = getattr(exc, "status", None)
+            print(f"watch {args[-1]}: {exc!r} {status}; again", file=sys.stderr)
+            version = "" if status == 410 else version  # expired: from now on (a gap, said above)
             await asyncio.sleep(0.1)
 
 
@@ -334,7 +352,7 @@ async def bench_kaito(
     NodeClaims (``--node-provisioner=azure-gpu-provisioner``) for the same Karpenter stand-in."""
     binary = build_kaito(src)
     with ControlPlane(root / "kaito-cp") as cp:
-        crds = (src / "config" / "crd" / "bases" / "kaito.sh_workspaces.yaml",
+        crds = (*sorted((src / "config" / "crd" / "bases").glob("*.yaml")),  # all its kinds: it watches them
                 src / "charts" / "kaito" / "workspace" / "crds" / "karpenter.sh_nodeclaims.yaml")  # fmt: skip
         for crd in crds:
             kubectl(cp.kubeconfig, "apply", "--server-side", "-f", str(crd))
@@ -355,7 +373,13 @@ async def bench_kaito(
                 if not proc.alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"KAITO's controller did not start:\n{tail(proc.log_path)}")
                 await asyncio.sleep(0.2)
-            rows = [(size, *await run_size(cp, size, claim_delay, limit, None)) for size in sizes]
+            try:
+                rows = [(size, *await run_size(cp, size, claim_delay, limit, None)) for size in sizes]
+            except RuntimeError as exc:
+                errors = [
+                    line for line in proc.log_path.read_text().splitlines() if "Reconciler error" in line
+                ]
+                raise RuntimeError(f"{exc}; KAITO's last error: {errors[-1:]}") from exc
             return rows, {proc.name: usage(proc.pid)}
         finally:
             proc.stop(timeout=10)
@@ -390,7 +414,11 @@ async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="kaiten-bench-") as tmp:
         root = Path(tmp)
-        rows, usages = await bench_kaiten(root, sizes, args.claim_delay, args.replicas, args.limit)
+        rows, usages = (
+            ([], {})
+            if args.only_kaito
+            else await bench_kaiten(root, sizes, args.claim_delay, args.replicas, args.limit)
+        )
         theirs = None
         if args.kaito_src:
             theirs = await bench_kaito(root, Path(args.kaito_src), sizes, args.claim_delay, args.limit)
@@ -401,6 +429,8 @@ async def main(args: argparse.Namespace) -> None:
         return
     table(f"KAITO's workspace controller, {delay}", *theirs, kaiten=False)
     largest = max(sizes)
+    if not rows:
+        return
     print(
         f"kaiten/kaito apply→claim p99 ratio @{largest}: {p99(rows, largest) / p99(theirs[0], largest):.2f}"
     )
@@ -413,4 +443,5 @@ if __name__ == "__main__":
     parser.add_argument("--replicas", type=int, default=1, help="of each Kaiten service")
     parser.add_argument("--limit", type=float, default=600.0, help="s per size and phase before giving up")
     parser.add_argument("--kaito-src", help="a KAITO checkout: build its controller and compare")
+    parser.add_argument("--only-kaito", action="store_true", help=argparse.SUPPRESS)  # debugging its side
     asyncio.run(main(parser.parse_args()))
