@@ -13,10 +13,10 @@ body is cancelled and :class:`LeaseLost` raised: work goes on under a lease or n
 A lease may *linger* (``linger`` seconds, off by default): when the work under it ends, the holder
 keeps it parked instead of deleting it, and the next :meth:`Leases.hold` of that key in this process
 takes it back without a round trip. A busy Workspace's burst, delivered over several fetches, then
-costs one KV create, not a create and a delete per fetch (the consumer's throughput tripled, measured
-by ``benchmarks/bus_throughput.py``). Another replica finds a parked lease busy, as it found the work
-itself busy a moment before; the lease is deleted ``linger`` seconds after its last use, or at
-:meth:`Leases.close`.
+costs one KV create, not a create and a delete per fetch (the consumer's throughput nearly
+tripled, measured by ``benchmarks/bus_throughput.py``). Another replica finds a parked lease busy, as
+it found the work itself busy a moment before; the lease is deleted ``linger`` seconds after its last
+use, or at :meth:`Leases.close`.
 """
 
 from __future__ import annotations
