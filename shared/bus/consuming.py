@@ -260,7 +260,7 @@ class ConsumerRunner:
         assert self._leases is not None
         started = time.monotonic()
         try:
-            async with self._leases.hold(group.key):
+            async with self._leases.hold(group.key, park=True):
                 await self._dispatch(group)
         except LeaseBusy:
             await self._defer(group, "deferred")

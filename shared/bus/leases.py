@@ -10,13 +10,15 @@ lease frees itself.
 entry expired while this process stalled and another replica may hold it now, or NATS is gone) the
 body is cancelled and :class:`LeaseLost` raised: work goes on under a lease or not at all.
 
-A lease may *linger* (``linger`` seconds, off by default): when the work under it ends, the holder
-keeps it parked instead of deleting it, and the next :meth:`Leases.hold` of that key in this process
-takes it back without a round trip. A busy Workspace's burst, delivered over several fetches, then
-costs one KV create, not a create and a delete per fetch (the consumer's throughput nearly
-tripled, measured by ``benchmarks/bus_throughput.py``). Another replica finds a parked lease busy, as
-it found the work itself busy a moment before; the lease is deleted ``linger`` seconds after its last
-use, or at :meth:`Leases.close`.
+A lease may *linger* (``linger`` seconds, off by default): when work held with ``park=True`` ends,
+the holder keeps the lease parked instead of deleting it, and the next :meth:`Leases.hold` of that key
+in this process takes it back without a round trip. A busy Workspace's burst, delivered over several
+fetches, then costs one KV create, not a create and a delete per fetch (the consumer's throughput
+nearly tripled, measured by ``benchmarks/bus_throughput.py``). Another replica finds a parked lease
+busy, as it found the work itself busy a moment before; the lease is deleted ``linger`` seconds after
+its last use, or at :meth:`Leases.close`. Only the consumer's groups park: a reconcile loop that
+parked, with a pass interval shorter than the linger, would keep the Workspace from the other replica
+for good (a CI run found it: a deletion waited on a lease that was never let go).
 """
 
 from __future__ import annotations
@@ -96,10 +98,11 @@ class Leases:
             await self._kv.delete(self._name(key), last=revision)
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
+    async def hold(self, key: str, *, park: bool = False) -> AsyncIterator[None]:
         """Run the body under ``key``'s lease. Raises :class:`LeaseBusy` at once if it is held (by
         another replica, or by other work in this process), and :class:`LeaseLost` (after cancelling
-        the body) if it cannot be kept."""
+        the body) if it cannot be kept. ``park``: keep it ``linger`` s afterwards, for the key's next
+        work here (its release otherwise, as a parked lease taken back is released after)."""
         body = asyncio.current_task()
         assert body is not None
         held = await self._take(key, body)
@@ -112,7 +115,7 @@ class Leases:
         finally:
             held.body = None
             if held.lost is None:
-                if self.linger > 0 and not body.cancelling():
+                if park and self.linger > 0 and not body.cancelling():
                     self._park(key, held)
                 else:
                     await self._drop(key, held)
