@@ -244,12 +244,15 @@ def usage(pid: int) -> tuple[float, float]:
     return peak / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
+def percentile99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
 def pcts(values: list[float]) -> str:
     if not values:
         return f"{'—':>8}{'—':>8}"
-    ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return f"{statistics.median(ordered):>8.2f}{p99:>8.2f}"
+    return f"{statistics.median(values):>8.2f}{percentile99(values):>8.2f}"
 
 
 async def run_size(
@@ -406,8 +409,7 @@ def table(title: str, rows: Rows, usages: Usage, *, kaiten: bool) -> None:
 
 def p99(rows: Rows, size: int) -> float:
     seen = next(s for n, s, _ in rows if n == size)
-    ordered = sorted(t - seen.applied for t in seen.claimed.values())
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return percentile99([t - seen.applied for t in seen.claimed.values()])
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -280,3 +280,15 @@ def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     model.save_pretrained(out)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     return out
+
+
+# A plan as the planner makes it (as JSON: the fields of shared.planning.model.Plan), for tests of what
+# reads one.
+PLAN_FIELDS: dict[str, object] = {
+    "mode": "inference", "preset": "llama-3.1-8b-instruct", "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "sku": "Standard_NC24ads_A100_v4", "cloud": "azure", "gpu": "A100", "gpu_memory": 85899345920,
+    "nodes": 2, "gpus_per_node": 1, "tensor_parallel": 1, "pipeline_parallel": 2, "data_parallel": 1,
+    "dtype": "bfloat16", "quantization": None, "max_model_len": 32768, "engine": "vllm",
+    "engine_args": {"max-model-len": 32768}, "disk_gib": 100, "memory": None, "cost_per_hour": 7.35,
+    "explanation": "fits", "byo_nodes": [], "alternatives": [], "notes": [], "tuning": None, "runtime": {},
+}  # fmt: skip

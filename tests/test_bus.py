@@ -23,7 +23,7 @@ from shared.bus.reconciling import reconcile_forever
 from shared.bus.streams import declare_consumer, declare_stream
 from shared.errors import InvalidInput, Transient
 from shared.planning.model import Plan
-from tests.conftest import REPO
+from tests.conftest import PLAN_FIELDS, REPO
 
 pytestmark = pytest.mark.nats
 
@@ -161,16 +161,6 @@ def test_a_plan_travels_typed_and_reads_what_schema_1_publishers_wrote() -> None
     assert again["resource"]["labelSelector"] == written_before["resource"]["labelSelector"]
     with pytest.raises(msgspec.ValidationError):  # a plan missing its fields is refused at decode
         ev.decode(msgspec.json.encode({**written_before, "plan": {"sku": "x"}}))
-
-
-PLAN_FIELDS: dict[str, object] = {
-    "mode": "inference", "preset": "llama-3.1-8b-instruct", "model": "meta-llama/Llama-3.1-8B-Instruct",
-    "sku": "Standard_NC24ads_A100_v4", "cloud": "azure", "gpu": "A100", "gpu_memory": 85899345920,
-    "nodes": 2, "gpus_per_node": 1, "tensor_parallel": 1, "pipeline_parallel": 2, "data_parallel": 1,
-    "dtype": "bfloat16", "quantization": None, "max_model_len": 32768, "engine": "vllm",
-    "engine_args": {"max-model-len": 32768}, "disk_gib": 100, "memory": None, "cost_per_hour": 7.35,
-    "explanation": "fits", "byo_nodes": [], "alternatives": [], "notes": [], "tuning": None, "runtime": {},
-}  # fmt: skip
 
 
 async def test_one_workspace_in_order_different_workspaces_concurrently(nc: Client) -> None:

@@ -19,6 +19,7 @@ from services.watcher.status.writing import status_patch
 from shared import events as ev
 from shared.api.crd import FINALIZER
 from shared.planning.model import Plan
+from tests.conftest import PLAN_FIELDS
 
 REF = ev.WorkspaceRef(namespace="ns", name="w", uid="u1")
 
@@ -108,13 +109,7 @@ def test_status_patch_is_none_when_nothing_changes() -> None:
 
 
 def test_plan_sets_target_node_count_and_summary_never_from_an_older_generation() -> None:
-    plan = Plan(
-        mode="inference", preset="llama-3.1-8b-instruct", model="meta-llama/Llama-3.1-8B-Instruct",
-        sku="Standard_NC24ads_A100_v4", cloud="azure", gpu="A100", gpu_memory=80 * 1024**3, nodes=2,
-        gpus_per_node=1, tensor_parallel=1, pipeline_parallel=2, data_parallel=1, dtype="bfloat16",
-        quantization=None, max_model_len=32768, engine="vllm", engine_args={}, disk_gib=100, memory=None,
-        cost_per_hour=7.35, explanation="",
-    )  # fmt: skip
+    plan = msgspec.convert(PLAN_FIELDS, Plan)
     o = obj()
     patch = status_patch(o, fold([ev.PlanResolved(workspace=REF, generation=2, plan=plan)]), "t")
     assert patch is not None
