@@ -9,6 +9,10 @@ Rules (see docs/events.md):
   publish is not a second event.
 - No secret ever goes into an event: specs are carried as the user wrote them (they only *name*
   secrets), never with secret data.
+- The Workspace spec is the one typed model the watcher reads objects with
+  (:class:`shared.api.workspace.WorkspaceSpec`, lenient: fields a newer CRD adds are ignored). It is
+  validated where it is read and carried typed from there: this module's encoder and decoder (and
+  :data:`enc_hook`/:data:`dec_hook` for a KV record that holds one) convert it to and from JSON.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import uuid
 from typing import Any, ClassVar, Literal
 
 import msgspec
+from pydantic import BaseModel
 
+from shared.api.workspace import WorkspaceSpec
 from shared.planning.model import Plan
 
 STREAM = "KAITEN"
 SUBJECT_ROOT = "kaiten"
-SCHEMA_VERSION = 1
+# 2: ``workspace.observed`` carries the spec typed (no labels/annotations); ``plan.resolved`` carries
+# the spec it planned for and its apiVersion (``resource`` gone: it is ``spec.resource``).
+SCHEMA_VERSION = 2
 
 
 class WorkspaceRef(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,9 +79,7 @@ class WorkspaceObserved(Event, frozen=True, kw_only=True, tag="workspace.observe
 
     family: ClassVar[str] = "workspace"
     api_version: str
-    spec: dict[str, Any]  # resource / inference / tuning as in the object, no status, no metadata
-    labels: dict[str, str] = {}
-    annotations: dict[str, str] = {}
+    spec: WorkspaceSpec  # resource / inference / tuning as in the object, no status, no metadata
 
 
 class WorkspaceDeleting(Event, frozen=True, kw_only=True, tag="workspace.deleting"):
@@ -88,36 +94,15 @@ WorkspaceEvent = WorkspaceObserved | WorkspaceDeleting
 # --- plan family: published by the planner ------------------------------------------------------
 
 
-class SelectorRequirement(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    key: str
-    operator: str  # In, NotIn, Exists, DoesNotExist (the CRD admits no other)
-    values: tuple[str, ...] = ()
-
-
-class LabelSelector(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    match_labels: dict[str, str] = {}
-    match_expressions: tuple[SelectorRequirement, ...] = ()
-
-
-class Resource(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """The spec's ``resource`` section as the user wrote it (camelCase on the wire, as in the object).
-
-    Lenient: a field a newer CRD adds is ignored here, not an error, so an older service reads a newer
-    publisher's events."""
-
-    instance_type: str = ""
-    count: int | None = None
-    label_selector: LabelSelector = LabelSelector()
-    preferred_nodes: tuple[str, ...] = ()
-
-
 class PlanResolved(Event, frozen=True, kw_only=True, tag="plan.resolved"):
     family: ClassVar[str] = "plan"
     plan: Plan
     explanation: str = ""
-    # The resource section the plan was made for, so the provisioner's request is self-contained:
-    # nodes it creates carry the selector's labels.
-    resource: Resource = Resource()
+    # What the plan was made for, so a consumer needs no other event to act on it: the provisioner's
+    # nodes carry ``spec.resource``'s labels, the workload deploys ``spec`` with ``plan``. ``None`` only
+    # in a schema-1 event (before the spec was carried).
+    api_version: str = ""
+    spec: WorkspaceSpec | None = None
 
 
 class PlanRejected(Event, frozen=True, kw_only=True, tag="plan.rejected"):
@@ -248,8 +233,25 @@ StatusEvent = ConditionReported | CleanupDone
 AnyEvent = WorkspaceEvent | PlanEvent | NodesEvent | WorkloadEvent | TuningEvent | StatusEvent
 
 
-_encoder = msgspec.json.Encoder()
-_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+def enc_hook(obj: Any) -> Any:
+    """msgspec's hook for the pydantic spec: its JSON as the user wrote it."""
+    if isinstance(obj, WorkspaceSpec):
+        return obj.as_json()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def dec_hook(type_: type, obj: Any) -> Any:
+    """msgspec's hook for the pydantic spec; a spec that does not validate is a ``ValidationError``
+    of the message (the watcher publishes only specs that do)."""
+    if isinstance(type_, type) and issubclass(type_, BaseModel):
+        return type_.model_validate(obj)
+    if type_ is object:  # a field typed ``object`` takes any JSON value, as it did without a hook
+        return obj
+    raise NotImplementedError(f"cannot decode {type_}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent, dec_hook=dec_hook)
 
 
 def subject_for(event: Event) -> str:
@@ -284,10 +286,23 @@ def json_schema() -> dict[str, Any]:
     """A JSON Schema (2020-12) of every event, generated from the Structs above: what a consumer in
     another language validates against. Checked in as ``docs/events.schema.json`` (a test fails when it
     is stale; ``python -m shared.events docs/events.schema.json`` rewrites it)."""
+    spec = WorkspaceSpec.model_json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    spec_defs = spec.pop("$defs", {})
+
+    def schema_hook(type_: type) -> dict[str, Any]:
+        if type_ is WorkspaceSpec:
+            return {"$ref": "#/$defs/WorkspaceSpec"}
+        raise NotImplementedError(f"no schema for {type_}")
+
+    schema = msgspec.json.schema(AnyEvent, schema_hook=schema_hook)
+    defs = schema.setdefault("$defs", {})
+    clashes = sorted(set(defs) & {*spec_defs, "WorkspaceSpec"})
+    assert not clashes, f"event and spec schemas both define {clashes}"
+    defs.update(spec_defs, WorkspaceSpec=spec)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"Kaiten events, schema {SCHEMA_VERSION}",
-        **msgspec.json.schema(AnyEvent),
+        **schema,
     }
 
 

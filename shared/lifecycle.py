@@ -36,7 +36,7 @@ from shared.kube.client import api_client
 from shared.probes import Probes, Readiness
 from shared.settings import ServiceSettings
 
-log = logging.getLogger("kaiten")
+log = logging.getLogger(__name__)
 
 
 class Component(Protocol):

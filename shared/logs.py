@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Protocol
@@ -59,6 +59,23 @@ def current() -> dict[str, Any]:
         fields["trace_id"] = trace.format_trace_id(context.trace_id)
         fields["span_id"] = trace.format_span_id(context.span_id)
     return fields
+
+
+class WorkspaceLog(logging.LoggerAdapter[logging.Logger]):
+    """A module's logger, about one Workspace: each message starts with its key (``[ns/name]``), what
+    a reader of text logs scans for. (JSON logs carry the Workspace's fields from :func:`about`.)"""
+
+    def __init__(self, logger: logging.Logger, workspace: _Ref) -> None:
+        super().__init__(logger, {"key": f"{workspace.namespace}/{workspace.name}"})
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        assert self.extra is not None
+        return f"[{self.extra['key']}] {msg}", kwargs
+
+
+def of(logger: logging.Logger, workspace: _Ref) -> WorkspaceLog:
+    """``logs.of(log, ref).info("deployed")`` logs ``[ns/name] deployed``."""
+    return WorkspaceLog(logger, workspace)
 
 
 class _Context(logging.Filter):

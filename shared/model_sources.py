@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-log = logging.getLogger("kaiten.serving")
+log = logging.getLogger(__name__)
 
 
 class ModelSource(BaseModel):

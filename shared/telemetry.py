@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 tracer = trace.get_tracer("kaiten")
 FLUSH_S = 3.0  # the longest a stopping service waits for its last spans to leave
 _recording = False  # a TracerProvider is installed (configure): spans are made, not only passed on
-log = logging.getLogger("kaiten.telemetry")
+log = logging.getLogger(__name__)
 
 
 def configure(service: str) -> Callable[[], None] | None:

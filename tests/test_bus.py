@@ -16,6 +16,7 @@ from nats.aio.client import Client
 
 from kaiten.local.nats_server import NatsServer
 from shared import events as ev
+from shared.api.workspace import WorkspaceSpec
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.bus.leases import LOCK_BUCKET, LeaseBusy, LeaseLost, Leases
 from shared.bus.publishing import Publisher
@@ -115,12 +116,20 @@ async def test_a_service_with_tracing_off_carries_the_trace_on(nc: Client) -> No
     )
 
 
+SPEC = {
+    "resource": {"instanceType": "Standard_NC24ads_A100_v4", "count": 2, "preferredNodes": ["n1"],
+                 "labelSelector": {"matchLabels": {"apps": "llama"},
+                                   "matchExpressions": [{"key": "zone", "operator": "Exists"}]}},
+    "inference": {"preset": {"name": "llama-3.1-8b-instruct"}},
+}  # fmt: skip
+
+
 async def test_events_round_trip_and_subjects() -> None:
     observed = ev.WorkspaceObserved(
         workspace=ref("w", "ns1"),
         generation=3,
         api_version="kaito.sh/v1alpha1",
-        spec={"resource": {"count": 1}},
+        spec=WorkspaceSpec.model_validate(SPEC),
     )
     assert ev.subject_for(observed) == "kaiten.workspace.observed.ns1.w"
     assert ev.decode(ev.encode(observed)) == observed
@@ -137,30 +146,45 @@ def test_the_events_json_schema_is_generated_from_the_structs() -> None:
     )
 
 
-def test_a_plan_travels_typed_and_reads_what_schema_1_publishers_wrote() -> None:
-    """Issue 17: ``PlanResolved`` carries the ``Plan`` and the spec's ``resource`` as Structs, not dicts.
-    The wire format is what it was (the plan's fields, the resource section in camelCase), so events
-    already in the stream still decode; a resource field a newer CRD adds is ignored, not an error."""
+def test_the_spec_and_the_plan_travel_typed_and_as_the_user_wrote_the_spec() -> None:
+    """Issue 17: events carry the spec (the watcher's model of it, validated where the object is read)
+    and the ``Plan`` typed, not as dicts; ``plan.resolved`` carries the spec it planned for, so its
+    consumers need no other event. On the wire the spec is what the user wrote (camelCase, unset fields
+    left out); a field a newer CRD adds is ignored, not an error."""
     plan = msgspec.convert(PLAN_FIELDS, Plan)
-    written_before = {  # as the planner published it when both were dicts
+    wire = {
+        "kind": "plan.resolved", "schema": 2, "event_id": "e1", "generation": 2, "occurred_at": 1.0,
+        "workspace": {"namespace": "ns", "name": "w", "uid": "u"},
+        "plan": PLAN_FIELDS, "explanation": "fits", "api_version": "kaito.sh/v1beta1",
+        "spec": {**SPEC, "resource": {**SPEC["resource"], "partition": {"profile": "from-a-newer-crd"}}},
+    }  # fmt: skip
+    event = ev.decode(msgspec.json.encode(wire))
+    assert isinstance(event, ev.PlanResolved) and event.plan == plan and event.spec is not None
+    assert event.plan.pipeline_parallel == 2 and event.spec.resource.preferred_nodes == ["n1"]
+    assert event.spec.resource.label_selector.match_labels == {"apps": "llama"}
+    assert event.spec.resource.label_selector.match_expressions[0].operator == "Exists"
+    assert event.spec.inference is not None and event.spec.inference.preset is not None
+    assert event.spec.inference.preset.name == "llama-3.1-8b-instruct"
+    again = msgspec.json.decode(ev.encode(event))
+    assert again["plan"] == PLAN_FIELDS and again["spec"] == SPEC  # as written, less the unknown field
+    with pytest.raises(msgspec.ValidationError):  # a plan missing its fields is refused at decode
+        ev.decode(msgspec.json.encode({**wire, "plan": {"sku": "x"}}))
+    with pytest.raises(msgspec.ValidationError, match="labelSelector"):  # and a spec that is not one
+        ev.decode(msgspec.json.encode({**wire, "spec": {"resource": {"count": 1}}}))
+
+
+def test_a_schema_1_plan_still_decodes_and_says_it_carries_no_spec() -> None:
+    """Events already in the stream when the services are upgraded: a schema-1 ``plan.resolved`` (the
+    resource section, no spec) decodes, with ``spec`` None; its consumers refuse it with a reason
+    (``PlanTooOld``, tests/test_provisioner_deciding.py) instead of deploying half a Workspace."""
+    written_before = {
         "kind": "plan.resolved", "schema": 1, "event_id": "e1", "generation": 2, "occurred_at": 1.0,
         "workspace": {"namespace": "ns", "name": "w", "uid": "u"},
-        "plan": PLAN_FIELDS, "explanation": "fits",
-        "resource": {"instanceType": "Standard_NC24ads_A100_v4", "count": 2, "preferredNodes": ["n1"],
-                     "labelSelector": {"matchLabels": {"apps": "llama"},
-                                       "matchExpressions": [{"key": "zone", "operator": "Exists"}]},
-                     "partition": {"profile": "from-a-newer-crd"}},
+        "plan": PLAN_FIELDS, "explanation": "fits", "resource": SPEC["resource"],
     }  # fmt: skip
     event = ev.decode(msgspec.json.encode(written_before))
-    assert isinstance(event, ev.PlanResolved) and event.plan == plan
-    assert event.plan.pipeline_parallel == 2 and event.resource.preferred_nodes == ("n1",)
-    assert event.resource.label_selector.match_labels == {"apps": "llama"}
-    assert event.resource.label_selector.match_expressions[0].operator == "Exists"
-    again = msgspec.json.decode(ev.encode(event))  # and it is written the same way
-    assert again["plan"] == PLAN_FIELDS
-    assert again["resource"]["labelSelector"] == written_before["resource"]["labelSelector"]
-    with pytest.raises(msgspec.ValidationError):  # a plan missing its fields is refused at decode
-        ev.decode(msgspec.json.encode({**written_before, "plan": {"sku": "x"}}))
+    assert isinstance(event, ev.PlanResolved) and event.schema == 1 and event.spec is None
+    assert ev.SCHEMA_VERSION == 2
 
 
 async def test_one_workspace_in_order_different_workspaces_concurrently(nc: Client) -> None:
@@ -498,7 +522,7 @@ async def test_a_reconcile_loop_rides_out_a_nats_outage(
         passes.append(key)
 
     def troubles() -> list[logging.LogRecord]:
-        return [r for r in caplog.records if r.name == "kaiten.reconcile"]
+        return [r for r in caplog.records if r.name == "shared.bus.reconciling"]
 
     loop = asyncio.create_task(reconcile_forever("test reconcile", keys, one, interval=0.1))
     try:
@@ -514,3 +538,56 @@ async def test_a_reconcile_loop_rides_out_a_nats_outage(
             await loop
         await nc.close()
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in troubles()), troubles()
+
+
+async def test_a_kv_store_is_typed_and_compare_and_set(nc: Client) -> None:
+    """Issue 17 (3): the one KV mechanism of the services with state: records of a Struct type (a spec
+    inside travels typed too), a write with ``last`` only lands on the revision it read."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    from services.workload.deciding import Record
+    from shared.bus.kvstore import KvStore, key_of
+
+    store = await KvStore.open(nc.jetstream(), "kaiten_test_kvstore", Record)
+    key = key_of(ref("w", "ns"))
+    assert key == "ns.w" and await store.entry(key) == (None, 0)
+    first = Record(uid="u", namespace="ns", name="w", spec=WorkspaceSpec.model_validate(SPEC), generation=2)
+    revision = await store.put(key, first)
+    assert await store.entry(key) == (first, revision)
+    newer = await store.put(key, msgspec.structs.replace(first, message="newer"), last=revision)
+    with pytest.raises(KeyWrongLastSequenceError):  # a pass that read the first revision loses
+        await store.put(key, msgspec.structs.replace(first, message="stale"), last=revision)
+    got = await store.get(key)
+    assert got is not None and got.message == "newer" and got.spec == first.spec
+    assert (await store.entry(key))[1] == newer and await store.keys() == [key]
+    await store.purge(key)
+    await store.purge(key)  # twice: nothing to purge is not an error
+    assert await store.get(key) is None and await store.keys() == []
+
+
+async def test_key_locks_serialise_one_key_and_are_forgotten_when_idle() -> None:
+    """Issue 17 (3): a key's lock lives while someone holds or waits for it; other keys never wait."""
+    from shared.bus.kvstore import KeyLocks
+
+    locks = KeyLocks()
+    inside: list[str] = []
+    overlaps: list[str] = []
+    most = 0
+
+    async def work(key: str, tag: str) -> None:
+        nonlocal most
+        async with locks(key):
+            if any(t.startswith(key) for t in inside):
+                overlaps.append(tag)
+            inside.append(f"{key}:{tag}")
+            most = max(most, len(inside))
+            await asyncio.sleep(0.02)
+            inside.remove(f"{key}:{tag}")
+
+    await asyncio.gather(*(work(k, str(i)) for i in range(5) for k in ("a", "b")))
+    assert overlaps == [] and len(locks) == 0
+    assert most == 2  # the two keys side by side
+    with contextlib.suppress(RuntimeError):
+        async with locks("c"):
+            raise RuntimeError("a body that fails still lets go")
+    assert len(locks) == 0

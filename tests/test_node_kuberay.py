@@ -24,7 +24,7 @@ from kaiten.local import kuberay as kuberay_parts
 from kaiten.local.node import LocalCluster
 from kaiten.local.procs import ManagedProcess, free_ports
 from services.planner.planning import PlanOptions, plan
-from services.workload.kuberay import HostNetwork, ray_version, rayservice
+from services.workload.manifests import HostNetwork, ray_version, rayservice
 from services.workload.render import serving_config
 from shared.api.workspace import Workspace
 from shared.events import WorkspaceRef

@@ -98,7 +98,7 @@ async def test_seed_manifests_are_planned_into_status(
     assert all(isinstance(e, ev.PlanResolved) and e.plan.sku == "Standard_NC6s_v3" for e in events)
     kv = await nc.jetstream().key_value(PLANS_BUCKET)
     stored = msgspec.json.decode((await kv.get(f"{namespace}.workspace-phi-3-mini")).value, type=StoredPlan)
-    assert stored.generation == 1 and stored.plan is not None and stored.plan["nodes"] == 1
+    assert stored.generation == 1 and stored.plan is not None and stored.plan.nodes == 1
 
 
 REJECTED = [

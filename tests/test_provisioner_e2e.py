@@ -12,8 +12,9 @@ from nats.aio.client import Client
 
 from services.provisioner.providers.base import NodeRequest
 from services.provisioner.providers.byo import choose
-from services.provisioner.store import NODES_BUCKET, NodeStore
+from services.provisioner.store import NODES_BUCKET, StoredNodes
 from shared import events as ev
+from shared.bus.kvstore import KvStore
 from shared.planning.model import NodeInfo
 from tests.conftest import REPO, Kubectl, Services, until
 from tests.test_planner_e2e import add_gpu_node, condition, manifest, set_gpu_node_ready
@@ -67,7 +68,7 @@ async def test_local_provider_end_to_end_and_cleanup(
         if isinstance(e, ev.CleanupDone)
     ]
     assert [c.owner for c in cleanup] == ["provisioner"]
-    store = NodeStore(await nc.jetstream().key_value(NODES_BUCKET))
+    store = KvStore(await nc.jetstream().key_value(NODES_BUCKET), StoredNodes)
     assert f"{namespace}.workspace-smollm2" not in await store.keys()
 
 

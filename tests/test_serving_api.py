@@ -381,9 +381,9 @@ def _kaiten(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 def test_the_api_key_comes_from_the_replicas_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from services.serving.auth import API_KEY_ENV, configured_key
-    from services.workload import kuberay
+    from services.workload import manifests
 
-    assert kuberay.API_KEY_ENV == API_KEY_ENV  # what the workload renders is what the replica reads
+    assert manifests.API_KEY_ENV == API_KEY_ENV  # what the workload renders is what the replica reads
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     assert configured_key(None) == "from-env"
     assert configured_key("explicit") == "explicit"

@@ -86,7 +86,7 @@ async def test_seed_manifests_are_observed_within_a_second(
         assert event.workspace == ev.WorkspaceRef(
             namespace=namespace, name=name, uid=stored["metadata"]["uid"]
         )
-        assert event.generation == 1 and event.spec == spec_of(stored)
+        assert event.generation == 1 and event.spec.as_json() == spec_of(stored)  # as stored, typed
         assert "kaito.sh/workspace-cleanup" in stored["metadata"]["finalizers"]
     header = kubectl.run("get", "workspace", "-n", namespace, check=True).stdout.split()[:6]
     assert header == ["NAME", "INSTANCE", "RESOURCEREADY", "INFERENCEREADY", "WORKSPACEREADY", "AGE"]
@@ -105,7 +105,7 @@ async def test_label_edit_emits_nothing_and_spec_edit_emits_a_new_generation(
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w1", count=2), check=True)
     second = ev.decode((await sub.next_msg(timeout=5)).data)
     assert isinstance(second, ev.WorkspaceObserved)
-    assert second.generation == 2 and second.spec["resource"]["count"] == 2
+    assert second.generation == 2 and second.spec.resource.count == 2
     assert (await counts(nc, "observed", namespace)) == {"w1": 2}
 
 

@@ -218,3 +218,19 @@ def test_status_patch_writes_the_state_with_the_conditions_it_follows_from() -> 
     down = fold([ev.InferenceFailed(workspace=REF, generation=1, reason="Crashed", message="replica died")])
     patch = status_patch(o, down, "t2")
     assert patch is not None and patch["status"]["state"] == "NotReady"
+
+
+def test_the_watcher_reads_the_spec_typed_once_and_refuses_one_it_cannot_read() -> None:
+    """Issue 17: the spec is validated where the object is read; what cannot be read (a CRD newer than
+    this watcher's model) is refused on the Workspace with the field, not passed on as a dict."""
+    from services.watcher.watching import typed_spec
+    from shared.errors import InvalidInput
+
+    good = {**obj(), "resource": {"labelSelector": {"matchLabels": {"a": "b"}}, "count": 2},
+            "inference": {"preset": {"name": "phi-4"}}, "status": {"state": "Ready"}}  # fmt: skip
+    spec = typed_spec(good)
+    assert spec.resource.count == 2 and spec.inference is not None and spec.inference.preset is not None
+    assert spec.as_json() == {"resource": good["resource"], "inference": good["inference"]}
+    with pytest.raises(InvalidInput, match=r"resource\.count") as caught:
+        typed_spec({**good, "resource": {**good["resource"], "count": "two"}})
+    assert caught.value.reason == "InvalidSpec"

@@ -27,7 +27,7 @@ from services.serving.app import ServingConfig
 from services.tuning.config import TuningJobConfig
 from services.workload.backends.base import Target
 from services.workload.backends.kuberay import KubeRay, rayjob_state, rayservice_state
-from services.workload.kuberay import (
+from services.workload.manifests import (
     GPU_TOLERATION,
     MAX_RAY_NAME,
     PULL_SECRETS_PATH,
@@ -508,7 +508,7 @@ async def test_kuberay_backend_end_to_end(
 def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> None:
     """What the local node needs (docs/cluster.md): the head on the host network, every Ray listener on
     127.0.0.1 at ports we choose (named container ports to match), usage stats off, probes of our own."""
-    from services.workload.kuberay import HostNetwork
+    from services.workload.manifests import HostNetwork
     from services.workload.render import RenderError
 
     workspace = Workspace.model_validate(
@@ -563,7 +563,7 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
 def test_the_model_token_and_the_api_key_reach_the_pods_by_secret_reference_only() -> None:
     """KAITO's key for the model access token (HF_TOKEN, optional as in KAITO), and the serving API key
     from the Secret a Workspace names in kaiten.sh/api-key-secret: references, never values."""
-    from services.workload.kuberay import API_KEY_ANNOTATION
+    from services.workload.manifests import API_KEY_ANNOTATION
 
     workspace, got = seed("workspace-phi-3-mini.yaml")
     doc = workspace.model_dump(by_alias=True, exclude_none=True)
@@ -588,9 +588,9 @@ def test_a_tuning_job_gets_its_own_nats_user_by_secret_reference() -> None:
     """In a cluster the job publishes as the chart's tuning user: the user and its inbox in the config,
     the password in a Secret of the Workspace's namespace, reaching the pods by secretKeyRef only."""
     from services.tuning.job import NATS_PASSWORD_ENV
-    from services.workload import kuberay
+    from services.workload import manifests
 
-    assert kuberay.NATS_PASSWORD_ENV == NATS_PASSWORD_ENV  # what the render sets is what the job reads
+    assert manifests.NATS_PASSWORD_ENV == NATS_PASSWORD_ENV  # what the render sets is what the job reads
     workspace, got = seed("workspace-tuning-phi-3.yaml")
     ref = ref_of(workspace)
     config = tuning_config(
@@ -603,7 +603,7 @@ def test_a_tuning_job_gets_its_own_nats_user_by_secret_reference() -> None:
         "_INBOX_tuning",
         False,
     )
-    secret = kuberay.nats_secret(ref, "kaito.sh/v1alpha1", 1, "pw-123")
+    secret = manifests.nats_secret(ref, "kaito.sh/v1alpha1", 1, "pw-123")
     assert secret["stringData"] == {"password": "pw-123"} and secret["metadata"]["ownerReferences"]
     job = rayjob(ref, "kaito.sh/v1alpha1", workspace, got, "job-1", image=IMAGE, generation=1,
                  nats_secret=secret["metadata"]["name"])  # fmt: skip
@@ -622,7 +622,7 @@ def test_a_tuning_jobs_input_urls_reach_it_from_a_secret_never_its_configmap(
     """Issue 16 (9): a dataset URL may carry a credential (a SAS token, user:pass@). In a cluster the
     URLs go into a Secret owned by the Workspace and reach the job by secretKeyRef; its ConfigMap (which
     any reader of the namespace may read) names only the variable."""
-    from services.workload import kuberay
+    from services.workload import manifests
 
     workspace, got = seed("workspace-tuning-phi-3.yaml")
     doc = workspace.model_dump(by_alias=True, exclude_none=True)
@@ -632,17 +632,17 @@ def test_a_tuning_jobs_input_urls_reach_it_from_a_secret_never_its_configmap(
     ref = ref_of(workspace)
     config = tuning_config(
         workspace, got, ref, 1, sections={}, push_secret=None, nats_url="nats://bus:4222",
-        work_dir="/w", allow_loopback_urls=False, urls_env=kuberay.INPUT_URLS_ENV,
+        work_dir="/w", allow_loopback_urls=False, urls_env=manifests.INPUT_URLS_ENV,
     )  # fmt: skip
-    configmap = kuberay.tuning_configmap(ref, "kaito.sh/v1alpha1", config, 1)
-    secret = kuberay.inputs_secret(ref, "kaito.sh/v1alpha1", 1, list(workspace.tuning.input.urls))
+    configmap = manifests.tuning_configmap(ref, "kaito.sh/v1alpha1", config, 1)
+    secret = manifests.inputs_secret(ref, "kaito.sh/v1alpha1", 1, list(workspace.tuning.input.urls))
     job = rayjob(ref, "kaito.sh/v1alpha1", workspace, got, "job-1", image=IMAGE, generation=1,
                  inputs_secret=secret["metadata"]["name"])  # fmt: skip
     assert "SECRETSIG" not in json.dumps([configmap, job]) and "p4ss" not in json.dumps([configmap, job])
     assert secret["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
     for pod in pods(job):
         env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
-        assert env[kuberay.INPUT_URLS_ENV]["valueFrom"]["secretKeyRef"] == {
+        assert env[manifests.INPUT_URLS_ENV]["valueFrom"]["secretKeyRef"] == {
             "name": secret["metadata"]["name"], "key": "urls", "optional": False,
         }  # fmt: skip
     assert kuberay_validate([job]).returncode == 0
@@ -651,5 +651,5 @@ def test_a_tuning_jobs_input_urls_reach_it_from_a_secret_never_its_configmap(
     parsed = TuningJobConfig.model_validate(yaml.safe_load(configmap["data"]["job.yaml"]))
     with pytest.raises(ValueError, match="KAITEN_TUNING_INPUT_URLS"):
         parsed.urls()
-    monkeypatch.setenv(kuberay.INPUT_URLS_ENV, secret["stringData"]["urls"])
+    monkeypatch.setenv(manifests.INPUT_URLS_ENV, secret["stringData"]["urls"])
     assert parsed.urls() == [sas, "https://u:p4ss@data.example.com/more.jsonl"]

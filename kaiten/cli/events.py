@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from shared import events as ev
+from shared.api.workspace import WorkspaceSpec
 from shared.bus.connection import connect
 from shared.bus.errors import BusUnavailable
 
@@ -39,19 +40,21 @@ def detail_of(event: ev.AnyEvent) -> str:
         case ev.ConditionReported():
             detail = f"{event.type}={event.status} ({event.reason}) {event.message}"
         case ev.WorkspaceObserved():
-            detail = f"{event.api_version} {', '.join(sorted(event.spec))}"
+            detail = f"{event.api_version} {', '.join(sorted(event.spec.model_fields_set))}"
         case _:
             fields = {
                 k: v
                 for k, v in msgspec.structs.asdict(event).items()
                 if k not in ENVELOPE and v not in ("", None)
             }
-            detail = " ".join(f"{k}={v}" for k, v in fields.items() if not isinstance(v, dict))
+            detail = " ".join(
+                f"{k}={v}" for k, v in fields.items() if not isinstance(v, dict | WorkspaceSpec)
+            )
     return detail
 
 
 def as_json(event: ev.AnyEvent) -> str:
-    data: dict[str, Any] = msgspec.to_builtins(event)
+    data: dict[str, Any] = msgspec.to_builtins(event, enc_hook=ev.enc_hook)
     data["kind"] = event.kind
     return json.dumps(data, sort_keys=True)
 

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
@@ -14,15 +13,17 @@ from pydantic import ValidationError
 from services.planner.planning import PlanOptions, plan, uses_existing_nodes
 from services.planner.store import PlanStore, StoredPlan
 from shared import events as ev
-from shared.api.workspace import Workspace
+from shared import logs
+from shared.api.workspace import ObjectMeta, Workspace
+from shared.bus.kvstore import key_of
 from shared.bus.publishing import Publisher
 from shared.errors import InvalidInput
 from shared.kube.errors import classify
 from shared.planning.catalog import Catalogs
 from shared.planning.inventory import selector_query
-from shared.planning.model import NodeInfo, Plan, plan_to_dict
+from shared.planning.model import NodeInfo, Plan
 
-log = logging.getLogger("kaiten.planner")
+log = logging.getLogger(__name__)
 
 
 class Planner:
@@ -45,9 +46,9 @@ class Planner:
     async def handle(self, events: Sequence[ev.AnyEvent]) -> None:
         last = events[-1]
         if isinstance(last, ev.WorkspaceDeleting):
-            stored = await self._store.get(last.workspace)
+            stored = await self._store.get(key_of(last.workspace))
             if stored is not None and stored.uid == last.workspace.uid:  # not a recreated namesake's
-                await self._store.forget(last.workspace)
+                await self._store.purge(key_of(last.workspace))
             return
         observed = [e for e in events if isinstance(e, ev.WorkspaceObserved)]
         if observed:
@@ -55,11 +56,10 @@ class Planner:
 
     async def _plan(self, event: ev.WorkspaceObserved) -> None:
         ref = event.workspace
-        stored = await self._store.get(ref)
+        stored = await self._store.get(key_of(ref))
         if stored is not None and stored.uid == ref.uid and stored.generation > event.generation:
-            log.info(
-                "[%s] generation %d is older than the planned %d: dropped",
-                ref.key,
+            logs.of(log, ref).info(
+                "generation %d is older than the planned %d: dropped",
                 event.generation,
                 stored.generation,
             )
@@ -75,20 +75,21 @@ class Planner:
             "correlation_id": event.correlation_id or event.event_id,
         }
         if isinstance(result, Plan):
-            stored = StoredPlan(uid=ref.uid, generation=event.generation, plan=plan_to_dict(result))
-            await self._store.put(ref, stored)
+            stored = StoredPlan(uid=ref.uid, generation=event.generation, plan=result)
+            await self._store.put(key_of(ref), stored)
             await self._publisher.publish(
                 ev.PlanResolved(
                     plan=result,
                     explanation=result.explanation,
-                    resource=msgspec.convert(event.spec.get("resource") or {}, ev.Resource),
+                    api_version=event.api_version,
+                    spec=event.spec,
                     **common,
                 )
             )
-            log.info("[%s] gen %d: %s — %s", ref.key, event.generation, result.summary(), result.explanation)
+            logs.of(log, ref).info("gen %d: %s — %s", event.generation, result.summary(), result.explanation)
         else:
             await self._store.put(
-                ref,
+                key_of(ref),
                 StoredPlan(
                     uid=ref.uid, generation=event.generation, reason=result.reason, message=result.message
                 ),
@@ -96,29 +97,17 @@ class Planner:
             await self._publisher.publish(
                 ev.PlanRejected(reason=result.reason, message=result.message, **common)
             )
-            log.info("[%s] gen %d rejected: %s: %s", ref.key, event.generation, result.reason, result.message)
+            logs.of(log, ref).info("gen %d rejected: %s: %s", event.generation, result.reason, result.message)
 
     def _workspace(self, event: ev.WorkspaceObserved) -> Workspace:
         ref = event.workspace
-        doc = {
-            "apiVersion": event.api_version,
-            "kind": "Workspace",
-            "metadata": {
-                "name": ref.name,
-                "namespace": ref.namespace,
-                "uid": ref.uid,
-                "generation": event.generation,
-            },
-            **event.spec,
-        }
+        metadata = ObjectMeta(
+            name=ref.name, namespace=ref.namespace, uid=ref.uid, generation=event.generation
+        )
         try:
-            return Workspace.model_validate(doc)
-        except ValidationError as exc:  # the CRD admits only valid specs; this is a version skew
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise InvalidInput(
-                f"spec cannot be planned: {where}: {first['msg']}", reason="InvalidSpec"
-            ) from exc
+            return Workspace.of(event.spec, api_version=event.api_version, metadata=metadata)
+        except ValidationError as exc:  # only an apiVersion this planner does not know
+            raise InvalidInput(f"cannot be planned: {exc.errors()[0]['msg']}", reason="InvalidSpec") from exc
 
     async def _inventory(self, workspace: Workspace, ref: ev.WorkspaceRef) -> list[NodeInfo]:
         if self._core is None or self._api is None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from services.planner.handling import Planner
 from services.planner.settings import PlannerSettings
-from services.planner.store import PlanStore
+from services.planner.store import open_store
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.lifecycle import Component, Runtime
@@ -15,7 +15,7 @@ from shared.lifecycle import main as run_main
 from shared.planning.catalog import load_catalogs
 
 DURABLE = "planner"
-log = logging.getLogger("kaiten.planner")
+log = logging.getLogger(__name__)
 
 
 async def build(runtime: Runtime) -> Sequence[Component]:
@@ -33,7 +33,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     planner = Planner(
         catalogs=catalogs,
         options=settings.plan_options(),
-        store=await PlanStore.open(runtime.js),
+        store=await open_store(runtime.js),
         publisher=runtime.publisher,
         api=runtime.api,
     )

@@ -7,16 +7,11 @@ recognised: a generation older than the stored one for the same uid is dropped.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
-from shared.bus.streams import key_value
-from shared.events import WorkspaceRef
+from shared.bus.kvstore import KvStore
+from shared.planning.model import Plan
 
 PLANS_BUCKET = "kaiten_plans"
 
@@ -24,35 +19,13 @@ PLANS_BUCKET = "kaiten_plans"
 class StoredPlan(msgspec.Struct, frozen=True, kw_only=True):
     uid: str
     generation: int
-    plan: dict[str, Any] | None = None  # plan_to_dict(plan), or None when rejected
+    plan: Plan | None = None  # None when rejected
     reason: str = ""
     message: str = ""
 
 
-def key_of(ref: WorkspaceRef) -> str:
-    return f"{ref.namespace}.{ref.name}"  # both DNS names: valid KV key characters
+PlanStore = KvStore[StoredPlan]
 
 
-class PlanStore:
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
-
-    @classmethod
-    async def open(cls, js: JetStreamContext) -> PlanStore:
-        return cls(await key_value(js, PLANS_BUCKET))
-
-    async def get(self, ref: WorkspaceRef) -> StoredPlan | None:
-        try:
-            entry = await self._kv.get(key_of(ref))
-        except KeyNotFoundError:
-            return None
-        if not entry.value:
-            return None
-        return msgspec.json.decode(entry.value, type=StoredPlan)
-
-    async def put(self, ref: WorkspaceRef, stored: StoredPlan) -> None:
-        await self._kv.put(key_of(ref), msgspec.json.encode(stored))
-
-    async def forget(self, ref: WorkspaceRef) -> None:
-        with contextlib.suppress(KeyNotFoundError):
-            await self._kv.purge(key_of(ref))
+async def open_store(js: JetStreamContext) -> PlanStore:
+    return await KvStore.open(js, PLANS_BUCKET, StoredPlan)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from services.provisioner.handling import Provisioner
 from services.provisioner.providers.base import Provider
 from services.provisioner.settings import ProvisionerSettings
-from services.provisioner.store import NodeStore
+from services.provisioner.store import open_store
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.bus.leases import LINGER, Leases
@@ -18,7 +18,7 @@ from shared.lifecycle import main as run_main
 
 DURABLE = "provisioner"
 PROVIDERS = ("aks", "nodeclaim", "byo", "local")
-log = logging.getLogger("kaiten.provisioner")
+log = logging.getLogger(__name__)
 
 
 def make_provider(settings: ProvisionerSettings, runtime: Runtime) -> Provider:
@@ -75,7 +75,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     leases = await Leases.open(runtime.js, role=DURABLE, linger=LINGER)  # events and passes share them
     provisioner = Provisioner(
         provider=provider,
-        store=await NodeStore.open(runtime.js),
+        store=await open_store(runtime.js),
         publisher=runtime.publisher,
         leases=leases,
         interval=settings.reconcile_interval_s,

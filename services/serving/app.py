@@ -17,7 +17,7 @@ from services.serving.engines.base import AdapterInfo, Engine
 from shared import telemetry
 from shared.model_sources import ModelSource, resolve
 
-log = logging.getLogger("kaiten.serving")
+log = logging.getLogger(__name__)
 SERVE_HEADROOM = 32  # requests a replica takes beyond what its engine queues: cheap ones, or 429s
 
 

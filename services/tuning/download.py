@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-log = logging.getLogger("kaiten.tuning.download")
+log = logging.getLogger(__name__)
 ATTEMPTS = 3
 MAX_REDIRECTS = 5
 

@@ -28,7 +28,7 @@ from services.tuning.train import Progress, Result, TrainingError, train
 from shared import events as ev
 from shared import telemetry
 
-log = logging.getLogger("kaiten.tuning")
+log = logging.getLogger(__name__)
 EXPECTED = (DownloadError, DatasetError, TrainingError, PushError)
 
 

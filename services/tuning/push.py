@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shared.oci import ADAPTER_FILES, OciError, client, credentials, registry_of
 
-log = logging.getLogger("kaiten.tuning.push")
+log = logging.getLogger(__name__)
 
 
 PushError = OciError  # the job reports its ``reason`` (InvalidPushSecret, PushUnauthorized, …)

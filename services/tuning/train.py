@@ -17,7 +17,7 @@ from typing import Any
 
 from services.tuning.config import TuningJobConfig
 
-log = logging.getLogger("kaiten.tuning.train")
+log = logging.getLogger(__name__)
 
 
 class TrainingError(Exception):

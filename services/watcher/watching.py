@@ -18,12 +18,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
+from pydantic import ValidationError
 
 from services.watcher.deciding import Action, Published, decide
 from services.watcher.settings import WatcherSettings
 from shared import logs, telemetry
 from shared.api.crd import FINALIZER
-from shared.api.workspace import WorkspaceState, spec_of
+from shared.api.workspace import WorkspaceSpec, WorkspaceState, spec_of
 from shared.bus.backoff import delay_for
 from shared.bus.publishing import Publisher
 from shared.bus.streams import key_value
@@ -33,9 +34,21 @@ from shared.kube.errors import classify
 from shared.kube.workspaces import Workspaces
 from shared.metrics import WORKSPACES
 
-log = logging.getLogger("kaiten.watcher")
+log = logging.getLogger(__name__)
 PUBLISHED_BUCKET = "kaiten_watcher_published"
 OBJECT_ERRORS = (400, 403, 422)  # the apiserver refuses this object's patch: retrying will not help
+
+
+def typed_spec(obj: dict[str, Any]) -> WorkspaceSpec:
+    """The object's spec, validated once here for every service downstream. The CRD admits only specs
+    that validate; one that does not (a CRD newer than this watcher's model) is refused on the
+    Workspace, with the field and why."""
+    try:
+        return WorkspaceSpec.model_validate(spec_of(obj))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidInput(f"spec cannot be read: {where}: {first['msg']}", reason="InvalidSpec") from exc
 
 
 class PublishedStore:
@@ -212,7 +225,7 @@ class WorkspaceWatcher:
 
     async def _report(self, obj: dict[str, Any], reason: str, message: str) -> None:
         ref = ref_of(obj)
-        log.error("[%s] %s: %s", ref.key, reason, message)
+        logs.of(log, ref).error("%s: %s", reason, message)
         await self._publisher.publish(
             ConditionReported(
                 workspace=ref,
@@ -243,26 +256,19 @@ class WorkspaceWatcher:
                 generation = int(obj["metadata"].get("generation") or 0)
                 with telemetry.span("workspace delete", **span_attributes(obj)):
                     await self._publisher.publish(WorkspaceDeleting(workspace=ref, generation=generation))
-                log.info("[%s] deleting (uid %s)", ref.key, ref.uid)
+                logs.of(log, ref).info("deleting (uid %s)", ref.uid)
                 published = Published(generation=published.generation, deleting=True)
                 await self._store.put(ref.uid, published)
 
     async def _publish_observed(self, obj: dict[str, Any], ref: WorkspaceRef) -> None:
-        meta = obj["metadata"]
         event = WorkspaceObserved(
             workspace=ref,
-            generation=int(meta["generation"]),
+            generation=int(obj["metadata"]["generation"]),
             api_version=str(obj.get("apiVersion", "")),
-            spec=spec_of(obj),
-            labels=dict(meta.get("labels") or {}),
-            annotations={
-                k: v
-                for k, v in (meta.get("annotations") or {}).items()
-                if k != "kubectl.kubernetes.io/last-applied-configuration"
-            },
+            spec=typed_spec(obj),
         )
         await self._publisher.publish(event)
-        log.info("[%s] observed generation %d (uid %s)", ref.key, event.generation, ref.uid)
+        logs.of(log, ref).info("observed generation %d (uid %s)", event.generation, ref.uid)
 
     async def _add_finalizer(self, obj: dict[str, Any]) -> None:
         finalizers = [*(obj["metadata"].get("finalizers") or []), FINALIZER]

@@ -10,7 +10,7 @@ from services.workload.backends.base import Backend
 from services.workload.backends.kuberay import KubeRay
 from services.workload.backends.local import LocalBackend, LocalRay
 from services.workload.handling import Workloads
-from services.workload.kuberay import AdminPeers, HostNetwork
+from services.workload.manifests import AdminPeers, HostNetwork
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
@@ -19,7 +19,7 @@ from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
 
 DURABLE = "workload"
-log = logging.getLogger("kaiten.workload")
+log = logging.getLogger(__name__)
 
 
 async def build(runtime: Runtime) -> Sequence[Component]:
@@ -78,7 +78,6 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         spec=ConsumerSpec(
             durable=DURABLE,
             filter_subjects=[
-                ev.subject_filter("workspace", "observed"),
                 ev.subject_filter("workspace", "deleting"),
                 ev.subject_filter("plan", "resolved"),
                 ev.subject_filter("nodes", "ready"),

@@ -338,7 +338,25 @@ class ObjectMeta(_Lenient):
     deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
 
 
-class Workspace(_Lenient):
+class WorkspaceSpec(_Lenient):
+    """The user's intent: the top-level spec fields of a Workspace (KAITO's Workspace has no ``spec``
+    wrapper), without metadata and status. Events carry it typed (``shared.events``): the watcher
+    validates it once, where it reads the object, and every service downstream reads fields."""
+
+    resource: ResourceSpec = Field(description=ResourceSpec.__doc__)
+    inference: InferenceSpec | None = Field(
+        default=None, description="Serve a model. Set exactly one of inference and tuning."
+    )
+    tuning: TuningSpec | None = Field(
+        default=None, description="Fine-tune a model. Set exactly one of inference and tuning."
+    )
+
+    def as_json(self) -> dict[str, Any]:
+        """The spec as the user wrote it (camelCase, unset fields left out): what goes on the wire."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+class Workspace(WorkspaceSpec):
     """A model to serve (inference) or fine-tune (tuning), and the GPU nodes for it."""
 
     # Either served version; ``api_version`` tells which it was read as.
@@ -350,14 +368,18 @@ class Workspace(_Lenient):
     )
     kind: Literal["Workspace"] = Field("Workspace", description="Workspace.")
     metadata: ObjectMeta = Field(description="The object's metadata; the name must be a DNS label.")
-    resource: ResourceSpec = Field(description=ResourceSpec.__doc__)
-    inference: InferenceSpec | None = Field(
-        default=None, description="Serve a model. Set exactly one of inference and tuning."
-    )
-    tuning: TuningSpec | None = Field(
-        default=None, description="Fine-tune a model. Set exactly one of inference and tuning."
-    )
     status: WorkspaceStatus = Field(WorkspaceStatus(), description=WorkspaceStatus.__doc__)
+
+    @classmethod
+    def of(cls, spec: WorkspaceSpec, *, api_version: str, metadata: ObjectMeta) -> Workspace:
+        """The Workspace a typed spec describes (its sections are taken as they are, not re-validated)."""
+        fields = {name: getattr(spec, name) for name in SPEC_FIELDS if name in spec.model_fields_set}
+        return cls.model_validate({"apiVersion": api_version, "metadata": metadata, **fields})
+
+    def spec(self) -> WorkspaceSpec:
+        return WorkspaceSpec.model_validate(
+            {name: getattr(self, name) for name in SPEC_FIELDS if name in self.model_fields_set}
+        )
 
     @property
     def mode(self) -> Literal["inference", "tuning"]:

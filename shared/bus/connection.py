@@ -12,7 +12,7 @@ from nats.aio.client import Client
 
 from shared.bus.errors import BusUnavailable
 
-log = logging.getLogger("kaiten.bus")
+log = logging.getLogger(__name__)
 
 
 async def connect(

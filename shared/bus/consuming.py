@@ -46,7 +46,7 @@ from shared.events import STREAM, AnyEvent, ConditionReported, decode
 from shared.metrics import CONSUMER_IN_FLIGHT, CONSUMER_PENDING, EVENTS, HANDLER_SECONDS
 from shared.telemetry import consume_span
 
-log = logging.getLogger("kaiten.bus")
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Sequence[AnyEvent]], Awaitable[None]]
 

@@ -39,7 +39,7 @@ from nats.js.kv import KeyValue
 from shared.bus.streams import key_value
 from shared.errors import Transient
 
-log = logging.getLogger("kaiten.bus")
+log = logging.getLogger(__name__)
 LOCK_BUCKET = "kaiten_leases"
 LINGER = 0.5  # s a service's leases stay parked after use: longer than a fetch cycle, short for others
 

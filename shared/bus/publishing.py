@@ -14,7 +14,7 @@ from shared.errors import InvalidInput, Transient
 from shared.events import Event, dedupe_id, encode, subject_for
 from shared.telemetry import inject_headers, publish_span
 
-log = logging.getLogger("kaiten.bus")
+log = logging.getLogger(__name__)
 
 
 class Publisher:

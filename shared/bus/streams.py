@@ -19,7 +19,7 @@ from nats.js.kv import KeyValue
 
 from shared.events import STREAM, SUBJECT_ROOT
 
-log = logging.getLogger("kaiten.bus")
+log = logging.getLogger(__name__)
 
 DUPLICATE_WINDOW_S = 600.0  # a retried publish within 10 min is stored once
 MAX_AGE_S = 7 * 24 * 3600.0  # a week of history for `kaiten events --since` and late consumers

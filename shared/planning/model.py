@@ -1,7 +1,7 @@
 """What the planner produces (:class:`Plan` or :class:`Rejection`) and consumes (:class:`NodeInfo`).
 
-A :class:`Plan` travels typed inside ``plan.resolved`` events (``shared.events.PlanResolved``);
-services that keep one in a KV record of their own store it with :func:`plan_to_dict`. Everything
+A :class:`Plan` travels typed inside ``plan.resolved`` events (``shared.events.PlanResolved``) and in
+the services' KV records; :func:`plan_to_dict` is its JSON for ``kaiten plan -o json``. Everything
 here is deterministic: the same spec, catalogs and inventory give an identical Plan, byte for byte.
 """
 

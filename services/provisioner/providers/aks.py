@@ -31,13 +31,14 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.provisioner.providers.base import GPU_TAINT, NodeRequest, Progress, ProviderError, short_id
+from shared import logs
 from shared.errors import Transient
 from shared.events import WorkspaceRef
 from shared.kube.errors import classify
 from shared.metrics import PROVIDER_ERRORS
 from shared.planning.model import NodeInfo
 
-log = logging.getLogger("kaiten.provisioner.aks")
+log = logging.getLogger(__name__)
 POOL_LABEL = "kubernetes.azure.com/agentpool"
 PERMANENT = {
     "QuotaExceeded",
@@ -189,9 +190,8 @@ class AksProvider:
                     message=f"{what} has {pool.vm_size} nodes; AKS cannot change a pool's VM size",
                 )
             verb = "creating" if pool is None else f"resizing {pool.count} → {request.count} node(s) of"
-            log.info(
-                "[%s] %s %s (%d × %s)",
-                request.workspace.key,
+            logs.of(log, request.workspace).info(
+                "%s %s (%d × %s)",
                 verb,
                 what,
                 request.count,
@@ -246,7 +246,7 @@ class AksProvider:
         elif kind == "delete" and task is not None and task.done():
             del self._ops[name]
             if not task.cancelled() and task.exception() is not None:  # e.g. a 409 mid-operation: again
-                log.warning("[%s] %s: %s", workspace.key, what, azure_error(task.exception(), what))  # type: ignore[arg-type]
+                logs.of(log, workspace).warning("%s: %s", what, azure_error(task.exception(), what))  # type: ignore[arg-type]
         pool = await self._get(name, what)
         if pool is None:
             return True
@@ -258,7 +258,7 @@ class AksProvider:
             except Exception as exc:
                 raise azure_error(exc, what) from exc
             self._ops[name] = ("delete", asyncio.create_task(poller.result(), name=f"aks:delete:{name}"))
-            log.info("[%s] deleting agent pool %s", workspace.key, name)
+            logs.of(log, workspace).info("deleting agent pool %s", name)
         return await self._get(name, what) is None
 
     async def close(self) -> None:

@@ -32,7 +32,7 @@ from services.serving.engines.base import (
     QueueFull,
 )
 
-log = logging.getLogger("kaiten.serving.transformers")
+log = logging.getLogger(__name__)
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 

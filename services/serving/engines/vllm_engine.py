@@ -31,7 +31,7 @@ from services.serving.engines.base import (
     QueueFull,
 )
 
-log = logging.getLogger("kaiten.serving.vllm")
+log = logging.getLogger(__name__)
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 OURS = {"max-batch-size"}  # engine args that configure Kaiten, not vLLM
 

@@ -23,13 +23,14 @@ from services.watcher.status.conditions import (
     merge_conditions,
     workspace_state,
 )
+from shared import logs
 from shared.api.crd import FINALIZER
 from shared.errors import Transient
 from shared.events import AnyEvent, WorkspaceRef
 from shared.kube.errors import classify
 from shared.kube.workspaces import Workspaces
 
-log = logging.getLogger("kaiten.status")
+log = logging.getLogger(__name__)
 COMPONENT = "kaiten-status-writer"
 CONFLICT_ATTEMPTS = 5
 
@@ -91,9 +92,8 @@ class StatusWriter:
     async def _apply_once(self, ref: WorkspaceRef, change: StatusChange) -> None:
         obj = await self._workspaces.get(ref.namespace, ref.name)
         if obj is None or obj["metadata"].get("uid") != ref.uid:
-            log.info(
-                "[%s] gone (uid %s); dropping %d condition update(s)",
-                ref.key,
+            logs.of(log, ref).info(
+                "gone (uid %s); dropping %d condition update(s)",
                 ref.uid,
                 len(change.conditions),
             )
@@ -102,9 +102,8 @@ class StatusWriter:
         patch = status_patch(obj, change, now)
         if patch is not None:
             obj = await self._workspaces.patch(ref.namespace, ref.name, patch, status=True)
-            log.info(
-                "[%s] status: %s",
-                ref.key,
+            logs.of(log, ref).info(
+                "status: %s",
                 ", ".join(f"{c.type}={c.status}" for c in change.conditions) or "cleanup progress",
             )
         for warning in change.warnings:
@@ -126,8 +125,8 @@ class StatusWriter:
             return
         cleaned = (obj.get("status") or {}).get("cleanedUpBy") or []
         if not finalizer_removable(cleaned, self._owners):
-            log.info("[%s] waiting for cleanup by %s", ref.key, sorted(set(self._owners) - set(cleaned)))
+            logs.of(log, ref).info("waiting for cleanup by %s", sorted(set(self._owners) - set(cleaned)))
             return
         finalizers.remove(FINALIZER)
         await self._workspaces.patch_finalizers(obj, finalizers)
-        log.info("[%s] cleanup complete; finalizer removed", ref.key)
+        logs.of(log, ref).info("cleanup complete; finalizer removed")

@@ -1,5 +1,5 @@
 """``kuberay``: the workload as KubeRay objects in the cluster (rendered by
-:mod:`services.workload.kuberay`), applied with server-side apply (field manager ``kaiten``, forced:
+:mod:`services.workload.manifests`), applied with server-side apply (field manager ``kaiten``, forced:
 kaiten owns these objects), their readiness read from the status KubeRay writes.
 
 - RayService is ready when KubeRay has observed its current generation, its ``Ready`` condition is
@@ -21,7 +21,7 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.workload.backends.base import JobState, State, Target
-from services.workload.kuberay import (
+from services.workload.manifests import (
     GENERATION_ANNOTATION,
     INPUT_URLS_ENV,
     NAMESPACE_LABEL,
@@ -45,11 +45,11 @@ from services.workload.kuberay import (
     tuning_names,
 )
 from services.workload.render import tuning_config
-from shared import telemetry
+from shared import logs, telemetry
 from shared.errors import InvalidInput
 from shared.kube.errors import api_message, classify
 
-log = logging.getLogger("kaiten.workload.kuberay")
+log = logging.getLogger(__name__)
 APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "kaiten"
 GROUP, VERSION = "ray.io", "v1"
@@ -208,7 +208,7 @@ class KubeRay:
         await self._fence(target)
         await self.apply(rs)
         await self.apply(service(ref, version, generation, cluster))
-        log.info("[%s] gen %d: RayService %s applied", ref.key, generation, rs["metadata"]["name"])
+        logs.of(log, ref).info("gen %d: RayService %s applied", generation, rs["metadata"]["name"])
 
     async def status(self, target: Target) -> tuple[State, str]:
         ref = target.ref
@@ -221,7 +221,7 @@ class KubeRay:
             svc = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
             if svc is None or svc.get("spec", {}).get("selector", {}).get("ray.io/cluster") != cluster:
                 await self.apply(service(ref, target.api_version, target.generation, cluster))
-                log.info("[%s] Service now routes to Ray cluster %s", ref.key, cluster)
+                logs.of(log, ref).info("Service now routes to Ray cluster %s", cluster)
         return state, message
 
     def endpoint(self, target: Target) -> str:
@@ -273,8 +273,8 @@ class KubeRay:
         for kind, name in await self._ours(target):  # an earlier generation's job: replaced
             if kind in ("RayJob", "ConfigMap") and name not in current:
                 await self._delete(kind, ref.namespace, name)
-                log.info("[%s] %s %s of an earlier generation deleted", ref.key, kind, name)
-        log.info("[%s] gen %d: RayJob %s applied", ref.key, generation, job["metadata"]["name"])
+                logs.of(log, ref).info("%s %s of an earlier generation deleted", kind, name)
+        logs.of(log, ref).info("gen %d: RayJob %s applied", generation, job["metadata"]["name"])
 
     async def job_status(self, target: Target) -> tuple[JobState, str]:
         name, _ = tuning_names(target.ref, target.generation)

@@ -26,11 +26,11 @@ from services.workload.render import (
     serve_application,
     tuning_config,
 )
-from shared import telemetry
+from shared import logs, telemetry
 from shared.errors import Transient
 from shared.kube.errors import classify
 
-log = logging.getLogger("kaiten.workload.local")
+log = logging.getLogger(__name__)
 
 
 class LocalRay:
@@ -185,7 +185,7 @@ class LocalBackend:
                 for name in adapter.get("pull_secrets", [])
             ]
         await self._ray.deploy(serve_application(target.ref, config, telemetry.forwarded_env("serving")))
-        log.info("[%s] gen %d: %s deploying", target.ref.key, target.generation, app_name(target.ref))
+        logs.of(log, target.ref).info("gen %d: %s deploying", target.generation, app_name(target.ref))
 
     async def status(self, target: Target) -> tuple[State, str]:
         return await self._ray.status(app_name(target.ref))
