@@ -9,6 +9,7 @@ nothing is found through the working directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from kaiten.local.controlplane import ETCD_VERSION, K8S_VERSION
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -105,9 +107,39 @@ def test_the_cli_from_the_wheel_plans_and_says_what_up_needs(venvs: dict[str, Pa
     assert planned.returncode == 0 and "Standard_NC6s_v3" in planned.stdout, planned.stderr
     crd = run(venvs["base"], "-c", "from shared.api.crd import render; print(render()[:200])", cwd=tmp_path)
     assert crd.returncode == 0 and "CustomResourceDefinition" in crd.stdout, crd.stderr
-    # `up` builds the control plane from the repository's Go module: from a wheel it says so, at once
+    # `up` needs NATS and Ray, which the base install has not got: it says which extras, at once
     up = run(kaiten, "up", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
-    assert up.returncode == 2 and "runs from a source checkout" in up.stderr and "make up" in up.stderr, (
-        up.stdout + up.stderr
-    )
+    assert up.returncode == 2 and "pip install 'kaiten[local,serving]'" in up.stderr, up.stdout + up.stderr
     assert not (tmp_path / "state").exists()  # nothing started, nothing written
+
+
+def test_what_up_reads_from_disk_travels_with_the_package(venvs: dict[str, Path], tmp_path: Path) -> None:
+    """The control plane's Go module and the local examples are package data (``kaiten/bundled``): an
+    installed package finds them in site-packages, and the module is the one the checkout builds."""
+    python = venvs["local"]
+    probe = (
+        "import json; from kaiten import bundle; "
+        "print(json.dumps({'missing': list(map(str, bundle.missing())), "
+        "'module': str(bundle.CONTROLPLANE_MODULE), "
+        "'sample': bundle.SAMPLE.read_text(), 'data': sorted(p.name for p in bundle.DATA_DIR.iterdir())}))"
+    )
+    done = run(python, "-c", probe, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["missing"] == [] and "site-packages" in found["module"], found
+    assert found["sample"] == (REPO / "examples" / "local" / "workspace-smollm2.yaml").read_text()
+    assert found["data"] == sorted(p.name for p in (REPO / "examples" / "local" / "data").iterdir())
+    module = Path(found["module"])
+    for name in ("go.mod", "go.sum", "tools.go"):
+        assert (module / name).read_bytes() == (REPO / "deploy" / "controlplane" / name).read_bytes(), name
+    # a working Go module, pinned as the checkout's: what `kaiten up` builds etcd and kube-apiserver from
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOSUMDB": "off"}
+    modules = ["k8s.io/kubernetes", "go.etcd.io/etcd/server/v3"]
+    listed = subprocess.run(["go", "list", "-m", *modules], cwd=module,
+                            capture_output=True, text=True, timeout=120, env=env, check=False)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == [modules[0], K8S_VERSION, modules[1], ETCD_VERSION]
+    # and `up` in this profile (no Ray: the serving extra is missing) still stops before starting anything
+    up = run(venvs["local"].parent / "kaiten", "up", "--state-dir", str(tmp_path / "state"), cwd=tmp_path)
+    assert up.returncode == 2 and "kaiten[local,serving]" in up.stderr, up.stdout + up.stderr
+    assert not (tmp_path / "state").exists()

