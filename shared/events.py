@@ -31,8 +31,9 @@ from shared.planning.model import Plan
 
 STREAM = "KAITEN"
 SUBJECT_ROOT = "kaiten"
-# 2: ``workspace.observed`` carries the spec typed (no labels/annotations); ``plan.resolved`` carries
-# the spec it planned for and its apiVersion (``resource`` gone: it is ``spec.resource``).
+# 2: ``workspace.observed`` carries the spec typed (its never-read labels gone); ``plan.resolved``
+# carries the spec it planned for, with the apiVersion and annotations (``resource`` gone: it is
+# ``spec.resource``).
 SCHEMA_VERSION = 2
 
 
@@ -80,6 +81,7 @@ class WorkspaceObserved(Event, frozen=True, kw_only=True, tag="workspace.observe
     family: ClassVar[str] = "workspace"
     api_version: str
     spec: WorkspaceSpec  # resource / inference / tuning as in the object, no status, no metadata
+    annotations: dict[str, str] = {}  # the object's (kaiten.sh/…, kaito.sh/…): they steer what is deployed
 
 
 class WorkspaceDeleting(Event, frozen=True, kw_only=True, tag="workspace.deleting"):
@@ -103,6 +105,7 @@ class PlanResolved(Event, frozen=True, kw_only=True, tag="plan.resolved"):
     # in a schema-1 event (before the spec was carried).
     api_version: str = ""
     spec: WorkspaceSpec | None = None
+    annotations: dict[str, str] = {}
 
 
 class PlanRejected(Event, frozen=True, kw_only=True, tag="plan.rejected"):

@@ -730,3 +730,24 @@ def test_node_info_from_a_kubernetes_node() -> None:
     assert (info.name, info.ready, info.gpus, info.memory) == ("gpu-1", True, 4, 120 * GIB)
     node["spec"] = {"unschedulable": True}
     assert not NodeInfo.from_node(node).ready
+
+
+def test_a_node_known_only_by_its_gpu_feature_discovery_labels_is_a_gpu_node(catalogs: Catalogs) -> None:
+    """Issue 18: KAITO sizes bring-your-own GPU nodes from NVIDIA GPU feature discovery's labels
+    (``nvidia.com/gpu.product``, ``.count``, ``.memory`` in MiB per GPU); a node that has the labels but
+    does not (yet) report ``nvidia.com/gpu`` capacity — no device plugin — is still a GPU node."""
+    node = {
+        "metadata": {"name": "gfd-1", "labels": {
+            "apps": "test", "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB", "nvidia.com/gpu.count": "2",
+            "nvidia.com/gpu.memory": "81920"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}], "allocatable": {"memory": "900Gi"}},
+    }  # fmt: skip
+    info = NodeInfo.from_node(node)
+    assert info.gpus == 2
+    result = plan(workspace("qwen2.5-coder-32b-instruct"), catalogs, [info], BYO)
+    assert isinstance(result, Plan) and (result.nodes, result.gpus_per_node, result.gpu) == (1, 2, "A100")
+    node["status"]["capacity"] = {"nvidia.com/gpu": "4"}  # the device plugin's count wins when there is one
+    assert NodeInfo.from_node(node).gpus == 4
+    node["metadata"]["labels"]["nvidia.com/gpu.count"] = "two"  # a label that is not a count is no count
+    del node["status"]["capacity"]
+    assert NodeInfo.from_node(node).gpus == 0

@@ -380,3 +380,25 @@ def test_bad_inputs_fail_fast_with_a_reason(
     assert "SECRET" not in failed.message and "SECRET" not in caplog.text, failed.message
     partial = list((tmp_path / "work" / "input").glob("*")) if (tmp_path / "work" / "input").exists() else []
     assert case != "total" or len(partial) == 1, f"a partial download was left: {partial}"
+
+
+def test_kaitos_training_arguments_are_taken_as_kaito_writes_them(tmp_path: Path) -> None:
+    """Issue 18: KAITO's tuning ConfigMaps (its lora/qlora templates) set ``output_dir`` (/mnt/results),
+    ``save_strategy`` and ``ddp_find_unused_parameters`` in ``TrainingArguments``. The job passed them on
+    next to its own ``output_dir`` and ``save_strategy``, and trl's ``SFTConfig`` refused the duplicate
+    keyword: such a job failed before training. Now the ConfigMap's arguments win, except where
+    checkpoints go, which is the job's."""
+    from trl import SFTConfig  # type: ignore[attr-defined]
+
+    from services.tuning.config import Sections
+    from services.tuning.train import sft_arguments
+
+    sections = Sections.model_validate({"TrainingArguments": {
+        "output_dir": "/mnt/results", "ddp_find_unused_parameters": False, "save_strategy": "epoch",
+        "per_device_train_batch_size": 2, "num_train_epochs": 1, "weight_decay": 0.01}})  # fmt: skip
+    args = SFTConfig(**sft_arguments(sections, tmp_path, on_gpu=False))
+    assert args.output_dir == str(tmp_path / "checkpoints")  # never /mnt/results
+    assert (args.save_strategy, args.ddp_find_unused_parameters, args.weight_decay) == ("epoch", False, 0.01)
+    assert (args.per_device_train_batch_size, args.num_train_epochs, args.use_cpu) == (2, 1, True)
+    defaults = SFTConfig(**sft_arguments(Sections(), tmp_path, on_gpu=False))
+    assert (defaults.save_strategy, defaults.bf16, defaults.max_length) == ("no", False, 512)

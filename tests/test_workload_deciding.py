@@ -149,3 +149,17 @@ def test_follow_job(started: bool, state: str, age: float, published: list[str],
     if state == "ABSENT" and published:
         (lost,) = step.publish
         assert isinstance(lost, ev.JobFailed) and lost.reason == "JobLost"
+
+
+def test_the_workspaces_annotations_travel_with_its_spec_to_what_is_deployed() -> None:
+    """The serving API key Secret (``kaiten.sh/api-key-secret``) and KAITO's ``kaito.sh/*`` annotations
+    steer what is deployed: the plan carries them, the record keeps them with the spec, and the
+    Workspace the backends render from has them (they were dropped once, and the key never applied)."""
+    annotated = msgspec.structs.replace(plan(1), annotations={"kaiten.sh/api-key-secret": "chat-key"})
+    after, deploys = absorb(None, [annotated, nodes(1)], {})
+    assert deploys and after.annotations == {"kaiten.sh/api-key-secret": "chat-key"}
+    workspace = after.workspace()
+    assert workspace.metadata.annotations == {"kaiten.sh/api-key-secret": "chat-key"}
+    assert (workspace.metadata.name, workspace.metadata.generation, workspace.api_version) == (
+        "w", 1, "kaito.sh/v1beta1"
+    )  # fmt: skip

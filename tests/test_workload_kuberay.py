@@ -28,6 +28,7 @@ from services.tuning.config import TuningJobConfig
 from services.workload.backends.base import Target
 from services.workload.backends.kuberay import KubeRay, rayjob_state, rayservice_state
 from services.workload.manifests import (
+    API_KEY_ANNOTATION,
     GPU_TOLERATION,
     MAX_RAY_NAME,
     PULL_SECRETS_PATH,
@@ -452,7 +453,8 @@ async def test_kuberay_backend_end_to_end(
     """kubectl apply → watcher → planner → provisioner (bring-your-own GPU node) → workload (kuberay):
     the RayService lands on that node, once, from two replicas; both are SIGKILLed and a fresh one takes
     over; KubeRay's status (written here) → InferenceReady on the Workspace; deletion removes every
-    object and the Workspace."""
+    object and the Workspace. The Workspace's annotations travel with it: the API key Secret it names
+    reaches the head pod (they were dropped on the way once, and the key never applied)."""
     selector = f"kr-{namespace}"
     node = f"{namespace}-gpu"
     try:
@@ -464,6 +466,7 @@ async def test_kuberay_backend_end_to_end(
         replicas = [await services.start_ready("services.workload", **workload) for _ in range(2)]
         ws = json.loads(manifest("phi", "phi-3-mini-4k-instruct", None))
         ws["resource"]["labelSelector"]["matchLabels"] = {"apps": selector}
+        ws["metadata"]["annotations"] = {API_KEY_ANNOTATION: "chat-key"}
         kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
         uid = kubectl.json("get", "workspace", "phi", "-n", namespace)["metadata"]["uid"]
 
@@ -475,6 +478,8 @@ async def test_kuberay_backend_end_to_end(
         assert rs["metadata"]["ownerReferences"][0]["uid"] == uid
         head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
         assert head["nodeSelector"] == {"apps": selector} and head["containers"][0]["image"] == IMAGE
+        env = {e["name"]: e for e in head["containers"][0]["env"]}
+        assert env["KAITEN_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "chat-key", env
         app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["name"]
         for replica in replicas:  # both killed mid-deployment; a fresh one picks up from the KV state
             os.kill(replica.pid, signal.SIGKILL)
@@ -563,8 +568,6 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
 def test_the_model_token_and_the_api_key_reach_the_pods_by_secret_reference_only() -> None:
     """KAITO's key for the model access token (HF_TOKEN, optional as in KAITO), and the serving API key
     from the Secret a Workspace names in kaiten.sh/api-key-secret: references, never values."""
-    from services.workload.manifests import API_KEY_ANNOTATION
-
     workspace, got = seed("workspace-phi-3-mini.yaml")
     doc = workspace.model_dump(by_alias=True, exclude_none=True)
     doc["metadata"]["annotations"] = {API_KEY_ANNOTATION: "chat-key"}

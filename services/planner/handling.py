@@ -83,6 +83,7 @@ class Planner:
                     explanation=result.explanation,
                     api_version=event.api_version,
                     spec=event.spec,
+                    annotations=event.annotations,
                     **common,
                 )
             )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.tuning.config import TuningJobConfig
+from services.tuning.config import Sections, TuningJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,30 @@ def load_model(model_dir: Path, config: TuningJobConfig) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
+# TrainingArguments Kaiten sets itself: where checkpoints go is the job's (the adapter is written and
+# pushed from its own directory), not a path from the ConfigMap (KAITO's templates say /mnt/results).
+OWN_TRAINING_ARGUMENTS = ("output_dir",)
+
+
+def sft_arguments(s: Sections, out: Path, *, on_gpu: bool, bf16: bool = False) -> dict[str, Any]:
+    """``SFTConfig``'s arguments: Kaiten's defaults for a short job, then the ConfigMap's
+    ``TrainingArguments`` over them — any ``transformers.TrainingArguments`` field, as KAITO passes
+    them — except the ones the job owns (:data:`OWN_TRAINING_ARGUMENTS`)."""
+    given = {k: v for k, v in s.training.model_dump().items() if k not in OWN_TRAINING_ARGUMENTS}
+    return {
+        "save_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+        "gradient_checkpointing": False,
+        "bf16": bf16,  # trl defaults bf16 on: not on a CPU
+        "dataloader_pin_memory": on_gpu,
+        "use_cpu": not on_gpu,
+        "max_length": s.dataset.max_seq_length,
+        **given,
+        "output_dir": str(out / "checkpoints"),
+    }
+
+
 def train(
     model_dir: Path,
     rows: list[list[dict[str, str]]],
@@ -121,31 +145,8 @@ def train(
         target_modules=s.lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    known = {
-        "per_device_train_batch_size", "num_train_epochs", "max_steps", "learning_rate",
-        "gradient_accumulation_steps", "logging_steps", "seed",
-    }  # fmt: skip
-    extra = {k: v for k, v in s.training.model_dump().items() if k not in known}
     on_gpu = torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        per_device_train_batch_size=s.training.per_device_train_batch_size,
-        num_train_epochs=s.training.num_train_epochs,
-        max_steps=s.training.max_steps,
-        learning_rate=s.training.learning_rate,
-        gradient_accumulation_steps=s.training.gradient_accumulation_steps,
-        logging_steps=s.training.logging_steps,
-        seed=s.training.seed,
-        max_length=s.dataset.max_seq_length,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),  # trl defaults bf16 on: not on a CPU
-        gradient_checkpointing=False,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        dataloader_pin_memory=on_gpu,
-        use_cpu=not on_gpu,
-        **extra,
-    )
+    args = SFTConfig(**sft_arguments(s, out, on_gpu=on_gpu, bf16=on_gpu and torch.cuda.is_bf16_supported()))
     losses: list[float] = []
     tokens = 0
     started = time.monotonic()  # set again when training starts: rates count training time only

@@ -266,6 +266,11 @@ class WorkspaceWatcher:
             generation=int(obj["metadata"]["generation"]),
             api_version=str(obj.get("apiVersion", "")),
             spec=typed_spec(obj),
+            annotations={
+                k: v
+                for k, v in (obj["metadata"].get("annotations") or {}).items()
+                if k != "kubectl.kubernetes.io/last-applied-configuration"  # the whole object again
+            },
         )
         await self._publisher.publish(event)
         logs.of(log, ref).info("observed generation %d (uid %s)", event.generation, ref.uid)

@@ -40,6 +40,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     api_version: str = "kaito.sh/v1alpha1"
     spec: WorkspaceSpec | None = None  # what the latest plan was made for
+    annotations: dict[str, str] = {}  # the Workspace's, with that spec (the serving API key Secret, …)
     plan: Plan | None = None
     generation: int = 0  # the generation of spec and plan
     phase: Phase = Phase.WAITING
@@ -63,7 +64,13 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
         """The Workspace the record deploys (raises pydantic's ``ValidationError`` on an apiVersion this
         service does not know)."""
         assert self.spec is not None
-        meta = ObjectMeta(name=self.name, namespace=self.namespace, uid=self.uid, generation=self.generation)
+        meta = ObjectMeta(
+            name=self.name,
+            namespace=self.namespace,
+            uid=self.uid,
+            generation=self.generation,
+            annotations=self.annotations,
+        )
         return Workspace.of(self.spec, api_version=self.api_version, metadata=meta)
 
 
@@ -91,7 +98,11 @@ def absorb(
         if isinstance(event, ev.PlanResolved) and event.generation >= generation:
             generation = event.generation
             changes.update(
-                spec=event.spec, plan=event.plan, api_version=event.api_version, generation=generation
+                spec=event.spec,
+                annotations=event.annotations,
+                plan=event.plan,
+                api_version=event.api_version,
+                generation=generation,
             )
         elif isinstance(event, ev.NodesReady) and event.generation > nodes:
             nodes = event.generation

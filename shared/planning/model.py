@@ -83,13 +83,22 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     short: str = ""  # a few words, for listing alternatives ("needs 6 nodes > 4")
 
 
+def gpu_count(capacity: dict[str, Any], labels: dict[str, str]) -> int:
+    """A node's GPUs: the device plugin's ``nvidia.com/gpu`` capacity, else (as KAITO reads bring-your-own
+    nodes) NVIDIA GPU feature discovery's ``nvidia.com/gpu.count`` label."""
+    if "nvidia.com/gpu" in capacity:
+        return int(str(capacity["nvidia.com/gpu"]) or 0)
+    count = labels.get("nvidia.com/gpu.count", "")
+    return int(count) if count.isdigit() else 0
+
+
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     """A node as the planner sees it (bring-your-own inventory)."""
 
     name: str
     ready: bool
     labels: dict[str, str] = {}
-    gpus: int = 0  # capacity nvidia.com/gpu
+    gpus: int = 0  # capacity nvidia.com/gpu, else the nvidia.com/gpu.count label
     memory: int = 0  # allocatable memory, bytes
 
     @classmethod
@@ -112,7 +121,7 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
             name=meta.get("name", ""),
             ready=ready and not unschedulable,
             labels=dict(meta.get("labels") or {}),
-            gpus=int(str(capacity.get("nvidia.com/gpu", "0")) or 0),
+            gpus=gpu_count(capacity, meta.get("labels") or {}),
             memory=memory,
         )
 
