@@ -282,6 +282,15 @@ INVALID: list[tuple[str, Obj, str]] = [
 ]
 
 # (id, first manifest, changed manifest, message)
+TEMPLATE_WS = edit(
+    inference_ws,
+    both(
+        drop("inference.adapters"),
+        drop("inference.preset"),
+        setv("inference.template", {"spec": {"containers": [{"name": "m", "image": "r/m:1"}]}}),
+    ),
+)
+
 IMMUTABLE: list[tuple[str, Obj, Obj, str]] = [
     (
         "instance-type",
@@ -314,6 +323,32 @@ IMMUTABLE: list[tuple[str, Obj, Obj, str]] = [
         "tuning.preset.name is immutable",
     ),
     ("inference-to-tuning", inference_ws(), tuning_ws(), "cannot switch between inference and tuning"),
+    # KAITO's update rules (issue 18): the whole preset, the template's presence, tuning's method and
+    # input name
+    (
+        "preset-options",
+        inference_ws(),
+        edit(inference_ws, setv("inference.preset.presetOptions", {"modelAccessSecret": "hf"})),
+        "inference.preset is immutable (presetOptions, accessMode)",
+    ),
+    (
+        "template-to-preset",
+        TEMPLATE_WS,
+        edit(inference_ws, drop("inference.adapters")),
+        "inference.template cannot be set or unset",
+    ),
+    (
+        "tuning-method",
+        tuning_ws(),
+        edit(tuning_ws, setv("tuning.method", "lora")),
+        "tuning.method is immutable",
+    ),
+    (
+        "tuning-input-name",
+        edit(tuning_ws, setv("tuning.input.name", "first")),
+        edit(tuning_ws, setv("tuning.input.name", "second")),
+        "tuning.input.name is immutable",
+    ),
 ]
 
 
@@ -424,6 +459,14 @@ def test_allowed_updates_bump_generation(kubectl: Kubectl, namespace: str) -> No
         check=True,
         stdin=json.dumps(edit(inference_ws, setv("inference.adapters.0.strength", "0.7"))),
     )
+    assert kubectl.json("get", "workspace", "ws", "-n", namespace)["metadata"]["generation"] == 2
+
+
+def test_a_template_may_change_as_in_kaito(kubectl: Kubectl, namespace: str) -> None:
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TEMPLATE_WS), check=True)
+    changed = copy.deepcopy(TEMPLATE_WS)
+    changed["inference"]["template"]["spec"]["containers"][0]["image"] = "r/m:2"
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(changed), check=True)
     assert kubectl.json("get", "workspace", "ws", "-n", namespace)["metadata"]["generation"] == 2
 
 

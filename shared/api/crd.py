@@ -191,6 +191,13 @@ def preset(section: str) -> Schema:
                 "self.name == oldSelf.name",
                 f"{section}.preset.name is immutable; create a new Workspace for another model",
             ),
+            rule(  # as KAITO: the whole preset is immutable
+                "has(self.presetOptions) == has(oldSelf.presetOptions) && "
+                "(!has(self.presetOptions) || self.presetOptions == oldSelf.presetOptions) && "
+                "has(self.accessMode) == has(oldSelf.accessMode) && "
+                "(!has(self.accessMode) || self.accessMode == oldSelf.accessMode)",
+                f"{section}.preset is immutable (presetOptions, accessMode); create a new Workspace",
+            ),
             rule(
                 "!has(self.accessMode) || self.accessMode == 'public' || "
                 "(has(self.presetOptions) && has(self.presetOptions.image))",
@@ -274,6 +281,11 @@ def inference() -> Schema:
                 "!has(self.adapters) || size(self.adapters) == 0 || has(self.preset)",
                 "inference.adapters apply to a preset model: set inference.preset",
             ),
+            rule(  # as KAITO: a template may change, but not come or go
+                "has(self.template) == has(oldSelf.template)",
+                "inference.template cannot be set or unset once the Workspace exists (it may change); "
+                "create a new Workspace",
+            ),
         ],
     }
 
@@ -316,7 +328,12 @@ def tuning() -> Schema:
                     rule(
                         "[has(self.urls), has(self.image), has(self.volumeSource)].exists_one(x, x)",
                         "tuning.input needs exactly one of urls, image or volumeSource",
-                    )
+                    ),
+                    rule(  # as KAITO
+                        "has(self.name) == has(oldSelf.name) && "
+                        "(!has(self.name) || self.name == oldSelf.name)",
+                        "tuning.input.name is immutable",
+                    ),
                 ],
             },
             "output": {
@@ -339,6 +356,9 @@ def tuning() -> Schema:
                 ],
             },
         },
+        "x-kubernetes-validations": [
+            rule("self.method == oldSelf.method", "tuning.method is immutable; create a new Workspace"),
+        ],
     }
 
 
