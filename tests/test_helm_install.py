@@ -152,7 +152,8 @@ CAN = {
     "provisioner": ["list nodes"],
     "workload": ["create rayservices.ray.io -n default", "patch services -n default",
                  "delete configmaps -n default", "create rayjobs.ray.io -n default",
-                 "patch networkpolicies.networking.k8s.io -n default", "create secrets -n default"],
+                 "patch networkpolicies.networking.k8s.io -n default", "create secrets -n default",
+                 "create statefulsets.apps -n default"],
 }  # fmt: skip
 CANNOT = [
     "delete nodes", "get secrets -n default", "get secrets -n kube-system", "list secrets -A",

@@ -581,6 +581,25 @@ def test_template_runs_as_requested(catalogs: Catalogs) -> None:
     assert isinstance(missing, Rejection) and missing.reason == "InstanceTypeRequired"
 
 
+def test_a_template_runs_on_existing_nodes_as_in_kaito(catalogs: Catalogs) -> None:
+    """Issue 18: KAITO runs a template on bring-your-own nodes without an instanceType (it does not
+    size them); Kaiten plans ``count`` Ready matching nodes, preferredNodes first, or says how many match."""
+    nodes = [
+        gpu_node("b", gpus=2),
+        gpu_node("a", gpus=1),
+        msgspec.structs.replace(gpu_node("c"), ready=False),
+    ]
+    two = plan(workspace(None, count=2), catalogs, nodes, BYO)
+    assert isinstance(two, Plan) and (two.engine, two.nodes, two.byo_nodes, two.gpus_per_node) == (
+        "template", 2, ("a", "b"), 1
+    )  # fmt: skip
+    short = plan(workspace(None, count=3), catalogs, nodes, BYO)
+    assert isinstance(short, Rejection) and short.reason == "NoMatchingNodes"
+    assert "resource.count=3" in short.message and "2 Ready node(s) match" in short.message
+    nothing = plan(workspace(None), catalogs, [], PlanOptions(provider="nodeclaim"))  # none to bring
+    assert isinstance(nothing, Rejection) and nothing.reason == "InstanceTypeRequired"
+
+
 def test_tuning_memory_breakdown(catalogs: Catalogs) -> None:
     """QLoRA holds the base in ~4 bits: phi-3-mini's 7.1 GiB becomes ~2.1 GiB (embeddings stay 16-bit)."""
     result = plan(workspace("phi-3-mini-128k-instruct", V100, method="qlora"), catalogs)

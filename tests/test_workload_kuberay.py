@@ -26,7 +26,7 @@ from services.planner.planning import PlanOptions, plan
 from services.serving.app import ServingConfig
 from services.tuning.config import TuningJobConfig
 from services.workload.backends.base import Target
-from services.workload.backends.kuberay import KubeRay, rayjob_state, rayservice_state
+from services.workload.backends.kuberay import KubeRay, rayjob_state, rayservice_state, statefulset_state
 from services.workload.manifests import (
     API_KEY_ANNOTATION,
     GPU_TOLERATION,
@@ -656,3 +656,80 @@ def test_a_tuning_jobs_input_urls_reach_it_from_a_secret_never_its_configmap(
         parsed.urls()
     monkeypatch.setenv(manifests.INPUT_URLS_ENV, secret["stringData"]["urls"])
     assert parsed.urls() == [sas, "https://u:p4ss@data.example.com/more.jsonl"]
+
+
+async def test_a_template_workspace_runs_as_kaito_runs_it(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services, kuberay_crds: list[Path]
+) -> None:
+    """Issue 18: ``inference.template`` (a custom model, no preset) on a bring-your-own node, as KAITO
+    runs it: a StatefulSet of the user's pod template pinned to the Workspace's nodes, the Workspace's
+    Service (port 80 → the template's port), InferenceReady once every pod is ready (the StatefulSet
+    controller's status, written here), and deletion removes both. It was refused after the nodes
+    were provisioned (UnsupportedWorkspace)."""
+    selector = f"tpl-{namespace}"
+    node = f"{namespace}-tpl"
+    try:
+        add_gpu_node(kubectl, node, selector)
+        await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
+        await services.start_ready("services.planner", KAITEN_PROVIDER="byo")
+        await services.start_ready("services.provisioner", KAITEN_PROVIDER="byo", **FAST)
+        await services.start_ready(
+            "services.workload", KAITEN_BACKEND="kuberay", KAITEN_RAY_IMAGE=IMAGE, **FAST
+        )
+        container = {
+            "name": "server",
+            "image": "registry.invalid/my-model:1",
+            "ports": [{"containerPort": 8080}],
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+        }
+        ws = {"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "custom"},
+              "resource": {"labelSelector": {"matchLabels": {"apps": selector}}},
+              "inference": {"template": {"metadata": {"labels": {"team": "ml"}},
+                                         "spec": {"containers": [container]}}}}  # fmt: skip
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
+
+        def statefulsets() -> list[dict[str, Any]]:
+            return list(kubectl.json("get", "statefulsets", "-n", namespace)["items"])
+
+        await until(lambda: statefulsets(), timeout=60, what=f"a StatefulSet\n{services.logs()}")
+        (sts,) = statefulsets()
+        pod = sts["spec"]["template"]
+        assert sts["spec"]["replicas"] == 1 and pod["spec"]["containers"][0]["image"] == container["image"]
+        assert pod["spec"]["nodeSelector"] == {"apps": selector}
+        assert {"key": "sku", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"} in pod["spec"][
+            "tolerations"
+        ]
+        assert (
+            pod["metadata"]["labels"]["team"] == "ml"
+            and pod["metadata"]["labels"][WORKSPACE_LABEL] == "custom"
+        )
+        svc = kubectl.json("get", "service", "custom", "-n", namespace)
+        assert svc["spec"]["ports"][0]["port"] == 80 and svc["spec"]["ports"][0]["targetPort"] == 8080
+        assert svc["spec"]["selector"][WORKSPACE_LABEL] == "custom"
+        generation = sts["metadata"]["generation"]
+        kuberay_writes(kubectl, namespace, "statefulset", sts["metadata"]["name"],
+                       {"observedGeneration": generation, "replicas": 1, "readyReplicas": 1,
+                        "updatedReplicas": 1, "availableReplicas": 1})  # fmt: skip
+        kubectl.run("wait", "-n", namespace, "--for=condition=InferenceReady", "workspace/custom",
+                    "--timeout=60s", check=True)  # fmt: skip
+        kubectl.run("delete", "-n", namespace, "workspace/custom", "--timeout=60s", check=True)
+        assert (
+            kubectl.json("get", "statefulsets,services", "-n", namespace, "-l", WORKSPACE_LABEL)["items"]
+            == []
+        )
+    finally:
+        kubectl.run("delete", "node", node, "--wait=false")
+
+
+def test_statefulset_readiness() -> None:
+    def sts(generation: int = 2, observed: int = 2, ready: int = 2, updated: int = 2) -> dict[str, Any]:
+        return {"metadata": {"generation": generation, "annotations": {"kaito.sh/generation": "3"}},
+                "spec": {"replicas": 2},
+                "status": {"observedGeneration": observed, "readyReplicas": ready,
+                           "updatedReplicas": updated}}  # fmt: skip
+
+    assert statefulset_state(sts(), 3) == ("ready", "")
+    assert statefulset_state(sts(), 4)[0] == "pending"  # an earlier Workspace generation is applied
+    assert statefulset_state(sts(observed=1), 3)[0] == "pending"
+    assert statefulset_state(sts(ready=1), 3) == ("pending", "1 of 2 pod(s) ready")
+    assert statefulset_state(sts(updated=1), 3)[0] == "pending"  # a rollout not done

@@ -146,3 +146,19 @@ async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
 
     kubectl.run("delete", "-n", namespace, f"workspace/{name}", "--timeout=60s", check=True)
     assert not (work / f"{namespace}.{name}").exists()  # the secret copy goes with the workload
+
+
+async def test_the_local_backend_refuses_a_template_with_a_reason(tmp_path: Path) -> None:
+    """``kaiten up`` runs no pods: a template Workspace gets UnsupportedWorkspace with why, nothing else."""
+    from services.workload.backends.base import Target
+    from services.workload.backends.local import LocalBackend, LocalRay
+    from services.workload.render import RenderError
+
+    backend = LocalBackend(LocalRay("http://127.0.0.1:9", "", 8000), api=None, work_dir=tmp_path,
+                           nats_url="nats://127.0.0.1:4222", allow_loopback_urls=False)  # fmt: skip
+    target = Target(ref=ev.WorkspaceRef(namespace="ns", name="w", uid="u"), api_version="", generation=1,
+                    template=True)  # fmt: skip
+    with pytest.raises(RenderError) as caught:
+        await backend.deploy_template(target)
+    assert caught.value.reason == "UnsupportedWorkspace" and "kuberay" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

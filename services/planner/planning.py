@@ -59,7 +59,7 @@ def plan(
     if section is None:
         return Rejection(reason="InvalidSpec", message="a Workspace needs inference or tuning")
     if section.preset is None:
-        return _template(workspace, catalogs, options)
+        return _template(workspace, catalogs, inventory, options)
     preset = catalogs.resolve_preset(section.preset.name)
     if preset is None:
         return _unknown_preset(section.preset.name, catalogs)
@@ -143,10 +143,15 @@ def _unknown_preset(name: str, catalogs: Catalogs) -> Rejection:
     )
 
 
-def _template(workspace: Workspace, catalogs: Catalogs, options: PlanOptions) -> Result:
-    """A custom pod template cannot be sized: run it on the named instance type, ``count`` nodes."""
+def _template(
+    workspace: Workspace, catalogs: Catalogs, inventory: Sequence[NodeInfo], options: PlanOptions
+) -> Result:
+    """A custom pod template cannot be sized: run it on the named instance type, ``count`` nodes, or
+    (bring-your-own, no instanceType) on ``count`` existing nodes the labelSelector picks."""
     name = workspace.resource.instance_type
     sku = catalogs.sku(name) if name else None
+    if sku is None and not name and uses_existing_nodes(workspace, options):
+        return _template_on_existing_nodes(workspace, inventory, options)
     if sku is None:
         return Rejection(
             reason="InstanceTypeRequired",
@@ -176,6 +181,52 @@ def _template(workspace: Workspace, catalogs: Catalogs, options: PlanOptions) ->
         memory=None,
         cost_per_hour=round(sku.price_per_hour * count, 4),
         explanation=f"custom template on {count} × {sku.name} as requested (no preset to size)",
+    )
+
+
+def _template_on_existing_nodes(
+    workspace: Workspace, inventory: Sequence[NodeInfo], options: PlanOptions
+) -> Result:
+    resource, count = workspace.resource, workspace.resource.count
+    ready = [n for n in selected(resource, inventory) if n.ready]
+    if len(ready) < count:
+        if not ready and options.provider != "byo":
+            return Rejection(
+                reason="InstanceTypeRequired",
+                message="an inference template has no preset to size: name a known resource.instanceType "
+                "or label existing nodes for it",
+            )
+        return Rejection(
+            reason="NoMatchingNodes",
+            message=f"an inference template runs on resource.count={count} node(s); "
+            f"{len(ready)} Ready node(s) match labelSelector '{selector_query(resource.label_selector)}'",
+        )
+    nodes = ready[:count]  # preferredNodes first
+    gpus = min(n.gpus for n in nodes)
+    product = nodes[0].labels.get("nvidia.com/gpu.product", "gpu") if gpus else "cpu"
+    return Plan(
+        mode="inference",
+        preset="",
+        model="",
+        sku=nodes[0].labels.get("node.kubernetes.io/instance-type", "") or f"node:{nodes[0].name}",
+        cloud="byo",
+        gpu=product,
+        gpu_memory=0,
+        nodes=count,
+        gpus_per_node=gpus,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        data_parallel=count,
+        dtype="",
+        quantization=None,
+        max_model_len=0,
+        engine="template",
+        engine_args={},
+        disk_gib=64,
+        memory=None,
+        cost_per_hour=0.0,
+        byo_nodes=tuple(n.name for n in nodes),
+        explanation=f"custom template on {count} existing node(s): {', '.join(n.name for n in nodes)}",
     )
 
 

@@ -60,6 +60,12 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     def tuning(self) -> bool:
         return self.spec is not None and self.spec.tuning is not None
 
+    @property
+    def template(self) -> bool:
+        """Inference from the Workspace's own pod template (KAITO's ``inference.template``)."""
+        inference = self.spec.inference if self.spec is not None else None
+        return inference is not None and inference.template is not None
+
     def workspace(self) -> Workspace:
         """The Workspace the record deploys (raises pydantic's ``ValidationError`` on an apiVersion this
         service does not know)."""

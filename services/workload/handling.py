@@ -55,6 +55,7 @@ def target(record: Record, workspace: Workspace | None = None) -> Target:
         workspace=workspace,
         plan=record.plan if workspace is not None else None,
         job=record.job,
+        template=record.template,
     )
 
 
@@ -136,6 +137,10 @@ class Workloads:
                 with telemetry.span("tuning job submit", **{"kaito.workspace.key": record.ref.key}):
                     await self._backend.submit(target(submitting, workspace), sections)
                 logs.of(log, record.ref).info("gen %d: tuning job %s submitted", record.generation, job)
+            elif record.template:
+                submitting = deciding.deployed(record, job="", now=time.time())
+                with telemetry.span("template deploy", **{"kaito.workspace.key": record.ref.key}):
+                    await self._backend.deploy_template(target(submitting, workspace))
             else:
                 submitting = deciding.deployed(record, job="", now=time.time())
                 assert record.plan is not None

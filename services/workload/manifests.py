@@ -17,6 +17,7 @@ KubeRay refuses RayService / RayJob names longer than 47 characters or that are 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -430,6 +431,69 @@ def service(
             "type": "ClusterIP",
             "selector": selector,
             "ports": [{"name": "http", "port": 80, "targetPort": "serve", "protocol": "TCP"}],
+        },
+    }
+
+
+# -- inference from a custom pod template (as KAITO: a StatefulSet on the planned nodes) -------------
+
+TEMPLATE_PORT = 5000  # KAITO's inference port: the Service's target unless the template names a port
+
+
+def template_statefulset(
+    ref: WorkspaceRef, api_version: str, workspace: Workspace, plan: Plan, generation: int
+) -> dict[str, Any]:
+    """The user's pod template, run as KAITO runs it: one pod per planned node (a StatefulSet named
+    after the Workspace), pinned to the Workspace's nodes (its labelSelector, the GPU taint tolerated),
+    labelled as the Workspace's. Everything else in the template is the user's, as given."""
+    assert workspace.inference is not None and workspace.inference.template is not None
+    template = workspace.inference.template
+    pod_meta = copy.deepcopy(template.metadata)
+    pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **labels(ref)}
+    spec = copy.deepcopy(template.spec)
+    placement = _placement(workspace, plan.gpus_per_node)
+    spec["nodeSelector"] = {**(spec.get("nodeSelector") or {}), **placement.get("nodeSelector", {})}
+    if not spec["nodeSelector"]:
+        del spec["nodeSelector"]
+    if "affinity" in placement:  # the Workspace decides where it runs, as in KAITO
+        spec["affinity"] = placement["affinity"]
+    spec["tolerations"] = [*(spec.get("tolerations") or []), *placement.get("tolerations", [])]
+    if not spec["tolerations"]:
+        del spec["tolerations"]
+    name = object_name(ref.name, limit=63)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(ref, api_version, object_name(ref.name), generation),
+        "spec": {
+            "replicas": max(plan.nodes, 1),
+            "serviceName": name,
+            "selector": {"matchLabels": labels(ref)},
+            "template": {"metadata": pod_meta, "spec": spec},
+        },
+    }
+
+
+def template_port(workspace: Workspace) -> int | str:
+    """Where the template's server listens: its first container's first port, else KAITO's 5000."""
+    assert workspace.inference is not None and workspace.inference.template is not None
+    for container in workspace.inference.template.spec.get("containers") or []:
+        for port in container.get("ports") or []:
+            if "containerPort" in port:
+                return int(port["containerPort"])
+    return TEMPLATE_PORT
+
+
+def template_service(ref: WorkspaceRef, api_version: str, generation: int, port: int | str) -> dict[str, Any]:
+    """The Workspace's Service for a template: port 80 → the template's server, on its pods."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ref, api_version, object_name(ref.name, limit=63), generation),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels(ref),
+            "ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}],
         },
     }
 

@@ -25,6 +25,7 @@ class Target:
     workspace: Workspace | None = None  # present for deploy / submit
     plan: Plan | None = None
     job: str = ""  # the Ray job submission id of a tuning Workspace
+    template: bool = False  # inference from the Workspace's own pod template, not a preset
 
 
 class Backend(Protocol):
@@ -32,6 +33,11 @@ class Backend(Protocol):
 
     async def deploy(self, target: Target, config: dict[str, Any]) -> None:
         """Run (or roll to) this serving config; ``config`` names adapter pull Secrets by name."""
+        ...
+
+    async def deploy_template(self, target: Target) -> None:
+        """Run the Workspace's own pod template on its nodes, as KAITO does (``target.template``);
+        refused with a ``RenderError`` where the backend cannot run pods."""
         ...
 
     async def status(self, target: Target) -> tuple[State, str]:

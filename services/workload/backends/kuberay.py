@@ -41,6 +41,9 @@ from services.workload.manifests import (
     rayjob,
     rayservice,
     service,
+    template_port,
+    template_service,
+    template_statefulset,
     tuning_configmap,
     tuning_names,
 )
@@ -73,6 +76,7 @@ class KubeRay:
         self._host = host
         self._admin = admin  # None: no NetworkPolicy (a cluster whose network enforces none)
         self._net = kclient.NetworkingV1Api(api)
+        self._apps = kclient.AppsV1Api(api)
         self._tuning_nats = tuning_nats  # (user, password) of tuning jobs on the bus; None: no user
         self._custom = kclient.CustomObjectsApi(api)
         self._core = kclient.CoreV1Api(api)
@@ -99,12 +103,13 @@ class KubeRay:
                     GROUP, VERSION, meta["namespace"], PLURALS[kind], meta["name"], obj,
                     _preload_content=False, **common,
                 )  # fmt: skip
-            elif kind in ("Service", "ConfigMap", "NetworkPolicy", "Secret"):
+            elif kind in ("Service", "ConfigMap", "NetworkPolicy", "Secret", "StatefulSet"):
                 patch = {
                     "Service": self._core.patch_namespaced_service,
                     "ConfigMap": self._core.patch_namespaced_config_map,
                     "Secret": self._core.patch_namespaced_secret,
                     "NetworkPolicy": self._net.patch_namespaced_network_policy,
+                    "StatefulSet": self._apps.patch_namespaced_stateful_set,
                 }[kind]
                 response = await patch(meta["name"], meta["namespace"], obj, _preload_content=False, **common)
             else:
@@ -129,6 +134,9 @@ class KubeRay:
                     GROUP, VERSION, namespace, PLURALS[kind], name
                 )
                 return dict(obj)
+            if kind == "StatefulSet":
+                sts = await self._apps.read_namespaced_stateful_set(name, namespace)
+                return dict(self._api.sanitize_for_serialization(sts))
             svc = await self._core.read_namespaced_service(name, namespace)
             return dict(self._api.sanitize_for_serialization(svc))
         except ApiException as exc:
@@ -153,6 +161,8 @@ class KubeRay:
             found += [("Service", s.metadata.name) for s in services.items]
             maps = await self._core.list_namespaced_config_map(ns, label_selector=selector)
             found += [("ConfigMap", m.metadata.name) for m in maps.items]
+            sets = await self._apps.list_namespaced_stateful_set(ns, label_selector=selector)
+            found += [("StatefulSet", m.metadata.name) for m in sets.items]
             if self._admin is not None:
                 policies = await self._net.list_namespaced_network_policy(ns, label_selector=selector)
                 found += [("NetworkPolicy", n.metadata.name) for n in policies.items]
@@ -174,6 +184,8 @@ class KubeRay:
                 await self._net.delete_namespaced_network_policy(name, namespace, body=body)
             elif kind == "Secret":
                 await self._core.delete_namespaced_secret(name, namespace, body=body)
+            elif kind == "StatefulSet":
+                await self._apps.delete_namespaced_stateful_set(name, namespace, body=body)
             else:
                 await self._core.delete_namespaced_config_map(name, namespace, body=body)
         except ApiException as exc:
@@ -210,8 +222,22 @@ class KubeRay:
         await self.apply(service(ref, version, generation, cluster))
         logs.of(log, ref).info("gen %d: RayService %s applied", generation, rs["metadata"]["name"])
 
+    async def deploy_template(self, target: Target) -> None:
+        """KAITO's template inference: a StatefulSet of the template on the planned nodes, and the
+        Workspace's Service (port 80 → the template's port)."""
+        assert target.workspace is not None and target.plan is not None
+        ref, version, generation = target.ref, target.api_version, target.generation
+        sts = template_statefulset(ref, version, target.workspace, target.plan, generation)
+        # no NetworkPolicy: it fences Ray's dashboard, and would close the template's own port
+        await self.apply(sts)
+        await self.apply(template_service(ref, version, generation, template_port(target.workspace)))
+        logs.of(log, ref).info("gen %d: StatefulSet %s applied", generation, sts["metadata"]["name"])
+
     async def status(self, target: Target) -> tuple[State, str]:
         ref = target.ref
+        if target.template:
+            sts = await self._get("StatefulSet", ref.namespace, object_name(ref.name))
+            return ("absent", "") if sts is None else statefulset_state(sts, target.generation)
         obj = await self._get("RayService", ref.namespace, object_name(ref.name))
         if obj is None:
             return "absent", ""
@@ -330,6 +356,21 @@ def rayservice_state(obj: dict[str, Any], generation: int) -> tuple[State, str]:
         return "ready", ""
     states = ", ".join(f"{n} {a.get('status', '?')}" for n, a in active.items()) or "no application yet"
     return "pending", states
+
+
+def statefulset_state(obj: dict[str, Any], generation: int) -> tuple[State, str]:
+    """A template's StatefulSet for Workspace ``generation``: ready when the controller has seen its
+    spec and every replica of it is updated and ready (as KAITO reads it)."""
+    meta, status = obj.get("metadata", {}), obj.get("status") or {}
+    if meta.get("annotations", {}).get(GENERATION_ANNOTATION) != str(generation):
+        return "pending", "an earlier generation is applied"
+    if status.get("observedGeneration", 0) < meta.get("generation", 0):
+        return "pending", "the StatefulSet controller has not observed the latest spec"
+    want = int((obj.get("spec") or {}).get("replicas", 1))
+    ready, updated = int(status.get("readyReplicas") or 0), int(status.get("updatedReplicas") or 0)
+    if ready >= want and updated >= want:
+        return "ready", ""
+    return "pending", f"{ready} of {want} pod(s) ready"
 
 
 def rayjob_state(obj: dict[str, Any]) -> tuple[JobState, str]:

@@ -187,6 +187,13 @@ class LocalBackend:
         await self._ray.deploy(serve_application(target.ref, config, telemetry.forwarded_env("serving")))
         logs.of(log, target.ref).info("gen %d: %s deploying", target.generation, app_name(target.ref))
 
+    async def deploy_template(self, target: Target) -> None:
+        raise RenderError(
+            "UnsupportedWorkspace",
+            "inference.template runs the template's pods on the Workspace's nodes: that needs a cluster "
+            "(the kuberay backend); kaiten up serves presets",
+        )
+
     async def status(self, target: Target) -> tuple[State, str]:
         return await self._ray.status(app_name(target.ref))
 
