@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +37,10 @@ from shared.probes import Probes, Readiness
 from shared.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+# What a shutdown may take beyond the in-flight grace (leases released, NATS flushed and closed): the
+# process exits within shutdown_grace_s + STOP_EXTRA_S + telemetry.FLUSH_S (18 s by default, inside
+# Kubernetes' 30 s terminationGracePeriod), whatever step hangs.
+STOP_EXTRA_S = 5.0
 
 
 class Component(Protocol):
@@ -102,7 +106,10 @@ async def serve(service: str, settings: ServiceSettings, start: StartFn, *, need
         if probes is not None:
             probes.stop()
         if stop_tracing is not None:
-            stop_tracing()  # flushes the spans still batched
+            started = time.monotonic()
+            stop_tracing()  # flushes the spans still batched (bounded: telemetry.FLUSH_S)
+            if (took := time.monotonic() - started) >= _StopSteps.SLOW_S:
+                log.info("traces flushed in %.1fs", took)
 
 
 async def _serve(
@@ -138,15 +145,61 @@ async def _serve(
         code = await _supervise(components, stopping, watchdog)
     finally:
         watchdog.stopping()
-        for component in reversed(components):
-            with contextlib.suppress(Exception):
-                await component.stop(settings.shutdown_grace_s)
-        await watchdog.stop()
-        await close(nc)
-        if api is not None:
-            await api.close()
-        log.info("%s stopped", service)
+        log.info("%s stopping", service)
+        steps = _StopSteps()
+        deadline = settings.shutdown_grace_s + STOP_EXTRA_S
+        try:
+            await asyncio.wait_for(_stop(components, watchdog, nc, api, settings, steps), deadline)
+        except TimeoutError:  # a step that hangs must not keep the process past its bound
+            log.warning("%s: shutdown not done within %.0fs (at %s); exiting", service, deadline, steps.at)
+        log.info("%s stopped%s", service, steps.slow())
     return code
+
+
+async def _stop(
+    components: Sequence[Component],
+    watchdog: _Watchdog,
+    nc: Client,
+    api: kclient.ApiClient | None,
+    settings: ServiceSettings,
+    steps: _StopSteps,
+) -> None:
+    for component in reversed(components):
+        with steps.timed(component.name), contextlib.suppress(Exception):
+            await component.stop(settings.shutdown_grace_s)
+    with steps.timed("watchdog"):
+        await watchdog.stop()
+    with steps.timed("NATS"):
+        await close(nc)
+    if api is not None:
+        with steps.timed("apiserver client"):
+            await api.close()
+
+
+class _StopSteps:
+    """How long each step of a shutdown took. A slow step is logged as it ends, and named again in the
+    last line, so a service that outlives its grace (and is killed) still says where the time went."""
+
+    SLOW_S = 1.0
+
+    def __init__(self) -> None:
+        self._took: list[tuple[str, float]] = []
+        self.at = ""  # the step under way
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started, self.at = time.monotonic(), name
+        try:
+            yield
+        finally:
+            took = time.monotonic() - started
+            self._took.append((name, took))
+            if took >= self.SLOW_S:
+                log.warning("stopping %s took %.1fs", name, took)
+
+    def slow(self) -> str:
+        slow = [f"{name} {took:.1f}s" for name, took in self._took if took >= self.SLOW_S]
+        return f" (slow to stop: {', '.join(slow)})" if slow else ""
 
 
 class _Watchdog:

@@ -53,7 +53,11 @@ class ServiceSettings(BaseSettings):
         "namespace, name, uid, generation, the event id and the trace id when the record is about one).",
     )
     connect_timeout_s: float = Field(10.0, description="Seconds to reach NATS and the apiserver at start-up.")
-    shutdown_grace_s: float = Field(10.0, description="Seconds in-flight work gets after SIGTERM.")
+    shutdown_grace_s: float = Field(
+        10.0,
+        description="Seconds in-flight work gets after SIGTERM; the process exits within this + 8 s "
+        "(leases, NATS, the last traces), whatever step hangs.",
+    )
     replica_id: str = Field("", description="Logged with every line. Empty: hostname:pid.")
     probe_port: int | None = Field(
         None, description="Serve /healthz, /readyz and /metrics on this port (0: any free port). Unset: off."

@@ -31,7 +31,9 @@ from kaiten.local.procs import ManagedProcess, tail
 from kaiten.local.ray_head import RayHead, connect
 from shared.api.crd import CRD_PATH
 from shared.bus.streams import declare_stream
+from shared.lifecycle import STOP_EXTRA_S
 from shared.model_sources import ModelSource, resolve
+from shared.telemetry import FLUSH_S
 
 # Ray reads this when first imported: keep every Ray process of the tests on loopback.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -214,8 +216,11 @@ class Services:
         return "\n".join(f"--- {p.name}\n{tail(p.log_path, 200)}" for p in self.procs)
 
     def stop_all(self) -> list[str]:
-        """Stop every service; returns the names of those that ignored SIGTERM and had to be killed."""
-        return [proc.name for proc in self.procs if not proc.stop(timeout=10)]
+        """Stop every service; returns the names of those that ignored SIGTERM and had to be killed:
+        not out within the bound a service promises (shared.lifecycle: grace + STOP_EXTRA_S + the
+        trace flush; 18 s by default), plus 2 s."""
+        bound = 10.0 + STOP_EXTRA_S + FLUSH_S + 2
+        return [proc.name for proc in self.procs if not proc.stop(timeout=bound)]
 
 
 def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, str]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from kaiten import configuration
+from kaiten.local.nats_server import NatsServer
 from services.watcher.settings import WatcherSettings
 from tests.conftest import REPO
 
@@ -102,3 +106,52 @@ def test_every_log_line_names_the_replica_id(fmt: str, shown: str) -> None:
     )  # fmt: skip
     lines = [line for line in run.stderr.splitlines() if "shared.bus.connection" in line]  # NATS refused
     assert lines and all(shown in line for line in lines), run.stderr[-2000:]
+
+
+def test_a_slow_shutdown_step_is_named_as_it_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """A service killed for outliving its grace still says where the time went: each slow step is
+    logged when it ends, and the last line names them all."""
+    import time
+
+    from shared.lifecycle import _StopSteps
+
+    steps = _StopSteps()
+    steps.SLOW_S = 0.05
+    with caplog.at_level(logging.INFO, logger="shared.lifecycle"):
+        with steps.timed("consumer:workload"):
+            time.sleep(0.06)
+        with steps.timed("NATS"):
+            pass
+    assert [r.getMessage() for r in caplog.records] == ["stopping consumer:workload took 0.1s"]
+    assert steps.slow().startswith(" (slow to stop: consumer:workload 0.")
+
+
+def test_a_hung_shutdown_step_does_not_keep_the_process(nats_server: NatsServer) -> None:
+    """Issue 17 (found by a CI run: a service outlived its stop window, no log saying why): however a
+    step hangs, a stopping service exits within shutdown_grace_s + STOP_EXTRA_S, naming the step."""
+    from shared.lifecycle import STOP_EXTRA_S
+
+    env = {**os.environ, "KAITEN_NATS_URL": nats_server.url, "KAITEN_SHUTDOWN_GRACE_S": "1",
+           "KAITEN_LOG_FORMAT": "text"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "tests.apps.hanging"], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # until it says it is ready (or exits: the line is "")
+            seen.append(line)
+            if "hanging ready" in line:
+                break
+        assert proc.poll() is None, "".join(seen)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=1 + STOP_EXTRA_S + 10)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert took < 1 + STOP_EXTRA_S + 2, f"{took:.1f}s\n{err[-2000:]}"
+    assert "shutdown not done within 6s (at hangs); exiting" in err, err[-2000:]
+    assert "hanging stopped" in err
