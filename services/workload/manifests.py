@@ -423,6 +423,13 @@ def service(
     selector = {WORKSPACE_LABEL: label_value(ref.name), "ray.io/serve": "true"}
     if ray_cluster:
         selector["ray.io/cluster"] = ray_cluster
+    return _workspace_service(ref, api_version, generation, selector, "serve")
+
+
+def _workspace_service(
+    ref: WorkspaceRef, api_version: str, generation: int, selector: dict[str, str], port: int | str
+) -> dict[str, Any]:
+    """The Service named after the Workspace, as KAITO's: port 80 → ``port`` of the selected pods."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -430,7 +437,7 @@ def service(
         "spec": {
             "type": "ClusterIP",
             "selector": selector,
-            "ports": [{"name": "http", "port": 80, "targetPort": "serve", "protocol": "TCP"}],
+            "ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}],
         },
     }
 
@@ -486,16 +493,7 @@ def template_port(workspace: Workspace) -> int | str:
 
 def template_service(ref: WorkspaceRef, api_version: str, generation: int, port: int | str) -> dict[str, Any]:
     """The Workspace's Service for a template: port 80 → the template's server, on its pods."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(ref, api_version, object_name(ref.name, limit=63), generation),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": labels(ref),
-            "ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}],
-        },
-    }
+    return _workspace_service(ref, api_version, generation, labels(ref), port)
 
 
 @dataclass(frozen=True)
