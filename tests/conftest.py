@@ -33,6 +33,7 @@ from shared.api.crd import CRD_PATH
 from shared.bus.streams import declare_stream
 from shared.lifecycle import STOP_EXTRA_S
 from shared.model_sources import ModelSource, resolve
+from shared.settings import ServiceSettings
 from shared.telemetry import FLUSH_S
 
 # Ray reads this when first imported: keep every Ray process of the tests on loopback.
@@ -219,7 +220,8 @@ class Services:
         """Stop every service; returns the names of those that ignored SIGTERM and had to be killed:
         not out within the bound a service promises (shared.lifecycle: grace + STOP_EXTRA_S + the
         trace flush; 18 s by default), plus 2 s."""
-        bound = 10.0 + STOP_EXTRA_S + FLUSH_S + 2
+        grace = ServiceSettings.model_fields["shutdown_grace_s"].default
+        bound = grace + STOP_EXTRA_S + FLUSH_S + 2
         return [proc.name for proc in self.procs if not proc.stop(timeout=bound)]
 
 

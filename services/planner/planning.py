@@ -22,7 +22,14 @@ import msgspec
 from services.planner import sizing
 from shared.api.workspace import Workspace
 from shared.planning.catalog import GIB, Catalogs, GpuModel, Preset, Sku, cc_tuple
-from shared.planning.inventory import NodeShape, node_shape, selected, selector_query
+from shared.planning.inventory import (
+    GPU_PRODUCT,
+    INSTANCE_TYPE,
+    NodeShape,
+    node_shape,
+    selected,
+    selector_query,
+)
 from shared.planning.model import EngineArg, Memory, NodeInfo, Plan, Rejection, TuningPlan
 
 Result = Plan | Rejection
@@ -159,16 +166,41 @@ def _template(
         )
     count = workspace.resource.count
     gpu = None if sku.is_cpu else catalogs.gpu_models[sku.gpu]
-    return Plan(
-        mode="inference",
-        preset="",
-        model="",
+    return _template_plan(
         sku=sku.name,
         cloud=sku.cloud,
         gpu=gpu.name if gpu else "cpu",
         gpu_memory=sku.gpu_memory,
-        nodes=count,
+        count=count,
         gpus_per_node=sku.gpus,
+        cost_per_hour=round(sku.price_per_hour * count, 4),
+        explanation=f"custom template on {count} × {sku.name} as requested (no preset to size)",
+    )
+
+
+def _template_plan(
+    *,
+    sku: str,
+    cloud: str,
+    gpu: str,
+    gpu_memory: int,
+    count: int,
+    gpus_per_node: int,
+    cost_per_hour: float,
+    explanation: str,
+    byo_nodes: tuple[str, ...] = (),
+) -> Plan:
+    """A template's plan: ``count`` pods, one per node; nothing sized, no engine of ours."""
+    return Plan(
+        mode="inference",
+        preset="",
+        model="",
+        sku=sku,
+        cloud=cloud,
+        gpu=gpu,
+        gpu_memory=gpu_memory,
+        nodes=count,
+        gpus_per_node=gpus_per_node,
         tensor_parallel=1,
         pipeline_parallel=1,
         data_parallel=count,
@@ -179,8 +211,9 @@ def _template(
         engine_args={},
         disk_gib=64,
         memory=None,
-        cost_per_hour=round(sku.price_per_hour * count, 4),
-        explanation=f"custom template on {count} × {sku.name} as requested (no preset to size)",
+        cost_per_hour=cost_per_hour,
+        byo_nodes=byo_nodes,
+        explanation=explanation,
     )
 
 
@@ -203,27 +236,13 @@ def _template_on_existing_nodes(
         )
     nodes = ready[:count]  # preferredNodes first
     gpus = min(n.gpus for n in nodes)
-    product = nodes[0].labels.get("nvidia.com/gpu.product", "gpu") if gpus else "cpu"
-    return Plan(
-        mode="inference",
-        preset="",
-        model="",
-        sku=nodes[0].labels.get("node.kubernetes.io/instance-type", "") or f"node:{nodes[0].name}",
+    return _template_plan(
+        sku=nodes[0].labels.get(INSTANCE_TYPE, "") or f"node:{nodes[0].name}",
         cloud="byo",
-        gpu=product,
+        gpu=nodes[0].labels.get(GPU_PRODUCT, "gpu") if gpus else "cpu",
         gpu_memory=0,
-        nodes=count,
+        count=count,
         gpus_per_node=gpus,
-        tensor_parallel=1,
-        pipeline_parallel=1,
-        data_parallel=count,
-        dtype="",
-        quantization=None,
-        max_model_len=0,
-        engine="template",
-        engine_args={},
-        disk_gib=64,
-        memory=None,
         cost_per_hour=0.0,
         byo_nodes=tuple(n.name for n in nodes),
         explanation=f"custom template on {count} existing node(s): {', '.join(n.name for n in nodes)}",

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from services.watcher.settings import WatcherSettings
 from services.watcher.status.writing import StatusWriter
-from services.watcher.watching import PublishedStore, WorkspaceWatcher
+from services.watcher.watching import WorkspaceWatcher, open_store
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
 from shared.kube.workspaces import Workspaces
@@ -34,7 +34,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     watcher = WorkspaceWatcher(
         workspaces=workspaces,
         publisher=runtime.publisher,
-        store=await PublishedStore.open(runtime.js),
+        store=await open_store(runtime.js),
         settings=settings,
     )
     writer = StatusWriter(workspaces=workspaces, cleanup_owners=settings.cleanup_owners)

@@ -8,16 +8,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 from typing import Any, get_args
 
 from kubernetes_asyncio.client.exceptions import ApiException
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from services.watcher.deciding import Action, Published, decide
@@ -26,8 +22,8 @@ from shared import logs, telemetry
 from shared.api.crd import FINALIZER
 from shared.api.workspace import WorkspaceSpec, WorkspaceState, spec_of
 from shared.bus.backoff import delay_for
+from shared.bus.kvstore import KvStore
 from shared.bus.publishing import Publisher
-from shared.bus.streams import key_value
 from shared.errors import InvalidInput
 from shared.events import ConditionReported, WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
 from shared.kube.errors import classify
@@ -51,32 +47,11 @@ def typed_spec(obj: dict[str, Any]) -> WorkspaceSpec:
         raise InvalidInput(f"spec cannot be read: {where}: {first['msg']}", reason="InvalidSpec") from exc
 
 
-class PublishedStore:
-    """Per-uid memory of what was published, in NATS KV so restarts and replicas share it."""
+PublishedStore = KvStore[Published]  # per uid: what was published, shared by restarts and replicas
 
-    def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
 
-    @classmethod
-    async def open(cls, js: JetStreamContext) -> PublishedStore:
-        return cls(await key_value(js, PUBLISHED_BUCKET))
-
-    async def get(self, uid: str) -> Published:
-        try:
-            entry = await self._kv.get(uid)
-        except KeyNotFoundError:
-            return Published()
-        data = json.loads(entry.value or b"{}")
-        return Published(generation=int(data.get("generation", 0)), deleting=bool(data.get("deleting")))
-
-    async def put(self, uid: str, published: Published) -> None:
-        await self._kv.put(
-            uid, json.dumps({"generation": published.generation, "deleting": published.deleting}).encode()
-        )
-
-    async def forget(self, uid: str) -> None:
-        with contextlib.suppress(KeyNotFoundError):
-            await self._kv.purge(uid)
+async def open_store(js: JetStreamContext) -> PublishedStore:
+    return await KvStore.open(js, PUBLISHED_BUCKET, Published)
 
 
 def span_attributes(obj: dict[str, Any]) -> dict[str, str | int]:
@@ -202,8 +177,8 @@ class WorkspaceWatcher:
             return
         if kind == "DELETED":
             self.census.gone(obj["metadata"]["uid"])
-            await self._store.forget(obj["metadata"]["uid"])
-            log.info("[%s/%s] gone", obj["metadata"].get("namespace"), obj["metadata"].get("name"))
+            await self._store.purge(obj["metadata"]["uid"])
+            logs.of(log, ref_of(obj)).info("gone")
             return
         self.census.seen(obj)
         await self._isolated(obj)
@@ -243,7 +218,7 @@ class WorkspaceWatcher:
 
     async def reconcile(self, obj: dict[str, Any]) -> None:
         ref = ref_of(obj)
-        published = await self._store.get(ref.uid)
+        published = await self._store.get(ref.uid) or Published()
         for action in decide(obj, published):
             if action is Action.ADD_FINALIZER:
                 await self._add_finalizer(obj)

@@ -129,20 +129,18 @@ class Workloads:
         """Hand the record's generation to the backend; a refusal (an invalid spec, a config the
         apiserver will not take) fails the generation, with the reason."""
         job = job_id(record.ref, record.generation) if record.tuning else ""
+        submitting = deciding.deployed(record, job=job, now=time.time())  # what is stored once it took
         try:
             workspace = record.workspace()
             if workspace.tuning is not None:
                 sections = kaito_sections(await self._configmap(record.ref, workspace.tuning.config))
-                submitting = deciding.deployed(record, job=job, now=time.time())
                 with telemetry.span("tuning job submit", **{"kaito.workspace.key": record.ref.key}):
                     await self._backend.submit(target(submitting, workspace), sections)
                 logs.of(log, record.ref).info("gen %d: tuning job %s submitted", record.generation, job)
             elif record.template:
-                submitting = deciding.deployed(record, job="", now=time.time())
                 with telemetry.span("template deploy", **{"kaito.workspace.key": record.ref.key}):
                     await self._backend.deploy_template(target(submitting, workspace))
             else:
-                submitting = deciding.deployed(record, job="", now=time.time())
                 assert record.plan is not None
                 with telemetry.span("ray deploy", **{"kaito.workspace.key": record.ref.key}):
                     config = serving_config(workspace, record.plan)
