@@ -148,10 +148,11 @@ def test_every_kaiten_pod_is_ready_through_its_probes(release: Release) -> None:
 CAN = {
     "watcher": ["watch workspaces.kaito.sh -A", "patch workspaces.kaito.sh/status -n default",
                 "create events -n default"],
-    "planner": ["list nodes"],
+    "planner": ["list nodes", "get configmaps -n default"],
     "provisioner": ["list nodes"],
     "workload": ["create rayservices.ray.io -n default", "patch services -n default",
-                 "delete configmaps -n default", "create rayjobs.ray.io -n default",
+                 "delete configmaps -n default", "get configmaps -n default",
+                 "create rayjobs.ray.io -n default",
                  "patch networkpolicies.networking.k8s.io -n default", "create secrets -n default",
                  "create statefulsets.apps -n default"],
 }  # fmt: skip

@@ -218,6 +218,41 @@ async def test_spec_change_replans_label_change_does_not(
     assert obj["status"]["plan"]["observedGeneration"] == 2
 
 
+async def test_inference_config_map_is_read_and_checked_as_kaito_does(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """KAITO's ``inference.config``: the ConfigMap's vLLM arguments reach the plan; a missing one is
+    refused in status with KAITO's message."""
+    await start(services)
+    params = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "params"},
+        "data": {"inference_config.yaml": "vllm:\n  cpu-offload-gb: 0\n  max-model-len: 2048\n"},
+    }
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(params), check=True)
+    for name, config in (("withparams", "params"), ("noparams", "absent")):
+        doc = json.loads(manifest(name, "phi-3-mini-4k-instruct"))
+        doc["inference"]["config"] = config
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc), check=True)
+    kubectl.run(
+        "wait", "-n", namespace, "--for=jsonpath={.status.targetNodeCount}=1", "workspace/withparams",
+        "--timeout=20s", check=True,
+    )  # fmt: skip
+    events = await plan_events(nc, namespace, "withparams")
+    (resolved,) = [e for e in events if isinstance(e, ev.PlanResolved)]
+    assert resolved.plan.engine_args["cpu-offload-gb"] == 0
+    assert resolved.plan.engine_args["max-model-len"] == resolved.plan.max_model_len == 2048
+    assert "inference.config params" in resolved.plan.explanation
+    kubectl.run(
+        "wait", "-n", namespace, "--for=condition=ResourceReady=False", "workspace/noparams",
+        "--timeout=20s", check=True,
+    )  # fmt: skip
+    cond = condition(kubectl.json("get", "workspace", "noparams", "-n", namespace), "ResourceReady")
+    assert cond["reason"] == "InvalidInferenceConfig", cond
+    assert f"ConfigMap 'absent' specified in 'config' not found in namespace '{namespace}'" in cond["message"]
+
+
 def gpu_node(name: str, selector: str, ready: bool = True) -> tuple[str, str]:
     node = {
         "apiVersion": "v1",

@@ -10,6 +10,8 @@ from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from services.planner import inference_config
+from services.planner.inference_config import InferenceConfig
 from services.planner.planning import PlanOptions, plan, uses_existing_nodes
 from services.planner.store import PlanStore, StoredPlan
 from shared import events as ev
@@ -21,7 +23,7 @@ from shared.errors import InvalidInput
 from shared.kube.errors import classify
 from shared.planning.catalog import Catalogs
 from shared.planning.inventory import selector_query
-from shared.planning.model import NodeInfo, Plan
+from shared.planning.model import NodeInfo, Plan, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,12 @@ class Planner:
         inventory = (
             await self._inventory(workspace, ref) if uses_existing_nodes(workspace, self._options) else []
         )
-        result = plan(workspace, self._catalogs, inventory, self._options)
+        config = await self._inference_config(workspace, ref)
+        result = (
+            config
+            if isinstance(config, Rejection)
+            else plan(workspace, self._catalogs, inventory, self._options, config)
+        )
         common: dict[str, Any] = {
             "workspace": ref,
             "generation": event.generation,
@@ -109,6 +116,26 @@ class Planner:
             return Workspace.of(event.spec, api_version=event.api_version, metadata=metadata)
         except ValidationError as exc:  # only an apiVersion this planner does not know
             raise InvalidInput(f"cannot be planned: {exc.errors()[0]['msg']}", reason="InvalidSpec") from exc
+
+    async def _inference_config(
+        self, workspace: Workspace, ref: ev.WorkspaceRef
+    ) -> InferenceConfig | Rejection | None:
+        """The ConfigMap named by ``inference.config``, read each time the Workspace is planned."""
+        name = workspace.inference.config if workspace.inference is not None else None
+        if not name:
+            return None
+        if self._core is None:
+            return Rejection(
+                reason=inference_config.REASON,
+                message=f"inference.config {name}: this planner runs without a Kubernetes API to read it",
+            )
+        try:
+            found = await self._core.read_namespaced_config_map(name, ref.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise classify(exc, f"[{ref.key}] read ConfigMap {name}") from exc
+            return inference_config.parse(name, ref.namespace, None)
+        return inference_config.parse(name, ref.namespace, dict(found.data or {}))
 
     async def _inventory(self, workspace: Workspace, ref: ev.WorkspaceRef) -> list[NodeInfo]:
         if self._core is None or self._api is None:

@@ -9,6 +9,7 @@
      ``auto_max_nodes``), naming the cheaper SKUs that did not fit and why.
 3. Size it (:mod:`services.planner.sizing`): node count, parallelism, dtype, max model length, engine
    arguments, disk, and a one-line explanation with the numbers.
+4. Apply the Workspace's ``inference.config`` vLLM arguments over the planned ones, as KAITO does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 import msgspec
 
-from services.planner import sizing
+from services.planner import inference_config, sizing
+from services.planner.inference_config import InferenceConfig
 from shared.api.workspace import Workspace
 from shared.planning.catalog import GIB, Catalogs, GpuModel, Preset, Sku, cc_tuple
 from shared.planning.inventory import (
@@ -61,6 +63,23 @@ def plan(
     catalogs: Catalogs,
     inventory: Sequence[NodeInfo] = (),
     options: PlanOptions = PlanOptions(),
+    config: InferenceConfig | None = None,
+) -> Result:
+    """The plan; ``config`` is the Workspace's ``inference.config`` as read (its vLLM arguments go
+    over the planned ones: :mod:`services.planner.inference_config`)."""
+    result = _plan(workspace, catalogs, inventory, options)
+    if config is None or not isinstance(result, Plan) or result.engine == "template":
+        return result
+    preset = catalogs.resolve_preset(result.preset)
+    assert preset is not None  # the plan was made from it
+    return inference_config.apply(result, config, preset.context_limit)
+
+
+def _plan(
+    workspace: Workspace,
+    catalogs: Catalogs,
+    inventory: Sequence[NodeInfo],
+    options: PlanOptions,
 ) -> Result:
     section = workspace.tuning if workspace.tuning is not None else workspace.inference
     if section is None:
