@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
-from services.provisioner.providers.aks import POOL_LABEL, pool_name
+from services.provisioner.providers.aks import POOL_LABEL, pool_body, pool_name
+from services.provisioner.providers.base import NodeRequest, node_image_family
 from shared import events as ev
 from tests.arm_server import GPUS, ArmServer
 from tests.conftest import Kubectl, Services, http_get, until
@@ -128,6 +129,26 @@ def pool_of(namespace: str, name: str, uid: str) -> str:
 def no_secret_anywhere(services: Services, kubectl: Kubectl, namespace: str) -> None:
     assert SECRET not in services.logs()
     assert SECRET not in kubectl.run("get", "workspace,events", "-n", namespace, "-o", "yaml").stdout
+
+
+@pytest.mark.parametrize(
+    ("annotation", "os_sku"),
+    [(" AzureLinux ", "AzureLinux"), ("ubuntu", "Ubuntu"), ("windows", None), (None, None)],
+)
+def test_kaitos_node_image_family_annotation_picks_the_pools_os_sku(
+    annotation: str | None, os_sku: str | None
+) -> None:
+    """KAITO's ``kaito.sh/node-image-family``, normalised as KAITO does (case, spaces); a value KAITO
+    does not know is ignored, as its NodeClaim code ignores it; unset leaves AKS's default."""
+    annotations = {} if annotation is None else {"kaito.sh/node-image-family": annotation}
+    request = NodeRequest(
+        workspace=ev.WorkspaceRef(namespace="ns", name="ws", uid="u-1"),
+        generation=1,
+        instance_type="Standard_NC12s_v3",
+        count=1,
+        image_family=node_image_family(annotations),
+    )
+    assert pool_body(request).as_dict()["properties"].get("osSKU") == os_sku
 
 
 async def test_pool_created_resized_deleted(

@@ -74,6 +74,7 @@ async def test_nodeclaims_created_resized_and_deleted(
     for _ in range(2):  # two replicas: still one claim per node
         await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)
     ws = json.loads(manifest("nc", "phi-3-mini-4k-instruct", "Standard_NC12s_v3", count=2))
+    ws["metadata"]["annotations"] = {"kaito.sh/node-image-family": "AzureLinux"}  # KAITO's; normalised
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
     uid = kubectl.json("get", "workspace", "nc", "-n", namespace)["metadata"]["uid"]
     created: list[dict[str, Any]] = []
@@ -103,6 +104,7 @@ async def test_nodeclaims_created_resized_and_deleted(
         "name": "default",
     }
     assert first["metadata"]["labels"]["apps"] == "nc"  # the labelSelector's labels reach the node
+    assert first["metadata"]["annotations"]["kaito.sh/node-image-family"] == "azurelinux"
 
     # Karpenter cannot launch one yet: the reason is in the Workspace's conditions
     stuck = created[1]["metadata"]["name"]

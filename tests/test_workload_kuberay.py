@@ -29,11 +29,15 @@ from services.workload.backends.base import Target
 from services.workload.backends.kuberay import KubeRay, rayjob_state, rayservice_state, statefulset_state
 from services.workload.manifests import (
     API_KEY_ANNOTATION,
+    ENABLE_LB_ANNOTATION,
     GPU_TOLERATION,
     MAX_RAY_NAME,
     PULL_SECRETS_PATH,
     PUSH_SECRET_PATH,
     WORKSPACE_LABEL,
+    AdminPeers,
+    load_balanced,
+    network_policy,
     object_name,
     rayjob,
     rayservice,
@@ -167,6 +171,27 @@ def test_inference_seed_serves_the_plans_config_behind_a_port_80_service() -> No
     assert {"name": "serve", "containerPort": 8000} in head["ports"]
     assert svc["metadata"]["name"] == ref.name  # `curl http://<workspace>/chat`
     assert svc["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "serve", "protocol": "TCP"}]
+
+
+def test_kaitos_enablelb_annotation_makes_a_load_balancer_open_to_serve_traffic_only() -> None:
+    """KAITO: ``kaito.sh/enablelb: "True"`` (exactly) → a LoadBalancer Service. The Workspace's
+    NetworkPolicy then admits the Serve port from anywhere; the dashboard stays fenced."""
+    workspace, _ = seed("workspace-phi-3-mini.yaml")
+    ref = ref_of(workspace)
+    admin = AdminPeers(namespace="kaiten-system")
+    for value, expected in (("True", True), ("true", False), ("yes", False), (None, False)):
+        annotated = workspace.model_copy(deep=True)
+        if value is not None:
+            annotated.metadata.annotations[ENABLE_LB_ANNOTATION] = value
+        assert load_balanced(annotated) is expected, value
+    svc = service(ref, "kaito.sh/v1alpha1", 1, load_balancer=True)
+    assert svc["spec"]["type"] == "LoadBalancer"
+    assert service(ref, "kaito.sh/v1alpha1", 1)["spec"]["type"] == "ClusterIP"
+    closed = network_policy(ref, "kaito.sh/v1alpha1", 1, admin)["spec"]["ingress"]
+    public = network_policy(ref, "kaito.sh/v1alpha1", 1, admin, public_serve=True)["spec"]["ingress"]
+    assert public[0] == {"ports": [{"port": "serve", "protocol": "TCP"}]}  # no "from": any source
+    assert public[1:] == closed and all("from" in rule for rule in closed)
+    assert {"port": "dashboard", "protocol": "TCP"} in closed[1]["ports"]
 
 
 def test_tuning_seed_mounts_the_push_secret_and_never_copies_it() -> None:
@@ -466,7 +491,7 @@ async def test_kuberay_backend_end_to_end(
         replicas = [await services.start_ready("services.workload", **workload) for _ in range(2)]
         ws = json.loads(manifest("phi", "phi-3-mini-4k-instruct", None))
         ws["resource"]["labelSelector"]["matchLabels"] = {"apps": selector}
-        ws["metadata"]["annotations"] = {API_KEY_ANNOTATION: "chat-key"}
+        ws["metadata"]["annotations"] = {API_KEY_ANNOTATION: "chat-key", ENABLE_LB_ANNOTATION: "True"}
         kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
         uid = kubectl.json("get", "workspace", "phi", "-n", namespace)["metadata"]["uid"]
 
@@ -501,6 +526,7 @@ async def test_kuberay_backend_end_to_end(
         assert ready.endpoint == f"http://phi.{namespace}.svc"
         svc = kubectl.json("get", "service", "phi", "-n", namespace)
         assert svc["spec"]["selector"]["ray.io/cluster"] == "phi-x7k2p"
+        assert svc["spec"]["type"] == "LoadBalancer"  # KAITO's kaito.sh/enablelb: "True"
         assert len(rayservices()) == 1  # two replicas, one RayService
 
         kubectl.run("delete", "-n", namespace, "workspace/phi", "--timeout=60s", check=True)

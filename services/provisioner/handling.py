@@ -30,7 +30,13 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from services.provisioner import deciding
 from services.provisioner.deciding import OWNER, Outcome
-from services.provisioner.providers.base import NodeRequest, Progress, Provider, ProviderError
+from services.provisioner.providers.base import (
+    NodeRequest,
+    Progress,
+    Provider,
+    ProviderError,
+    node_image_family,
+)
 from services.provisioner.store import NodeStore, Phase, StoredNodes
 from shared import events as ev
 from shared import failpoints, logs, telemetry
@@ -62,6 +68,7 @@ def request_from_plan(event: ev.PlanResolved) -> NodeRequest:
         selector=resource.label_selector.model_dump(by_alias=True, exclude_defaults=True),
         preferred_nodes=tuple(resource.preferred_nodes),
         byo_nodes=plan.byo_nodes,
+        image_family=node_image_family(event.annotations),
     )
 
 

@@ -45,6 +45,9 @@ REPLICA_METRICS_PORT = 8001  # each serving replica's own /metrics (a scrape thr
 API_KEY_ANNOTATION = "kaiten.sh/api-key-secret"
 API_KEY_ENV = "KAITEN_API_KEY"  # services.serving.auth reads it (a test checks the two agree)
 API_KEY_SECRET_KEY = "api-key"  # noqa: S105 (the name of a key in the Secret, not a secret)
+# KAITO's "kaito.sh/enablelb": "True" (exactly) makes the Workspace's Service a LoadBalancer, and the
+# Serve port then takes traffic from outside the namespace too (network_policy).
+ENABLE_LB_ANNOTATION = "kaito.sh/enablelb"
 CACHE_PATH = "/var/cache/kaiten"
 CONFIG_PATH = "/etc/kaiten/tuning"
 PUSH_SECRET_PATH = "/var/run/kaiten/push"  # noqa: S105  (a mount path, not a secret)
@@ -414,8 +417,18 @@ def rayservice(
     }
 
 
+def load_balanced(workspace: Workspace) -> bool:
+    """KAITO's rule: the annotation ``kaito.sh/enablelb`` is ``"True"``."""
+    return workspace.metadata.annotations.get(ENABLE_LB_ANNOTATION) == "True"
+
+
 def service(
-    ref: WorkspaceRef, api_version: str, generation: int, ray_cluster: str | None = None
+    ref: WorkspaceRef,
+    api_version: str,
+    generation: int,
+    ray_cluster: str | None = None,
+    *,
+    load_balancer: bool = False,
 ) -> dict[str, Any]:
     """The Workspace's own Service: port 80 → Serve. Until KubeRay names the active Ray cluster it
     selects the Workspace's Ray pods whose Serve proxy is up; then that cluster's only, so traffic never
@@ -423,11 +436,16 @@ def service(
     selector = {WORKSPACE_LABEL: label_value(ref.name), "ray.io/serve": "true"}
     if ray_cluster:
         selector["ray.io/cluster"] = ray_cluster
-    return _workspace_service(ref, api_version, generation, selector, "serve")
+    return _workspace_service(ref, api_version, generation, selector, "serve", load_balancer)
 
 
 def _workspace_service(
-    ref: WorkspaceRef, api_version: str, generation: int, selector: dict[str, str], port: int | str
+    ref: WorkspaceRef,
+    api_version: str,
+    generation: int,
+    selector: dict[str, str],
+    port: int | str,
+    load_balancer: bool,
 ) -> dict[str, Any]:
     """The Service named after the Workspace, as KAITO's: port 80 → ``port`` of the selected pods."""
     return {
@@ -435,7 +453,7 @@ def _workspace_service(
         "kind": "Service",
         "metadata": _metadata(ref, api_version, object_name(ref.name, limit=63), generation),
         "spec": {
-            "type": "ClusterIP",
+            "type": "LoadBalancer" if load_balancer else "ClusterIP",
             "selector": selector,
             "ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": "TCP"}],
         },
@@ -491,9 +509,11 @@ def template_port(workspace: Workspace) -> int | str:
     return TEMPLATE_PORT
 
 
-def template_service(ref: WorkspaceRef, api_version: str, generation: int, port: int | str) -> dict[str, Any]:
+def template_service(
+    ref: WorkspaceRef, api_version: str, generation: int, port: int | str, *, load_balancer: bool = False
+) -> dict[str, Any]:
     """The Workspace's Service for a template: port 80 → the template's server, on its pods."""
-    return _workspace_service(ref, api_version, generation, labels(ref), port)
+    return _workspace_service(ref, api_version, generation, labels(ref), port, load_balancer)
 
 
 @dataclass(frozen=True)
@@ -519,10 +539,13 @@ class AdminPeers:
         return peers
 
 
-def network_policy(ref: WorkspaceRef, api_version: str, generation: int, admin: AdminPeers) -> dict[str, Any]:
+def network_policy(
+    ref: WorkspaceRef, api_version: str, generation: int, admin: AdminPeers, *, public_serve: bool = False
+) -> dict[str, Any]:
     """Ingress to the Workspace's Ray pods: Serve and the replicas' metrics from any pod of the
-    namespace; the dashboard (job submission is code execution), the GCS and the Ray client port only
-    from ``admin``; anything between the Workspace's own Ray pods (workers and head use many ports).
+    namespace (Serve from anywhere when ``public_serve``: the Workspace asked for a load balancer);
+    the dashboard (job submission is code execution), the GCS and the Ray client port only from
+    ``admin``; anything between the Workspace's own Ray pods (workers and head use many ports).
     Named ports, so the same policy fits the pod network's fixed ports and the host network's chosen
     ones."""
     own = {
@@ -538,6 +561,7 @@ def network_policy(ref: WorkspaceRef, api_version: str, generation: int, admin: 
             **own,
             "policyTypes": ["Ingress"],
             "ingress": [
+                *([{"ports": [{"port": "serve", "protocol": "TCP"}]}] if public_serve else []),
                 {
                     "from": [{"podSelector": {}}],
                     "ports": [{"port": p, "protocol": "TCP"} for p in ("serve", "replica-metrics")],

@@ -57,6 +57,9 @@ PERMANENT = {
 }
 
 
+OS_SKUS = {"ubuntu": "Ubuntu", "azurelinux": "AzureLinux"}  # node image family → the pool's osSKU
+
+
 def pool_name(workspace: WorkspaceRef) -> str:
     return "ws" + short_id(workspace, 10)
 
@@ -80,6 +83,8 @@ def pool_body(request: NodeRequest) -> Any:
     }
     if request.gpus_per_node:
         body["node_taints"] = [f"{GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}"]
+    if request.image_family:  # KAITO's kaito.sh/node-image-family; unset: AKS's default (Ubuntu)
+        body["os_sku"] = OS_SKUS[request.image_family]
     return AgentPool(**body)
 
 

@@ -18,6 +18,16 @@ from shared.events import WorkspaceRef
 WORKSPACE_LABEL = "kaito.sh/workspace"
 WORKSPACE_NAMESPACE_LABEL = "kaito.sh/workspacenamespace"
 GPU_TAINT = {"key": "sku", "value": "gpu", "effect": "NoSchedule"}
+# KAITO's annotation for the nodes' OS image: "ubuntu" or "azurelinux" (any case, spaces trimmed).
+NODE_IMAGE_FAMILY_ANNOTATION = "kaito.sh/node-image-family"
+NODE_IMAGE_FAMILIES = ("ubuntu", "azurelinux")
+
+
+def node_image_family(annotations: dict[str, str]) -> str:
+    """The Workspace's node image family, normalised as KAITO does; "" when unset or not one KAITO
+    knows (KAITO's webhook refuses those; without it, KAITO's NodeClaim code ignores them, as here)."""
+    value = annotations.get(NODE_IMAGE_FAMILY_ANNOTATION, "").strip().lower()
+    return value if value in NODE_IMAGE_FAMILIES else ""
 
 
 class NodeRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +43,7 @@ class NodeRequest(msgspec.Struct, frozen=True, kw_only=True):
     preferred_nodes: tuple[str, ...] = ()
     byo_nodes: tuple[str, ...] = ()  # nodes the planner found suitable, preferred first
     gpu_memory: int = 0  # bytes per GPU the plan needs a node to have (bring-your-own checks)
+    image_family: str = ""  # "ubuntu" | "azurelinux" | "" (the provider's default): node_image_family
 
     @property
     def node_labels(self) -> dict[str, str]:

@@ -15,7 +15,14 @@ from typing import Any
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from services.provisioner.providers.base import GPU_TAINT, NodeRequest, Progress, ProviderError, short_id
+from services.provisioner.providers.base import (
+    GPU_TAINT,
+    NODE_IMAGE_FAMILY_ANNOTATION,
+    NodeRequest,
+    Progress,
+    ProviderError,
+    short_id,
+)
 from shared.events import WorkspaceRef
 from shared.kube.errors import classify
 
@@ -40,19 +47,17 @@ def claim_body(request: NodeRequest, name: str, node_class: dict[str, str]) -> d
     if request.gpus_per_node:
         spec["resources"] = {"requests": {"nvidia.com/gpu": str(request.gpus_per_node)}}
         spec["taints"] = [dict(GPU_TAINT)]
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "NodeClaim",
-        "metadata": {
-            "name": name,
-            "labels": {
-                **request.node_labels,
-                ID_LABEL: short_id(request.workspace),
-                INSTANCE_TYPE: request.instance_type,
-            },
+    metadata: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            **request.node_labels,
+            ID_LABEL: short_id(request.workspace),
+            INSTANCE_TYPE: request.instance_type,
         },
-        "spec": spec,
     }
+    if request.image_family:  # as KAITO puts it on its claims, for the NodeClass's provider to read
+        metadata["annotations"] = {NODE_IMAGE_FAMILY_ANNOTATION: request.image_family}
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeClaim", "metadata": metadata, "spec": spec}
 
 
 def _condition(claim: dict[str, Any], type_: str) -> dict[str, Any]:

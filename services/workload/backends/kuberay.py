@@ -34,6 +34,7 @@ from services.workload.manifests import (
     inputs_secret,
     inputs_secret_name,
     label_value,
+    load_balanced,
     nats_secret,
     nats_secret_name,
     network_policy,
@@ -195,7 +196,12 @@ class KubeRay:
     async def _fence(self, target: Target) -> None:
         """The Workspace's NetworkPolicy, before its Ray pods exist."""
         if self._admin is not None:
-            await self.apply(network_policy(target.ref, target.api_version, target.generation, self._admin))
+            public = target.workspace is not None and load_balanced(target.workspace)
+            await self.apply(
+                network_policy(
+                    target.ref, target.api_version, target.generation, self._admin, public_serve=public
+                )
+            )
 
     # -- inference ------------------------------------------------------------------------------------
 
@@ -219,7 +225,9 @@ class KubeRay:
         cluster = (current or {}).get("spec", {}).get("selector", {}).get("ray.io/cluster")
         await self._fence(target)
         await self.apply(rs)
-        await self.apply(service(ref, version, generation, cluster))
+        await self.apply(
+            service(ref, version, generation, cluster, load_balancer=load_balanced(target.workspace))
+        )
         logs.of(log, ref).info("gen %d: RayService %s applied", generation, rs["metadata"]["name"])
 
     async def deploy_template(self, target: Target) -> None:
@@ -230,7 +238,9 @@ class KubeRay:
         sts = template_statefulset(ref, version, target.workspace, target.plan, generation)
         # no NetworkPolicy: it fences Ray's dashboard, and would close the template's own port
         await self.apply(sts)
-        await self.apply(template_service(ref, version, generation, template_port(target.workspace)))
+        port = template_port(target.workspace)
+        lb = load_balanced(target.workspace)
+        await self.apply(template_service(ref, version, generation, port, load_balancer=lb))
         logs.of(log, ref).info("gen %d: StatefulSet %s applied", generation, sts["metadata"]["name"])
 
     async def status(self, target: Target) -> tuple[State, str]:
@@ -246,7 +256,12 @@ class KubeRay:
         if cluster:  # keep the Workspace's Service on the cluster KubeRay routes to
             svc = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
             if svc is None or svc.get("spec", {}).get("selector", {}).get("ray.io/cluster") != cluster:
-                await self.apply(service(ref, target.api_version, target.generation, cluster))
+                # the type deploy gave it (kaito.sh/enablelb) stays: a status pass may lack the spec
+                lb = (svc or {}).get("spec", {}).get("type") == "LoadBalancer" or (
+                    target.workspace is not None and load_balanced(target.workspace)
+                )
+                routed = service(ref, target.api_version, target.generation, cluster, load_balancer=lb)
+                await self.apply(routed)
                 logs.of(log, ref).info("Service now routes to Ray cluster %s", cluster)
         return state, message
 
