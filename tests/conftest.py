@@ -30,6 +30,7 @@ from kaiten.local.node import KUBELET_SYSCTLS, LocalCluster
 from kaiten.local.procs import ManagedProcess, tail
 from kaiten.local.ray_head import RayHead, connect
 from shared.api.crd import CRD_PATH
+from shared.api.policy import POLICY_PATH
 from shared.bus.streams import declare_stream
 from shared.lifecycle import STOP_EXTRA_S
 from shared.model_sources import ModelSource, resolve
@@ -84,7 +85,7 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
     cp = ControlPlane(tmp_path_factory.mktemp("controlplane")).start()
     try:
         kubectl = Kubectl(cp.kubeconfig)
-        kubectl.run("apply", "-f", str(CRD_PATH), check=True)
+        kubectl.run("apply", "-f", str(CRD_PATH), "-f", str(POLICY_PATH), check=True)
         kubectl.wait_established("workspaces.kaito.sh")
         yield cp
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from shared.api.crd import (
     render,
     workspace_schema,
 )
+from shared.api.policy import CHART_POLICY_PATH, POLICY_PATH
+from shared.api.policy import render as render_policy
 from shared.api.workspace import Workspace, WorkspaceV1Alpha1, WorkspaceV1Beta1
 from tests.conftest import SEEDS, Kubectl
 
@@ -112,6 +115,11 @@ INVALID: list[tuple[str, Obj, str]] = [
         "empty-label-selector",
         edit(inference_ws, setv("resource.labelSelector", {})),
         "labelSelector must select something",
+    ),
+    (
+        "selector-of-reserved-labels-only",  # KAITO's rule: they are ignored, so it would select nothing
+        edit(inference_ws, setv("resource.labelSelector.matchLabels", {"kaito.sh/workspace": "other"})),
+        "matchLabels must contain at least one non-reserved label",
     ),
     (
         "selector-in-without-values",
@@ -498,6 +506,56 @@ def test_seed_manifests_apply_unchanged_and_show_seed_columns(kubectl: Kubectl, 
             WorkspaceV1Beta1.model_validate(beta).preset_name
             == (doc.get("inference") or doc["tuning"])["preset"]["name"]
         )
+
+
+ANNOTATED = [  # (annotation, a value KAITO refuses, KAITO's message gist, a value it takes)
+    ("kaito.sh/performance-mode", "fast", '"fast" is not a valid performance mode; choose one of: balanced, '
+     "interactivity, throughput", "throughput"),
+    ("kaito.sh/use-local-weights", "yes", '"yes" must be "true" or "false"', "false"),
+    ("kaito.sh/node-image-family", "windows", 'unsupported node image family "windows", supported values are '
+     "ubuntu, azurelinux", " AzureLinux "),
+]  # fmt: skip
+
+
+def annotated(name: str, **annotations: str) -> str:
+    doc = inference_ws(name)
+    doc["metadata"]["annotations"] = annotations
+    return json.dumps(doc)
+
+
+def admission_policy_active(kubectl: Kubectl, namespace: str) -> None:
+    """The apiserver takes a new policy up within a second or so: wait until a dry run is refused."""
+    deadline = time.monotonic() + 30
+    probe = annotated("probe", **{"kaito.sh/use-local-weights": "x"})
+    while kubectl.run("apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=probe).returncode == 0:
+        assert time.monotonic() < deadline, "the ValidatingAdmissionPolicy never took effect"
+        time.sleep(0.3)
+    status = kubectl.json("get", "validatingadmissionpolicy", "workspaces.kaito.sh").get("status", {})
+    assert not status.get("typeChecking", {}).get("expressionWarnings"), status  # CEL type-checks clean
+
+
+@pytest.mark.parametrize(("key", "bad", "message", "good"), ANNOTATED, ids=[a[0] for a in ANNOTATED])
+def test_kaitos_annotation_values_are_checked_at_admission(
+    kubectl: Kubectl, namespace: str, key: str, bad: str, message: str, good: str
+) -> None:
+    """KAITO's webhook checks these values on create; the ValidatingAdmissionPolicy does, and also a
+    value an update sets or changes. An update that leaves the value alone is not re-checked."""
+    admission_policy_active(kubectl, namespace)
+    refused = kubectl.run("apply", "-n", namespace, "-f", "-", stdin=annotated("bad", **{key: bad}))
+    assert refused.returncode != 0, refused.stdout
+    assert f"metadata.annotations[{key}]: {message}" in refused.stderr, refused.stderr
+    assert "ValidatingAdmissionPolicy 'workspaces.kaito.sh'" in refused.stderr
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=annotated("good", **{key: good}), check=True)
+    changed = kubectl.run("annotate", "workspace", "good", "-n", namespace, "--overwrite", f"{key}={bad}")
+    assert changed.returncode != 0 and message in changed.stderr, changed.stderr
+    kubectl.run("label", "workspace", "good", "-n", namespace, "team=a", check=True)  # value untouched
+    got = kubectl.json("get", "workspace", "good", "-n", namespace)["metadata"]["annotations"]
+    assert got[key] == good
+
+
+def test_committed_admission_policy_is_generated_from_the_definition() -> None:
+    assert POLICY_PATH.read_text() == render_policy(), "run: python -m shared.api.policy"
+    assert CHART_POLICY_PATH.read_text() == render_policy(), "run: python -m shared.api.policy"
 
 
 def test_committed_crd_is_generated_from_the_definition() -> None:

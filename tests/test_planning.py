@@ -18,6 +18,7 @@ from services.planner import sizing
 from services.planner.planning import PlanOptions, plan
 from shared.api.workspace import Workspace
 from shared.planning.catalog import GIB, Catalogs, load_catalogs
+from shared.planning.inventory import selected
 from shared.planning.model import NodeInfo, Plan, Rejection, plan_from_dict, plan_to_dict
 
 SEEDS = Path(__file__).resolve().parent.parent / "examples" / "seed"
@@ -699,6 +700,33 @@ def test_byo_plans_on_the_nodes_real_gpus(catalogs: Catalogs) -> None:
     assert isinstance(result, Plan)
     assert (result.nodes, result.gpu, result.cost_per_hour) == (2, "A100", 0.0)
     assert result.byo_nodes == ("a100-b", "a100-a")  # preferred first
+
+
+def test_reserved_selector_keys_are_ignored_as_kaito_ignores_them(catalogs: Catalogs) -> None:
+    """A selector on the labels Kaiten and KAITO put on a Workspace's own nodes would reach another
+    Workspace's nodes: those keys are dropped from it (KAITO's ``SanitizedMatchLabels``), in the
+    expressions too."""
+    ws = Workspace.model_validate(
+        {
+            "apiVersion": "kaito.sh/v1beta1",
+            "metadata": {"name": "ws"},
+            "resource": {
+                "labelSelector": {
+                    "matchLabels": {"apps": "test", "kaito.sh/workspace": "theirs"},
+                    "matchExpressions": [
+                        {"key": "kaito.sh/workspacenamespace", "operator": "In", "values": ["team-b"]}
+                    ],
+                }
+            },
+            "inference": {"preset": {"name": "phi-3-mini-4k-instruct"}},
+        }
+    )
+    assert ws.resource.label_selector.match_labels == {"apps": "test"}
+    assert ws.resource.label_selector.match_expressions == []
+    theirs = gpu_node("theirs", **{"kaito.sh/workspace": "theirs", "kaito.sh/workspacenamespace": "team-b"})
+    mine = gpu_node("mine")
+    assert [n.name for n in selected(ws.resource, [theirs, mine])] == ["mine", "theirs"]  # not theirs only
+    assert ws == Workspace.model_validate(ws.model_dump(by_alias=True))  # the same once more (events)
 
 
 def test_byo_instance_type_label_wins(catalogs: Catalogs) -> None:

@@ -40,6 +40,7 @@ from kaiten.local.nats_server import NatsServer
 from kaiten.local.procs import ManagedProcess, StartFailed, descendants, free_port, identity, port_open
 from kaiten.local.ray_head import RayHead
 from shared.api.crd import render as render_crd
+from shared.api.policy import render as render_policy
 from shared.bus.backoff import delay_for
 
 PROJECT = Path(__file__).resolve().parents[2]  # where Ray Serve replicas import services.serving from
@@ -332,7 +333,9 @@ class Stack:
         self.env["KUBECONFIG"] = self.endpoints["kubeconfig"] = str(cp.kubeconfig)
         crd = self.root / "kaito.sh_workspaces.yaml"  # the CRD from the models: no file to find
         crd.write_text(render_crd())
-        self._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+        policy = self.root / "workspaces.kaito.sh-policy.yaml"  # KAITO's annotation checks
+        policy.write_text(render_policy())
+        self._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd), "-f", str(policy))
         if self.part("registry").state != "disabled":
             self._apply_registry_secret()
 

@@ -19,7 +19,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
-from shared.api.workspace import Workspace, WorkspaceState
+from shared.api.workspace import RESERVED_SELECTOR_KEYS, Workspace, WorkspaceState
 
 GROUP = "kaito.sh"
 PLURAL = "workspaces"
@@ -115,6 +115,13 @@ def label_selector() -> Schema:
                 "(has(self.matchLabels) && size(self.matchLabels) > 0) || "
                 "(has(self.matchExpressions) && size(self.matchExpressions) > 0)",
                 "resource.labelSelector must select something: set matchLabels or matchExpressions",
+            ),
+            rule(
+                "!has(self.matchLabels) || size(self.matchLabels) == 0 || "
+                f"self.matchLabels.exists(k, !(k in {list(RESERVED_SELECTOR_KEYS)}))",
+                "matchLabels must contain at least one non-reserved label (Kaiten and KAITO ignore "
+                + ", ".join(RESERVED_SELECTOR_KEYS[:2])
+                + " and the other labels they put on their own nodes)",
             ),
             rule("self == oldSelf", "resource.labelSelector is immutable; create a new Workspace to move it"),
         ],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Lenient(BaseModel):
@@ -19,6 +19,21 @@ class _Lenient(BaseModel):
 
 # Every field's ``description`` is also its description in the CRD (``kubectl explain``):
 # ``shared.api.crd`` takes them from here, and fails to generate if a schema field has none.
+
+
+# KAITO's reserved selector keys (``reservedSelectorLabelKeys``): the labels its controllers, and Kaiten's,
+# put on a Workspace's own nodes. A user's selector on them would target another Workspace's nodes, so
+# they are dropped from it, as KAITO drops them; a selector of nothing else is refused (the CRD's CEL).
+RESERVED_SELECTOR_KEYS = (
+    "kaito.sh/workspace",
+    "kaito.sh/ragengine",
+    "kaito.sh/workspacenamespace",
+    "kaito.sh/ragenginenamespace",
+    "karpenter.kaito.sh/workspace-name",
+    "karpenter.kaito.sh/workspace-namespace",
+    "karpenter.kaito.sh/inferenceset",
+    "karpenter.kaito.sh/inferenceset-namespace",
+)
 
 
 class LabelSelectorRequirement(_Lenient):
@@ -48,6 +63,18 @@ class LabelSelector(_Lenient):
         alias="matchExpressions",
         description="Label requirements the nodes must meet, all of them (ANDed).",
     )
+
+    @field_validator("match_labels")
+    @classmethod
+    def _without_reserved_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in labels.items() if k not in RESERVED_SELECTOR_KEYS}
+
+    @field_validator("match_expressions")
+    @classmethod
+    def _without_reserved_expressions(
+        cls, expressions: list[LabelSelectorRequirement]
+    ) -> list[LabelSelectorRequirement]:
+        return [e for e in expressions if e.key not in RESERVED_SELECTOR_KEYS]
 
 
 class ResourceSpec(_Lenient):
