@@ -402,3 +402,18 @@ def test_kaitos_training_arguments_are_taken_as_kaito_writes_them(tmp_path: Path
     assert (args.per_device_train_batch_size, args.num_train_epochs, args.use_cpu) == (2, 1, True)
     defaults = SFTConfig(**sft_arguments(Sections(), tmp_path, on_gpu=False))
     assert (defaults.save_strategy, defaults.bf16, defaults.max_length) == ("no", False, 512)
+
+
+def test_qlora_loads_the_base_in_8_bit_when_kaitos_config_asks_else_4_bit_nf4() -> None:
+    """KAITO's QuantizationConfig has two switches; the job honours ``load_in_8bit`` (it loaded 4-bit
+    whatever the ConfigMap said). The arguments are transformers' own ``BitsAndBytesConfig``'s."""
+    from transformers import BitsAndBytesConfig
+
+    from services.tuning.config import Sections
+    from services.tuning.train import quantization_arguments
+
+    default = BitsAndBytesConfig(**quantization_arguments(Sections().quantization))
+    assert (default.load_in_4bit, default.load_in_8bit, default.bnb_4bit_quant_type) == (True, False, "nf4")
+    kaito = Sections.model_validate({"QuantizationConfig": {"load_in_8bit": True}}).quantization
+    eight = BitsAndBytesConfig(**quantization_arguments(kaito))
+    assert (eight.load_in_4bit, eight.load_in_8bit) == (False, True)

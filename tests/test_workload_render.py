@@ -10,8 +10,10 @@ import yaml
 from services.planner.planning import PlanOptions, plan
 from services.serving.app import ServingConfig, replica_options
 from services.workload.render import (
+    TUNING_CONFIG_KEY,
     RenderError,
     app_name,
+    kaito_sections,
     route_prefix,
     serve_application,
     serving_config,
@@ -143,3 +145,67 @@ def test_a_tuning_output_without_a_registry_host_is_refused_before_any_job_runs(
             work_dir="/tmp/job", allow_loopback_urls=True,
         )  # fmt: skip
     assert caught.value.reason == "InvalidImage"
+
+
+# KAITO's chart templates (charts/kaito/workspace/templates/{lora,qlora}-params.yaml), their settings
+KAITO_LORA = {
+    "ModelConfig": {"torch_dtype": "bfloat16", "local_files_only": True, "device_map": "auto"},
+    "QuantizationConfig": {"load_in_4bit": False},
+    "LoraConfig": {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0},
+    "TrainingArguments": {"output_dir": "/mnt/results", "ddp_find_unused_parameters": False,
+                          "save_strategy": "no", "per_device_train_batch_size": 1},
+    "DataCollator": {"mlm": True},
+    "DatasetConfig": {"shuffle_dataset": True, "train_test_split": 1},
+}  # fmt: skip
+KAITO_QLORA = {**KAITO_LORA, "QuantizationConfig": {
+    "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_use_double_quant": True}}  # fmt: skip
+
+
+def tuning_map(sections: object, key: str = TUNING_CONFIG_KEY) -> dict[str, str]:
+    return {key: yaml.safe_dump({"training_config": sections})}
+
+
+def sections_of(data: dict[str, str] | None, method: str = "lora") -> dict[str, object]:
+    return kaito_sections(data, name="params", namespace="ns", method=method)
+
+
+def test_kaitos_own_tuning_templates_are_taken() -> None:
+    assert sections_of(tuning_map(KAITO_LORA)) == KAITO_LORA
+    assert sections_of(tuning_map(KAITO_QLORA), "qlora") == KAITO_QLORA
+    assert sections_of(None) == {}  # no ConfigMap named: the job's defaults
+    eight = {**KAITO_LORA, "QuantizationConfig": {"load_in_8bit": True}}
+    assert sections_of(tuning_map(eight), "qlora")["QuantizationConfig"] == {"load_in_8bit": True}
+    # qlora without a QuantizationConfig: 4-bit NF4 (KAITO refuses it; listed as a difference)
+    assert "QuantizationConfig" not in sections_of(tuning_map({"LoraConfig": {"r": 4}}), "qlora")
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "gist"),
+    [
+        ("lora", {"other.yaml": "x: 1"},
+         "ConfigMap 'params' does not contain 'training_config.yaml' in namespace 'ns'"),
+        ("lora", {TUNING_CONFIG_KEY: "training_config: [unclosed"}, "Failed to parse 'training_config.yaml'"),
+        ("lora", {TUNING_CONFIG_KEY: "LoraConfig: {r: 8}"},
+         "Expected 'training_config' key to contain a map"),
+        ("lora", tuning_map({"Optimizer": {}}), "Unrecognized section: Optimizer"),
+        ("lora", tuning_map({"QuantizationConfig": {"load_in_4bit": "yes"}}),
+         "load_in_4bit: value must be either nil or a boolean"),
+        ("qlora", tuning_map({"QuantizationConfig": {"load_in_4bit": True, "load_in_8bit": True}}),
+         "Cannot set both 'load_in_4bit' and 'load_in_8bit' to true in ConfigMap 'params'"),
+        ("lora", tuning_map(KAITO_QLORA),
+         "For method 'lora', 'load_in_4bit' or 'load_in_8bit' in ConfigMap 'params' must not be true"),
+        ("qlora", tuning_map(KAITO_LORA),
+         "For method 'qlora', either 'load_in_4bit' or 'load_in_8bit' must be true in ConfigMap 'params'"),
+        ("lora", tuning_map({"TrainingArguments": {"output_dir": 3}}), "output_dir is not a string"),
+        ("lora", tuning_map({"TrainingArguments": {"output_dir": "../etc"}}),
+         "Invalid output_dir specified: '../etc', must be a directory"),
+        ("lora", tuning_map({"TrainingArguments": {"output_dir": "/"}}), "Invalid output_dir specified: '/'"),
+    ],
+)  # fmt: skip
+def test_tuning_config_maps_are_refused_where_kaito_refuses_them(
+    method: str, data: dict[str, str], gist: str
+) -> None:
+    with pytest.raises(RenderError) as refused:
+        sections_of(data, method)
+    assert refused.value.reason == "InvalidTuningConfig" and gist in str(refused.value), str(refused.value)

@@ -105,7 +105,7 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     assert not (work / f"{namespace}.tune").exists()  # the job config and the secret copy are gone
 
 
-async def test_a_missing_tuning_configmap_fails_the_workspace_with_the_reason(
+async def test_a_missing_or_refused_tuning_configmap_fails_the_workspace_with_the_reason(
     kubectl: Kubectl, namespace: str, services: Services, tmp_path: Path
 ) -> None:
     await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner,workload")
@@ -128,4 +128,18 @@ async def test_a_missing_tuning_configmap_fails_the_workspace_with_the_reason(
     failed = "--for=condition=WorkspaceSucceeded=False"
     kubectl.run("wait", "-n", namespace, failed, "workspace/tune", "--timeout=60s", check=True)
     cond = condition(kubectl.json("get", "workspace", "tune", "-n", namespace), "WorkspaceSucceeded")
-    assert cond["reason"] == "InvalidTuningConfig" and "no-such-configmap not found" in cond["message"], cond
+    missing = f"ConfigMap 'no-such-configmap' specified in 'config' not found in namespace '{namespace}'"
+    assert cond["reason"] == "InvalidTuningConfig" and missing in cond["message"], cond
+    # KAITO's rule, on a ConfigMap that exists: lora must not quantize
+    quantized = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "quantized"},
+        "data": {"training_config.yaml": "training_config:\n  QuantizationConfig:\n    load_in_4bit: true\n"},
+    }  # fmt: skip
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(quantized), check=True)
+    workspace["metadata"]["name"] = "tuneq"
+    workspace["tuning"]["config"] = "quantized"  # type: ignore[index]
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
+    kubectl.run("wait", "-n", namespace, failed, "workspace/tuneq", "--timeout=60s", check=True)
+    cond = condition(kubectl.json("get", "workspace", "tuneq", "-n", namespace), "WorkspaceSucceeded")
+    says = "For method 'lora', 'load_in_4bit' or 'load_in_8bit' in ConfigMap 'quantized' must not be true"
+    assert cond["reason"] == "InvalidTuningConfig" and says in cond["message"], cond

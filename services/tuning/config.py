@@ -28,7 +28,11 @@ class ModelConfig(_Section):
 
 
 class QuantizationConfig(_Section):
-    load_in_4bit: bool = True
+    """qlora's base-model quantization: 4-bit NF4 unless ``load_in_8bit`` (KAITO's two switches; the
+    workload refuses both on, and either on for lora, as KAITO does)."""
+
+    load_in_4bit: bool | None = None
+    load_in_8bit: bool | None = None
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_compute_dtype: str = "auto"
     bnb_4bit_use_double_quant: bool = False

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.tuning.config import Sections, TuningJobConfig
+from services.tuning.config import QuantizationConfig, Sections, TuningJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def _dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def quantization_arguments(q: QuantizationConfig) -> dict[str, Any]:
+    """``BitsAndBytesConfig`` arguments for qlora: 8-bit when the config asks for it, else 4-bit NF4."""
+    if q.load_in_8bit:
+        return {"load_in_8bit": True}
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": q.bnb_4bit_quant_type,
+        "bnb_4bit_compute_dtype": _dtype(q.bnb_4bit_compute_dtype),
+        "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant,
+    }
+
+
 def load_model(model_dir: Path, config: TuningJobConfig) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -70,21 +82,17 @@ def load_model(model_dir: Path, config: TuningJobConfig) -> Any:
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        q = sections.quantization
+        quantization = quantization_arguments(sections.quantization)
+        what = "8-bit" if quantization.get("load_in_8bit") else "4-bit NF4"
         try:
-            kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-                load_in_4bit=True,
-                bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-                bnb_4bit_compute_dtype=_dtype(q.bnb_4bit_compute_dtype),
-                bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-            )
+            kwargs["quantization_config"] = BitsAndBytesConfig(**quantization)  # type: ignore[no-untyped-call]
             model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         except (ImportError, RuntimeError, ValueError) as exc:
             raise TrainingError(
-                "QuantizationUnavailable", f"qlora needs 4-bit NF4 (bitsandbytes) on this device: {exc}"
+                "QuantizationUnavailable", f"qlora needs {what} (bitsandbytes) on this device: {exc}"
             ) from exc
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        log.info("loaded %s in 4-bit NF4 on %s", model_dir.name, device)
+        log.info("loaded %s in %s on %s", model_dir.name, what, device)
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 

@@ -133,7 +133,13 @@ class Workloads:
         try:
             workspace = record.workspace()
             if workspace.tuning is not None:
-                sections = kaito_sections(await self._configmap(record.ref, workspace.tuning.config))
+                name = workspace.tuning.config or ""
+                sections = kaito_sections(
+                    await self._configmap(record.ref, name),
+                    name=name,
+                    namespace=record.ref.namespace,
+                    method=workspace.tuning.method,
+                )
                 with telemetry.span("tuning job submit", **{"kaito.workspace.key": record.ref.key}):
                     await self._backend.submit(target(submitting, workspace), sections)
                 logs.of(log, record.ref).info("gen %d: tuning job %s submitted", record.generation, job)
@@ -152,10 +158,10 @@ class Workloads:
             return
         await self._store.put(key, submitting, last=revision)
 
-    async def _configmap(self, ref: ev.WorkspaceRef, name: str | None) -> str:
-        """KAITO's tuning ConfigMap (``training_config.yaml``), if the Workspace names one."""
+    async def _configmap(self, ref: ev.WorkspaceRef, name: str) -> dict[str, str] | None:
+        """The data of KAITO's tuning ConfigMap, if the Workspace names one."""
         if not name:
-            return ""
+            return None
         if self._core is None:
             raise RenderError("InvalidTuningConfig", "no Kubernetes API to read the tuning ConfigMap")
         try:
@@ -163,12 +169,11 @@ class Workloads:
         except ApiException as exc:
             if exc.status == 404:
                 raise RenderError(
-                    "InvalidTuningConfig", f"ConfigMap {name} not found in {ref.namespace}"
+                    "InvalidTuningConfig",
+                    f"ConfigMap '{name}' specified in 'config' not found in namespace '{ref.namespace}'",
                 ) from exc
             raise classify(exc, f"[{ref.key}] read ConfigMap {name}") from exc
-        data = cm.data or {}
-        text = data.get("training_config.yaml") or next(iter(data.values()), "")
-        return str(text)
+        return dict(cm.data or {})
 
     async def _delete(self, key: str, event: ev.WorkspaceDeleting) -> None:
         ref = event.workspace

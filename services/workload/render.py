@@ -7,6 +7,7 @@ validates it (and ``tests/test_workload_render.py`` checks every rendering again
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from typing import Any
 
@@ -108,20 +109,92 @@ def job_id(ref: WorkspaceRef, generation: int) -> str:
     return f"kaiten-{ref.namespace}-{ref.name}-g{generation}-{ref.uid[:8]}"
 
 
-def kaito_sections(configmap_yaml: str | None) -> dict[str, Any]:
-    """KAITO's tuning ConfigMap content (``training_config:`` with ModelConfig, LoraConfig, …)."""
+TUNING_CONFIG_KEY = "training_config.yaml"
+TUNING_SECTIONS = (  # KAITO's TrainingConfig sections (tuning_config_validation.go)
+    "ModelConfig",
+    "QuantizationConfig",
+    "LoraConfig",
+    "TrainingArguments",
+    "DatasetConfig",
+    "DataCollator",
+)
+
+
+def kaito_sections(data: dict[str, str] | None, *, name: str, namespace: str, method: str) -> dict[str, Any]:
+    """KAITO's tuning ConfigMap (``data``: its data; ``None``: the Workspace names none) → its
+    ``training_config`` sections, checked as KAITO's webhook checks them, with KAITO's messages: the
+    key, YAML, known sections, ``load_in_4bit``/``load_in_8bit`` booleans and not both, ``lora`` not
+    quantized and ``qlora`` quantized (when the ConfigMap has a QuantizationConfig; without one qlora is
+    4-bit NF4 where KAITO refuses), ``output_dir`` a directory under ``/mnt``."""
     import yaml
 
-    if not configmap_yaml:
+    if data is None:
         return {}
+    where = f"in ConfigMap '{name}' in namespace '{namespace}'"
+    if TUNING_CONFIG_KEY not in data:
+        raise _invalid(
+            f"ConfigMap '{name}' does not contain '{TUNING_CONFIG_KEY}' in namespace '{namespace}'",
+        )
     try:
-        doc = yaml.safe_load(configmap_yaml) or {}
+        doc = yaml.safe_load(data[TUNING_CONFIG_KEY]) or {}
     except yaml.YAMLError as exc:
-        raise RenderError("InvalidTuningConfig", f"the tuning config is not YAML: {exc}") from exc
-    sections = doc.get("training_config", doc) if isinstance(doc, dict) else None
+        message = " ".join(str(exc).split())
+        raise _invalid(f"Failed to parse '{TUNING_CONFIG_KEY}' {where}: {message}") from exc
+    sections = doc.get("training_config") if isinstance(doc, dict) else None
     if not isinstance(sections, dict):
-        raise RenderError("InvalidTuningConfig", "the tuning config must be a mapping (training_config: …)")
+        raise _invalid(f"Expected 'training_config' key to contain a map ({where})")
+    for section in sections:
+        if section not in TUNING_SECTIONS:
+            known = ", ".join(TUNING_SECTIONS)
+            raise _invalid(f"Unrecognized section: {section} ({where}; known: {known})")
+    _check_quantization(sections.get("QuantizationConfig"), name, method)
+    _check_output_dir(sections.get("TrainingArguments"), where)
     return sections
+
+
+def _check_quantization(section: object, name: str, method: str) -> None:
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise _invalid(f"QuantizationConfig in ConfigMap '{name}' must be a mapping")
+    bits = {}
+    for key in ("load_in_4bit", "load_in_8bit"):
+        value = section.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise _invalid(
+                f"{key}: value must be either nil or a boolean, got {type(value).__name__} {value!r} "
+                f"(ConfigMap '{name}')",
+            )
+        bits[key] = bool(value)
+    if bits["load_in_4bit"] and bits["load_in_8bit"]:
+        raise _invalid(
+            f"Cannot set both 'load_in_4bit' and 'load_in_8bit' to true in ConfigMap '{name}'",
+        )
+    if method == "lora" and any(bits.values()):
+        raise _invalid(
+            f"For method 'lora', 'load_in_4bit' or 'load_in_8bit' in ConfigMap '{name}' must not be true",
+        )
+    if method == "qlora" and not any(bits.values()):
+        raise _invalid(
+            f"For method 'qlora', either 'load_in_4bit' or 'load_in_8bit' must be true in ConfigMap '{name}'",
+        )
+
+
+def _check_output_dir(section: object, where: str) -> None:
+    """KAITO's rule, though the job writes where it decides (``services.tuning.train``): a manifest
+    Kaiten takes is one KAITO takes."""
+    if not isinstance(section, dict) or "output_dir" not in section:
+        return
+    value = section["output_dir"]
+    if not isinstance(value, str):
+        raise _invalid(f"output_dir is not a string {where}")
+    clean = posixpath.normpath("/mnt/" + value)  # Go's filepath.Join: an absolute value stays under /mnt
+    if not clean.startswith("/mnt/"):
+        raise _invalid(f"Invalid output_dir specified: '{value}', must be a directory")
+
+
+def _invalid(message: str) -> RenderError:
+    return RenderError("InvalidTuningConfig", message)
 
 
 def tuning_config(
