@@ -117,6 +117,36 @@ INVALID: list[tuple[str, Obj, str]] = [
         "labelSelector must select something",
     ),
     (
+        "partition-mig-with-count",  # KAITO's validatePartition, from here on
+        edit(inference_ws, setv("resource.partition", {"mode": "mig", "profile": "1g.10gb", "count": 2})),
+        "count is only valid for accelerator mode",
+    ),
+    (
+        "partition-mig-unknown-profile",
+        edit(inference_ws, setv("resource.partition", {"mode": "mig", "profile": "9g.1tb"})),
+        "unknown MIG profile: must be one of 1g.10gb",
+    ),
+    (
+        "partition-accelerator-with-profile",
+        edit(inference_ws, setv("resource.partition", {"mode": "accelerator", "profile": "x", "count": 2})),
+        "profile is not valid for accelerator mode",
+    ),
+    (
+        "partition-accelerator-without-count",
+        edit(inference_ws, setv("resource.partition", {"mode": "accelerator"})),
+        "partition.count: Required value",
+    ),
+    (
+        "partition-unknown-mode",
+        edit(inference_ws, setv("resource.partition", {"mode": "mps"})),
+        'Unsupported value: "mps"',
+    ),
+    (
+        "partition-for-tuning",
+        edit(tuning_ws, setv("resource.partition", {"mode": "accelerator", "count": 1})),
+        "GPU partitioning is not supported for tuning workloads",
+    ),
+    (
         "selector-of-reserved-labels-only",  # KAITO's rule: they are ignored, so it would select nothing
         edit(inference_ws, setv("resource.labelSelector.matchLabels", {"kaito.sh/workspace": "other"})),
         "matchLabels must contain at least one non-reserved label",
@@ -313,6 +343,18 @@ IMMUTABLE: list[tuple[str, Obj, Obj, str]] = [
         "resource.instanceType is immutable",
     ),
     (
+        "partition",
+        edit(inference_ws, setv("resource.partition", {"mode": "accelerator", "count": 2})),
+        edit(inference_ws, setv("resource.partition", {"mode": "accelerator", "count": 4})),
+        "resource.partition: field is immutable",
+    ),
+    (
+        "partition-added",
+        inference_ws(),
+        edit(inference_ws, setv("resource.partition", {"mode": "mig", "profile": "1g.10gb"})),
+        "resource.partition: field is immutable",
+    ),
+    (
         "label-selector",
         inference_ws(),
         edit(inference_ws, setv("resource.labelSelector.matchLabels", {"apps": "y"})),
@@ -388,6 +430,11 @@ def test_immutable_fields_cannot_change(
 
 VALID: list[tuple[str, Obj]] = [
     ("inference-base", inference_ws()),
+    ("partition-mig", edit(inference_ws, setv("resource.partition", {"mode": "mig", "profile": "3g.40gb"}))),
+    (
+        "partition-accelerator",
+        edit(inference_ws, setv("resource.partition", {"mode": "accelerator", "count": 2})),
+    ),
     ("no-instance-type", edit(inference_ws, drop("resource.instanceType"))),
     (
         "match-expressions-only",

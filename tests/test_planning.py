@@ -729,6 +729,25 @@ def test_reserved_selector_keys_are_ignored_as_kaito_ignores_them(catalogs: Cata
     assert ws == Workspace.model_validate(ws.model_dump(by_alias=True))  # the same once more (events)
 
 
+def test_a_partition_is_refused_as_a_kaito_install_with_its_gates_off_refuses_it(catalogs: Catalogs) -> None:
+    def partitioned(mode: str, **more: object) -> Workspace:
+        doc = workspace("phi-3-mini-4k-instruct").model_dump(by_alias=True, exclude_none=True)
+        doc["resource"]["partition"] = {"mode": mode, **more}
+        return Workspace.model_validate(doc)
+
+    provisioned = plan(partitioned("mig", profile="1g.10gb"), catalogs, [gpu_node("a")], PlanOptions())
+    assert isinstance(provisioned, Rejection) and provisioned.reason == "PartitionUnsupported"
+    assert "GPU partitioning is only supported with BYO nodes" in provisioned.message
+    mig = plan(partitioned("mig", profile="1g.10gb"), catalogs, [gpu_node("a")], BYO)
+    assert (
+        isinstance(mig, Rejection)
+        and "MIG support is not enabled, set feature gate enableMIG=true" in mig.message
+    )
+    whole = plan(partitioned("accelerator", count=2), catalogs, [gpu_node("a")], BYO)
+    assert isinstance(whole, Rejection) and "accelerator partition support is not enabled" in whole.message
+    assert "remove resource.partition" in whole.message
+
+
 def test_byo_instance_type_label_wins(catalogs: Catalogs) -> None:
     node = NodeInfo(
         name="n1", ready=True, labels={"apps": "test", "node.kubernetes.io/instance-type": V100}, gpus=1

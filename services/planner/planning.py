@@ -84,6 +84,8 @@ def _plan(
     section = workspace.tuning if workspace.tuning is not None else workspace.inference
     if section is None:
         return Rejection(reason="InvalidSpec", message="a Workspace needs inference or tuning")
+    if workspace.resource.partition is not None:
+        return _partition_refused(workspace, options)
     if section.preset is None:
         return _template(workspace, catalogs, inventory, options)
     preset = catalogs.resolve_preset(section.preset.name)
@@ -149,6 +151,29 @@ def uses_existing_nodes(workspace: Workspace, options: PlanOptions) -> bool:
 
 def _target(sku: Sku, catalogs: Catalogs) -> _Target:
     return _Target(sku=sku, gpu=None if sku.is_cpu else catalogs.gpu_models[sku.gpu])
+
+
+def _partition_refused(workspace: Workspace, options: PlanOptions) -> Rejection:
+    """KAITO plans a partition only on bring-your-own nodes and behind a feature gate that is off by
+    default; Kaiten has no partitioning yet, so it refuses as such a KAITO does, with KAITO's words."""
+    partition = workspace.resource.partition
+    assert partition is not None
+    if options.provider != "byo":
+        return Rejection(
+            reason="PartitionUnsupported",
+            message="GPU partitioning is only supported with BYO nodes (disableNodeAutoProvisioning=true); "
+            f"this installation provisions nodes (provider {options.provider or 'unset'})",
+        )
+    gate = {
+        "mig": ("MIG support", "enableMIG"),
+        "accelerator": ("accelerator partition support", "enableAccelerator"),
+    }
+    what, flag = gate[partition.mode]
+    return Rejection(
+        reason="PartitionUnsupported",
+        message=f"{what} is not enabled, set feature gate {flag}=true (KAITO's message; Kaiten does not "
+        "partition GPUs yet): remove resource.partition to run on whole GPUs",
+    )
 
 
 def _unknown_preset(name: str, catalogs: Catalogs) -> Rejection:

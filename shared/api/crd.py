@@ -19,7 +19,7 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
-from shared.api.workspace import RESERVED_SELECTOR_KEYS, Workspace, WorkspaceState
+from shared.api.workspace import MIG_PROFILES, RESERVED_SELECTOR_KEYS, Workspace, WorkspaceState
 
 GROUP = "kaito.sh"
 PLURAL = "workspaces"
@@ -157,13 +157,54 @@ def resource() -> Schema:
                 "items": string(253),
                 "x-kubernetes-list-type": "set",
             },
+            "partition": partition(),
         },
         "x-kubernetes-validations": [
             rule(
                 "has(self.instanceType) == has(oldSelf.instanceType) && "
                 "(!has(self.instanceType) || self.instanceType == oldSelf.instanceType)",
                 "resource.instanceType is immutable; create a new Workspace for another instance type",
-            )
+            ),
+            rule(
+                "has(self.partition) == has(oldSelf.partition) && "
+                "(!has(self.partition) || self.partition == oldSelf.partition)",
+                "resource.partition: field is immutable",
+            ),
+        ],
+    }
+
+
+def partition() -> Schema:
+    """KAITO's ``PartitionSpec`` and the rules of its ``validatePartition`` that need no cluster."""
+    return {
+        "type": "object",
+        "required": ["mode"],
+        "properties": {
+            "mode": {"type": "string", "enum": ["mig", "accelerator"]},
+            "profile": string(32),
+            "count": {"type": "integer", "minimum": 1, "maximum": 64},
+        },
+        "x-kubernetes-validations": [
+            rule(
+                "self.mode != 'mig' || !has(self.count)",
+                "count is only valid for accelerator mode",
+                field_path=".count",
+            ),
+            rule(
+                f"self.mode != 'mig' || (has(self.profile) && self.profile in {list(MIG_PROFILES)})",
+                f"unknown MIG profile: must be one of {', '.join(sorted(MIG_PROFILES))}",
+                field_path=".profile",
+            ),
+            rule(
+                "self.mode != 'accelerator' || !has(self.profile) || self.profile == ''",
+                "profile is not valid for accelerator mode",
+                field_path=".profile",
+            ),
+            rule(
+                "self.mode != 'accelerator' || has(self.count)",
+                "partition.count: Required value (accelerator mode allocates count whole GPUs)",
+                field_path=".count",
+            ),
         ],
     }
 
@@ -458,6 +499,10 @@ def workspace_schema() -> Schema:
             rule(
                 "!has(self.tuning) || !has(self.resource.count) || self.resource.count == 1",
                 "tuning runs on a single node: resource.count must be 1",
+            ),
+            rule(
+                "!has(self.tuning) || !has(self.resource.partition)",
+                "GPU partitioning is not supported for tuning workloads",
             ),
         ],
     }

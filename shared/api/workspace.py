@@ -77,6 +77,33 @@ class LabelSelector(_Lenient):
         return [e for e in expressions if e.key not in RESERVED_SELECTOR_KEYS]
 
 
+# NVIDIA's MIG profiles KAITO knows (A30, A100 40/80 GB, H100 94 GB, H100/H200 96 GB…: mig.knownProfiles)
+MIG_PROFILES = (
+    "1g.5gb", "1g.6gb", "1g.10gb", "1g.12gb", "1g.20gb", "1g.24gb",
+    "2g.10gb", "2g.12gb", "2g.20gb", "2g.24gb",
+    "3g.20gb", "3g.40gb", "3g.47gb", "3g.48gb",
+    "4g.20gb", "4g.24gb", "4g.40gb", "4g.47gb", "4g.48gb",
+    "7g.40gb", "7g.80gb", "7g.94gb", "7g.96gb",
+)  # fmt: skip
+
+
+class PartitionSpec(_Lenient):
+    """GPU partitioning (KAITO v1beta1): a MIG slice, or several whole GPUs, on bring-your-own nodes.
+    Kaiten accepts and checks it as KAITO does, and refuses to plan it as a KAITO install with its
+    feature gates off does (docs/kaito-compatibility.md)."""
+
+    mode: Literal["mig", "accelerator"] = Field(
+        description="The partitioning: mig (one NVIDIA Multi-Instance GPU slice) or accelerator (count "
+        "whole GPUs)."
+    )
+    profile: str | None = Field(
+        default=None, description="For mig: the MIG profile, e.g. 1g.10gb or 3g.40gb. Not for accelerator."
+    )
+    count: int | None = Field(
+        default=None, description="For accelerator (required there): how many whole GPUs, at least 1."
+    )
+
+
 class ResourceSpec(_Lenient):
     """The GPU nodes to run the workload on. If fewer nodes than needed match instanceType and
     labelSelector, the provisioner creates the rest before the workload is deployed; the nodes used are
@@ -103,6 +130,11 @@ class ResourceSpec(_Lenient):
         alias="preferredNodes",
         description="Existing nodes to use first (KAITO deprecates it in v1beta1). A node without the "
         "required labels is ignored; the remaining nodes are provisioned.",
+    )
+    partition: PartitionSpec | None = Field(
+        default=None,
+        description="GPU partitioning on bring-your-own nodes (KAITO v1beta1). Immutable. Kaiten checks it "
+        "and does not plan it yet (reason PartitionUnsupported).",
     )
 
 
