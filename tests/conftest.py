@@ -290,6 +290,25 @@ def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return out
 
 
+@pytest.fixture(scope="session")
+def second_adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another LoRA adapter, unlike the first in rank, targets and scaling (rsLoRA): k_proj is only its
+    own, q_proj is both's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(
+        r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj"], init_lora_weights=False
+    )
+    model = get_peft_model(base, config)
+    out = tmp_path_factory.mktemp("adapter2")
+    model.save_pretrained(out)
+    return out
+
+
 # A plan as the planner makes it (as JSON: the fields of shared.planning.model.Plan), for tests of what
 # reads one.
 PLAN_FIELDS: dict[str, object] = {

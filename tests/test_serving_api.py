@@ -22,8 +22,7 @@ from kaiten.cli import main as cli
 from kaiten.local.procs import descendants, free_port
 from kaiten.local.ray_head import RayHead
 from services.serving.api import Limits, make_app
-from services.serving.app import AdapterSpec, ServingConfig, build
-from services.serving.engines.base import AdapterInfo
+from services.serving.app import AdapterSpec, ServingConfig, build, build_engine
 from services.serving.engines.transformers_engine import TransformersEngine
 from tests.conftest import NAME, SMOLLM2
 from tests.test_loopback_only import LOOPBACK, sockets
@@ -104,24 +103,35 @@ def on_ray_serve(serve_url: str, name: str, config: ServingConfig) -> Iterator[E
 
 
 @pytest.fixture(scope="module", params=["ray-serve", "in-process"])
-def server(request: pytest.FixtureRequest, model_dir: Path, adapter_dir: Path) -> Iterator[Endpoint]:
+def server(
+    request: pytest.FixtureRequest, model_dir: Path, adapter_dir: Path, second_adapter_dir: Path
+) -> Iterator[Endpoint]:
+    """The model with two adapters, as a Workspace with two: /chat answers with their weighted sum."""
+    adapters = [
+        AdapterSpec(name="style", path=str(adapter_dir)),
+        AdapterSpec(name="tone", path=str(second_adapter_dir), strength=0.5),
+    ]
     if request.param == "ray-serve":
         config = ServingConfig(
             model_name=NAME,
             source=SMOLLM2,
-            adapters=[AdapterSpec(name="style", path=str(adapter_dir))],
+            adapters=adapters,
             metrics_port=free_port(),  # each replica's own scrape target
             metrics_host="127.0.0.1",
         )
         with on_ray_serve(request.getfixturevalue("serve_url"), "kaiten", config) as endpoint:
             yield endpoint
         return
-    engine = TransformersEngine(
-        model_dir=model_dir,
-        model_name=NAME,
-        adapters=[AdapterInfo(name="style", path=str(adapter_dir), strength=1.0)],
-    )
+    engine = build_engine(ServingConfig(model_name=NAME, source=SMOLLM2, adapters=adapters))
+    assert isinstance(engine, TransformersEngine)
     with in_process(engine) as server:
+        yield Endpoint(server.url)
+
+
+@pytest.fixture(scope="module")
+def base_server(model_dir: Path) -> Iterator[Endpoint]:
+    """The model alone, as the seed's first Workspace (no adapters): /chat answers with the base."""
+    with in_process(TransformersEngine(model_dir=model_dir, model_name=NAME)) as server:
         yield Endpoint(server.url)
 
 
@@ -130,7 +140,8 @@ def client(server: Endpoint) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def test_chat_answers_a_question(server: Endpoint) -> None:
+def test_chat_answers_a_question(base_server: Endpoint) -> None:
+    server = base_server
     r = httpx.post(
         f"{server.url}/chat",
         json={"messages": [{"role": "user", "content": "What is the capital of France?"}]},
@@ -156,10 +167,11 @@ def test_chat_answers_a_question(server: Endpoint) -> None:
     assert 0 < len(short.json()["Result"].split()) <= 4
 
 
-def test_the_seeds_curl_line_gets_an_answer_not_its_question_back(server: Endpoint) -> None:
+def test_the_seeds_curl_line_gets_an_answer_not_its_question_back(base_server: Endpoint) -> None:
     """Issue 18: the seed's walkthrough sends ``{"prompt": "YOUR QUESTION HERE"}`` to /chat. The raw prompt
     made the instruct model stop at once: the answer was the question, echoed. A prompt to a model with
     a chat template is now one user turn through it; ``return_full_text`` keeps KAITO's meaning."""
+    server = base_server
     question = "What is the capital of France?"
     r = httpx.post(  # curl -X POST .../chat -H "Content-Type: application/json" -d '{"prompt":"..."}'
         f"{server.url}/chat",
@@ -201,7 +213,7 @@ def test_openai_client_chat_stream_completions_models(client: openai.OpenAI) -> 
     completion = client.completions.create(model=NAME, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)
     assert completion.choices[0].text.strip() and completion.choices[0].finish_reason == "length"
     models = [m.id for m in client.models.list()]
-    assert models == [NAME, "style"]
+    assert models == [NAME, "style", "tone"]  # not the sum /chat uses: it is no model a client names
 
 
 def test_bad_inputs_get_clear_errors(server: Endpoint, client: openai.OpenAI) -> None:
@@ -227,7 +239,9 @@ def test_bad_inputs_get_clear_errors(server: Endpoint, client: openai.OpenAI) ->
     assert huge.status_code == 413 and "limit" in huge.json()["detail"]
     too_long = httpx.post(f"{server.url}/chat", json={"prompt": "hello " * 3000}, timeout=30)
     assert too_long.status_code == 400 and "limit is 2048" in too_long.json()["detail"]
-    with pytest.raises(openai.NotFoundError, match="does not exist; served: smollm2-135m-instruct, style"):
+    with pytest.raises(
+        openai.NotFoundError, match="does not exist; served: smollm2-135m-instruct, style, tone"
+    ):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.UnprocessableEntityError, match="n"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2)
@@ -246,6 +260,25 @@ def test_adapter_changes_the_output(client: openai.OpenAI) -> None:
     base = client.chat.completions.create(model=NAME, messages=ask, temperature=0, max_tokens=16)
     styled = client.chat.completions.create(model="style", messages=ask, temperature=0, max_tokens=16)
     assert base.choices[0].message.content != styled.choices[0].message.content
+
+
+def test_chat_applies_the_workspaces_adapters_as_kaito_does(server: Endpoint, client: openai.OpenAI) -> None:
+    """Issue 18: /chat answered with the base model; KAITO's answers with the Workspace's adapters, merged
+    and weighted by strength. Two adapters here: /chat is neither the base nor either adapter alone."""
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def openai_answer(model: str) -> str:
+        got = client.chat.completions.create(model=model, messages=ask, temperature=0, max_tokens=16)
+        return got.choices[0].message.content or ""
+
+    r = httpx.post(
+        f"{server.url}/chat",
+        json={"messages": ask, "generate_kwargs": {"max_new_tokens": 16}},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    answers = {"chat": r.json()["Result"], **{m: openai_answer(m) for m in (NAME, "style", "tone")}}
+    assert len(set(answers.values())) == 4, answers
 
 
 def test_metrics_and_health(server: Endpoint) -> None:

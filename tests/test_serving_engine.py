@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.serving.app import AdapterSpec, ServingConfig, replica_options
-from services.serving.engines.base import AdapterInfo, GenerationRequest, SamplingParams
+from services.serving.app import AdapterSpec, ServingConfig, chat_adapters, replica_options
+from services.serving.engines.base import AdapterInfo, BadRequest, GenerationRequest, SamplingParams
 from services.serving.engines.transformers_engine import TransformersEngine
 from services.serving.engines.vllm_engine import engine_kwargs, scaled_adapter
 from shared.model_sources import ModelSource
@@ -235,3 +235,73 @@ def test_openai_presence_and_frequency_penalties_lower_the_logits_of_tokens_alre
     assert pick(presence_penalty=0.2, frequency_penalty=0.1) == 1  # 3.0 - 0.2 - 0.2 = 2.6
     assert pick(presence_penalty=0.4, frequency_penalty=0.1) == 2  # 3.0 - 0.4 - 0.2 = 2.4
     assert pick(presence_penalty=-2.0) == 1  # a negative penalty favours what came: 1.0 + 2 < 3.0 + 2
+
+
+def test_several_adapters_sum_into_the_one_chat_answers_with(
+    model_dir: Path, adapter_dir: Path, second_adapter_dir: Path, tmp_path: Path
+) -> None:
+    """KAITO's /chat merges a Workspace's adapters, weighted by strength. The combined adapter's delta,
+    as peft itself computes it from the saved adapter, is exactly Σ strength · scaling · B·A of the
+    originals, module by module (a module only one adapter adapts included); vLLM's rank limit holds."""
+    import json
+
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from services.serving.engines.combine import CombineError, combined_adapter
+
+    specs = [AdapterInfo("style", str(adapter_dir), 1.0), AdapterInfo("tone", str(second_adapter_dir), 0.5)]
+    combined = combined_adapter(specs, tmp_path)
+    assert combined_adapter(specs, tmp_path) == combined  # made once
+    config = json.loads((combined / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (
+        12,
+        12,
+        ["k_proj", "q_proj", "v_proj"],
+    )
+    assert (
+        engine_kwargs("m", "m", {}, [*specs, AdapterInfo("_kaito_chat", str(combined))])["max_lora_rank"]
+        == 16
+    )
+
+    def expected(module: str) -> torch.Tensor:
+        total = None
+        for spec, scaling in ((specs[0], 64 / 8), (specs[1], 16 / math.sqrt(4))):  # lora_alpha/r, rsLoRA
+            weights = load_file(Path(spec.path) / "adapter_model.safetensors")
+            key = f"base_model.model.{module}"
+            if f"{key}.lora_A.weight" not in weights:
+                continue
+            delta = (
+                spec.strength * scaling * weights[f"{key}.lora_B.weight"] @ weights[f"{key}.lora_A.weight"]
+            )
+            total = delta if total is None else total + delta
+        assert total is not None
+        return total
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(combined))
+    layer = model.base_model.model.model.layers[3].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):  # both adapters / tone only / style only
+        got = getattr(layer, name).get_delta_weight("default")
+        assert torch.allclose(got, expected(f"model.layers.3.self_attn.{name}"), atol=1e-5), name
+
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    for f in adapter_dir.iterdir():
+        (dora / f.name).write_bytes(f.read_bytes())
+    (dora / "adapter_config.json").write_text(
+        json.dumps({**json.loads((adapter_dir / "adapter_config.json").read_text()), "use_dora": True})
+    )
+    with pytest.raises(
+        CombineError, match="adapter d cannot be combined with the others: it is a DoRA adapter"
+    ):
+        combined_adapter([specs[0], AdapterInfo("d", str(dora))], tmp_path)
+    # the replica still starts and serves each adapter by name; /chat says why it cannot answer
+    loaded, refusal = chat_adapters([specs[0], AdapterInfo("d", str(dora))])
+    assert [a.name for a in loaded] == ["style", "d"]
+    assert "ask /v1/chat/completions with one adapter" in refusal
+    engine = TransformersEngine(model_dir=model_dir, model_name="m", adapters=loaded)
+    engine.chat_refusal = refusal
+    with pytest.raises(BadRequest, match="it is a DoRA adapter"):
+        engine.chat_adapter()

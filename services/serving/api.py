@@ -285,7 +285,8 @@ def make_app(
             repetition_penalty=kwargs.repetition_penalty,
             seed=kwargs.seed,
         )
-        text, _, _ = await _collect(request, _request(request, ids, params, None))
+        # KAITO's /chat applies the Workspace's adapters: the one, or the strength-weighted sum of several
+        text, _, _ = await _collect(request, _request(request, ids, params, engine.chat_adapter()))
         if body.return_full_text and body.prompt is not None:
             text = body.prompt + text
         return JSONResponse({"Result": text})

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.serving.api import Limits, make_app, process_metrics, set_process_engine
-from services.serving.engines.base import AdapterInfo, Engine
+from services.serving.engines.base import CHAT_ADAPTER, AdapterInfo, Engine
 from shared import telemetry
 from shared.model_sources import ModelSource, resolve
 
@@ -79,8 +79,35 @@ class ServingConfig(BaseModel):
         return self
 
 
+def chat_adapters(adapters: list[AdapterInfo]) -> tuple[list[AdapterInfo], str]:
+    """The adapters to load, with their weighted sum for KAITO's ``/chat`` when there are several; and
+    why ``/chat`` must refuse, when they cannot be summed (the OpenAI routes still serve each)."""
+    if len(adapters) < 2:
+        return adapters, ""
+    from services.serving.engines.combine import CombineError, combined_adapter
+    from shared.model_sources import cache_root
+
+    try:
+        chat = combined_adapter(adapters, cache_root() / "adapters")
+    except CombineError as exc:
+        log.warning("/chat will refuse requests: %s", exc)
+        return adapters, (
+            f"/chat answers with the Workspace's adapters together, and these cannot be summed: {exc}; "
+            "ask /v1/chat/completions with one adapter as the model"
+        )
+    return [*adapters, AdapterInfo(name=CHAT_ADAPTER, path=str(chat))], ""
+
+
 def build_engine(config: ServingConfig) -> Engine:
-    adapters = [AdapterInfo(name=a.name, path=a.local_path(), strength=a.strength) for a in config.adapters]
+    adapters, refusal = chat_adapters(
+        [AdapterInfo(name=a.name, path=a.local_path(), strength=a.strength) for a in config.adapters]
+    )
+    engine = _engine(config, adapters)
+    engine.chat_refusal = refusal
+    return engine
+
+
+def _engine(config: ServingConfig, adapters: list[AdapterInfo]) -> Engine:
     if config.engine == "vllm":
         from services.serving.engines.vllm_engine import VLLMEngine
         from shared.model_sources import cache_root

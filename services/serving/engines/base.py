@@ -66,8 +66,14 @@ class AdapterInfo:
     strength: float = 1.0
 
 
+# The adapter KAITO's /chat answers with when a Workspace has several: their weighted sum
+# (services.serving.engines.combine). Served like any adapter, listed nowhere, not addressable by name.
+CHAT_ADAPTER = "_kaito_chat"
+
+
 class Engine(Protocol):
     model_name: str
+    chat_refusal: str
 
     async def start(self) -> None: ...
 
@@ -85,6 +91,8 @@ class Engine(Protocol):
 
     def adapters(self) -> list[AdapterInfo]: ...
 
+    def chat_adapter(self) -> str | None: ...
+
     def stats(self) -> dict[str, float]: ...
 
     async def shutdown(self) -> None: ...
@@ -96,6 +104,7 @@ class HFTokenizerEngine:
     ``_adapter_specs``, ``max_prompt_tokens`` and ``max_model_len``, and implement ``healthy``."""
 
     tokenizer: Any = None
+    chat_refusal = ""  # why /chat cannot apply the adapters (services.serving.app.chat_adapters)
     _adapter_specs: list[AdapterInfo]
     max_prompt_tokens: int
     max_model_len: int
@@ -128,14 +137,25 @@ class HFTokenizerEngine:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def adapters(self) -> list[AdapterInfo]:
-        return list(self._adapter_specs)
+        """The Workspace's adapters, which clients may name."""
+        return [a for a in self._adapter_specs if a.name != CHAT_ADAPTER]
+
+    def chat_adapter(self) -> str | None:
+        """What KAITO's ``/chat`` applies: the Workspace's adapter, the sum of its adapters
+        (:data:`CHAT_ADAPTER`), or none."""
+        if any(a.name == CHAT_ADAPTER for a in self._adapter_specs):
+            return CHAT_ADAPTER
+        if self.chat_refusal:
+            raise BadRequest(self.chat_refusal)
+        mine = self.adapters()
+        return mine[0].name if len(mine) == 1 else None
 
     def admit(self, request: GenerationRequest) -> int:
         """Raise the error a request gets before queueing, or return its new-token budget."""
         ok, why = self.healthy()
         if not ok:
             raise EngineUnavailable(why)
-        if request.adapter and request.adapter not in {a.name for a in self._adapter_specs}:
+        if request.adapter and request.adapter not in {a.name for a in self._adapter_specs}:  # _chat too
             raise BadRequest(f"unknown adapter {request.adapter!r}")
         if len(request.prompt_ids) > self.max_prompt_tokens:
             raise BadRequest(
