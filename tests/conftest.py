@@ -253,6 +253,7 @@ def services(
         log_dir=tmp_path / "logs",
         env={
             "KAITEN_NATS_URL": nats_server.url,
+            "KAITEN_HUB_URL": "http://127.0.0.1:9",  # the planner's HF hub: none (a test serves one)
             "KUBECONFIG": str(controlplane.kubeconfig),
             "KAITEN_NAMESPACE": namespace,
             "KAITEN_LOG_LEVEL": "INFO",

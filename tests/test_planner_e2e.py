@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from services.planner.store import PLANS_BUCKET, StoredPlan
 from shared import events as ev
 from tests.conftest import SEEDS, Kubectl, Services, until
+from tests.hub_server import HubServer
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
 
@@ -251,6 +252,37 @@ async def test_inference_config_map_is_read_and_checked_as_kaito_does(
     cond = condition(kubectl.json("get", "workspace", "noparams", "-n", namespace), "ResourceReady")
     assert cond["reason"] == "InvalidInferenceConfig", cond
     assert f"ConfigMap 'absent' specified in 'config' not found in namespace '{namespace}'" in cond["message"]
+
+
+async def test_any_hugging_face_id_is_planned_from_the_hub_as_kaito_does(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """KAITO ≥ 0.9 takes any ``org/model`` as a preset. The planner sizes it from the hub (here one on
+    127.0.0.1 holding real config.json files); a gated model and an unknown one say why in status."""
+    with HubServer() as hub:
+        await services.start_ready("services.watcher")
+        await services.start_ready("services.planner", KAITEN_PROVIDER="aks", KAITEN_HUB_URL=hub.url)
+        for name, preset in (
+            ("qwen", "Qwen/Qwen3-0.6B"),
+            ("gated", "gated/llama-private"),
+            ("nope", "no/such"),
+        ):
+            text = manifest(name, preset, "Standard_NC4as_T4_v3")
+            kubectl.run("apply", "-n", namespace, "-f", "-", stdin=text, check=True)
+        kubectl.run(
+            "wait", "-n", namespace, "--for=jsonpath={.status.targetNodeCount}=1", "workspace/qwen",
+            "--timeout=20s", check=True,
+        )  # fmt: skip
+        (resolved,) = [e for e in await plan_events(nc, namespace, "qwen") if isinstance(e, ev.PlanResolved)]
+        assert (resolved.plan.model, resolved.plan.max_model_len) == ("Qwen/Qwen3-0.6B", 40960)
+        assert any(hub.url in note for note in resolved.plan.notes), resolved.plan.notes
+        for name, reason in (("gated", "HubAuthRequired"), ("nope", "UnknownPreset")):
+            kubectl.run(
+                "wait", "-n", namespace, "--for=condition=ResourceReady=False", f"workspace/{name}",
+                "--timeout=20s", check=True,
+            )  # fmt: skip
+            cond = condition(kubectl.json("get", "workspace", name, "-n", namespace), "ResourceReady")
+            assert cond["reason"] == reason, cond
 
 
 def gpu_node(name: str, selector: str, ready: bool = True) -> tuple[str, str]:

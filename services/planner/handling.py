@@ -6,11 +6,13 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 from kubernetes_asyncio import client as kclient
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from services.planner import inference_config
+from services.planner.hub import Hub
 from services.planner.inference_config import InferenceConfig
 from services.planner.planning import PlanOptions, plan, uses_existing_nodes
 from services.planner.store import PlanStore, StoredPlan
@@ -22,6 +24,7 @@ from shared.bus.publishing import Publisher
 from shared.errors import InvalidInput
 from shared.kube.errors import classify
 from shared.planning.catalog import Catalogs
+from shared.planning.hub import is_hub_id
 from shared.planning.inventory import selector_query
 from shared.planning.model import NodeInfo, Plan, Rejection
 
@@ -37,8 +40,10 @@ class Planner:
         store: PlanStore,
         publisher: Publisher,
         api: kclient.ApiClient | None,
+        hub: Hub | None = None,
     ) -> None:
         self._catalogs = catalogs
+        self._hub = hub
         self._options = options
         self._store = store
         self._publisher = publisher
@@ -70,12 +75,18 @@ class Planner:
         inventory = (
             await self._inventory(workspace, ref) if uses_existing_nodes(workspace, self._options) else []
         )
+        catalogs = await self._catalogs_for(workspace)
         config = await self._inference_config(workspace, ref)
-        result = (
-            config
-            if isinstance(config, Rejection)
-            else plan(workspace, self._catalogs, inventory, self._options, config)
-        )
+        if isinstance(catalogs, Rejection):
+            result: Plan | Rejection = catalogs
+        elif isinstance(config, Rejection):
+            result = config
+        else:
+            result = plan(workspace, catalogs, inventory, self._options, config)
+            if isinstance(result, Plan) and catalogs is not self._catalogs and self._hub is not None:
+                note = f"{result.model} is not in the catalog: sized from {self._hub.url} (its config.json "
+                note += "and weight files)"
+                result = msgspec.structs.replace(result, notes=(*result.notes, note))
         common: dict[str, Any] = {
             "workspace": ref,
             "generation": event.generation,
@@ -116,6 +127,16 @@ class Planner:
             return Workspace.of(event.spec, api_version=event.api_version, metadata=metadata)
         except ValidationError as exc:  # only an apiVersion this planner does not know
             raise InvalidInput(f"cannot be planned: {exc.errors()[0]['msg']}", reason="InvalidSpec") from exc
+
+    async def _catalogs_for(self, workspace: Workspace) -> Catalogs | Rejection:
+        """The catalogs, with the preset the hub describes when the Workspace names a Hugging Face id
+        the catalog does not hold (KAITO's "any HF model" presets)."""
+        section = workspace.tuning if workspace.tuning is not None else workspace.inference
+        name = section.preset.name if section is not None and section.preset is not None else ""
+        if self._hub is None or not is_hub_id(name) or self._catalogs.resolve_preset(name) is not None:
+            return self._catalogs
+        found = await self._hub.preset(name.strip())
+        return found if isinstance(found, Rejection) else self._catalogs.with_preset(found)
 
     async def _inference_config(
         self, workspace: Workspace, ref: ev.WorkspaceRef

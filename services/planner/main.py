@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from services.planner.handling import Planner
+from services.planner.hub import Hub
 from services.planner.settings import PlannerSettings
 from services.planner.store import open_store
 from shared import events as ev
@@ -36,6 +37,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         store=await open_store(runtime.js),
         publisher=runtime.publisher,
         api=runtime.api,
+        hub=Hub(settings.hub_url, timeout=settings.hub_timeout_s) if settings.hub_url else None,
     )
     consumer = ConsumerRunner(
         nc=runtime.nc,

@@ -26,6 +26,12 @@ class PlannerSettings(ServiceSettings):
         4, description="The most nodes an automatically chosen instance type may need."
     )
     context_tokens: int = Field(DEFAULT_CONTEXT, description="The context (tokens) every plan must hold.")
+    hub_url: str = Field(
+        "https://huggingface.co",
+        description="The Hugging Face hub (or a mirror) the planner asks to size a model id the catalog "
+        "does not hold, as KAITO does; empty: such ids are unknown presets.",
+    )
+    hub_timeout_s: float = Field(20.0, gt=0, description="Timeout of one request to the hub.")
     batch: int = Field(
         64, description="Observed events of one Workspace taken together (only the newest is planned)."
     )

@@ -155,6 +155,17 @@ class Catalogs:
             for key in (preset.name, preset.hf_id, preset.hf_id.rsplit("/", 1)[-1], *preset.aliases):
                 self._index.setdefault(key.lower(), preset.name)
 
+    def with_preset(self, preset: Preset) -> Catalogs:
+        """These catalogs and one more preset (one the hub described: :mod:`shared.planning.hub`)."""
+        return Catalogs(
+            presets={**self.presets, preset.name: preset},
+            deprecated=self.deprecated,
+            gpu_models=self.gpu_models,
+            skus=self.skus,
+            quantizations=self.quantizations,
+            sources=self.sources,
+        )
+
     def resolve_preset(self, name: str) -> Preset | None:
         """A preset by its name, any alias, its HF id or HF repo name; case-insensitive."""
         canonical = self._index.get(name.strip().lower())
