@@ -35,7 +35,10 @@ def workspace(preset: str = "phi-3-mini-4k-instruct", instance_type: str = V100)
             "apiVersion": "kaito.sh/v1beta1",
             "metadata": {"name": "ws", "namespace": "ns"},
             "resource": {"instanceType": instance_type, "labelSelector": {"matchLabels": {"a": "b"}}},
-            "inference": {"preset": {"name": preset}, "config": "params"},
+            "inference": {
+                "preset": {"name": preset, "presetOptions": {"modelAccessSecret": "hf-token"}},
+                "config": "params",
+            },
         }
     )
 

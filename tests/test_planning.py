@@ -48,9 +48,10 @@ def workspace(
         "metadata": {"name": "ws"},
         "resource": resource,
     }
+    secret = {"presetOptions": {"modelAccessSecret": "hf-token"}}  # gated presets need one (tested below)
     if method:
         doc["tuning"] = {
-            "preset": {"name": preset},
+            "preset": {"name": preset, **secret},
             "method": method,
             "input": {"urls": ["https://example.invalid/data.parquet"]},
             "output": {"image": "registry.invalid/adapter:1"},
@@ -58,7 +59,7 @@ def workspace(
     elif preset is None:
         doc["inference"] = {"template": {"spec": {"containers": []}}}
     else:
-        doc["inference"] = {"preset": {"name": preset}}
+        doc["inference"] = {"preset": {"name": preset, **secret}}
     return Workspace.model_validate(doc)
 
 
@@ -746,6 +747,16 @@ def test_a_partition_is_refused_as_a_kaito_install_with_its_gates_off_refuses_it
     whole = plan(partitioned("accelerator", count=2), catalogs, [gpu_node("a")], BYO)
     assert isinstance(whole, Rejection) and "accelerator partition support is not enabled" in whole.message
     assert "remove resource.partition" in whole.message
+
+
+def test_a_gated_preset_needs_a_model_access_secret_as_in_kaito(catalogs: Catalogs) -> None:
+    doc = workspace("llama-3.1-8b-instruct", A100).model_dump(by_alias=True, exclude_none=True)
+    assert isinstance(plan(Workspace.model_validate(doc), catalogs), Plan)  # the helper names a Secret
+    del doc["inference"]["preset"]["presetOptions"]
+    refused = plan(Workspace.model_validate(doc), catalogs)
+    assert isinstance(refused, Rejection) and refused.reason == "ModelAccessSecretRequired"
+    assert "This preset requires authentication and needs a modelAccessSecret" in refused.message
+    assert not catalogs.presets["phi-4"].gated  # the others: a token is not needed (nor refused: harmless)
 
 
 def test_byo_instance_type_label_wins(catalogs: Catalogs) -> None:

@@ -98,6 +98,13 @@ def _plan(
             message=f"preset {preset.name} has no tuning support; tunable presets: {', '.join(tunable)}",
             close_matches=tuple(catalogs.close_presets(preset.name, 3)),
         )
+    secret = section.preset.preset_options.model_access_secret if section.preset.preset_options else None
+    if preset.gated and not secret:
+        return Rejection(
+            reason="ModelAccessSecretRequired",
+            message="This preset requires authentication and needs a modelAccessSecret with HF_TOKEN key "
+            f"under presetOptions to download the model ({preset.hf_id} is gated on the hub)",
+        )
     sizer = _Sizer(workspace, preset, catalogs, options)
 
     byo = _byo_targets(workspace, catalogs, inventory, options)

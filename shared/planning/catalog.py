@@ -75,6 +75,7 @@ class Preset(_Entry):
     architecture: Architecture | None = None
     runtime: dict[str, str] = {}
     aliases: tuple[str, ...] = ()
+    gated: bool = False  # the hub serves it only with a token (KAITO's downloadAuthRequired)
 
     _sizes = field_validator("weights", mode="before")(parse_bytes)
 
