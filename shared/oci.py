@@ -1,19 +1,38 @@
-"""OCI artifacts (LoRA adapters) with oras: the registry client, docker-config-json credentials and
-pull. The tuning job pushes adapters with it; the serving app pulls them. A secret is a docker config
-json file, or a directory holding ``.dockerconfigjson`` (a mounted Secret); its content is never logged."""
+"""OCI artifacts (LoRA adapters) with oras: the registry client, docker-config-json credentials, push
+and pull. The tuning job pushes adapters with it; the serving app pulls them. A secret is a docker config
+json file, or a directory holding ``.dockerconfigjson`` (a mounted Secret); its content is never logged.
+
+Two adapter layouts exist, and both are read:
+- **KAITO's** (what its tuning pusher writes, and what Kaiten writes since: KAITO reads it too): an OCI
+  image whose one ``tar+gzip`` layer holds ``data/adapter_config.json`` and
+  ``data/adapter_model.safetensors``, and whose config lists the layer's ``diff_ids``. KAITO's puller
+  (skopeo) unpacks the layers and takes ``/data``.
+- **oras named files** (what Kaiten wrote before): one layer per file, titled by its name
+  (``org.opencontainers.image.title``).
+"""
 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
+import io
 import json
 import logging
 import shutil
+import tarfile
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+LAYER_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
+IMAGE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TITLE = "org.opencontainers.image.title"
 
 
 class OciError(Exception):
@@ -66,10 +85,95 @@ def client(image: str, secret: str | None, insecure: bool, *, what: str = "push 
     return oras_client
 
 
-def pull(image: str, outdir: Path, secret: str | None, *, insecure: bool = False) -> list[Path]:
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def adapter_layer(adapter_dir: Path) -> tuple[bytes, str]:
+    """KAITO's adapter layer: a gzip'd tar of ``data/<file>`` for each adapter file, reproducible (no
+    times, owners or modes of this machine), and the uncompressed tar's digest (the config's diff_id)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        directory = tarfile.TarInfo("data")
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(directory)
+        for name in ADAPTER_FILES:
+            data = (adapter_dir / name).read_bytes()
+            info = tarfile.TarInfo(f"data/{name}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return packed.getvalue(), _digest(raw.getvalue())
+
+
+def push_adapter(adapter_dir: Path, image: str, secret: str | None, *, insecure: bool = False) -> str:
+    """Push the adapter in KAITO's layout (the module's docstring); returns the manifest digest."""
+    layer, diff_id = adapter_layer(adapter_dir)
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [diff_id]}},
+        separators=(",", ":"),
+    ).encode()
+    oras_client = client(image, secret, insecure)
+    container = oras_client.get_container(image)
+    manifest: dict[str, Any] = {"schemaVersion": 2, "mediaType": IMAGE_MANIFEST, "layers": []}
+    with tempfile.TemporaryDirectory(prefix="kaiten-push-") as work:
+        for data, media_type, annotations in (
+            (config, IMAGE_CONFIG, {}),
+            (layer, LAYER_TGZ, {TITLE: "adapter.tar.gz"}),
+        ):
+            path = Path(work) / _digest(data).removeprefix("sha256:")
+            path.write_bytes(data)
+            descriptor = {"mediaType": media_type, "digest": _digest(data), "size": len(data)}
+            response = oras_client.upload_blob(str(path), container, descriptor)
+            if response.status_code not in (200, 201, 202):
+                raise OciError(
+                    "PushFailed", f"push {image}: blob upload answered HTTP {response.status_code}"
+                )
+            if media_type == IMAGE_CONFIG:
+                manifest["config"] = descriptor
+            else:
+                manifest["layers"].append({**descriptor, "annotations": annotations})
+    response = oras_client.upload_manifest(manifest, container)
+    if response.status_code not in (200, 201):
+        raise OciError(
+            "PushFailed",
+            f"push {image}: manifest upload answered HTTP {response.status_code}: {response.text[:200]}",
+        )
+    return str(response.headers.get("Docker-Content-Digest", ""))
+
+
+def _unpack_adapter(tgz: Path, into: Path) -> None:
+    """The adapter files from a layer (tar or tar+gzip) holding them under ``data/`` or at its root;
+    nothing else is written, and no member can land outside ``into``."""
+    with tarfile.open(tgz, mode="r:*") as tar:
+        for member in tar.getmembers():
+            name = member.name.lstrip("./")
+            if member.isfile() and name in (*ADAPTER_FILES, *(f"data/{f}" for f in ADAPTER_FILES)):
+                source = tar.extractfile(member)
+                assert source is not None
+                (into / Path(name).name).write_bytes(source.read())
+
+
+def pull_adapter_files(image: str, outdir: Path, secret: str | None, *, insecure: bool = False) -> list[Path]:
+    """The adapter files of ``image``, in either layout, into ``outdir``; the files written."""
     oras_client = client(image, secret, insecure, what="pull secret")
+    container = oras_client.get_container(image)
+    manifest = oras_client.get_manifest(container)
     outdir.mkdir(parents=True, exist_ok=True)
-    return [Path(p) for p in oras_client.pull(target=image, outdir=str(outdir))]
+    for layer in manifest.get("layers", []):
+        title = (layer.get("annotations") or {}).get(TITLE, "")
+        if title in ADAPTER_FILES:  # oras named files
+            oras_client.download_blob(container, layer["digest"], str(outdir / title))
+        elif layer.get("mediaType") in (LAYER_TGZ, LAYER_TAR) or title.endswith((".tar", ".tar.gz", ".tgz")):
+            blob = outdir / ".layer"
+            oras_client.download_blob(container, layer["digest"], str(blob))
+            try:
+                _unpack_adapter(blob, outdir)
+            finally:
+                blob.unlink(missing_ok=True)
+    return sorted(outdir / name for name in ADAPTER_FILES if (outdir / name).is_file())
 
 
 def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
@@ -90,7 +194,7 @@ def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
     partial = target.with_suffix(".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        pull(image, partial, secret, insecure=is_local(image))
+        pull_adapter_files(image, partial, secret, insecure=is_local(image))
     except OciError:
         raise
     except Exception as exc:  # oras raises ValueError / requests errors with the registry's answer

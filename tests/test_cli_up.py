@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from kaiten.local.procs import descendants, free_port, running
-from shared.oci import pull
+from shared.oci import pull_adapter_files
 from tests.conftest import REPO, Kubectl
 from tests.test_loopback_only import LOOPBACK, sockets
 from tests.test_planner_e2e import condition
@@ -189,7 +189,7 @@ def test_kaiten_up_end_to_end(state: Path, tmp_path: Path, capsys: pytest.Captur
     (tmp_path / "pull" / ".dockerconfigjson").write_bytes(
         base64.b64decode(secret["data"][".dockerconfigjson"])
     )
-    pulled = pull(output, tmp_path / "adapter", str(tmp_path / "pull"), insecure=True)
+    pulled = pull_adapter_files(output, tmp_path / "adapter", str(tmp_path / "pull"), insecure=True)
     assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
 
     pirate = f"http://127.0.0.1:{serve_port}/default/workspace-smollm2-pirate"
@@ -236,7 +236,9 @@ def test_kaiten_up_end_to_end(state: Path, tmp_path: Path, capsys: pytest.Captur
     with phases.time("kaiten up --no-sample on the kept state, down --purge"):
         again = kaiten(env, "up", "--no-sample", timeout=300)
         assert again.returncode == 0, again.stdout + again.stderr
-        kept = pull(output, tmp_path / "again", str(tmp_path / "pull"), insecure=True)  # the registry kept it
+        kept = pull_adapter_files(
+            output, tmp_path / "again", str(tmp_path / "pull"), insecure=True
+        )  # the registry kept it
         assert sorted(p.name for p in kept) == ["adapter_config.json", "adapter_model.safetensors"]
         assert kubectl.json("get", "workspaces", "-A")["items"] == []
         purged = kaiten(env, "down", "--purge", timeout=240)

@@ -27,7 +27,7 @@ from kaiten.local.procs import ManagedProcess, free_port, port_open
 from services.tuning.config import TuningJobConfig
 from services.tuning.job import amain
 from shared import events as ev
-from shared.oci import pull
+from shared.oci import ADAPTER_FILES, IMAGE_CONFIG, LAYER_TGZ, client, pull_adapter, pull_adapter_files
 from tests.conftest import REPO, SMOLLM2
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
@@ -253,8 +253,11 @@ def test_lora_job_end_to_end(
         f"{tmp_path / 'out'}, {image}@sha256:"
     )
 
-    pulled = pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
-    assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
+    pull_adapter_files(image, tmp_path / "pulled", str(push_secret), insecure=True)  # KAITO's layout
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (tmp_path / "pulled" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
@@ -295,7 +298,8 @@ def test_qlora_trains_on_the_cpu_and_pushes(
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.8, losses
     config_json = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config_json["r"] == 8 and sorted(config_json["target_modules"]) == ["q_proj", "v_proj"]
-    assert pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
+    pull_adapter_files(image, tmp_path / "pulled", str(push_secret), insecure=True)
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == list(ADAPTER_FILES)
 
 
 @pytest.mark.parametrize(
@@ -417,3 +421,80 @@ def test_qlora_loads_the_base_in_8_bit_when_kaitos_config_asks_else_4_bit_nf4() 
     kaito = Sections.model_validate({"QuantizationConfig": {"load_in_8bit": True}}).quantization
     eight = BitsAndBytesConfig(**quantization_arguments(kaito))
     assert (eight.load_in_4bit, eight.load_in_8bit) == (False, True)
+
+
+def test_adapters_are_pushed_in_kaitos_layout_and_both_layouts_are_read(
+    tmp_path: Path, registry: str, push_secret: Path, adapter_dir: Path
+) -> None:
+    """Issue 18: KAITO's tuning pusher writes an OCI image whose one tar+gzip layer holds
+    data/adapter_config.json and the weights; Kaiten pushed oras named files, which KAITO's puller
+    (skopeo: unpack every layer, take /data) cannot read, and read only those. Now Kaiten pushes KAITO's
+    layout and reads both, checked on a real registry: its own push, an image made as KAITO's
+    pusher.sh makes it (system tar and gzip -9), and an artifact in the old layout."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    import httpx
+
+    from services.tuning.push import push
+
+    secret, auth = str(push_secret), (USER, PASSWORD)
+    ours = f"{registry}/adapters/layout:kaiten"
+    digest = push(adapter_dir, ours, secret, insecure=True)
+    accept = {"accept": "application/vnd.oci.image.manifest.v1+json"}
+    manifest = httpx.get(
+        f"http://{registry}/v2/adapters/layout/manifests/kaiten", headers=accept, auth=auth
+    ).json()
+    assert manifest["config"]["mediaType"] == IMAGE_CONFIG and digest.startswith("sha256:")
+    (layer,) = manifest["layers"]
+    assert layer["mediaType"] == LAYER_TGZ
+    blob = httpx.get(f"http://{registry}/v2/adapters/layout/blobs/{layer['digest']}", auth=auth).content
+    config = httpx.get(
+        f"http://{registry}/v2/adapters/layout/blobs/{manifest['config']['digest']}", auth=auth
+    ).json()
+    raw = gzip.decompress(blob)
+    assert config["rootfs"]["diff_ids"] == ["sha256:" + hashlib.sha256(raw).hexdigest()]  # what skopeo checks
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:  # what KAITO's puller takes: /data
+        assert sorted(tar.getnames()) == [
+            "data",
+            "data/adapter_config.json",
+            "data/adapter_model.safetensors",
+        ]
+
+    # as KAITO's pusher.sh makes it: tar c -C <tmp> data; gzip -9; config {"rootfs":{"diff_ids":[…]}}
+    work = tmp_path / "kaito"
+    (work / "data").mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copy(adapter_dir / name, work / "data" / name)
+    subprocess.run(["tar", "c", "-f", str(work / "layer.tar"), "-C", str(work), "data"], check=True)
+    diff = hashlib.sha256((work / "layer.tar").read_bytes()).hexdigest()
+    subprocess.run(["gzip", "-9", str(work / "layer.tar")], check=True)
+    (work / "config.json").write_text(f'{{"rootfs":{{"diff_ids":["sha256:{diff}"]}}}}')
+    kaitos = f"{registry}/adapters/layout:kaito"
+    oras = client(kaitos, secret, True)
+    container = oras.get_container(kaitos)
+    descriptors = []
+    for path, media_type in ((work / "config.json", IMAGE_CONFIG), (work / "layer.tar.gz", LAYER_TGZ)):
+        data = path.read_bytes()
+        descriptor = {
+            "mediaType": media_type,
+            "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
+        assert oras.upload_blob(str(path), container, descriptor).status_code in (201, 202)
+        descriptors.append(descriptor)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": descriptors[0], "layers": descriptors[1:]}  # fmt: skip
+    assert oras.upload_manifest(manifest, container).status_code == 201
+
+    # the layout Kaiten wrote before: one oras layer per file, titled by its name
+    old = f"{registry}/adapters/layout:oras"
+    files = [str(adapter_dir / name) for name in ADAPTER_FILES]
+    oras.push(target=old, files=files, disable_path_validation=True)
+
+    for image in (ours, kaitos, old):
+        got = pull_adapter(image, tmp_path / "cache", [secret])
+        for name in ADAPTER_FILES:
+            assert (got / name).read_bytes() == (adapter_dir / name).read_bytes(), (image, name)

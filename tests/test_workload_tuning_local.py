@@ -14,7 +14,7 @@ from nats.aio.client import Client
 from kaiten.local.procs import free_port
 from kaiten.local.ray_head import RayHead
 from shared import events as ev
-from shared.oci import pull
+from shared.oci import pull_adapter_files
 from tests.conftest import Kubectl, Services, start_local_chain, until
 from tests.test_planner_e2e import condition
 from tests.test_provisioner_e2e import events_of
@@ -83,7 +83,7 @@ async def test_tuning_workspace_runs_as_a_ray_job_and_pushes(
     assert len(done) == 1 and done[0].output.startswith(f"{image}@sha256:"), (
         done
     )  # the job's own, with its digest
-    pulled = pull(image, tmp_path / "pulled", str(push_secret), insecure=True)
+    pulled = pull_adapter_files(image, tmp_path / "pulled", str(push_secret), insecure=True)
     assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
     assert PASSWORD not in services.logs() and PASSWORD not in json.dumps(obj)
 

@@ -3,28 +3,15 @@ docker-config-json push secret mounted into the job (basic auth; the secret's co
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
-from shared.oci import ADAPTER_FILES, OciError, client, credentials, registry_of
+from shared.oci import ADAPTER_FILES, OciError, credentials, push_adapter, registry_of
 
 log = logging.getLogger(__name__)
 
 
 PushError = OciError  # the job reports its ``reason`` (InvalidPushSecret, PushUnauthorized, …)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    before = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
 
 
 def check_access(image: str, secret: str | None, *, insecure: bool = False) -> None:
@@ -47,14 +34,15 @@ def check_access(image: str, secret: str | None, *, insecure: bool = False) -> N
 
 
 def push(adapter_dir: Path, image: str, secret: str | None, *, insecure: bool = False) -> str:
-    """Push the adapter files; returns the manifest digest."""
+    """Push the adapter in KAITO's layout, which KAITO and Kaiten both read (``shared.oci``); returns
+    the manifest digest."""
     missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
     if missing:
         raise PushError("AdapterMissing", f"{adapter_dir}: no {', '.join(missing)}")
-    oras_client = client(image, secret, insecure)
     try:
-        with _cwd(adapter_dir):  # so the layers are titled by bare file names
-            response = oras_client.push(target=image, files=list(ADAPTER_FILES))
+        digest = push_adapter(adapter_dir, image, secret, insecure=insecure)
+    except PushError:
+        raise
     except Exception as exc:  # oras raises ValueError / requests errors with the registry's answer
         text = str(exc)
         reason = (
@@ -63,6 +51,5 @@ def push(adapter_dir: Path, image: str, secret: str | None, *, insecure: bool = 
             else "PushFailed"
         )
         raise PushError(reason, f"push to {image}: {text[:300]}") from exc
-    digest = response.headers.get("Docker-Content-Digest", "") if response is not None else ""
     log.info("pushed %s (%s)", image, digest or "no digest")
-    return str(digest)
+    return digest

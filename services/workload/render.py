@@ -193,6 +193,36 @@ def _check_output_dir(section: object, where: str) -> None:
         raise _invalid(f"Invalid output_dir specified: '{value}', must be a directory")
 
 
+def local_paths(workspace: Workspace) -> tuple[str | None, str | None]:
+    """Where a job on this machine (the local backend) reads its input and writes its output when the
+    Workspace names volumes: a ``hostPath`` is a directory here; other volumes and data images need a
+    cluster (the kuberay backend mounts them)."""
+    tuning = workspace.tuning
+    assert tuning is not None
+    paths: list[str | None] = []
+    for what, source, image in (
+        ("input", tuning.input.volume_source, tuning.input.image),
+        ("output", tuning.output.volume_source, None),
+    ):
+        reason = "InputNotSupported" if what == "input" else "OutputNotSupported"
+        if image:
+            raise RenderError(
+                reason, f"tuning.{what}.image needs a cluster: the local backend reads URLs or a hostPath"
+            )
+        if source is None:
+            paths.append(None)
+            continue
+        host = source.get("hostPath") if isinstance(source.get("hostPath"), dict) else None
+        if host is None or not str(host.get("path", "")).startswith("/"):
+            kinds = ", ".join(sorted(source)) or "none"
+            raise RenderError(
+                reason,
+                f"tuning.{what}.volumeSource ({kinds}) needs a cluster: the local backend takes a hostPath",
+            )
+        paths.append(str(host["path"]))
+    return paths[0], paths[1]
+
+
 def _invalid(message: str) -> RenderError:
     return RenderError("InvalidTuningConfig", message)
 
@@ -211,8 +241,14 @@ def tuning_config(
     nats_user: str | None = None,
     urls_env: str | None = None,
     trace: dict[str, str] | None = None,
+    input_directory: str | None = None,
+    output_directory: str | None = None,
 ) -> dict[str, Any]:
     """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates).
+
+    ``input_directory``/``output_directory``: where the backend makes a volume (or a data image) of the
+    Workspace's input, and its output volume, appear to the job (:func:`local_paths`, or the cluster's
+    mounts in ``manifests.rayjob``).
 
     ``urls_env``: the input URLs are not written here but read by the job from that variable (which a
     cluster fills from a Secret: a URL may carry a credential).
@@ -224,18 +260,16 @@ def tuning_config(
     tuning = workspace.tuning
     if tuning is None:
         raise RenderError("UnsupportedWorkspace", "not a tuning Workspace")
-    if not tuning.input.urls:
-        raise RenderError(
-            "InputNotSupported", "only input.urls are supported by the local backend (not images or volumes)"
-        )
-    if not tuning.output.image:
-        raise RenderError(
-            "OutputNotSupported", "only output.image is supported by the local backend (not volumes)"
-        )
-    try:
-        insecure = is_local(tuning.output.image)  # a registry on this machine speaks plain http
-    except OciError as exc:  # no registry host: the job could never push it
-        raise RenderError(exc.reason, str(exc)) from exc
+    if not tuning.input.urls and not input_directory:
+        raise RenderError("InputNotSupported", "the tuning input has no URLs and no directory to read")
+    if not tuning.output.image and not output_directory:
+        raise RenderError("OutputNotSupported", "the tuning output has no image and no directory to write")
+    insecure = False
+    if tuning.output.image:
+        try:
+            insecure = is_local(tuning.output.image)  # a registry on this machine speaks plain http
+        except OciError as exc:  # no registry host: the job could never push it
+            raise RenderError(exc.reason, str(exc)) from exc
     merged = {**sections}
     if plan.tuning is not None:  # the plan sized memory for this batch and length: keep to it
         merged.setdefault("TrainingArguments", {}).setdefault(
@@ -248,11 +282,18 @@ def tuning_config(
         "source": model_source(plan),
         "method": tuning.method,
         "sections": merged,
-        **({"input_urls_env": urls_env} if urls_env else {"input_urls": list(tuning.input.urls)}),
+        **(
+            {"input_directory": input_directory}
+            if input_directory
+            else {"input_urls_env": urls_env}
+            if urls_env
+            else {"input_urls": list(tuning.input.urls)}
+        ),
         "output": {
             "image": tuning.output.image,
-            "push_secret": push_secret,
+            "push_secret": push_secret if tuning.output.image else None,
             "insecure": insecure,
+            **({"directory": output_directory} if output_directory else {}),
         },
         "work_dir": work_dir,
         "workspace": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid, "generation": generation},
