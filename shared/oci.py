@@ -176,6 +176,51 @@ def pull_adapter_files(image: str, outdir: Path, secret: str | None, *, insecure
     return sorted(outdir / name for name in ADAPTER_FILES if (outdir / name).is_file())
 
 
+def pull_data(image: str, dest: Path, secrets: Sequence[str] = ()) -> list[Path]:
+    """KAITO's tuning data image: every layer unpacked, the files under ``data/`` copied to ``dest`` (as
+    KAITO's puller relocates ``/data``). Regular files only; no member lands outside ``dest``."""
+    registry = registry_of(image)
+    secret = next((s for s in secrets if _has_credentials(s, registry)), None)
+    oras_client = client(image, secret, is_local(image), what="pull secret")
+    container = oras_client.get_container(image)
+    written: list[Path] = []
+    try:
+        manifest = oras_client.get_manifest(container)
+        dest.mkdir(parents=True, exist_ok=True)
+        for layer in manifest.get("layers", []):
+            blob = dest / ".layer"
+            oras_client.download_blob(container, layer["digest"], str(blob))
+            try:
+                with tarfile.open(blob, mode="r:*") as tar:
+                    for member in tar.getmembers():
+                        parts = Path(member.name.lstrip("./")).parts
+                        if not member.isfile() or len(parts) < 2 or parts[0] != "data" or ".." in parts:
+                            continue
+                        target = dest.joinpath(*parts[1:])
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        source = tar.extractfile(member)
+                        assert source is not None
+                        target.write_bytes(source.read())
+                        written.append(target)
+            finally:
+                blob.unlink(missing_ok=True)
+    except OciError:
+        raise
+    except Exception as exc:  # oras raises ValueError / requests errors with the registry's answer
+        raise OciError("PullFailed", f"pull {image}: {str(exc)[:300]}") from exc
+    if not written:
+        raise OciError("NoData", f"{image} has no files under /data (KAITO's data image layout)")
+    log.info("pulled %d data file(s) from %s", len(written), image)
+    return sorted(written)
+
+
+def _has_credentials(secret: str, registry: str) -> bool:
+    try:
+        return credentials(secret, registry, what="pull secret") is not None
+    except OciError:
+        return False
+
+
 def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
     """The adapter at ``image`` as a local directory under ``cache`` (pulled once per image reference;
     the first secret with credentials for the registry is used). Errors are :class:`OciError`."""
@@ -183,14 +228,7 @@ def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
     target = cache / hashlib.sha256(image.encode()).hexdigest()[:16]
     if all((target / f).is_file() for f in ADAPTER_FILES):
         return target
-    secret = None
-    for candidate in secrets:
-        try:
-            if credentials(candidate, registry, what="pull secret") is not None:
-                secret = candidate
-                break
-        except OciError:
-            continue
+    secret = next((s for s in secrets if _has_credentials(s, registry)), None)
     partial = target.with_suffix(".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -208,3 +246,29 @@ def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
     partial.rename(target)
     log.info("pulled adapter %s", image)
     return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shared.oci pull-data IMAGE DEST [SECRET…]``: a tuning Workspace's data image into
+    ``DEST`` (the init container the kuberay backend renders for ``tuning.input.image``)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m shared.oci")
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("pull-data", help="unpack a data image's /data into a directory")
+    data.add_argument("image")
+    data.add_argument("dest", type=Path)
+    data.add_argument("secrets", nargs="*", help="mounted docker-config-json Secrets to try")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        pull_data(args.image, args.dest, args.secrets)
+    except OciError as exc:
+        print(f"{exc.reason}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -423,6 +423,27 @@ def test_qlora_loads_the_base_in_8_bit_when_kaitos_config_asks_else_4_bit_nf4() 
     assert (eight.load_in_4bit, eight.load_in_8bit) == (False, True)
 
 
+def push_image(image: str, secret: str, config: Path, layer: Path) -> None:
+    """An OCI image of one config and one tar+gzip layer, uploaded as registries take any image."""
+    import hashlib
+
+    oras = client(image, secret, True)
+    container = oras.get_container(image)
+    descriptors = []
+    for path, media_type in ((config, IMAGE_CONFIG), (layer, LAYER_TGZ)):
+        data = path.read_bytes()
+        descriptor = {
+            "mediaType": media_type,
+            "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
+        assert oras.upload_blob(str(path), container, descriptor).status_code in (201, 202)
+        descriptors.append(descriptor)
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": descriptors[0], "layers": descriptors[1:]}  # fmt: skip
+    assert oras.upload_manifest(manifest, container).status_code == 201
+
+
 def test_adapters_are_pushed_in_kaitos_layout_and_both_layouts_are_read(
     tmp_path: Path, registry: str, push_secret: Path, adapter_dir: Path
 ) -> None:
@@ -473,28 +494,48 @@ def test_adapters_are_pushed_in_kaitos_layout_and_both_layouts_are_read(
     subprocess.run(["gzip", "-9", str(work / "layer.tar")], check=True)
     (work / "config.json").write_text(f'{{"rootfs":{{"diff_ids":["sha256:{diff}"]}}}}')
     kaitos = f"{registry}/adapters/layout:kaito"
-    oras = client(kaitos, secret, True)
-    container = oras.get_container(kaitos)
-    descriptors = []
-    for path, media_type in ((work / "config.json", IMAGE_CONFIG), (work / "layer.tar.gz", LAYER_TGZ)):
-        data = path.read_bytes()
-        descriptor = {
-            "mediaType": media_type,
-            "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
-            "size": len(data),
-        }
-        assert oras.upload_blob(str(path), container, descriptor).status_code in (201, 202)
-        descriptors.append(descriptor)
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": descriptors[0], "layers": descriptors[1:]}  # fmt: skip
-    assert oras.upload_manifest(manifest, container).status_code == 201
+    push_image(kaitos, secret, work / "config.json", work / "layer.tar.gz")
 
     # the layout Kaiten wrote before: one oras layer per file, titled by its name
     old = f"{registry}/adapters/layout:oras"
     files = [str(adapter_dir / name) for name in ADAPTER_FILES]
-    oras.push(target=old, files=files, disable_path_validation=True)
+    client(old, secret, True).push(target=old, files=files, disable_path_validation=True)
 
     for image in (ours, kaitos, old):
         got = pull_adapter(image, tmp_path / "cache", [secret])
         for name in ADAPTER_FILES:
             assert (got / name).read_bytes() == (adapter_dir / name).read_bytes(), (image, name)
+
+
+def test_a_kaito_data_image_is_unpacked_for_the_job(tmp_path: Path, registry: str, push_secret: Path) -> None:
+    """KAITO's tuning input image: an image whose layers hold the data under /data. The init container
+    the kuberay backend renders runs ``python -m shared.oci pull-data IMAGE DIR SECRET``: the files
+    under data/ (in any layer) land in DIR, nothing else does, and a bad image says why."""
+
+    work = tmp_path / "image"
+    (work / "data" / "more").mkdir(parents=True)
+    (work / "data" / "train.jsonl").write_text('{"messages": []}\\n')
+    (work / "data" / "more" / "extra.jsonl").write_text('{"messages": []}\\n')
+    (work / "etc").mkdir()
+    (work / "etc" / "passwd").write_text("not data")
+    subprocess.run(["tar", "c", "-f", str(work / "layer.tar"), "-C", str(work), "data", "etc"], check=True)
+    subprocess.run(["gzip", "-9", str(work / "layer.tar")], check=True)
+    (work / "config.json").write_text("{}")
+    image = f"{registry}/data/pirate:1"
+    push_image(image, str(push_secret), work / "config.json", work / "layer.tar.gz")
+
+    dest = tmp_path / "mnt-data"
+    pull_data = [sys.executable, "-m", "shared.oci", "pull-data"]
+    secrets = [str(tmp_path / "none"), str(push_secret)]  # the first without credentials is passed over
+    run = subprocess.run(
+        [*pull_data, image, str(dest), *secrets], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["more/extra.jsonl", "train.jsonl"]
+    assert PASSWORD not in run.stdout + run.stderr
+    empty = subprocess.run(
+        [*pull_data, f"{registry}/data/none:1", str(tmp_path / "x"), str(push_secret)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert empty.returncode == 1 and "PullFailed" in empty.stderr, empty.stderr

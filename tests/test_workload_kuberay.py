@@ -31,7 +31,9 @@ from services.workload.manifests import (
     API_KEY_ANNOTATION,
     ENABLE_LB_ANNOTATION,
     GPU_TOLERATION,
+    INPUT_PATH,
     MAX_RAY_NAME,
+    OUTPUT_PATH,
     PULL_SECRETS_PATH,
     PUSH_SECRET_PATH,
     WORKSPACE_LABEL,
@@ -207,6 +209,48 @@ def test_tuning_seed_mounts_the_push_secret_and_never_copies_it() -> None:
     assert volumes["tuning-config"]["configMap"]["name"] == configmap["metadata"]["name"]
     text = json.dumps([configmap, job])
     assert text.count("ACR_REGISTRY_SECRET_HERE") == 1  # referenced once, by name, as a volume
+
+
+def test_tuning_volumes_and_data_images_are_mounted_where_kaito_puts_them() -> None:
+    """Issue 18: KAITO tunes from a volume (a PVC) or a data image and writes to a volume. The RayJob
+    mounts the input volume read-only at /mnt/data and the output one at /mnt/output; a data image is
+    unpacked there first by an init container (our image's ``python -m shared.oci pull-data``, with the
+    input's pull Secrets). KubeRay's own validation takes both."""
+    base, got = seed("workspace-tuning-phi-3.yaml")
+    ref = ref_of(base)
+    doc = base.model_dump(by_alias=True, exclude_none=True)
+    doc["tuning"]["input"] = {"name": "d", "volumeSource": {"persistentVolumeClaim": {"claimName": "data"}}}
+    doc["tuning"]["output"] = {"volumeSource": {"persistentVolumeClaim": {"claimName": "adapters"}}}
+    on_volumes = Workspace.model_validate(doc)
+    doc["tuning"]["input"] = {"image": "reg.example/data/pirate:1", "imagePullSecrets": ["data-pull"]}
+    from_image = Workspace.model_validate(doc)
+    for workspace in (on_volumes, from_image):
+        job = rayjob(ref, "kaito.sh/v1beta1", workspace, got, job_id(ref, 1), image=IMAGE, generation=1)
+        result = kuberay_validate([job])
+        assert result.returncode == 0, result.stdout + result.stderr
+        spec = pods(job)[0]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts[INPUT_PATH] == {"name": "tuning-input", "mountPath": INPUT_PATH, "readOnly": True}
+        assert mounts[OUTPUT_PATH]["name"] == "tuning-output" and "readOnly" not in mounts[OUTPUT_PATH]
+        assert volumes["tuning-output"]["persistentVolumeClaim"] == {"claimName": "adapters"}
+        config = TuningJobConfig.model_validate(tuning_config(
+            workspace, got, ref, 1, sections={}, push_secret=None, nats_url="nats://n:4222", work_dir="/w",
+            allow_loopback_urls=False, input_directory=INPUT_PATH, output_directory=OUTPUT_PATH,
+        ))  # fmt: skip
+        assert (config.input_directory, config.output.directory, config.output.image) == (
+            INPUT_PATH, OUTPUT_PATH, None
+        )  # fmt: skip
+    assert volumes["tuning-input"] == {"name": "tuning-input", "emptyDir": {}}  # the image's case, last
+    (puller,) = spec["initContainers"]
+    assert puller["image"] == IMAGE and puller["command"] == [
+        "python", "-m", "shared.oci", "pull-data", "reg.example/data/pirate:1", INPUT_PATH,
+        f"{PULL_SECRETS_PATH}/data-pull",
+    ]  # fmt: skip
+    pull_volume = next(v for v in volumes.values() if v.get("secret", {}).get("secretName") == "data-pull")
+    assert {"name": pull_volume["name"], "mountPath": f"{PULL_SECRETS_PATH}/data-pull", "readOnly": True} in (
+        puller["volumeMounts"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ validates, with the plan's engine, arguments, source and replicas."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -14,6 +16,7 @@ from services.workload.render import (
     RenderError,
     app_name,
     kaito_sections,
+    local_paths,
     route_prefix,
     serve_application,
     serving_config,
@@ -209,3 +212,26 @@ def test_tuning_config_maps_are_refused_where_kaito_refuses_them(
     with pytest.raises(RenderError) as refused:
         sections_of(data, method)
     assert refused.value.reason == "InvalidTuningConfig" and gist in str(refused.value), str(refused.value)
+
+
+def test_the_local_backend_takes_hostpath_volumes_and_says_what_needs_a_cluster() -> None:
+    workspace = Workspace.model_validate(yaml.safe_load((SEEDS / "workspace-tuning-phi-3.yaml").read_text()))
+    doc = workspace.model_dump(by_alias=True, exclude_none=True)
+
+    def paths(source: dict[str, object], output: dict[str, object]) -> tuple[str | None, str | None]:
+        return local_paths(
+            Workspace.model_validate({**doc, "tuning": {**doc["tuning"], "input": source, "output": output}})
+        )
+
+    image_out = doc["tuning"]["output"]
+    assert paths({"urls": ["https://d.example/x.jsonl"]}, image_out) == (None, None)
+    host = {"volumeSource": {"hostPath": {"path": "/srv/data"}}}
+    assert paths(host, {"volumeSource": {"hostPath": {"path": "/srv/out"}}}) == ("/srv/data", "/srv/out")
+    for source, output, says in (
+        ({"volumeSource": {"persistentVolumeClaim": {"claimName": "d"}}}, image_out,
+         "tuning.input.volumeSource (persistentVolumeClaim) needs a cluster"),
+        ({"image": "reg.example/data:1"}, image_out, "tuning.input.image needs a cluster"),
+        (host, {"volumeSource": {"emptyDir": {}}}, "tuning.output.volumeSource (emptyDir) needs a cluster"),
+    ):  # fmt: skip
+        with pytest.raises(RenderError, match=re.escape(says)):
+            paths(source, output)

@@ -5,6 +5,7 @@ and outcome in the Workspace's status, the adapter in the real registry; deletio
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,49 @@ async def test_a_missing_or_refused_tuning_configmap_fails_the_workspace_with_th
     cond = condition(kubectl.json("get", "workspace", "tuneq", "-n", namespace), "WorkspaceSucceeded")
     says = "For method 'lora', 'load_in_4bit' or 'load_in_8bit' in ConfigMap 'quantized' must not be true"
     assert cond["reason"] == "InvalidTuningConfig" and says in cond["message"], cond
+
+
+@pytest.mark.timeout(300)
+async def test_tuning_reads_and_writes_hostpath_volumes_on_the_local_backend(
+    kubectl: Kubectl,
+    namespace: str,
+    services: Services,
+    ray_dashboard: RayHead,
+    data_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Issue 18: KAITO takes tuning input from a volume and writes the adapter to one. On this machine a
+    hostPath is a directory: the job reads its data there and writes the adapter there, no URL and no
+    registry involved. (A cluster mounts any volumeSource, and unpacks a data image, at KAITO's paths:
+    tests/test_workload_kuberay.py.)"""
+    data, out = tmp_path / "data", tmp_path / "adapter"
+    data.mkdir()
+    shutil.copy(data_dir / "train-00000-of-00001.parquet", data)
+    out.mkdir()
+    training = {"training_config": {"TrainingArguments": {"max_steps": 4, "per_device_train_batch_size": 4},
+                                    "DatasetConfig": {"max_seq_length": 96}}}  # fmt: skip
+    configmap = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "short"},
+        "data": {"training_config.yaml": yaml.safe_dump(training)},
+    }  # fmt: skip
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(configmap), check=True)
+    await start_local_chain(services, ray_dashboard, free_port(), KAITEN_WORK_DIR=str(tmp_path / "work"))
+    workspace = {
+        "apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": "onvolumes"},
+        "resource": {"labelSelector": {"matchLabels": {"apps": "onvolumes"}}},
+        "tuning": {
+            "preset": {"name": "smollm2-135m-instruct"}, "method": "lora", "config": "short",
+            "input": {"name": "pirate", "volumeSource": {"hostPath": {"path": str(data)}}},
+            "output": {"volumeSource": {"hostPath": {"path": str(out)}}},
+        },
+    }  # fmt: skip
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
+    done = "--for=condition=WorkspaceSucceeded"
+    kubectl.run("wait", "-n", namespace, done, "workspace/onvolumes", "--timeout=280s", timeout=290)
+    obj = kubectl.json("get", "workspace", "onvolumes", "-n", namespace)
+    assert condition(obj, "WorkspaceSucceeded")["status"] == "True", (
+        obj.get("status"),
+        services.logs()[-3000:],
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -53,6 +53,8 @@ CONFIG_PATH = "/etc/kaiten/tuning"
 PUSH_SECRET_PATH = "/var/run/kaiten/push"  # noqa: S105  (a mount path, not a secret)
 PULL_SECRETS_PATH = "/var/run/kaiten/pull"
 WORK_PATH = "/var/lib/kaiten/tuning"
+INPUT_PATH = "/mnt/data"  # a tuning Workspace's input volume or data image (KAITO's DefaultDataVolumePath)
+OUTPUT_PATH = "/mnt/output"  # its output volume (KAITO's DefaultOutputVolumePath)
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -216,12 +218,15 @@ def _pod_template(
     plan: Plan,
     container: dict[str, Any],
     volumes: list[dict[str, Any]],
+    init_containers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": _volumes(plan, volumes),
         **_placement(workspace, plan.gpus_per_node),
     }
+    if init_containers:
+        spec["initContainers"] = init_containers
     if pull := _pull_secrets(workspace):
         spec["imagePullSecrets"] = pull
     return {"metadata": {"labels": labels(ref)}, "spec": spec}
@@ -304,11 +309,12 @@ def _cluster(
     mounts: list[dict[str, Any]],
     host: HostNetwork | None = None,
     env: list[dict[str, Any]] | None = None,
+    init_containers: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A Ray cluster on the planned nodes: the head takes the first node (with its GPUs: a KAITO plan
     has no CPU-only node), a worker group the others."""
     head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS, env)
-    template = _pod_template(ref, workspace, plan, head, volumes)
+    template = _pod_template(ref, workspace, plan, head, volumes, init_containers)
     start_params = {"dashboard-host": "0.0.0.0"}  # noqa: S104  (the pod network, in-cluster)
     workers = max(plan.nodes, 1) - 1
     if host is not None:
@@ -334,7 +340,7 @@ def _cluster(
                 "minReplicas": workers,
                 "maxReplicas": workers,
                 "rayStartParams": {},
-                "template": _pod_template(ref, workspace, plan, worker, volumes),
+                "template": _pod_template(ref, workspace, plan, worker, volumes, init_containers),
             }
         ]
     return cluster
@@ -638,6 +644,9 @@ def rayjob(
             }
         )
         mounts.append({"name": "push-secret", "mountPath": PUSH_SECRET_PATH, "readOnly": True})
+    data_volumes, data_mounts, init = tuning_data(workspace, image)
+    volumes += data_volumes
+    mounts += data_mounts
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -647,9 +656,64 @@ def rayjob(
             "jobId": submission_id,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
-            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env_list),
+            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env_list, init),
         },
     }
+
+
+def tuning_data(
+    workspace: Workspace, image: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts, init containers) for a tuning Workspace's input and output, as KAITO lays
+    them out: an input ``volumeSource`` mounted read-only at :data:`INPUT_PATH`; a data image unpacked
+    there by an init container (our image's ``python -m shared.oci pull-data``, with the input's pull
+    Secrets); an output ``volumeSource`` at :data:`OUTPUT_PATH`. URL inputs and image outputs need none."""
+    assert workspace.tuning is not None
+    source, destination = workspace.tuning.input, workspace.tuning.output
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    init: list[dict[str, Any]] = []
+    if source.volume_source is not None:
+        volumes.append({"name": "tuning-input", **source.volume_source})
+        mounts.append({"name": "tuning-input", "mountPath": INPUT_PATH, "readOnly": True})
+    elif source.image:
+        volumes.append({"name": "tuning-input", "emptyDir": {}})
+        mounts.append({"name": "tuning-input", "mountPath": INPUT_PATH, "readOnly": True})
+        secrets = list(dict.fromkeys(source.image_pull_secrets))
+        secret_volumes = [
+            {
+                "name": object_name(f"data-pull-{n}", limit=63),
+                "secret": {"secretName": n, "defaultMode": 0o400},
+            }
+            for n in secrets
+        ]
+        volumes += secret_volumes
+        init.append(
+            {
+                "name": "data-puller",
+                "image": image,
+                "command": [
+                    "python",
+                    "-m",
+                    "shared.oci",
+                    "pull-data",
+                    source.image,
+                    INPUT_PATH,
+                    *(f"{PULL_SECRETS_PATH}/{n}" for n in secrets),
+                ],
+                "volumeMounts": [
+                    {"name": "tuning-input", "mountPath": INPUT_PATH},
+                    *(
+                        {"name": v["name"], "mountPath": f"{PULL_SECRETS_PATH}/{n}", "readOnly": True}
+                        for v, n in zip(secret_volumes, secrets, strict=True)
+                    ),
+                ],
+            }
+        )
+    if destination.volume_source is not None:
+        volumes.append({"name": "tuning-output", **destination.volume_source})
+        mounts.append({"name": "tuning-output", "mountPath": OUTPUT_PATH})
+    return volumes, mounts, init
 
 
 NATS_SECRET_KEY = "password"  # noqa: S105 (the name of a key in the Secret, not a secret)

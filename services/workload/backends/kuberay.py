@@ -23,8 +23,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from services.workload.backends.base import JobState, State, Target
 from services.workload.manifests import (
     GENERATION_ANNOTATION,
+    INPUT_PATH,
     INPUT_URLS_ENV,
     NAMESPACE_LABEL,
+    OUTPUT_PATH,
     PULL_SECRETS_PATH,
     PUSH_SECRET_PATH,
     WORK_PATH,
@@ -275,22 +277,27 @@ class KubeRay:
             target.workspace is not None and target.plan is not None and target.workspace.tuning is not None
         )
         ref, version, generation = target.ref, target.api_version, target.generation
+        tuning = target.workspace.tuning
+        urls = list(tuning.input.urls)
         config = tuning_config(
             target.workspace,
             target.plan,
             ref,
             generation,
             sections=sections,
-            push_secret=PUSH_SECRET_PATH if target.workspace.tuning.output.image_push_secret else None,
+            push_secret=PUSH_SECRET_PATH if tuning.output.image_push_secret else None,
             nats_url=self._nats_url,
             work_dir=f"{WORK_PATH}/job",
             allow_loopback_urls=False,
             nats_user=self._tuning_nats[0] if self._tuning_nats else None,
-            urls_env=INPUT_URLS_ENV,
+            urls_env=INPUT_URLS_ENV if urls else None,
             trace=telemetry.carrier(),
+            # a volume or a data image: mounted there (manifests.tuning_data)
+            input_directory=None if urls else INPUT_PATH,
+            output_directory=OUTPUT_PATH if tuning.output.volume_source is not None else None,
         )
         secret = nats_secret(ref, version, generation, self._tuning_nats[1]) if self._tuning_nats else None
-        inputs = inputs_secret(ref, version, generation, list(target.workspace.tuning.input.urls))
+        inputs = inputs_secret(ref, version, generation, urls) if urls else None
         job = rayjob(
             ref,
             version,
@@ -301,13 +308,14 @@ class KubeRay:
             generation=generation,
             host=self._host,
             nats_secret=secret["metadata"]["name"] if secret else None,
-            inputs_secret=inputs["metadata"]["name"],
+            inputs_secret=inputs["metadata"]["name"] if inputs else None,
             env=telemetry.forwarded_env("tuning"),  # its spans go where ours go
         )
         await self._fence(target)
         if secret is not None:
             await self.apply(secret, quiet=True)
-        await self.apply(inputs, quiet=True)
+        if inputs is not None:
+            await self.apply(inputs, quiet=True)
         await self.apply(tuning_configmap(ref, version, config, generation))
         await self.apply(job)
         current = set(tuning_names(ref, generation))

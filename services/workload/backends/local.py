@@ -22,6 +22,7 @@ from services.workload.backends.base import JobState, State, Target
 from services.workload.render import (
     RenderError,
     app_name,
+    local_paths,
     route_prefix,
     serve_application,
     tuning_config,
@@ -215,6 +216,7 @@ class LocalBackend:
             if tuning.output.image_push_secret
             else None
         )
+        input_directory, output_directory = local_paths(target.workspace)  # hostPath volumes
         config = tuning_config(
             target.workspace,
             target.plan,
@@ -226,6 +228,8 @@ class LocalBackend:
             work_dir=str(work / "job"),
             allow_loopback_urls=self._allow_loopback,
             trace=telemetry.carrier(),
+            input_directory=input_directory,
+            output_directory=output_directory,
         )
         path = work / "job.yaml"
         await asyncio.to_thread(path.write_text, yaml.safe_dump(config))
