@@ -237,9 +237,14 @@ INVALID: list[tuple[str, Obj, str]] = [
         "strength must be a number between 0 and 1",
     ),
     (
-        "adapter-without-image",
+        "adapter-without-image",  # KAITO's "Either Image or Volume must be specified"
         edit(inference_ws, drop("inference.adapters.0.source.image")),
-        "image: Required value",
+        "inference.adapters[].source needs exactly one of image or volumeSource",
+    ),
+    (
+        "adapter-with-image-and-volume",
+        edit(inference_ws, setv("inference.adapters.0.source.volumeSource", {"emptyDir": {}})),
+        "inference.adapters[].source needs exactly one of image or volumeSource",
     ),
     (
         "adapter-bad-name",
@@ -430,6 +435,16 @@ def test_immutable_fields_cannot_change(
 
 VALID: list[tuple[str, Obj]] = [
     ("inference-base", inference_ws()),
+    (
+        "adapter-from-a-volume",
+        edit(
+            inference_ws,
+            both(
+                drop("inference.adapters.0.source.image"),
+                setv("inference.adapters.0.source.volumeSource", {"hostPath": {"path": "/srv/a"}}),
+            ),
+        ),
+    ),
     ("partition-mig", edit(inference_ws, setv("resource.partition", {"mode": "mig", "profile": "3g.40gb"}))),
     (
         "partition-accelerator",

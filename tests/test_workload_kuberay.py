@@ -211,6 +211,29 @@ def test_tuning_seed_mounts_the_push_secret_and_never_copies_it() -> None:
     assert text.count("ACR_REGISTRY_SECRET_HERE") == 1  # referenced once, by name, as a volume
 
 
+def test_an_adapter_from_a_volume_is_mounted_where_kaito_mounts_it() -> None:
+    """KAITO's adapters[].source.volumeSource: the volume is mounted read-only at /mnt/adapter/<name>
+    in the Ray pods and served from there; image adapters are pulled as before."""
+    base, got = seed("workspace-phi-3-mini-adapter.yaml")
+    doc = base.model_dump(by_alias=True, exclude_none=True)
+    doc["inference"]["adapters"].append(
+        {"source": {"name": "mounted", "volumeSource": {"persistentVolumeClaim": {"claimName": "adapters"}}}}
+    )
+    workspace = Workspace.model_validate(doc)
+    ref = ref_of(workspace)
+    rs, _ = render(workspace, got, ref)
+    assert kuberay_validate([rs]).returncode == 0
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    adapters = {a.name: a for a in ServingConfig.model_validate(app["args"]).adapters}
+    assert adapters["mounted"].path == "/mnt/adapter/mounted" and adapters["mounted"].image is None
+    assert adapters["phi-3-adapter"].image and adapters["phi-3-adapter"].path is None
+    spec = pods(rs)[0]["spec"]
+    volume = next(v for v in spec["volumes"] if v.get("persistentVolumeClaim"))
+    assert volume["persistentVolumeClaim"] == {"claimName": "adapters"}
+    mount = {"name": volume["name"], "mountPath": "/mnt/adapter/mounted", "readOnly": True}
+    assert mount in spec["containers"][0]["volumeMounts"]
+
+
 def test_tuning_volumes_and_data_images_are_mounted_where_kaito_puts_them() -> None:
     """Issue 18: KAITO tunes from a volume (a PVC) or a data image and writes to a volume. The RayJob
     mounts the input volume read-only at /mnt/data and the output one at /mnt/output; a data image is

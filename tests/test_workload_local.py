@@ -102,8 +102,10 @@ async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
     push_secret: Path,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """A spec change (an adapter added) rolls the Serve application to generation 2: the replica pulls
-    the adapter image with the Workspace's pull secret (copied 0600 for it alone) and serves it."""
+    """A spec change (adapters added) rolls the Serve application to generation 2: the replica pulls
+    the adapter image with the Workspace's pull secret (copied 0600 for it alone) and serves it, and a
+    second adapter comes from a volume (KAITO's volumeSource; a hostPath on this machine). /chat
+    answers with the two together (KAITO's rule)."""
     image = f"{registry}/adapters/capitals:1"
     await asyncio.to_thread(push, adapter_dir, image, str(push_secret), insecure=True)
     kubectl.run(
@@ -119,7 +121,11 @@ async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
     kubectl.run("wait", "-n", namespace, ready_cond, f"workspace/{name}", "--timeout=240s", check=True)
 
     workspace["inference"]["adapters"] = [
-        {"source": {"name": "capitals", "image": image, "imagePullSecrets": ["pull-cred"]}, "strength": "0.5"}
+        {
+            "source": {"name": "capitals", "image": image, "imagePullSecrets": ["pull-cred"]},
+            "strength": "0.5",
+        },
+        {"source": {"name": "mounted", "volumeSource": {"hostPath": {"path": str(adapter_dir)}}}},
     ]
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(workspace), check=True)
 
@@ -135,10 +141,14 @@ async def test_an_adapter_from_the_registry_rolls_into_the_running_workspace(
         assert asyncio.get_running_loop().time() < deadline, f"generation 2 never ready\n{services.logs()}"
         await asyncio.sleep(1)
     models = httpx.get(f"{ready.endpoint}/v1/models", timeout=30).json()
-    assert sorted(m["id"] for m in models["data"]) == ["capitals", "smollm2-135m-instruct"]
+    assert sorted(m["id"] for m in models["data"]) == ["capitals", "mounted", "smollm2-135m-instruct"]
     body = {"model": "capitals", "prompt": "The capital of France is", "max_tokens": 8}
     answer = httpx.post(f"{ready.endpoint}/v1/completions", json=body, timeout=120)
     assert answer.status_code == 200 and answer.json()["model"] == "capitals", answer.text
+    chat = httpx.post(
+        f"{ready.endpoint}/chat", json={"prompt": "Hi", "generate_kwargs": {"max_new_tokens": 4}}, timeout=120
+    )
+    assert chat.status_code == 200 and chat.json()["Result"], chat.text  # both adapters, summed
     (secret,) = (work / f"{namespace}.{name}" / "pull").glob("*/.dockerconfigjson")
     assert secret.stat().st_mode & 0o777 == 0o600
     obj = kubectl.json("get", "workspace", name, "-n", namespace)

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from services.workload.render import RenderError, serve_application
+from services.workload.render import RenderError, adapter_path, serve_application
 from shared.api.workspace import PresetOptions, Workspace
 from shared.events import WorkspaceRef
 from shared.planning.model import Plan
@@ -349,8 +349,9 @@ def _cluster(
 # -- inference -------------------------------------------------------------------------------------
 
 
-def adapter_pull_volumes(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each adapter pull Secret as a read-only volume (the serving app reads it to pull the image)."""
+def adapter_volumes(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each adapter pull Secret as a read-only volume (the serving app reads it to pull the image), and
+    each volume adapter mounted read-only where KAITO mounts it (``render.adapter_path``)."""
     names = dict.fromkeys(
         s
         for a in (workspace.inference.adapters if workspace.inference else [])
@@ -367,6 +368,11 @@ def adapter_pull_volumes(workspace: Workspace) -> tuple[list[dict[str, Any]], li
         {"name": v["name"], "mountPath": f"{PULL_SECRETS_PATH}/{n}", "readOnly": True}
         for v, n in zip(volumes, names, strict=True)
     ]
+    for adapter in workspace.inference.adapters if workspace.inference else []:
+        if adapter.source.volume_source is not None:
+            name = object_name(f"adapter-{adapter.source.name}", limit=63)
+            volumes.append({"name": name, **adapter.source.volume_source})
+            mounts.append({"name": name, "mountPath": adapter_path(adapter.source.name), "readOnly": True})
     return volumes, mounts
 
 
@@ -396,7 +402,7 @@ def rayservice(
         "http_options": http,
         "applications": [{**serve_application(ref, config, env), "route_prefix": "/"}],
     }
-    volumes, mounts = adapter_pull_volumes(workspace)
+    volumes, mounts = adapter_volumes(workspace)
     cluster = _cluster(ref, workspace, plan, image, volumes, mounts, host)
     for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]:
         pod = group["template"]

@@ -44,6 +44,32 @@ def model_source(plan: Plan) -> dict[str, Any]:
     return {"kind": "hf", "path": plan.model}
 
 
+ADAPTERS_PATH = "/mnt/adapter"  # KAITO's DefaultAdapterVolumePath: a volume adapter at <it>/<name>
+
+
+def adapter_path(name: str) -> str:
+    return f"{ADAPTERS_PATH}/{name}"
+
+
+def local_adapter_paths(workspace: Workspace, config: dict[str, Any]) -> None:
+    """On this machine (the local backend) a volume adapter must be a ``hostPath``: its directory is
+    the adapter's path. Other volume kinds need a cluster."""
+    sources = {a.source.name: a.source for a in (workspace.inference.adapters if workspace.inference else [])}
+    for adapter in config.get("adapters", []):
+        source = sources.get(adapter["name"])
+        if source is None or source.volume_source is None:
+            continue
+        host = source.volume_source.get("hostPath")
+        if not isinstance(host, dict) or not str(host.get("path", "")).startswith("/"):
+            kinds = ", ".join(sorted(source.volume_source)) or "none"
+            raise RenderError(
+                "InvalidAdapter",
+                f"adapter {source.name}: volumeSource ({kinds}) needs a cluster; the local backend takes "
+                "a hostPath",
+            )
+        adapter["path"] = str(host["path"])
+
+
 def serving_config(
     workspace: Workspace, plan: Plan, pull_secret_dir: Callable[[str], str] = str
 ) -> dict[str, Any]:
@@ -67,12 +93,16 @@ def serving_config(
             raise RenderError(
                 "InvalidAdapter", f"adapter {adapter.source.name}: strength {strength} is not within 0..1"
             )
+        source = adapter.source
+        if source.volume_source is not None:  # mounted where KAITO mounts it (manifests.adapter_volumes)
+            adapters.append({"name": source.name, "path": adapter_path(source.name), "strength": strength})
+            continue
         adapters.append(
             {
-                "name": adapter.source.name,
-                "image": adapter.source.image,
+                "name": source.name,
+                "image": source.image,
                 "strength": strength,
-                "pull_secrets": [pull_secret_dir(s) for s in adapter.source.image_pull_secrets],
+                "pull_secrets": [pull_secret_dir(s) for s in source.image_pull_secrets],
             }
         )
     gpus = plan.gpus_per_node if plan.tensor_parallel * plan.pipeline_parallel == 1 else 0

@@ -265,7 +265,13 @@ def adapters() -> Schema:
             "properties": {
                 "source": {
                     "type": "object",
-                    "required": ["name", "image"],
+                    "required": ["name"],
+                    "x-kubernetes-validations": [
+                        rule(
+                            "has(self.image) != has(self.volumeSource)",
+                            "inference.adapters[].source needs exactly one of image or volumeSource",
+                        )
+                    ],
                     "properties": {
                         "name": string(
                             63,
@@ -280,6 +286,7 @@ def adapters() -> Schema:
                         ),
                         "image": image_ref("inference.adapters[].source.image"),
                         "imagePullSecrets": string_list(8, secret_name("imagePullSecrets entries")),
+                        "volumeSource": preserved(),
                     },
                 },
                 "strength": string(

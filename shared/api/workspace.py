@@ -185,14 +185,21 @@ class AdapterSource(_Lenient):
     name: str = Field(
         description="The adapter's name, unique in the Workspace; requests select it by this name."
     )
-    image: str = Field(
+    image: str | None = Field(
+        default=None,
         description="The OCI image holding the adapter (adapter_config.json and the weights), as a tuning "
-        "Workspace pushes it."
+        "Workspace pushes it (KAITO's layout, or oras named files). Set image or volumeSource.",
     )
     image_pull_secrets: list[str] = Field(
         default_factory=list,
         alias="imagePullSecrets",
         description="Secrets in the Workspace's namespace for pulling the adapter image.",
+    )
+    volume_source: dict[str, Any] | None = Field(
+        default=None,
+        alias="volumeSource",
+        description="A Kubernetes volume source (a PVC, for example) holding the adapter files at its root; "
+        "mounted at /mnt/adapter/<name>, as KAITO mounts it.",
     )
 
 

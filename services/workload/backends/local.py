@@ -22,6 +22,7 @@ from services.workload.backends.base import JobState, State, Target
 from services.workload.render import (
     RenderError,
     app_name,
+    local_adapter_paths,
     local_paths,
     route_prefix,
     serve_application,
@@ -179,6 +180,8 @@ class LocalBackend:
         return self._work / f"{target.ref.namespace}.{target.ref.name}"
 
     async def deploy(self, target: Target, config: dict[str, Any]) -> None:
+        assert target.workspace is not None
+        local_adapter_paths(target.workspace, config)  # volume adapters: hostPath directories
         secrets = self._dir(target) / "pull"
         for adapter in config.get("adapters", []):
             adapter["pull_secrets"] = [
