@@ -759,6 +759,32 @@ def test_a_gated_preset_needs_a_model_access_secret_as_in_kaito(catalogs: Catalo
     assert not catalogs.presets["phi-4"].gated  # the others: a token is not needed (nor refused: harmless)
 
 
+def test_a_selector_provisioned_nodes_cannot_meet_is_refused_as_kaito_refuses_it(catalogs: Catalogs) -> None:
+    """Nodes Kaiten provisions carry the selector's labels (matchLabels and a single-value In, as
+    KAITO's LabelSelectorAsMap reads it). An Exists or a multi-valued In names no label to put on
+    them, so the pods would never schedule: refused with KAITO's words. On existing nodes any works."""
+
+    def selecting(*expressions: dict[str, Any]) -> Workspace:
+        doc = workspace("phi-3-mini-4k-instruct", V100).model_dump(by_alias=True, exclude_none=True)
+        doc["resource"]["labelSelector"]["matchExpressions"] = list(expressions)
+        return Workspace.model_validate(doc)
+
+    aks = PlanOptions(provider="aks")
+    exists = plan(selecting({"key": "tier", "operator": "Exists"}), catalogs, (), aks)
+    assert isinstance(exists, Rejection) and exists.reason == "UnsatisfiableSelector"
+    assert "operator 'Exists' on 'tier' without a single value cannot be converted" in exists.message
+    two = plan(selecting({"key": "tier", "operator": "In", "values": ["a", "b"]}), catalogs, (), aks)
+    assert isinstance(two, Rejection) and two.reason == "UnsatisfiableSelector"
+    one = selecting(
+        {"key": "tier", "operator": "In", "values": ["a"]}, {"key": "x", "operator": "NotIn", "values": ["y"]}
+    )
+    assert isinstance(plan(one, catalogs, (), aks), Plan)
+    assert one.resource.label_selector.as_labels() == {"apps": "test", "tier": "a"}  # what new nodes carry
+    anywhere = selecting({"key": "tier", "operator": "Exists"})
+    on_nodes = plan(anywhere, catalogs, [gpu_node("mine", tier="gold")], BYO)
+    assert isinstance(on_nodes, Plan) and on_nodes.byo_nodes == ("mine",)
+
+
 def test_byo_instance_type_label_wins(catalogs: Catalogs) -> None:
     node = NodeInfo(
         name="n1", ready=True, labels={"apps": "test", "node.kubernetes.io/instance-type": V100}, gpus=1

@@ -75,6 +75,9 @@ async def test_nodeclaims_created_resized_and_deleted(
         await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)
     ws = json.loads(manifest("nc", "phi-3-mini-4k-instruct", "Standard_NC12s_v3", count=2))
     ws["metadata"]["annotations"] = {"kaito.sh/node-image-family": "AzureLinux"}  # KAITO's; normalised
+    ws["resource"]["labelSelector"]["matchExpressions"] = [
+        {"key": "tier", "operator": "In", "values": ["gold"]}
+    ]
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
     uid = kubectl.json("get", "workspace", "nc", "-n", namespace)["metadata"]["uid"]
     created: list[dict[str, Any]] = []
@@ -104,6 +107,7 @@ async def test_nodeclaims_created_resized_and_deleted(
         "name": "default",
     }
     assert first["metadata"]["labels"]["apps"] == "nc"  # the labelSelector's labels reach the node
+    assert first["metadata"]["labels"]["tier"] == "gold"  # a single-value In too (KAITO's LabelSelectorAsMap)
     assert first["metadata"]["annotations"]["kaito.sh/node-image-family"] == "azurelinux"
 
     # Karpenter cannot launch one yet: the reason is in the Workspace's conditions

@@ -35,6 +35,7 @@ from shared.planning.inventory import (
 from shared.planning.model import EngineArg, Memory, NodeInfo, Plan, Rejection, TuningPlan
 
 Result = Plan | Rejection
+PROVISIONING = ("aks", "nodeclaim")  # providers that make the nodes a plan needs (and label them)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,17 @@ def plan(
     """The plan; ``config`` is the Workspace's ``inference.config`` as read (its vLLM arguments go
     over the planned ones: :mod:`services.planner.inference_config`)."""
     result = _plan(workspace, catalogs, inventory, options)
+    if isinstance(result, Plan) and not result.byo_nodes and options.provider in PROVISIONING:
+        unmet = workspace.resource.label_selector.unlabelled()
+        if unmet:  # the nodes to be made carry the selector's labels: these name none
+            e = unmet[0]
+            return Rejection(
+                reason="UnsatisfiableSelector",
+                message=f"labelSelector: operator {e.operator!r} on {e.key!r} without a single value "
+                "cannot be converted into a single value (KAITO's message): the nodes Kaiten provisions "
+                "carry the selector's labels, so use matchLabels or an In with one value (any operator "
+                "works on bring-your-own nodes)",
+            )
     if config is None or not isinstance(result, Plan) or result.engine == "template":
         return result
     preset = catalogs.resolve_preset(result.preset)

@@ -64,7 +64,7 @@ def request_from_plan(event: ev.PlanResolved) -> NodeRequest:
         instance_type=plan.sku,
         count=plan.nodes,
         gpus_per_node=plan.gpus_per_node,
-        labels=dict(resource.label_selector.match_labels),
+        labels=resource.label_selector.as_labels(),  # single-value In too, as KAITO reads a selector
         selector=resource.label_selector.model_dump(by_alias=True, exclude_defaults=True),
         preferred_nodes=tuple(resource.preferred_nodes),
         byo_nodes=plan.byo_nodes,

@@ -64,6 +64,24 @@ class LabelSelector(_Lenient):
         description="Label requirements the nodes must meet, all of them (ANDed).",
     )
 
+    def as_labels(self) -> dict[str, str]:
+        """The labels a node must carry to match, as ``metav1.LabelSelectorAsMap`` reads the selector
+        (KAITO): matchLabels and each single-value ``In``. ``NotIn`` and ``DoesNotExist`` need no label;
+        ``Exists`` and a multi-valued ``In`` name none (:meth:`unlabelled`)."""
+        labels = dict(self.match_labels)
+        for e in self.match_expressions:
+            if e.operator == "In" and len(e.values) == 1:
+                labels[e.key] = e.values[0]
+        return labels
+
+    def unlabelled(self) -> list[LabelSelectorRequirement]:
+        """The requirements a node Kaiten provisions cannot be labelled to meet."""
+        return [
+            e
+            for e in self.match_expressions
+            if e.operator == "Exists" or (e.operator == "In" and len(e.values) > 1)
+        ]
+
     @field_validator("match_labels")
     @classmethod
     def _without_reserved_labels(cls, labels: dict[str, str]) -> dict[str, str]:
