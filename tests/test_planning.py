@@ -785,6 +785,29 @@ def test_a_selector_provisioned_nodes_cannot_meet_is_refused_as_kaito_refuses_it
     assert isinstance(on_nodes, Plan) and on_nodes.byo_nodes == ("mine",)
 
 
+def test_kaitos_bypass_annotation_plans_what_the_memory_check_refuses(catalogs: Catalogs) -> None:
+    """``kaito.sh/bypass-resource-checks``: KAITO skips its GPU-memory refusal (for CPU offload with an
+    inference ConfigMap, say). Kaiten plans the named instance type on ``count`` nodes and says so."""
+    big = workspace("deepseek-v4-pro", A10, count=2).model_dump(by_alias=True, exclude_none=True)
+    assert isinstance(plan(Workspace.model_validate(big), catalogs), Rejection)  # ModelTooLarge
+    big["metadata"]["annotations"] = {"kaito.sh/bypass-resource-checks": ""}
+    bypassed = plan(Workspace.model_validate(big), catalogs)
+    assert isinstance(bypassed, Plan), bypassed
+    assert (bypassed.nodes, bypassed.sku, bypassed.tensor_parallel, bypassed.pipeline_parallel) == (
+        2,
+        A10,
+        1,
+        2,
+    )
+    assert any("kaito.sh/bypass-resource-checks: planned on 2 × " in n for n in bypassed.notes), (
+        bypassed.notes
+    )
+    assert "exceeds (checks bypassed)" in bypassed.explanation
+    auto = {**big, "resource": {k: v for k, v in big["resource"].items() if k != "instanceType"}}
+    chosen = plan(Workspace.model_validate(auto), catalogs)  # no instance type: a fitting one is chosen
+    assert isinstance(chosen, Plan) and not any("bypass" in n for n in chosen.notes), chosen.notes
+
+
 def test_byo_instance_type_label_wins(catalogs: Catalogs) -> None:
     node = NodeInfo(
         name="n1", ready=True, labels={"apps": "test", "node.kubernetes.io/instance-type": V100}, gpus=1

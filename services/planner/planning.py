@@ -35,7 +35,10 @@ from shared.planning.inventory import (
 from shared.planning.model import EngineArg, Memory, NodeInfo, Plan, Rejection, TuningPlan
 
 Result = Plan | Rejection
-PROVISIONING = ("aks", "nodeclaim")  # providers that make the nodes a plan needs (and label them)
+PROVISIONING = ("aks", "nodeclaim")
+BYPASS_ANNOTATION = (
+    "kaito.sh/bypass-resource-checks"  # providers that make the nodes a plan needs (and label them)
+)
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,9 @@ class _Sizer:
         self.options = options
         self.tuning = workspace.tuning
         self.context = min(options.context, preset.context_limit)
+        # KAITO's kaito.sh/bypass-resource-checks (any value): plan a named instance type or the
+        # existing nodes even where the model does not fit their GPU memory
+        self.bypass = BYPASS_ANNOTATION in workspace.metadata.annotations and workspace.tuning is None
 
     def need_text(self) -> str:
         kv = sizing.gib(self.context * self.preset.kv_bytes_per_token)
@@ -453,8 +459,17 @@ class _Sizer:
         needed = sizing.gpus_needed(preset, usable, self.context)
         limit = min(max_nodes, len(target.nodes_available)) if target.byo else max_nodes
         nodes = None if needed is None else math.ceil(needed / sku.gpus)
+        bypassed = ""
         if needed is None or nodes is None or nodes > limit:
-            return self._too_large(target, usable, needed, nodes, limit)
+            too_large = self._too_large(target, usable, needed, nodes, limit)
+            if not (self.bypass and (target.byo or self.ws.resource.instance_type)):
+                return too_large
+            nodes = max(1, min(limit, self.ws.resource.count))
+            needed = nodes * sku.gpus
+            bypassed = (
+                f"{BYPASS_ANNOTATION}: planned on {nodes} × {sku.name} although the memory check refuses "
+                f"it ({too_large.short or too_large.message}); vLLM may fail to load the model"
+            )
         fewest = needed
 
         gpn = sku.gpus
@@ -475,6 +490,8 @@ class _Sizer:
         max_len = _max_model_len(tokens, self.context, preset.context_limit)
 
         nodes_total, replicas, notes = self._replicas(nodes, target)
+        if bypassed:
+            notes = (*notes, bypassed)
         dtype, dtype_note = self._dtype(gpu)
         args: dict[str, EngineArg] = {
             "tensor-parallel-size": tp,
@@ -489,7 +506,8 @@ class _Sizer:
         gpus = tp * pp
         per_gpu = " per GPU" if gpus > 1 else ""
         explanation = (
-            f"{self.need_text()} + {sizing.gib(memory.overhead)} overhead{per_gpu} fits {gpus} × "
+            f"{self.need_text()} + {sizing.gib(memory.overhead)} overhead{per_gpu} "
+            f"{'exceeds (checks bypassed)' if bypassed else 'fits'} {gpus} × "
             f"{gpu.name} {sku.gpu_memory // GIB} GiB (TP {tp} × PP {pp}; {sizing.gib(memory.needed)} of "
             f"{sizing.gib(usable)} usable per GPU) on {nodes} × {sku.name}"
         )
