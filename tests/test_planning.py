@@ -808,6 +808,32 @@ def test_kaitos_bypass_annotation_plans_what_the_memory_check_refuses(catalogs: 
     assert isinstance(chosen, Plan) and not any("bypass" in n for n in chosen.notes), chosen.notes
 
 
+def test_a_template_runs_on_an_azure_n_or_d_series_sku_the_catalog_lacks_as_in_kaito(
+    catalogs: Catalogs,
+) -> None:
+    """KAITO takes any Azure N- or D-series name for a Workspace it does not size (a template on
+    Standard_D4s_v3, a CPU machine). Kaiten runs the template there, asks for no GPUs and says why."""
+    template = workspace(None, "Standard_D4s_v3", count=2)
+    got = plan(template, catalogs, options=PlanOptions(provider="aks"))
+    assert isinstance(got, Plan) and (got.sku, got.nodes, got.gpus_per_node, got.engine) == (
+        "Standard_D4s_v3", 2, 0, "template"
+    )  # fmt: skip
+    assert any("not in the SKU catalog" in n for n in got.notes)
+    for other in ("Standard_E4s_v3", "m5.large"):  # not a series KAITO takes; AWS names are listed ones
+        refused = plan(workspace(None, other), catalogs, options=PlanOptions(provider="aks"))
+        assert isinstance(refused, Rejection) and refused.reason == "InstanceTypeRequired", other
+
+
+@pytest.mark.parametrize("sku", ["g5.4xlarge", "g5.2xlarge", "g6.4xlarge", "gr6.8xlarge", "g5.24xlarge"])
+def test_kaitos_aws_instance_types_are_known(sku: str, catalogs: Catalogs) -> None:
+    got = plan(
+        workspace("phi-3-mini-4k-instruct", sku),
+        catalogs,
+        options=PlanOptions(cloud="aws", provider="nodeclaim"),
+    )
+    assert isinstance(got, Plan) and got.sku == sku and got.cloud == "aws", got
+
+
 def test_byo_instance_type_label_wins(catalogs: Catalogs) -> None:
     node = NodeInfo(
         name="n1", ready=True, labels={"apps": "test", "node.kubernetes.io/instance-type": V100}, gpus=1

@@ -35,10 +35,9 @@ from shared.planning.inventory import (
 from shared.planning.model import EngineArg, Memory, NodeInfo, Plan, Rejection, TuningPlan
 
 Result = Plan | Rejection
-PROVISIONING = ("aks", "nodeclaim")
-BYPASS_ANNOTATION = (
-    "kaito.sh/bypass-resource-checks"  # providers that make the nodes a plan needs (and label them)
-)
+PROVISIONING = ("aks", "nodeclaim")  # providers that make the nodes a plan needs (and label them)
+BYPASS_ANNOTATION = "kaito.sh/bypass-resource-checks"  # KAITO's: skip the memory check
+AZURE_SERIES = ("standard_n", "standard_d")  # KAITO's N_SERIES_PREFIX, D_SERIES_PREFIX
 
 
 @dataclass(frozen=True)
@@ -225,6 +224,25 @@ def _template(
     sku = catalogs.sku(name) if name else None
     if sku is None and not name and uses_existing_nodes(workspace, options):
         return _template_on_existing_nodes(workspace, inventory, options)
+    if sku is None and name and name.lower().startswith(AZURE_SERIES) and options.cloud == "azure":
+        # KAITO takes any Azure N- or D-series name here: the template's own requests say what it needs
+        count = workspace.resource.count
+        return _replace(
+            _template_plan(
+                sku=name,
+                cloud="azure",
+                gpu="unknown",
+                gpu_memory=0,
+                count=count,
+                gpus_per_node=0,
+                cost_per_hour=0.0,
+                explanation=f"custom template on {count} × {name} as requested (no preset to size)",
+            ),
+            notes=(
+                f"{name} is not in the SKU catalog: its GPUs and price are unknown, so no GPUs are "
+                "requested for its nodes; the template's own resource requests apply",
+            ),
+        )
     if sku is None:
         return Rejection(
             reason="InstanceTypeRequired",
