@@ -21,7 +21,7 @@ from shared.api.crd import (
     render,
     workspace_schema,
 )
-from shared.api.policy import CHART_POLICY_PATH, POLICY_PATH
+from shared.api.policy import CHART_POLICY_PATH, POLICY_PATH, url_documents
 from shared.api.policy import render as render_policy
 from shared.api.workspace import Workspace, WorkspaceV1Alpha1, WorkspaceV1Beta1
 from tests.conftest import SEEDS, Kubectl
@@ -617,7 +617,56 @@ def test_kaitos_annotation_values_are_checked_at_admission(
 
 def test_committed_admission_policy_is_generated_from_the_definition() -> None:
     assert POLICY_PATH.read_text() == render_policy(), "run: python -m shared.api.policy"
-    assert CHART_POLICY_PATH.read_text() == render_policy(), "run: python -m shared.api.policy"
+    assert CHART_POLICY_PATH.read_text() == render_policy(cluster=True), "run: python -m shared.api.policy"
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("localhost:8080", "local or metadata endpoint"),
+        ("data.localhost", "local or metadata endpoint"),
+        ("metadata.google.internal", "local or metadata endpoint"),
+        ("127.0.0.1:8310", "loopback, private, or link-local address"),
+        ("[::1]", "loopback, private, or link-local address"),
+        ("169.254.169.254", "loopback, private, or link-local address"),  # the cloud metadata address
+        ("10.1.2.3", "loopback, private, or link-local address"),
+        ("172.20.0.5", "loopback, private, or link-local address"),
+        ("192.168.1.10", "loopback, private, or link-local address"),
+        ("[fd00::1]", "loopback, private, or link-local address"),
+        ("data.example", None),
+        ("8.8.8.8", None),
+        ("[2001:db8::1]", None),
+    ],
+)
+def test_kaitos_tuning_url_rules_at_admission_in_a_cluster(
+    kubectl: Kubectl, namespace: str, address: str, refused: str | None
+) -> None:
+    """KAITO's validateDataSourceURL as a ValidatingAdmissionPolicy, which the chart installs
+    (``kaiten up`` does not: its examples download from this machine). Bound here to this test's
+    namespace only, as the session's apiserver is shared."""
+    docs = url_documents({"matchLabels": {"kubernetes.io/metadata.name": namespace}})
+    kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump_all(docs), check=True)
+    try:
+        ws = edit(tuning_ws, setv("tuning.input.urls", [f"http://{address}/train.parquet"]))
+        deadline = time.monotonic() + 30
+        while True:  # the apiserver takes a new policy up within a second or so
+            probe = edit(tuning_ws, setv("tuning.input.urls", ["http://localhost/x"]))
+            if kubectl.run(
+                "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=json.dumps(probe)
+            ).returncode:
+                break
+            assert time.monotonic() < deadline, "the URL policy never took effect"
+            time.sleep(0.3)
+        result = kubectl.run("apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=json.dumps(ws))
+        if refused is None:
+            assert result.returncode == 0, result.stderr
+        else:
+            assert (
+                result.returncode != 0
+                and f"tuning.input.urls: data source URL must not target a {refused}" in result.stderr
+            ), result.stderr
+    finally:
+        kubectl.run("delete", "-f", "-", stdin=yaml.safe_dump_all(docs), check=True)
 
 
 def test_committed_crd_is_generated_from_the_definition() -> None:

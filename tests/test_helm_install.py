@@ -36,6 +36,7 @@ CHART = REPO / "deploy" / "helm" / "kaiten"
 RELEASE = "kaiten"
 NAMESPACE = "kaiten-system"
 SERVICES = ("watcher", "planner", "provisioner", "workload")
+LOCAL_DATA = "http://127.0.0.1:8310/capitals-pirate.jsonl"  # examples/local/tuning-smollm2.yaml's input
 
 
 @dataclass
@@ -344,9 +345,13 @@ def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Rele
     release.kubectl("create", "namespace", namespace)
     release.kubectl("label", "node", cluster.name, "apps=tuning-smollm2", "--overwrite")
     try:
-        release.kubectl(
-            "apply", "-n", namespace, "-f", str(REPO / "examples" / "local" / "tuning-smollm2.yaml")
-        )
+        example = (REPO / "examples" / "local" / "tuning-smollm2.yaml").read_text()
+        # the chart's URL policy (KAITO's rule): the local example downloads from this machine, which a
+        # job in a cluster must not; the same Workspace with a public host is taken
+        refused = release.cluster.kubectl("apply", "-n", namespace, "-f", "-", stdin=example, check=False)
+        assert refused.returncode != 0 and "must not target a loopback" in refused.stderr, refused.stderr
+        url = "https://data.example/capitals-pirate.jsonl"
+        release.kubectl("apply", "-n", namespace, "-f", "-", stdin=example.replace(LOCAL_DATA, url))
         deadline = time.monotonic() + 120
         while not (jobs := release.kubectl("-n", namespace, "get", "rayjobs", "-o", "name").strip()):
             assert time.monotonic() < deadline, f"no RayJob\n{release.diagnostics()}"
@@ -364,7 +369,6 @@ def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Rele
             release.password("tuning") not in configmap
         )  # the job's config names the user, not the password
         # issue 16 (9): the input URLs (a SAS token may be in one) are in a Secret, not the ConfigMap
-        url = "http://127.0.0.1:8310/capitals-pirate.jsonl"
         assert url not in configmap and "KAITEN_TUNING_INPUT_URLS" in configmap
         urls_ref = next(e for e in head["env"] if e["name"] == "KAITEN_TUNING_INPUT_URLS")
         inputs = urls_ref["valueFrom"]["secretKeyRef"]["name"]
