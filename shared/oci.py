@@ -32,6 +32,7 @@ LAYER_TGZ = "application/vnd.oci.image.layer.v1.tar+gzip"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
 IMAGE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFESTS = ("application/vnd.docker.distribution.manifest.v2+json",)
 TITLE = "org.opencontainers.image.title"
 
 
@@ -144,81 +145,131 @@ def push_adapter(adapter_dir: Path, image: str, secret: str | None, *, insecure:
     return str(response.headers.get("Docker-Content-Digest", ""))
 
 
-def _unpack_adapter(tgz: Path, into: Path) -> None:
-    """The adapter files from a layer (tar or tar+gzip) holding them under ``data/`` or at its root;
-    nothing else is written, and no member can land outside ``into``."""
-    with tarfile.open(tgz, mode="r:*") as tar:
-        for member in tar.getmembers():
-            name = member.name.lstrip("./")
-            if member.isfile() and name in (*ADAPTER_FILES, *(f"data/{f}" for f in ADAPTER_FILES)):
-                source = tar.extractfile(member)
-                assert source is not None
-                (into / Path(name).name).write_bytes(source.read())
+INDEXES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+def _member_path(name: str) -> tuple[str, ...] | None:
+    """A tar member's path as parts, or None when it could land outside the target (absolute, ``..``)."""
+    path = Path(name.removeprefix("./"))
+    if path.is_absolute() or ".." in path.parts:
+        return None
+    return path.parts
+
+
+def _layers(oras_client: Any, image: str) -> tuple[Any, list[dict[str, Any]]]:
+    """The image's layers (an image index resolves to its linux/amd64 image, as a puller would)."""
+    container = oras_client.get_container(image)
+    manifest = oras_client.get_manifest(
+        container, allowed_media_type=[IMAGE_MANIFEST, *DOCKER_MANIFESTS, *INDEXES]
+    )
+    if manifest.get("mediaType") in INDEXES or "manifests" in manifest:
+        chosen = next(
+            (
+                m
+                for m in manifest.get("manifests", [])
+                if (m.get("platform") or {}).get("os", "linux") == "linux"
+                and (m.get("platform") or {}).get("architecture", "amd64") == "amd64"
+            ),
+            None,
+        )
+        if chosen is None:
+            raise OciError("NoPlatform", f"{image} has no linux/amd64 image")
+        container = oras_client.get_container(f"{_repository(image)}@{chosen['digest']}")
+        manifest = oras_client.get_manifest(container, allowed_media_type=[IMAGE_MANIFEST, *DOCKER_MANIFESTS])
+    return container, list(manifest.get("layers", []))
+
+
+def _repository(image: str) -> str:
+    """``registry[:port]/repo`` of a reference, without its tag or digest."""
+    name = image.rsplit("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':', 1)[0]}" if head else last.split(":", 1)[0]
+
+
+def _pull_error(image: str, exc: Exception) -> OciError:
+    """oras raises ValueError / requests errors with the registry's answer: one reason for both pulls."""
+    text = str(exc)
+    denied = any(w in text.lower() for w in ("401", "unauthorized", "denied", "403"))
+    return OciError("PullUnauthorized" if denied else "PullFailed", f"pull {image}: {text[:300]}")
+
+
+def _choose_secret(secrets: Sequence[str], registry: str) -> str | None:
+    """The first Secret with credentials for ``registry`` (one without, or unreadable, is passed over)."""
+    for secret in secrets:
+        try:
+            if credentials(secret, registry, what="pull secret") is not None:
+                return secret
+        except OciError:
+            continue
+    return None
+
+
+def _each_layer(oras_client: Any, container: Any, layers: list[dict[str, Any]]) -> Any:
+    """Each layer (except files oras titles) as an open tar (any compression), downloaded outside
+    the target directory."""
+    with tempfile.TemporaryDirectory(prefix="kaiten-layer-") as work:
+        for layer in layers:
+            blob = Path(work) / "layer"
+            oras_client.download_blob(container, layer["digest"], str(blob))
+            with tarfile.open(blob, mode="r:*") as tar:
+                yield layer, tar
+            blob.unlink()
+
+
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    source = tar.extractfile(member)
+    assert source is not None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        shutil.copyfileobj(source, out)
 
 
 def pull_adapter_files(image: str, outdir: Path, secret: str | None, *, insecure: bool = False) -> list[Path]:
-    """The adapter files of ``image``, in either layout, into ``outdir``; the files written."""
+    """The adapter files of ``image``, in either layout, into ``outdir``; the files written. A layer
+    oras titled with an adapter file's name is that file; any other layer is read as a tar (OCI or
+    Docker media types) holding them under ``data/`` or at its root."""
     oras_client = client(image, secret, insecure, what="pull secret")
-    container = oras_client.get_container(image)
-    manifest = oras_client.get_manifest(container)
+    container, layers = _layers(oras_client, image)
     outdir.mkdir(parents=True, exist_ok=True)
-    for layer in manifest.get("layers", []):
-        title = (layer.get("annotations") or {}).get(TITLE, "")
-        if title in ADAPTER_FILES:  # oras named files
-            oras_client.download_blob(container, layer["digest"], str(outdir / title))
-        elif layer.get("mediaType") in (LAYER_TGZ, LAYER_TAR) or title.endswith((".tar", ".tar.gz", ".tgz")):
-            blob = outdir / ".layer"
-            oras_client.download_blob(container, layer["digest"], str(blob))
-            try:
-                _unpack_adapter(blob, outdir)
-            finally:
-                blob.unlink(missing_ok=True)
+    titled = [la for la in layers if (la.get("annotations") or {}).get(TITLE, "") in ADAPTER_FILES]
+    for layer in titled:  # oras named files
+        oras_client.download_blob(container, layer["digest"], str(outdir / layer["annotations"][TITLE]))
+    wanted = {("data", f): f for f in ADAPTER_FILES} | {(f,): f for f in ADAPTER_FILES}
+    for _, tar in _each_layer(oras_client, container, [la for la in layers if la not in titled]):
+        for member in tar.getmembers():
+            parts = _member_path(member.name)
+            if member.isfile() and parts in wanted:
+                _copy_member(tar, member, outdir / wanted[parts])
     return sorted(outdir / name for name in ADAPTER_FILES if (outdir / name).is_file())
 
 
 def pull_data(image: str, dest: Path, secrets: Sequence[str] = ()) -> list[Path]:
     """KAITO's tuning data image: every layer unpacked, the files under ``data/`` copied to ``dest`` (as
-    KAITO's puller relocates ``/data``). Regular files only; no member lands outside ``dest``."""
-    registry = registry_of(image)
-    secret = next((s for s in secrets if _has_credentials(s, registry)), None)
-    oras_client = client(image, secret, is_local(image), what="pull secret")
-    container = oras_client.get_container(image)
+    KAITO's puller relocates ``/data``). Regular files only, streamed; no member lands outside ``dest``."""
+    secret = _choose_secret(secrets, registry_of(image))
     written: list[Path] = []
     try:
-        manifest = oras_client.get_manifest(container)
+        oras_client = client(image, secret, is_local(image), what="pull secret")
+        container, layers = _layers(oras_client, image)
         dest.mkdir(parents=True, exist_ok=True)
-        for layer in manifest.get("layers", []):
-            blob = dest / ".layer"
-            oras_client.download_blob(container, layer["digest"], str(blob))
-            try:
-                with tarfile.open(blob, mode="r:*") as tar:
-                    for member in tar.getmembers():
-                        parts = Path(member.name.lstrip("./")).parts
-                        if not member.isfile() or len(parts) < 2 or parts[0] != "data" or ".." in parts:
-                            continue
-                        target = dest.joinpath(*parts[1:])
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        source = tar.extractfile(member)
-                        assert source is not None
-                        target.write_bytes(source.read())
-                        written.append(target)
-            finally:
-                blob.unlink(missing_ok=True)
+        for _, tar in _each_layer(oras_client, container, layers):
+            for member in tar.getmembers():
+                parts = _member_path(member.name)
+                if member.isfile() and parts is not None and len(parts) >= 2 and parts[0] == "data":
+                    target = dest.joinpath(*parts[1:])
+                    _copy_member(tar, member, target)
+                    written.append(target)
     except OciError:
         raise
-    except Exception as exc:  # oras raises ValueError / requests errors with the registry's answer
-        raise OciError("PullFailed", f"pull {image}: {str(exc)[:300]}") from exc
+    except Exception as exc:
+        raise _pull_error(image, exc) from exc
     if not written:
         raise OciError("NoData", f"{image} has no files under /data (KAITO's data image layout)")
     log.info("pulled %d data file(s) from %s", len(written), image)
-    return sorted(written)
-
-
-def _has_credentials(secret: str, registry: str) -> bool:
-    try:
-        return credentials(secret, registry, what="pull secret") is not None
-    except OciError:
-        return False
+    return sorted(set(written))
 
 
 def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
@@ -228,17 +279,15 @@ def pull_adapter(image: str, cache: Path, secrets: Sequence[str] = ()) -> Path:
     target = cache / hashlib.sha256(image.encode()).hexdigest()[:16]
     if all((target / f).is_file() for f in ADAPTER_FILES):
         return target
-    secret = next((s for s in secrets if _has_credentials(s, registry)), None)
+    secret = _choose_secret(secrets, registry)
     partial = target.with_suffix(".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pull_adapter_files(image, partial, secret, insecure=is_local(image))
     except OciError:
         raise
-    except Exception as exc:  # oras raises ValueError / requests errors with the registry's answer
-        text = str(exc)
-        denied = any(w in text.lower() for w in ("401", "unauthorized", "denied", "403"))
-        raise OciError("PullUnauthorized" if denied else "PullFailed", f"pull {image}: {text[:300]}") from exc
+    except Exception as exc:
+        raise _pull_error(image, exc) from exc
     missing = [f for f in ADAPTER_FILES if not (partial / f).is_file()]
     if missing:
         raise OciError("NotAnAdapter", f"{image} has no {', '.join(missing)}")

@@ -152,6 +152,17 @@ INVALID: list[tuple[str, Obj, str]] = [
         "matchLabels must contain at least one non-reserved label",
     ),
     (
+        "selector-of-reserved-expressions-only",  # dropped, they would leave a selector of every node
+        edit(
+            inference_ws,
+            setv(
+                "resource.labelSelector",
+                {"matchExpressions": [{"key": "kaito.sh/workspace", "operator": "In", "values": ["other"]}]},
+            ),
+        ),
+        "must select something besides the labels Kaiten and KAITO put on their own nodes",
+    ),
+    (
         "selector-in-without-values",
         edit(inference_ws, setv("resource.labelSelector.matchExpressions", [{"key": "a", "operator": "In"}])),
         "operators In/NotIn need values",

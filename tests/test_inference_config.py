@@ -80,6 +80,14 @@ def test_kaitos_own_template_is_applied_over_the_plan(catalogs: Catalogs) -> Non
     )
 
 
+def test_an_underscored_max_model_len_is_checked_like_the_dashed_one(catalogs: Catalogs) -> None:
+    limit = catalogs.presets["phi-3-mini-4k-instruct"].context_limit
+    refused(
+        plan(workspace(), catalogs, config=parsed(f"vllm:\n  max_model_len: {limit * 4}\n")),
+        "exceeds model's maximum supported context window",
+    )
+
+
 def test_a_quoted_max_model_len_is_an_integer_as_in_kaito(catalogs: Catalogs) -> None:
     after = plan(workspace(), catalogs, config=parsed('vllm:\n  max-model-len: " 1024 "\n'))
     assert isinstance(after, Plan) and after.engine_args["max-model-len"] == 1024
@@ -135,6 +143,14 @@ def test_flags_the_plan_decides_are_refused_with_the_field_to_change_instead() -
     refused(
         parse("params", "ns", {"inference_config.yaml": "vllm:\n  --model: /x\n"}), "vllm.model cannot be set"
     )
+    # vLLM reads tensor_parallel_size as tensor-parallel-size: both spellings are one flag here too
+    refused(parse("params", "ns", {"inference_config.yaml": "vllm:\n  tensor_parallel_size: 8\n"}),
+            "vllm.tensor-parallel-size cannot be set")  # fmt: skip
+    refused(
+        parse("params", "ns", {"inference_config.yaml": "vllm:\n  -tp: 8\n"}), "write the flag's long name"
+    )
+    twice = "vllm:\n  max-model-len: 1024\n  max_model_len: 2048\n"
+    refused(parse("params", "ns", {"inference_config.yaml": twice}), "vllm.max-model-len is given twice")
 
 
 def test_a_cpu_plan_notes_that_vllm_arguments_do_not_apply(catalogs: Catalogs) -> None:

@@ -423,25 +423,63 @@ def test_qlora_loads_the_base_in_8_bit_when_kaitos_config_asks_else_4_bit_nf4() 
     assert (eight.load_in_4bit, eight.load_in_8bit) == (False, True)
 
 
-def push_image(image: str, secret: str, config: Path, layer: Path) -> None:
-    """An OCI image of one config and one tar+gzip layer, uploaded as registries take any image."""
+DOCKER = (
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.container.image.v1+json",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+)
+OCI = ("application/vnd.oci.image.manifest.v1+json", IMAGE_CONFIG, LAYER_TGZ)
+
+
+def push_image(
+    image: str, secret: str, config: Path, layer: Path, *, docker: bool = False
+) -> tuple[str, int]:
+    """An image of one config and one tar+gzip layer, with OCI's media types or Docker's (what
+    ``docker push`` writes), uploaded as registries take any image; its manifest's digest and size."""
     import hashlib
 
+    import httpx
+
+    manifest_type, config_type, layer_type = DOCKER if docker else OCI
     oras = client(image, secret, True)
     container = oras.get_container(image)
     descriptors = []
-    for path, media_type in ((config, IMAGE_CONFIG), (layer, LAYER_TGZ)):
+    for path, media_type in ((config, config_type), (layer, layer_type)):
         data = path.read_bytes()
         descriptor = {
             "mediaType": media_type,
             "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
             "size": len(data),
         }
-        assert oras.upload_blob(str(path), container, descriptor).status_code in (201, 202)
+        assert oras.upload_blob(str(path), container, descriptor).status_code in (
+            200,
+            201,
+            202,
+        )  # 200: had it
         descriptors.append(descriptor)
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": descriptors[0], "layers": descriptors[1:]}  # fmt: skip
-    assert oras.upload_manifest(manifest, container).status_code == 201
+    body = json.dumps({"schemaVersion": 2, "mediaType": manifest_type, "config": descriptors[0],
+                       "layers": descriptors[1:]}).encode()  # fmt: skip
+    registry, _, rest = image.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    put = httpx.put(f"http://{registry}/v2/{repo}/manifests/{tag}", content=body,
+                    headers={"content-type": manifest_type}, auth=(USER, PASSWORD))  # fmt: skip
+    assert put.status_code == 201, put.text
+    return "sha256:" + hashlib.sha256(body).hexdigest(), len(body)
+
+
+def push_index(image: str, manifest: tuple[str, int]) -> None:
+    """An OCI image index (what ``docker buildx`` pushes) naming one linux/amd64 image manifest."""
+    import httpx
+
+    index_type = "application/vnd.oci.image.index.v1+json"
+    body = json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": [
+        {"mediaType": OCI[0], "digest": manifest[0], "size": manifest[1],
+         "platform": {"os": "linux", "architecture": "amd64"}}]})  # fmt: skip
+    registry, _, rest = image.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    put = httpx.put(f"http://{registry}/v2/{repo}/manifests/{tag}", content=body,
+                    headers={"content-type": index_type}, auth=(USER, PASSWORD))  # fmt: skip
+    assert put.status_code == 201, put.text
 
 
 def test_adapters_are_pushed_in_kaitos_layout_and_both_layouts_are_read(
@@ -510,32 +548,49 @@ def test_adapters_are_pushed_in_kaitos_layout_and_both_layouts_are_read(
 def test_a_kaito_data_image_is_unpacked_for_the_job(tmp_path: Path, registry: str, push_secret: Path) -> None:
     """KAITO's tuning input image: an image whose layers hold the data under /data. The init container
     the kuberay backend renders runs ``python -m shared.oci pull-data IMAGE DIR SECRET``: the files
-    under data/ (in any layer) land in DIR, nothing else does, and a bad image says why."""
+    under data/ land in DIR and nothing else does (not a member that climbs out, not a link); Docker's
+    media types and an image index (what docker push and buildx write) are read too; an image without
+    /data, or a missing one, says why."""
+    import io
+    import tarfile
 
-    work = tmp_path / "image"
-    (work / "data" / "more").mkdir(parents=True)
-    (work / "data" / "train.jsonl").write_text('{"messages": []}\\n')
-    (work / "data" / "more" / "extra.jsonl").write_text('{"messages": []}\\n')
-    (work / "etc").mkdir()
-    (work / "etc" / "passwd").write_text("not data")
-    subprocess.run(["tar", "c", "-f", str(work / "layer.tar"), "-C", str(work), "data", "etc"], check=True)
-    subprocess.run(["gzip", "-9", str(work / "layer.tar")], check=True)
-    (work / "config.json").write_text("{}")
-    image = f"{registry}/data/pirate:1"
-    push_image(image, str(push_secret), work / "config.json", work / "layer.tar.gz")
+    def layer(path: Path, members: dict[str, bytes], link: str | None = None) -> Path:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            if link:
+                info = tarfile.TarInfo(link)
+                info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(info)
+        return path
 
-    dest = tmp_path / "mnt-data"
+    (tmp_path / "config.json").write_text("{}")
+    members = {"data/train.jsonl": b'{"messages": []}\n', "data/more/extra.jsonl": b"{}\n",
+               "./data/dotted.jsonl": b"{}\n", "data/../escape.txt": b"no", "/data/abs.txt": b"no",
+               "etc/passwd": b"not data"}  # fmt: skip
+    good = layer(tmp_path / "good.tar.gz", members, link="data/link")
+    oci = push_image(f"{registry}/data/pirate:oci", str(push_secret), tmp_path / "config.json", good)
+    push_image(
+        f"{registry}/data/pirate:docker", str(push_secret), tmp_path / "config.json", good, docker=True
+    )
+    push_index(f"{registry}/data/pirate:index", oci)
+    empty = layer(tmp_path / "empty.tar.gz", {"etc/motd": b"hi"})
+    push_image(f"{registry}/data/nodata:1", str(push_secret), tmp_path / "config.json", empty)
+
     pull_data = [sys.executable, "-m", "shared.oci", "pull-data"]
     secrets = [str(tmp_path / "none"), str(push_secret)]  # the first without credentials is passed over
-    run = subprocess.run(
-        [*pull_data, image, str(dest), *secrets], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert got == ["more/extra.jsonl", "train.jsonl"]
-    assert PASSWORD not in run.stdout + run.stderr
-    empty = subprocess.run(
-        [*pull_data, f"{registry}/data/none:1", str(tmp_path / "x"), str(push_secret)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert empty.returncode == 1 and "PullFailed" in empty.stderr, empty.stderr
+    for tag in ("oci", "docker", "index"):
+        dest = tmp_path / f"mnt-{tag}"
+        run = subprocess.run([*pull_data, f"{registry}/data/pirate:{tag}", str(dest), *secrets],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 0, run.stdout + run.stderr
+        got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+        assert got == ["dotted.jsonl", "more", "more/extra.jsonl", "train.jsonl"], (tag, got)
+        assert PASSWORD not in run.stdout + run.stderr
+    assert not (tmp_path / "escape.txt").exists()
+    for image, reason in ((f"{registry}/data/nodata:1", "NoData"), (f"{registry}/data/none:1", "PullFailed")):
+        failed = subprocess.run([*pull_data, image, str(tmp_path / "x"), str(push_secret)],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert failed.returncode == 1 and reason in failed.stderr, failed.stderr

@@ -28,6 +28,7 @@ from shared.planning.hub import HubModelError, preset_from_hub
 from shared.planning.model import Rejection
 
 log = logging.getLogger(__name__)
+CONNECT_RETRIES = (0.5, 2.0)  # seconds before the second and third try of a refused connection
 
 
 class Hub:
@@ -78,16 +79,21 @@ class Hub:
         return preset
 
     async def _get(self, client: httpx.AsyncClient, url: str, repo: str) -> Any | Rejection:
-        try:
-            response = await client.get(url, headers={"accept": "application/json"})
-        except httpx.ConnectError as exc:
-            return Rejection(
-                reason="HubUnreachable",
-                message=f"{repo} is not in the catalog, and the hub at {self.url} cannot be reached to size "
-                f"it ({exc}); set KAITEN_HUB_URL to a mirror, or add the model to the catalog",
-            )
-        except httpx.TransportError as exc:  # a timeout or a dropped connection: worth another try
-            raise Transient(f"hub {self.url}: {type(exc).__name__}: {exc}") from exc
+        for delay in (*CONNECT_RETRIES, None):  # a mirror restarting, a DNS blip: ask again first
+            try:
+                response = await client.get(url, headers={"accept": "application/json"})
+                break
+            except httpx.ConnectError as exc:
+                if delay is None:
+                    return Rejection(
+                        reason="HubUnreachable",
+                        message=f"{repo} is not in the catalog, and the hub at {self.url} cannot be "
+                        f"reached to size it ({exc}); set KAITEN_HUB_URL to a mirror, or add the model to "
+                        "the catalog",
+                    )
+                await asyncio.sleep(delay)
+            except httpx.TransportError as exc:  # a timeout or a dropped connection: worth another try
+                raise Transient(f"hub {self.url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code in (401, 403):
             return Rejection(
                 reason="HubAuthRequired",

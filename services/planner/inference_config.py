@@ -63,7 +63,12 @@ def parse(name: str, namespace: str, data: Mapping[str, str] | None) -> Inferenc
         return _refuse(f"{CONFIG_KEY} in ConfigMap '{name}': 'vllm' must be a mapping of vLLM flags")
     args: dict[str, EngineArg] = {}
     for key, value in section.items():
-        flag = str(key).removeprefix("--")
+        text = str(key)
+        if text.startswith("-") and not text.startswith("--"):  # vLLM's short aliases (-tp, -q, …)
+            return _refuse(f"ConfigMap '{name}': vllm.{text}: write the flag's long name, without dashes")
+        flag = text.removeprefix("--").replace("_", "-")  # vLLM takes both spellings: one is checked
+        if flag in args:
+            return _refuse(f"ConfigMap '{name}': vllm.{flag} is given twice")
         if flag in PLANNED:
             return _refuse(f"ConfigMap '{name}': vllm.{flag} cannot be set: {PLANNED[flag]}")
         if value is None or isinstance(value, (list, dict)):

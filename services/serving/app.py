@@ -89,10 +89,11 @@ def chat_adapters(adapters: list[AdapterInfo]) -> tuple[list[AdapterInfo], str]:
 
     try:
         chat = combined_adapter(adapters, cache_root() / "adapters")
-    except CombineError as exc:
-        log.warning("/chat will refuse requests: %s", exc)
+    except Exception as exc:  # CombineError, or files that are not what they say: the rest still serves
+        why = exc if isinstance(exc, CombineError) else f"{type(exc).__name__}: {exc}"
+        log.warning("/chat will refuse requests: %s", why)
         return adapters, (
-            f"/chat answers with the Workspace's adapters together, and these cannot be summed: {exc}; "
+            f"/chat answers with the Workspace's adapters together, and these cannot be summed: {why}; "
             "ask /v1/chat/completions with one adapter as the model"
         )
     return [*adapters, AdapterInfo(name=CHAT_ADAPTER, path=str(chat))], ""

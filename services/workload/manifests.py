@@ -22,6 +22,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,29 +350,38 @@ def _cluster(
 # -- inference -------------------------------------------------------------------------------------
 
 
-def adapter_volumes(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Each adapter pull Secret as a read-only volume (the serving app reads it to pull the image), and
-    each volume adapter mounted read-only where KAITO mounts it (``render.adapter_path``)."""
-    names = dict.fromkeys(
-        s
-        for a in (workspace.inference.adapters if workspace.inference else [])
-        for s in a.source.image_pull_secrets
-    )
+def pull_secret_volumes(
+    names: Iterable[str], prefix: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each pull Secret (docker config json) as a read-only volume, mounted at
+    ``PULL_SECRETS_PATH/<name>``, where the puller reads it (``shared.oci``)."""
+    unique = list(dict.fromkeys(names))
     volumes = [
-        {
-            "name": object_name(f"pull-{n}", limit=63),
-            "secret": {"secretName": n, "defaultMode": 0o400, "optional": False},
-        }
-        for n in names
+        {"name": object_name(f"{prefix}-{n}", limit=63), "secret": {"secretName": n, "defaultMode": 0o400}}
+        for n in unique
     ]
     mounts = [
         {"name": v["name"], "mountPath": f"{PULL_SECRETS_PATH}/{n}", "readOnly": True}
-        for v, n in zip(volumes, names, strict=True)
+        for v, n in zip(volumes, unique, strict=True)
     ]
+    return volumes, mounts
+
+
+def adapter_volumes(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Each adapter pull Secret as a read-only volume (the serving app reads it to pull the image), and
+    each volume adapter mounted read-only where KAITO mounts it (``render.adapter_path``)."""
+    volumes, mounts = pull_secret_volumes(
+        (
+            s
+            for a in (workspace.inference.adapters if workspace.inference else [])
+            for s in a.source.image_pull_secrets
+        ),
+        "pull",
+    )
     for adapter in workspace.inference.adapters if workspace.inference else []:
         if adapter.source.volume_source is not None:
             name = object_name(f"adapter-{adapter.source.name}", limit=63)
-            volumes.append({"name": name, **adapter.source.volume_source})
+            volumes.append({**adapter.source.volume_source, "name": name})
             mounts.append({"name": name, "mountPath": adapter_path(adapter.source.name), "readOnly": True})
     return volumes, mounts
 
@@ -680,19 +690,12 @@ def tuning_data(
     mounts: list[dict[str, Any]] = []
     init: list[dict[str, Any]] = []
     if source.volume_source is not None:
-        volumes.append({"name": "tuning-input", **source.volume_source})
+        volumes.append({**source.volume_source, "name": "tuning-input"})
         mounts.append({"name": "tuning-input", "mountPath": INPUT_PATH, "readOnly": True})
     elif source.image:
         volumes.append({"name": "tuning-input", "emptyDir": {}})
         mounts.append({"name": "tuning-input", "mountPath": INPUT_PATH, "readOnly": True})
-        secrets = list(dict.fromkeys(source.image_pull_secrets))
-        secret_volumes = [
-            {
-                "name": object_name(f"data-pull-{n}", limit=63),
-                "secret": {"secretName": n, "defaultMode": 0o400},
-            }
-            for n in secrets
-        ]
+        secret_volumes, secret_mounts = pull_secret_volumes(source.image_pull_secrets, "data-pull")
         volumes += secret_volumes
         init.append(
             {
@@ -705,19 +708,13 @@ def tuning_data(
                     "pull-data",
                     source.image,
                     INPUT_PATH,
-                    *(f"{PULL_SECRETS_PATH}/{n}" for n in secrets),
+                    *(m["mountPath"] for m in secret_mounts),
                 ],
-                "volumeMounts": [
-                    {"name": "tuning-input", "mountPath": INPUT_PATH},
-                    *(
-                        {"name": v["name"], "mountPath": f"{PULL_SECRETS_PATH}/{n}", "readOnly": True}
-                        for v, n in zip(secret_volumes, secrets, strict=True)
-                    ),
-                ],
+                "volumeMounts": [{"name": "tuning-input", "mountPath": INPUT_PATH}, *secret_mounts],
             }
         )
     if destination.volume_source is not None:
-        volumes.append({"name": "tuning-output", **destination.volume_source})
+        volumes.append({**destination.volume_source, "name": "tuning-output"})
         mounts.append({"name": "tuning-output", "mountPath": OUTPUT_PATH})
     return volumes, mounts, init
 

@@ -59,15 +59,9 @@ def local_adapter_paths(workspace: Workspace, config: dict[str, Any]) -> None:
         source = sources.get(adapter["name"])
         if source is None or source.volume_source is None:
             continue
-        host = source.volume_source.get("hostPath")
-        if not isinstance(host, dict) or not str(host.get("path", "")).startswith("/"):
-            kinds = ", ".join(sorted(source.volume_source)) or "none"
-            raise RenderError(
-                "InvalidAdapter",
-                f"adapter {source.name}: volumeSource ({kinds}) needs a cluster; the local backend takes "
-                "a hostPath",
-            )
-        adapter["path"] = str(host["path"])
+        adapter["path"] = _host_path(
+            source.volume_source, "InvalidAdapter", f"adapter {source.name}: volumeSource"
+        )
 
 
 def serving_config(
@@ -223,6 +217,16 @@ def _check_output_dir(section: object, where: str) -> None:
         raise _invalid(f"Invalid output_dir specified: '{value}', must be a directory")
 
 
+def _host_path(source: dict[str, Any], reason: str, what: str) -> str:
+    """A volumeSource that is a ``hostPath``: its directory on this machine; another kind needs a
+    cluster (the local backend runs no pods)."""
+    host = source.get("hostPath")
+    if not isinstance(host, dict) or not str(host.get("path", "")).startswith("/"):
+        kinds = ", ".join(sorted(source)) or "none"
+        raise RenderError(reason, f"{what} ({kinds}) needs a cluster: the local backend takes a hostPath")
+    return str(host["path"])
+
+
 def local_paths(workspace: Workspace) -> tuple[str | None, str | None]:
     """Where a job on this machine (the local backend) reads its input and writes its output when the
     Workspace names volumes: a ``hostPath`` is a directory here; other volumes and data images need a
@@ -239,17 +243,7 @@ def local_paths(workspace: Workspace) -> tuple[str | None, str | None]:
             raise RenderError(
                 reason, f"tuning.{what}.image needs a cluster: the local backend reads URLs or a hostPath"
             )
-        if source is None:
-            paths.append(None)
-            continue
-        host = source.get("hostPath") if isinstance(source.get("hostPath"), dict) else None
-        if host is None or not str(host.get("path", "")).startswith("/"):
-            kinds = ", ".join(sorted(source)) or "none"
-            raise RenderError(
-                reason,
-                f"tuning.{what}.volumeSource ({kinds}) needs a cluster: the local backend takes a hostPath",
-            )
-        paths.append(str(host["path"]))
+        paths.append(None if source is None else _host_path(source, reason, f"tuning.{what}.volumeSource"))
     return paths[0], paths[1]
 
 

@@ -85,6 +85,7 @@ def preserved() -> Schema:
 
 
 def label_selector() -> Schema:
+    reserved = list(RESERVED_SELECTOR_KEYS)
     return {
         "type": "object",
         "properties": {
@@ -115,6 +116,12 @@ def label_selector() -> Schema:
                 "(has(self.matchLabels) && size(self.matchLabels) > 0) || "
                 "(has(self.matchExpressions) && size(self.matchExpressions) > 0)",
                 "resource.labelSelector must select something: set matchLabels or matchExpressions",
+            ),
+            rule(  # the reserved keys are dropped (shared.api.workspace): what is left must select
+                f"(has(self.matchLabels) && self.matchLabels.exists(k, !(k in {reserved}))) || "
+                f"(has(self.matchExpressions) && self.matchExpressions.exists(e, !(e.key in {reserved})))",
+                "resource.labelSelector must select something besides the labels Kaiten and KAITO put on "
+                "their own nodes (" + ", ".join(RESERVED_SELECTOR_KEYS[:2]) + ", …), which it ignores",
             ),
             rule(
                 "!has(self.matchLabels) || size(self.matchLabels) == 0 || "

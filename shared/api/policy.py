@@ -22,13 +22,13 @@ from typing import Any
 import yaml
 
 from shared.api.crd import GROUP, PLURAL
+from shared.api.workspace import NODE_IMAGE_FAMILIES, NODE_IMAGE_FAMILY_ANNOTATION
 
 NAME = f"{PLURAL}.{GROUP}"
 POLICY_PATH = Path(__file__).resolve().parents[2] / "deploy" / "admission" / f"{NAME}.yaml"
 CHART_POLICY_PATH = POLICY_PATH.parents[1] / "helm" / "kaiten" / "templates" / "admission-policy.yaml"
 
 PERFORMANCE_MODES = ("balanced", "interactivity", "throughput")  # KAITO's PerformanceMode*
-NODE_IMAGE_FAMILIES = ("ubuntu", "azurelinux")  # KAITO's NormalizeSupportedNodeImageFamily
 
 
 def _annotation(key: str, valid: str, problem: str) -> dict[str, str]:
@@ -62,7 +62,7 @@ def validations() -> list[dict[str, str]]:
             '\'"\' + {v} + \'" must be "true" or "false"\'',
         ),
         _annotation(
-            "kaito.sh/node-image-family",
+            NODE_IMAGE_FAMILY_ANNOTATION,
             f"{{v}}.trim().lowerAscii() in {_quoted(NODE_IMAGE_FAMILIES)}",
             "'unsupported node image family \"' + {v} + '\", supported values are "
             + ", ".join(NODE_IMAGE_FAMILIES)

@@ -21,6 +21,11 @@ class _Lenient(BaseModel):
 # ``shared.api.crd`` takes them from here, and fails to generate if a schema field has none.
 
 
+# KAITO's annotation for the nodes' OS image; its values (any case, spaces trimmed): checked at admission
+# (shared.api.policy), put on NodeClaims and AKS pools (services.provisioner.providers).
+NODE_IMAGE_FAMILY_ANNOTATION = "kaito.sh/node-image-family"
+NODE_IMAGE_FAMILIES = ("ubuntu", "azurelinux")
+
 # KAITO's reserved selector keys (``reservedSelectorLabelKeys``): the labels its controllers, and Kaiten's,
 # put on a Workspace's own nodes. A user's selector on them would target another Workspace's nodes, so
 # they are dropped from it, as KAITO drops them; a selector of nothing else is refused (the CRD's CEL).

@@ -13,14 +13,12 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from shared.api.workspace import NODE_IMAGE_FAMILIES, NODE_IMAGE_FAMILY_ANNOTATION
 from shared.events import WorkspaceRef
 
 WORKSPACE_LABEL = "kaito.sh/workspace"
 WORKSPACE_NAMESPACE_LABEL = "kaito.sh/workspacenamespace"
 GPU_TAINT = {"key": "sku", "value": "gpu", "effect": "NoSchedule"}
-# KAITO's annotation for the nodes' OS image: "ubuntu" or "azurelinux" (any case, spaces trimmed).
-NODE_IMAGE_FAMILY_ANNOTATION = "kaito.sh/node-image-family"
-NODE_IMAGE_FAMILIES = ("ubuntu", "azurelinux")
 
 
 def node_image_family(annotations: dict[str, str]) -> str:

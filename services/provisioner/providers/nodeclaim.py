@@ -17,12 +17,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.provisioner.providers.base import (
     GPU_TAINT,
-    NODE_IMAGE_FAMILY_ANNOTATION,
     NodeRequest,
     Progress,
     ProviderError,
     short_id,
 )
+from shared.api.workspace import NODE_IMAGE_FAMILY_ANNOTATION
 from shared.events import WorkspaceRef
 from shared.kube.errors import classify
 

@@ -29,6 +29,7 @@ from services.serving.engines.base import AdapterInfo
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+MAX_RANK = 512  # vLLM's largest max_lora_rank (services.serving.engines.vllm_engine.LORA_RANKS)
 
 
 class CombineError(ValueError):
@@ -65,6 +66,9 @@ def combined_adapter(adapters: Sequence[AdapterInfo], cache: Path) -> Path:
     if len(adapters) < 2:
         raise CombineError("combining needs two adapters or more")
     configs = [_config(a) for a in adapters]
+    total = sum(int(c.get("r", 8)) for c in configs)
+    if total > MAX_RANK:
+        raise CombineError(f"the adapters' ranks sum to {total}, above vLLM's LoRA limit of {MAX_RANK}")
     stamp = hashlib.sha256()
     for adapter in adapters:
         weights = Path(adapter.path) / WEIGHTS
@@ -101,7 +105,6 @@ def combined_adapter(adapters: Sequence[AdapterInfo], cache: Path) -> Path:
         combined[module + _A] = torch.cat(a_parts, dim=0).to(dtype).contiguous()
         combined[module + _B] = torch.cat(b_parts, dim=1).to(dtype).contiguous()
 
-    total = sum(ranks)
     config = dict(configs[0])
     config.update(
         r=total,

@@ -258,9 +258,11 @@ class KubeRay:
         if cluster:  # keep the Workspace's Service on the cluster KubeRay routes to
             svc = await self._get("Service", ref.namespace, object_name(ref.name, limit=63))
             if svc is None or svc.get("spec", {}).get("selector", {}).get("ray.io/cluster") != cluster:
-                # the type deploy gave it (kaito.sh/enablelb) stays: a status pass may lack the spec
-                lb = (svc or {}).get("spec", {}).get("type") == "LoadBalancer" or (
-                    target.workspace is not None and load_balanced(target.workspace)
+                # kaito.sh/enablelb, from the spec when this pass has it, else the type deploy gave it
+                lb = (
+                    load_balanced(target.workspace)
+                    if target.workspace is not None
+                    else (svc or {}).get("spec", {}).get("type") == "LoadBalancer"
                 )
                 routed = service(ref, target.api_version, target.generation, cluster, load_balancer=lb)
                 await self.apply(routed)
