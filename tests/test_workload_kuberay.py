@@ -497,6 +497,30 @@ def test_rayjob_outcome_needs_both_fields(deployment: str, job: str, expected: s
 
 
 @pytest.mark.controlplane
+async def test_a_tuning_job_on_volumes_reads_and_writes_where_they_are_mounted(
+    backend: KubeRay, kubectl: Kubectl, namespace: str
+) -> None:
+    """The backend's submit: a volume input is the job's input directory (no URL Secret is made), an
+    output volume its output directory (nothing pushed); the apiserver takes the RayJob strictly."""
+    base, got = seed("workspace-tuning-phi-3.yaml")
+    doc = base.model_dump(by_alias=True, exclude_none=True)
+    doc["tuning"]["input"] = {"name": "d", "volumeSource": {"persistentVolumeClaim": {"claimName": "data"}}}
+    doc["tuning"]["output"] = {"volumeSource": {"persistentVolumeClaim": {"claimName": "adapters"}}}
+    workspace = Workspace.model_validate(doc)
+    ref = ref_of(workspace, namespace)
+    await backend.submit(target_of(workspace, got, ref, 1), {})
+    config = kubectl.json("get", "configmap", f"{ref.name}-g1-tuning", "-n", namespace)
+    job = TuningJobConfig.model_validate(yaml.safe_load(config["data"]["job.yaml"]))
+    assert (job.input_directory, job.input_urls, job.input_urls_env) == (INPUT_PATH, [], None)
+    assert (job.output.directory, job.output.image, job.output.push_secret) == (OUTPUT_PATH, None, None)
+    secrets = kubectl.json("get", "secrets", "-n", namespace, "-l", WORKSPACE_LABEL)["items"]
+    assert not [s for s in secrets if s["metadata"]["name"].endswith("-inputs")]
+    rayjob_obj = kubectl.json("get", "rayjob", object_name(ref.name, "-g1"), "-n", namespace)
+    head = rayjob_obj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert {"name": "tuning-input", "persistentVolumeClaim": {"claimName": "data"}} in head["volumes"]
+
+
+@pytest.mark.controlplane
 async def test_rayjob_lifecycle_through_the_status_subresource(
     backend: KubeRay, kubectl: Kubectl, namespace: str
 ) -> None:
