@@ -156,7 +156,7 @@ def test_the_spec_and_the_plan_travel_typed_and_as_the_user_wrote_the_spec() -> 
         "kind": "plan.resolved", "schema": 2, "event_id": "e1", "generation": 2, "occurred_at": 1.0,
         "workspace": {"namespace": "ns", "name": "w", "uid": "u"},
         "plan": PLAN_FIELDS, "explanation": "fits", "api_version": "kaito.sh/v1beta1",
-        "spec": {**SPEC, "resource": {**SPEC["resource"], "partition": {"profile": "from-a-newer-crd"}}},
+        "spec": {**SPEC, "resource": {**SPEC["resource"], "fromANewerCrd": {"profile": "x"}}},
     }  # fmt: skip
     event = ev.decode(msgspec.json.encode(wire))
     assert isinstance(event, ev.PlanResolved) and event.plan == plan and event.spec is not None
