@@ -103,78 +103,68 @@ def url_validations() -> list[dict[str, str]]:
     ]
 
 
-def url_documents(namespaces: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The URL policy and its binding (``namespaces``: a namespaceSelector; all namespaces when None).
-    A cluster install applies it; ``kaiten up`` does not, since its local examples download from this
-    machine (the job's own check admits loopback there: ``KAITEN_ALLOW_LOOPBACK_URLS``)."""
+def _policy_and_binding(
+    name: str,
+    validations: list[dict[str, str]],
+    variables: list[dict[str, str]] | None = None,
+    namespaces: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy on Workspace creates and updates, and its denying binding
+    (``namespaces``: a namespaceSelector; all namespaces when None)."""
+    spec: dict[str, Any] = {
+        "failurePolicy": "Fail",
+        "matchConstraints": {
+            "resourceRules": [
+                {
+                    "apiGroups": [GROUP],
+                    "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"],
+                    "resources": [PLURAL],
+                }
+            ]
+        },
+    }
+    if variables:
+        spec["variables"] = variables
+    spec["validations"] = validations
     policy = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": URLS_NAME},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [GROUP],
-                        "apiVersions": ["*"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": [PLURAL],
-                    }
-                ]
-            },
-            "validations": url_validations(),
-        },
+        "metadata": {"name": name},
+        "spec": spec,
     }
     binding: dict[str, Any] = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": URLS_NAME},
-        "spec": {"policyName": URLS_NAME, "validationActions": ["Deny"]},
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
     }
     if namespaces is not None:
         binding["spec"]["matchResources"] = {"namespaceSelector": namespaces}
     return [policy, binding]
 
 
+def url_documents(namespaces: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The URL policy and its binding (``namespaces``: a namespaceSelector; all namespaces when None).
+    A cluster install applies it; ``kaiten up`` does not, since its local examples download from this
+    machine (the job's own check admits loopback there: ``KAITEN_ALLOW_LOOPBACK_URLS``)."""
+    return _policy_and_binding(URLS_NAME, url_validations(), namespaces=namespaces)
+
+
 def documents() -> list[dict[str, Any]]:
-    policy = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": NAME},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [GROUP],
-                        "apiVersions": ["*"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": [PLURAL],
-                    }
-                ]
-            },
-            "variables": [
-                {
-                    "name": "annotations",
-                    "expression": "has(object.metadata.annotations) ? object.metadata.annotations : {}",
-                },
-                {  # an update's previous annotations; none on a create
-                    "name": "old",
-                    "expression": "request.operation == 'UPDATE' && has(oldObject.metadata.annotations) "
-                    "? oldObject.metadata.annotations : {}",
-                },
-            ],
-            "validations": validations(),
+    """The annotation policy and its binding."""
+    variables = [
+        {
+            "name": "annotations",
+            "expression": "has(object.metadata.annotations) ? object.metadata.annotations : {}",
         },
-    }
-    binding = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": NAME},
-        "spec": {"policyName": NAME, "validationActions": ["Deny"]},
-    }
-    return [policy, binding]
+        {  # an update's previous annotations; none on a create
+            "name": "old",
+            "expression": "request.operation == 'UPDATE' && has(oldObject.metadata.annotations) "
+            "? oldObject.metadata.annotations : {}",
+        },
+    ]
+    return _policy_and_binding(NAME, validations(), variables)
 
 
 def render(*, cluster: bool = False) -> str:
