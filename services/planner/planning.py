@@ -224,41 +224,32 @@ def _template(
     sku = catalogs.sku(name) if name else None
     if sku is None and not name and uses_existing_nodes(workspace, options):
         return _template_on_existing_nodes(workspace, inventory, options)
-    if sku is None and name and name.lower().startswith(AZURE_SERIES) and options.cloud == "azure":
+    notes: tuple[str, ...] = ()
+    if sku is not None:
+        gpu = "cpu" if sku.is_cpu else catalogs.gpu_models[sku.gpu].name
+    elif name and name.lower().startswith(AZURE_SERIES) and options.cloud == "azure":
         # KAITO takes any Azure N- or D-series name here: the template's own requests say what it needs
-        count = workspace.resource.count
-        return _replace(
-            _template_plan(
-                sku=name,
-                cloud="azure",
-                gpu="unknown",
-                gpu_memory=0,
-                count=count,
-                gpus_per_node=0,
-                cost_per_hour=0.0,
-                explanation=f"custom template on {count} × {name} as requested (no preset to size)",
-            ),
-            notes=(
-                f"{name} is not in the SKU catalog: its GPUs and price are unknown, so no GPUs are "
-                "requested for its nodes; the template's own resource requests apply",
-            ),
+        sku, gpu = Sku(name=name, cloud="azure", gpus=0, price_per_hour=0.0), "unknown"
+        notes = (
+            f"{name} is not in the SKU catalog: its GPUs and price are unknown, so no GPUs are "
+            "requested for its nodes; the template's own resource requests apply",
         )
-    if sku is None:
+    else:
         return Rejection(
             reason="InstanceTypeRequired",
             message="an inference template has no preset to size: name a known resource.instanceType",
         )
     count = workspace.resource.count
-    gpu = None if sku.is_cpu else catalogs.gpu_models[sku.gpu]
     return _template_plan(
         sku=sku.name,
         cloud=sku.cloud,
-        gpu=gpu.name if gpu else "cpu",
+        gpu=gpu,
         gpu_memory=sku.gpu_memory,
         count=count,
         gpus_per_node=sku.gpus,
         cost_per_hour=round(sku.price_per_hour * count, 4),
         explanation=f"custom template on {count} × {sku.name} as requested (no preset to size)",
+        notes=notes,
     )
 
 
@@ -273,6 +264,7 @@ def _template_plan(
     cost_per_hour: float,
     explanation: str,
     byo_nodes: tuple[str, ...] = (),
+    notes: tuple[str, ...] = (),
 ) -> Plan:
     """A template's plan: ``count`` pods, one per node; nothing sized, no engine of ours."""
     return Plan(
@@ -298,6 +290,7 @@ def _template_plan(
         cost_per_hour=cost_per_hour,
         byo_nodes=byo_nodes,
         explanation=explanation,
+        notes=notes,
     )
 
 
