@@ -438,8 +438,6 @@ def push_image(
     ``docker push`` writes), uploaded as registries take any image; its manifest's digest and size."""
     import hashlib
 
-    import httpx
-
     manifest_type, config_type, layer_type = DOCKER if docker else OCI
     oras = client(image, secret, True)
     container = oras.get_container(image)
@@ -459,27 +457,29 @@ def push_image(
         descriptors.append(descriptor)
     body = json.dumps({"schemaVersion": 2, "mediaType": manifest_type, "config": descriptors[0],
                        "layers": descriptors[1:]}).encode()  # fmt: skip
+    put_manifest(image, body, manifest_type)
+    return "sha256:" + hashlib.sha256(body).hexdigest(), len(body)
+
+
+def put_manifest(image: str, body: bytes, media_type: str) -> None:
+    """PUT a manifest (or an index) as the registry API takes any."""
+    import httpx
+
     registry, _, rest = image.partition("/")
     repo, _, tag = rest.rpartition(":")
     put = httpx.put(f"http://{registry}/v2/{repo}/manifests/{tag}", content=body,
-                    headers={"content-type": manifest_type}, auth=(USER, PASSWORD))  # fmt: skip
+                    headers={"content-type": media_type}, auth=(USER, PASSWORD))  # fmt: skip
     assert put.status_code == 201, put.text
-    return "sha256:" + hashlib.sha256(body).hexdigest(), len(body)
 
 
 def push_index(image: str, manifest: tuple[str, int]) -> None:
     """An OCI image index (what ``docker buildx`` pushes) naming one linux/amd64 image manifest."""
-    import httpx
 
     index_type = "application/vnd.oci.image.index.v1+json"
     body = json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": [
         {"mediaType": OCI[0], "digest": manifest[0], "size": manifest[1],
          "platform": {"os": "linux", "architecture": "amd64"}}]})  # fmt: skip
-    registry, _, rest = image.partition("/")
-    repo, _, tag = rest.rpartition(":")
-    put = httpx.put(f"http://{registry}/v2/{repo}/manifests/{tag}", content=body,
-                    headers={"content-type": index_type}, auth=(USER, PASSWORD))  # fmt: skip
-    assert put.status_code == 201, put.text
+    put_manifest(image, body.encode(), index_type)
 
 
 def test_adapters_are_pushed_in_kaitos_layout_and_both_layouts_are_read(
