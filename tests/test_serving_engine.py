@@ -305,3 +305,11 @@ def test_several_adapters_sum_into_the_one_chat_answers_with(
     engine.chat_refusal = refusal
     with pytest.raises(BadRequest, match="it is a DoRA adapter"):
         engine.chat_adapter()
+    # ranks that add up past vLLM's LoRA limit are refused before any weight is read
+    wide = []
+    for name in ("w1", "w2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": 300, "lora_alpha": 300}))
+        wide.append(AdapterInfo(name, str(tmp_path / name)))
+    with pytest.raises(CombineError, match="ranks sum to 600, above vLLM's LoRA limit of 512"):
+        combined_adapter(wide, tmp_path)

@@ -243,7 +243,10 @@ def test_tuning_volumes_and_data_images_are_mounted_where_kaito_puts_them() -> N
     ref = ref_of(base)
     doc = base.model_dump(by_alias=True, exclude_none=True)
     doc["tuning"]["input"] = {"name": "d", "volumeSource": {"persistentVolumeClaim": {"claimName": "data"}}}
-    doc["tuning"]["output"] = {"volumeSource": {"persistentVolumeClaim": {"claimName": "adapters"}}}
+    # a "name" inside a volumeSource (its fields are preserved as written) cannot rename the volume
+    doc["tuning"]["output"] = {
+        "volumeSource": {"name": "x", "persistentVolumeClaim": {"claimName": "adapters"}}
+    }
     on_volumes = Workspace.model_validate(doc)
     doc["tuning"]["input"] = {"image": "reg.example/data/pirate:1", "imagePullSecrets": ["data-pull"]}
     from_image = Workspace.model_validate(doc)
