@@ -54,13 +54,14 @@ async def bench_publish(url: str, n: int, workspaces: int) -> tuple[float, float
     return raw, ours
 
 
-async def bench_consume(url: str, n: int, round_: int) -> tuple[float, float]:
+async def bench_consume(url: str, n: int, round_: int) -> tuple[float, float, float, float]:
+    """Messages per second, and this process's CPU µs per message, of raw nats-py and of the runner."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     # the very messages the runner consumes below (Publisher's, with their headers): the difference is
     # the runner's work, not the message format's
     psub = await js.pull_subscribe("kaiten.status.>", durable=f"raw-bench-{round_}")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     got = 0
     while got < n:
         for msg in await psub.fetch(256, timeout=5):
@@ -68,6 +69,7 @@ async def bench_consume(url: str, n: int, round_: int) -> tuple[float, float]:
             await msg.ack()
             got += 1
     raw = n / (time.perf_counter() - started)
+    raw_cpu = (time.process_time() - cpu) / n * 1e6
 
     done = asyncio.Event()
     count = 0
@@ -90,28 +92,32 @@ async def bench_consume(url: str, n: int, round_: int) -> tuple[float, float]:
         publisher=Publisher(js),
         reporter="bench",
     )
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await runner.start()
     await asyncio.wait_for(done.wait(), timeout=300)
     ours = n / (time.perf_counter() - started)
+    ours_cpu = (time.process_time() - cpu) / n * 1e6
     await runner.stop()
     await nc.close()
-    return raw, ours
+    return raw, ours, raw_cpu, ours_cpu
 
 
 async def main(n: int, workspaces: int, rounds: int) -> None:
     published: list[tuple[float, float]] = []
-    consumed: list[tuple[float, float]] = []
+    consumed: list[tuple[float, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
         for round_ in range(rounds):  # each round consumes what it published, with new durables
             published.append(await bench_publish(server.url, n, workspaces))
             consumed.append(await bench_consume(server.url, n, round_))
     print(f"{n} messages, {workspaces} Workspaces, nats-server on 127.0.0.1, median of {rounds} rounds\n")
     print(f"{'path':<10}{'baseline msg/s':>16}{'kaiten msg/s':>15}{'ratio':>8}")
-    for path, runs in (("publish", published), ("consume", consumed)):
+    for path, runs in (("publish", published), ("consume", [c[:2] for c in consumed])):
         raw, ours = statistics.median(r for r, _ in runs), statistics.median(o for _, o in runs)
         ratio = statistics.median(o / r for r, o in runs)
         print(f"{path:<10}{raw:>16.0f}{ours:>15.0f}{ratio:>8.2f}")
+    raw_cpu, ours_cpu = statistics.median(c[2] for c in consumed), statistics.median(c[3] for c in consumed)
+    # steadier than msg/s on a shared machine: this process's CPU only, not nats-server's or a neighbour's
+    print(f"\nconsume CPU µs per message: baseline {raw_cpu:.1f}, kaiten {ours_cpu:.1f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from prometheus_client import REGISTRY
 
 from kaiten.local.nats_server import NatsServer
 from shared import events as ev
@@ -215,6 +216,41 @@ async def test_one_workspace_in_order_different_workspaces_concurrently(nc: Clie
     assert all(seen[k] == list(range(20)) for k in seen), seen
     assert overlap["same_key"] == 0
     assert overlap["max_parallel"] >= 2
+
+
+async def test_what_arrives_while_a_workspace_is_busy_is_handed_over_together(nc: Client) -> None:
+    """Issue 20: messages of one Workspace fetched while its previous group is still at work join the
+    group queued behind it, over several fetches: the handler gets them in one call, in order (before,
+    one call per fetch)."""
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        steps = [e.type for e in events if isinstance(e, ev.ConditionReported)]
+        calls.append([int(step.removeprefix("Step")) for step in steps])
+        if len(calls) == 1:
+            await release.wait()
+
+    def in_flight() -> float:
+        return REGISTRY.get_sample_value("kaiten_consumer_in_flight", {"consumer": "coalesce"}) or 0
+
+    pub = Publisher(nc.jetstream())
+    run = runner(nc, handler, durable="coalesce", fetch_batch=16)
+    await run.start()
+    try:
+        await pub.publish(cond("a", 0))
+        await wait_for(lambda: len(calls) == 1)
+        for n in range(1, 6):
+            await pub.publish(cond("a", n))
+        await wait_for(lambda: in_flight() == 6)  # fetched: one group queued behind the running one
+        for n in range(6, 8):
+            await pub.publish(cond("a", n))
+        await wait_for(lambda: in_flight() == 8)  # a later fetch
+        release.set()
+        await wait_for(lambda: run.handled == 8)
+    finally:
+        await run.stop()
+    assert calls == [[0], [1, 2, 3, 4, 5, 6, 7]], calls
 
 
 async def test_transient_error_is_retried_then_succeeds(nc: Client) -> None:
