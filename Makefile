@@ -85,8 +85,11 @@ up: setup controlplane
 	-@$(MAKE) --no-print-directory up-tools
 	$(VENV)/bin/kaiten up
 
-bench: setup
+# KAITO_SRC=DIR (a KAITO checkout) adds KAITO's workspace controller to the control-plane comparison.
+BENCH_SIZES ?= 1,100,500
+bench: setup controlplane
 	$(PY) benchmarks/bus_throughput.py
+	$(PY) benchmarks/control_plane.py --sizes $(BENCH_SIZES) $(if $(KAITO_SRC),--kaito-src $(KAITO_SRC))
 	$(PY) benchmarks/plan_catalog.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/tuning.py

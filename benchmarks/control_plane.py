@@ -15,10 +15,11 @@ then each service's peak RSS and CPU seconds, and events on the bus per Workspac
 
 With ``--replicas 2`` every service runs twice: throughput should grow, not shrink.
 
-KAITO's workspace controller side by side (the issue's comparison) is not here yet: see
-docs/performance.md for why and what it takes.
+With ``--kaito-src DIR`` (a KAITO checkout: its Go module is not served by the module proxy here, see
+docs/performance.md) KAITO's workspace controller is built and run side by side against a fresh
+apiserver with KAITO's CRDs, and the last line is ``kaiten/kaito apply→claim p99 ratio @N: R``.
 
-    python benchmarks/control_plane.py [--sizes 1,100] [--claim-delay 1.0] [--replicas 1]
+    python benchmarks/control_plane.py [--sizes 1,100] [--claim-delay 1.0] [--replicas 1] [--kaito-src DIR]
 """
 
 from __future__ import annotations
