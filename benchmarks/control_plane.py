@@ -416,7 +416,8 @@ def p99(rows: Rows, size: int) -> float:
 async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="kaiten-bench-") as tmp:
-        root = Path(tmp)
+        root = Path(args.keep or tmp)  # --keep: the services' logs (root/logs) stay for a post-mortem
+        root.mkdir(parents=True, exist_ok=True)
         rows, usages = (
             ([], {})
             if args.only_kaito
@@ -446,5 +447,6 @@ if __name__ == "__main__":
     parser.add_argument("--replicas", type=int, default=1, help="of each Kaiten service")
     parser.add_argument("--limit", type=float, default=600.0, help="s per size and phase before giving up")
     parser.add_argument("--kaito-src", help="a KAITO checkout: build its controller and compare")
+    parser.add_argument("--keep", help="a directory to run in and keep (the services' logs are in logs/)")
     parser.add_argument("--only-kaito", action="store_true", help=argparse.SUPPRESS)  # debugging its side
     asyncio.run(main(parser.parse_args()))
