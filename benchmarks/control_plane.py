@@ -326,7 +326,9 @@ async def bench_kaiten(
         procs = start_services(env, root / "logs", replicas)
         try:
             rows = [(size, *await run_size(cp, size, claim_delay, limit, server.url)) for size in sizes]
-            return rows, {p.name: usage(p.pid) for p in procs}
+            # what the services share, too: on 2 cores the apiserver is the first thing to run out
+            shared = [*cp.processes, server.process]
+            return rows, {p.name: usage(p.pid) for p in [*procs, *shared]}
         finally:
             for proc in procs:
                 proc.stop(timeout=10)
@@ -384,7 +386,7 @@ async def bench_kaito(
                     line for line in proc.log_path.read_text().splitlines() if "Reconciler error" in line
                 ]
                 raise RuntimeError(f"{exc}; KAITO's last error: {errors[-1:]}") from exc
-            return rows, {proc.name: usage(proc.pid)}
+            return rows, {p.name: usage(p.pid) for p in [proc, *cp.processes]}
         finally:
             proc.stop(timeout=10)
 
@@ -417,7 +419,6 @@ async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="kaiten-bench-") as tmp:
         root = Path(args.keep or tmp)  # --keep: the services' logs (root/logs) stay for a post-mortem
-        root.mkdir(parents=True, exist_ok=True)
         rows, usages = (
             ([], {})
             if args.only_kaito
@@ -449,4 +450,7 @@ if __name__ == "__main__":
     parser.add_argument("--kaito-src", help="a KAITO checkout: build its controller and compare")
     parser.add_argument("--keep", help="a directory to run in and keep (the services' logs are in logs/)")
     parser.add_argument("--only-kaito", action="store_true", help=argparse.SUPPRESS)  # debugging its side
-    asyncio.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    if arguments.keep:
+        Path(arguments.keep).mkdir(parents=True, exist_ok=True)
+    asyncio.run(main(arguments))
