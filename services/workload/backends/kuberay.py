@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from kubernetes_asyncio import client as kclient
@@ -60,6 +61,7 @@ APPLY = "application/apply-patch+yaml"
 FIELD_MANAGER = "kaiten"
 GROUP, VERSION = "ray.io", "v1"
 PLURALS = {"RayService": "rayservices", "RayJob": "rayjobs"}
+ALL_KINDS = frozenset({*PLURALS, "Service", "ConfigMap", "StatefulSet", "NetworkPolicy"})
 
 
 class KubeRay:
@@ -150,23 +152,28 @@ class KubeRay:
     def _selector(self, target: Target) -> str:
         return f"{WORKSPACE_LABEL}={label_value(target.ref.name)},{NAMESPACE_LABEL}={target.ref.namespace}"
 
-    async def _ours(self, target: Target) -> list[tuple[str, str]]:
-        """(kind, name) of every object of this Workspace that still exists."""
+    async def _ours(self, target: Target, kinds: Collection[str] = ALL_KINDS) -> list[tuple[str, str]]:
+        """(kind, name) of every object of this Workspace (of ``kinds``) that still exists. Each kind is a
+        LIST by label, which the apiserver answers by scanning the namespace: only the kinds asked for."""
         ns, selector = target.ref.namespace, self._selector(target)
         found: list[tuple[str, str]] = []
         try:
             for kind, plural in PLURALS.items():
-                items = await self._custom.list_namespaced_custom_object(
-                    GROUP, VERSION, ns, plural, label_selector=selector
-                )
-                found += [(kind, i["metadata"]["name"]) for i in items.get("items", [])]
-            services = await self._core.list_namespaced_service(ns, label_selector=selector)
-            found += [("Service", s.metadata.name) for s in services.items]
-            maps = await self._core.list_namespaced_config_map(ns, label_selector=selector)
-            found += [("ConfigMap", m.metadata.name) for m in maps.items]
-            sets = await self._apps.list_namespaced_stateful_set(ns, label_selector=selector)
-            found += [("StatefulSet", m.metadata.name) for m in sets.items]
-            if self._admin is not None:
+                if kind in kinds:
+                    items = await self._custom.list_namespaced_custom_object(
+                        GROUP, VERSION, ns, plural, label_selector=selector
+                    )
+                    found += [(kind, i["metadata"]["name"]) for i in items.get("items", [])]
+            if "Service" in kinds:
+                services = await self._core.list_namespaced_service(ns, label_selector=selector)
+                found += [("Service", s.metadata.name) for s in services.items]
+            if "ConfigMap" in kinds:
+                maps = await self._core.list_namespaced_config_map(ns, label_selector=selector)
+                found += [("ConfigMap", m.metadata.name) for m in maps.items]
+            if "StatefulSet" in kinds:
+                sets = await self._apps.list_namespaced_stateful_set(ns, label_selector=selector)
+                found += [("StatefulSet", m.metadata.name) for m in sets.items]
+            if self._admin is not None and "NetworkPolicy" in kinds:
                 policies = await self._net.list_namespaced_network_policy(ns, label_selector=selector)
                 found += [("NetworkPolicy", n.metadata.name) for n in policies.items]
         except ApiException as exc:
@@ -344,7 +351,8 @@ class KubeRay:
         if self._tuning_nats is not None:
             await self._delete("Secret", target.ref.namespace, nats_secret_name(target.ref))
         await self._delete("Secret", target.ref.namespace, inputs_secret_name(target.ref))
-        return not found or not await self._ours(target)
+        # gone? only the kinds just deleted (nothing new is made for a Workspace being deleted)
+        return not found or not await self._ours(target, {kind for kind, _ in found})
 
     async def close(self) -> None:
         return None
