@@ -191,11 +191,6 @@ class Stack:
                 log=str(root / "controlplane" / "kube-apiserver.log"),
             )
         )
-        # The services that need only NATS and the apiserver start now: their imports (seconds each on 2
-        # cores) overlap the Ray head's start. The workload talks to Ray, so it comes after it.
-        for name in SERVICES:
-            if name != "workload":
-                self.parts.append(self._service(name))
         self.parts.append(self._registry())
         data_port = env_port("KAITEN_DATA_PORT", DATA_PORT)
         files = ManagedProcess(
@@ -218,7 +213,8 @@ class Stack:
                 log=str(root / "ray" / "ray-head.log"),
             )
         )
-        self.parts.append(self._service("workload"))
+        for name in SERVICES:
+            self.parts.append(self._service(name))
 
     def _process_part(self, name: str, proc: ManagedProcess, port: int, endpoint: str) -> Part:
         def launch() -> None:
@@ -382,28 +378,6 @@ class Stack:
             "KAITEN_SERVE_PORT": str(port),
         }
         (self.root / "endpoints.json").write_text(json.dumps(self.endpoints))
-        if not self.part("workload").alive():  # at a restart the workload deploys, and starts Serve itself
-            self._start_serve(ray, port)
-
-    def _start_serve(self, ray: RayHead, port: int) -> None:
-        """Serve's controller and proxy, started by an empty declarative config (what the workload PUTs
-        later, with its applications). Without it the first Workspace's deploy waited ~5 s for them;
-        now that happens while the other services import. Best effort: the deploy starts Serve anyway."""
-        body = json.dumps({"http_options": {"host": "127.0.0.1", "port": port}, "applications": []})
-        request = urllib.request.Request(  # noqa: S310 (the loopback dashboard)
-            f"{ray.dashboard_url}/api/serve/applications/",
-            data=body.encode(),
-            method="PUT",
-            headers={
-                "Authorization": f"Bearer {ray.token_path.read_text().strip()}",
-                "Content-Type": "application/json",
-            },
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=60):  # noqa: S310
-                self.note("started Ray Serve")
-        except (OSError, http.client.HTTPException) as exc:
-            self.note(f"Ray Serve not started ahead ({exc}); the first deploy starts it")
 
     def part(self, name: str) -> Part:
         return next(p for p in self.parts if p.name == name)
