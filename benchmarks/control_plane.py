@@ -448,7 +448,7 @@ if __name__ == "__main__":
     parser.add_argument("--replicas", type=int, default=1, help="of each Kaiten service")
     parser.add_argument("--limit", type=float, default=600.0, help="s per size and phase before giving up")
     parser.add_argument("--kaito-src", help="a KAITO checkout: build its controller and compare")
-    parser.add_argument("--keep", help="a directory to run in and keep (the services' logs are in logs/)")
+    parser.add_argument("--keep", help="an empty directory to run in and keep (the services' logs: logs/)")
     parser.add_argument("--only-kaito", action="store_true", help=argparse.SUPPRESS)  # debugging its side
     arguments = parser.parse_args()
     if arguments.keep:

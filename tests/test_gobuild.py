@@ -33,8 +33,11 @@ def test_binary_names_follow_go_build() -> None:
     assert gobuild.binary_name("k8s.io/kubernetes/cmd/kube-apiserver") == "kube-apiserver"
     assert gobuild.binary_name("go.etcd.io/etcd/server/v3") == "server"
     assert gobuild.binary_name("example.test/vet") == "vet"
+    for not_a_version in ("v1", "v0", "v01"):  # Go names these binaries by the element itself
+        assert gobuild.binary_name(f"example.test/tool/{not_a_version}") == not_a_version
 
 
+@pytest.mark.slow  # compiles the standard library (a fresh build cache)
 @pytest.mark.timeout(300)
 def test_two_binaries_in_one_build_with_a_progress_bar(tmp_path: Path) -> None:
     src = module(tmp_path / "src")
@@ -52,6 +55,12 @@ def test_two_binaries_in_one_build_with_a_progress_bar(tmp_path: Path) -> None:
         assert built[name] == tmp_path / "bin" / name
         assert subprocess.run([built[name]], capture_output=True, text=True, check=True).stdout == f"{word}\n"
     assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["etcd-like", "hello"]  # no temp dir left
+    again = gobuild.build(  # a second build into the same place (cached now) replaces them
+        {"hello": "example.test/m/cmd/hello"}, tmp_path / "bin", cwd=src, env=go_env(tmp_path),
+        ldflags="-s -w", label="again", out=io.StringIO(),
+    )  # fmt: skip
+    assert again["hello"].exists()
+    assert sorted(p.name for p in (tmp_path / "bin").iterdir()) == ["etcd-like", "hello"]
     lines = out.getvalue().splitlines()
     bars = [line for line in lines if "packages" in line]
     assert 5 <= len(bars) <= 10, lines  # one per tenth (a tenth may pass in one package)
@@ -60,6 +69,7 @@ def test_two_binaries_in_one_build_with_a_progress_bar(tmp_path: Path) -> None:
     assert lines[-1].startswith("test build: built hello, etcd-like in"), lines
 
 
+@pytest.mark.slow
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path: Path) -> None:
     src = module(tmp_path / "src")
     (src / "cmd" / "hello" / "main.go").write_text("package main\n\nfunc main() { undefined() }\n")

@@ -26,7 +26,7 @@ from kaiten.local.procs import ManagedProcess, StartFailed, free_port, free_port
 
 K8S_VERSION = "v1.32.4"
 ETCD_VERSION = "v3.5.16"
-# A Service per inference Workspace: a /16 as a cluster has (a /24 ran out at 254 Workspaces). Nothing of
+# A Service per inference Workspace: a /16 as a cluster has (a /24 ran out at 253 Workspaces). Nothing of
 # ours ever dials these addresses.
 SERVICE_CIDR = "10.0.0.0/16"
 BUILD_ESTIMATE = "about 3-5 minutes on 2 cores; ~0.6 GB of Go modules, ~2 GB of build cache"

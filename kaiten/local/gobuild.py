@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
@@ -26,7 +27,8 @@ def binary_name(package: str) -> str:
     a major-version suffix (``go.etcd.io/etcd/server/v3`` → ``server``)."""
     parts = package.rstrip("/").split("/")
     last = parts[-1]
-    if len(parts) > 1 and last.startswith("v") and last[1:].isdigit():
+    # Go's isVersionElement: v2, v3, … (not v0, v1, or a leading zero)
+    if len(parts) > 1 and last[:1] == "v" and last[1:].isdigit() and last[1] != "0" and last != "v1":
         return parts[-2]
     return last
 
@@ -99,9 +101,8 @@ def build(
         raise BuildFailed(f"go list {' '.join(pkgs)} failed:\n{listed.stderr[-4000:]}")
     compiled = [pkg for pkg in listed.stdout.split() if pkg != "unsafe"]  # the one that is never compiled
     progress = Progress(label, len(compiled), out)
-    tmp = out_dir / ".build.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))  # its own: two builds at once do not clash
     proc = subprocess.Popen(
         ["go", "build", "-v", "-trimpath", f"-ldflags={ldflags}", "-o", f"{tmp}{os.sep}", *pkgs],
         cwd=cwd,
@@ -120,6 +121,8 @@ def build(
             errors.append(text)
     if proc.wait() != 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        if progress.tty:
+            out.write("\n")  # the bar's line ends before the error
         raise BuildFailed(f"go build {' '.join(pkgs)} failed:\n" + "\n".join(errors)[-4000:])
     built = {}
     for name, pkg in packages.items():

@@ -69,11 +69,6 @@ def ray_version() -> str:
         return "2.52.0"
 
 
-def _yaml(doc: dict[str, Any]) -> str:
-    """YAML as ``yaml.safe_dump`` writes it, by libyaml where PyYAML has it (a quarter of the time)."""
-    return yaml.dump(doc, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
-
-
 def object_name(workspace: str, suffix: str = "", limit: int = MAX_RAY_NAME) -> str:
     """A DNS-1035 name of at most ``limit`` characters for ``workspace`` (+ ``suffix``): the name itself
     when it fits, else a readable prefix and a hash of the whole (stable across restarts)."""
@@ -440,7 +435,7 @@ def rayservice(
         "kind": "RayService",
         "metadata": _metadata(ref, api_version, object_name(ref.name), generation),
         "spec": {
-            "serveConfigV2": _yaml(serve_config),
+            "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
             "rayClusterConfig": cluster,
         },
     }
@@ -622,7 +617,7 @@ def tuning_configmap(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(ref, api_version, name, generation),
-        "data": {"job.yaml": _yaml(config)},
+        "data": {"job.yaml": yaml.safe_dump(config, sort_keys=False)},
     }
 
 

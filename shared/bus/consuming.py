@@ -11,8 +11,8 @@ How it keeps its promises:
   cannot be refreshed is stopped and its messages redelivered. A lease lingers ``lease_linger`` after
   its group, so a busy Workspace's next group takes it back without a round trip.
 - *Bursts coalesce*: messages of one key that arrive in one fetch are handed to the handler together,
-  and so are those that arrive while the key's previous group is still at work: they join the group
-  waiting behind it (one handler call, not one per fetch).
+  and so are those that arrive before that group has started (behind the key's previous group, or
+  waiting for a free slot): they join it (one handler call, not one per fetch).
 - *Bounded intake*: each message taken holds a permit of a semaphore of ``intake_depth`` fetches'
   worth (``fetch_batch`` each) until it is settled, and the pull loop waits for free permits. With room
   for two fetches, the next one is on the wire while the last one is handled. A message that cannot
@@ -245,8 +245,7 @@ class ConsumerRunner:
             waiting.events += group.events
             return
         previous = self._tails.get(group.key)
-        if previous is not None and not previous.done():
-            self._waiting[group.key] = group
+        self._waiting[group.key] = group  # until it starts (behind its predecessor, or for a slot)
         task = asyncio.create_task(self._run_group(group, previous), name=f"group:{group.key}")
         self._tails[group.key] = task
         task.add_done_callback(functools.partial(self._forget, group.key))
