@@ -106,7 +106,7 @@ class ConsumerRunner:
         self._publisher = publisher
         self._reporter = reporter
         self._tails: dict[str, asyncio.Task[None]] = {}
-        self._waiting: dict[str, _Group] = {}  # a key's group queued behind its running one
+        self._waiting: dict[str, _Group] = {}  # each key's group not yet started (later messages join it)
         # One permit per message taken and not yet settled: intake waits for room, never polls.
         self._intake = asyncio.Semaphore(spec.fetch_batch * max(1, spec.intake_depth))
         self._in_flight = 0  # messages fetched and not yet settled (not the permits a pending fetch holds)
