@@ -91,7 +91,7 @@ def build(
     """Build ``{name: main package}`` in one ``go build`` (their shared packages compile once, and one's
     link overlaps another's compile) into ``out_dir/<name>``; returns the paths."""
     if shutil.which("go") is None:
-        raise BuildFailed("building needs Go (https://go.dev/dl) on PATH")
+        raise BuildFailed(f"building the {label} needs Go (https://go.dev/dl) on PATH")
     pkgs = list(packages.values())
     print(f"{label}: resolving Go modules (a cold machine downloads ~0.6 GB first) ...", file=out, flush=True)
     listed = subprocess.run(
@@ -103,32 +103,32 @@ def build(
     progress = Progress(label, len(compiled), out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))  # its own: two builds at once do not clash
-    proc = subprocess.Popen(
-        ["go", "build", "-v", "-trimpath", f"-ldflags={ldflags}", "-o", f"{tmp}{os.sep}", *pkgs],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    errors: list[str] = []
-    for line in proc.stderr:  # -v: one import path per package compiled; anything else is an error
-        text = line.strip()
-        if text and " " not in text and ":" not in text:
-            progress.advance()
-        elif text:
-            errors.append(text)
-    if proc.wait() != 0:
+    try:
+        proc = subprocess.Popen(
+            ["go", "build", "-v", "-trimpath", f"-ldflags={ldflags}", "-o", f"{tmp}{os.sep}", *pkgs],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        errors: list[str] = []
+        for line in proc.stderr:  # -v: one import path per package compiled; anything else is an error
+            text = line.strip()
+            if text and " " not in text and ":" not in text:
+                progress.advance()
+            elif text:
+                errors.append(text)
+        if proc.wait() != 0:
+            if progress.tty:
+                out.write("\n")  # the bar's line ends before the error
+            raise BuildFailed(f"go build {' '.join(pkgs)} failed:\n" + "\n".join(errors)[-4000:])
+        built = {}
+        for name, pkg in packages.items():
+            (tmp / binary_name(pkg)).rename(out_dir / name)
+            built[name] = out_dir / name
+    finally:  # whatever happened, no half build is left beside the binaries
         shutil.rmtree(tmp, ignore_errors=True)
-        if progress.tty:
-            out.write("\n")  # the bar's line ends before the error
-        raise BuildFailed(f"go build {' '.join(pkgs)} failed:\n" + "\n".join(errors)[-4000:])
-    built = {}
-    for name, pkg in packages.items():
-        target = out_dir / name
-        (tmp / binary_name(pkg)).rename(target)
-        built[name] = target
-    shutil.rmtree(tmp, ignore_errors=True)
     progress.finish(f"{label}: built {', '.join(packages)} in {_clock(time.monotonic() - progress.started)}")
     return built
