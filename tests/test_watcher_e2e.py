@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,10 +19,14 @@ from nats.js import JetStreamContext
 
 from kaiten.local.controlplane import ControlPlane
 from kaiten.local.procs import ManagedProcess
+from services.watcher.seen import Seen
+from services.watcher.status.writing import StatusWriter
 from shared import events as ev
 from shared.api.crd import CRD_PATH
 from shared.api.workspace import spec_of
 from shared.bus.publishing import Publisher
+from shared.kube.client import api_client as kube_client
+from shared.kube.workspaces import Workspaces
 from tests.conftest import REPO, SEEDS, Kubectl, Services, until
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.nats]
@@ -241,6 +246,77 @@ async def test_by_default_delete_waits_for_the_provisioner_and_the_workload(
     await publisher.publish(ev.CleanupDone(workspace=observed.workspace, generation=1, owner="workload"))
     gone = kubectl.run("wait", "-n", namespace, "--for=delete", "workspace/w6", "--timeout=20s")
     assert gone.returncode == 0, gone.stderr
+
+
+def workspace_requests(kubectl: Kubectl) -> dict[str, int]:
+    """The apiserver's own count of requests on Workspaces so far, by verb (and ``/status``)."""
+    counts: dict[str, int] = {}
+    for line in kubectl.run("get", "--raw", "/metrics", check=True).stdout.splitlines():
+        if line.startswith("apiserver_request_total{") and 'resource="workspaces"' in line:
+            inside = line[line.index("{") + 1 : line.index("}")]
+            labels = dict(pair.split("=", 1) for pair in inside.split(","))
+            verb = labels["verb"].strip('"') + ("/status" if labels.get("subresource") == '"status"' else "")
+            counts[verb] = counts.get(verb, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+async def test_the_status_writer_reads_the_watch_and_releases_without_a_last_status_write(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """Each status patch is computed from the copy the watcher's watch holds, not from a GET, and the
+    last cleanup report of a Workspace being deleted releases the finalizer with no status write first.
+    Counted by the apiserver itself; this test only LISTs, so every GET would be the writer's."""
+    await start_watcher(services)
+    observed, sub = await apply_and_observe(kubectl, nc, namespace, "w7", kinds="*")
+    ref, gen = observed.workspace, observed.generation
+
+    def listed() -> dict[str, Any]:
+        items = kubectl.json("get", "workspaces", "-n", namespace)["items"]  # a LIST, not a GET
+        return next((o for o in items if o["metadata"]["name"] == "w7"), {})
+
+    before = workspace_requests(kubectl)
+    pub = Publisher(nc.jetstream())
+    await pub.publish(ev.NodesReady(workspace=ref, generation=gen, provider="byo", nodes=("node-a",)))
+    await until(lambda: (listed().get("status") or {}).get("workerNodes") == ["node-a"], what="nodes")
+    await pub.publish(ev.InferenceReady(workspace=ref, generation=gen, endpoint="http://w7.svc"))
+    await until(lambda: (listed().get("status") or {}).get("state") == "Ready", what="Ready")
+    kubectl.run("delete", "workspace", "w7", "-n", namespace, "--wait=false", check=True)
+    assert isinstance(ev.decode((await sub.next_msg(timeout=5)).data), ev.WorkspaceDeleting)
+    await pub.publish(ev.CleanupDone(workspace=ref, generation=gen, owner="provisioner"))
+    await until(lambda: (listed().get("status") or {}).get("cleanedUpBy") == ["provisioner"], what="cleanup")
+    await pub.publish(ev.CleanupDone(workspace=ref, generation=gen, owner="workload"))
+    await until(lambda: not listed(), what="the Workspace gone")
+    after = workspace_requests(kubectl)
+    made = {verb: after.get(verb, 0) - before.get(verb, 0) for verb in after}
+    assert made.get("GET", 0) == 0, f"{made}\n{services.logs()}"
+    # nodes, Ready, the first cleanup report: three status writes; the last report only the finalizer
+    assert made.get("PATCH/status") == 3, f"{made}\n{services.logs()}"
+    assert made.get("PATCH") == 1, made
+
+
+async def test_a_stale_copy_costs_a_conflict_never_a_lost_write(
+    kubectl: Kubectl, namespace: str, controlplane: ControlPlane
+) -> None:
+    """The writer's copy is older than the object (someone wrote since the watch delivered it): the
+    patch it computes from it is refused (409), it reads the object and writes again, and what the
+    other writer wrote stays."""
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w8"), check=True)
+    stale = kubectl.json("get", "workspace", "w8", "-n", namespace)
+    kubectl.run("label", "workspace", "w8", "-n", namespace, "team=blue", check=True)
+    seen = Seen()
+    seen.saw(stale)
+    ref = ev.WorkspaceRef(namespace=namespace, name="w8", uid=stale["metadata"]["uid"])
+    api = await kube_client(str(controlplane.kubeconfig))
+    try:
+        writer = StatusWriter(workspaces=Workspaces(api), cleanup_owners=(), seen=seen)
+        await writer.handle([ev.NodesReady(workspace=ref, generation=1, provider="byo", nodes=("node-a",))])
+    finally:
+        await api.close()
+    stored = kubectl.json("get", "workspace", "w8", "-n", namespace)
+    assert stored["status"]["workerNodes"] == ["node-a"]
+    assert stored["metadata"]["labels"]["team"] == "blue"
+    copy = seen.get(namespace, "w8", ref.uid)  # the copy is the written object now
+    assert copy is not None and copy["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
 
 
 async def test_an_unknown_cleanup_owner_is_refused_at_start(services: Services) -> None:

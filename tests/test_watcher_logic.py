@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from services.watcher.deciding import Action, Published, decide
+from services.watcher.seen import Seen
 from services.watcher.status.conditions import (
     ConditionUpdate,
     finalizer_removable,
@@ -234,3 +235,23 @@ def test_the_watcher_reads_the_spec_typed_once_and_refuses_one_it_cannot_read() 
     with pytest.raises(InvalidInput, match=r"resource\.count") as caught:
         typed_spec({**good, "resource": {**good["resource"], "count": "two"}})
     assert caught.value.reason == "InvalidSpec"
+
+
+def _copy(name: str, uid: str, rv: str) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "uid": uid, "resourceVersion": rv}}
+
+
+def test_seen_keeps_the_newest_copy_of_each_uid() -> None:
+    seen = Seen()
+    seen.saw(_copy("a", "u1", "10"))
+    seen.saw(_copy("a", "u1", "9"))  # a watch event older than the writer's own patch response
+    assert seen.get("ns", "a", "u1") == _copy("a", "u1", "10")
+    assert seen.get("ns", "a", "u0") is None  # another object of that name: read it from the apiserver
+    seen.saw(_copy("a", "u2", "3"))  # deleted and created again: the new one, whatever its version
+    assert seen.get("ns", "a", "u2") == _copy("a", "u2", "3")
+    seen.gone(_copy("a", "u1", "11"))  # the old one's DELETED event, late: the new one stays
+    assert seen.get("ns", "a", "u2") is not None
+    seen.saw(_copy("b", "u3", "5"))
+    seen.relisted([_copy("b", "u3", "4")])  # a relist: "a" is gone; b's newer copy is kept
+    assert seen.get("ns", "a", "u2") is None
+    assert seen.get("ns", "b", "u3") == _copy("b", "u3", "5")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.watcher.seen import Seen
 from services.watcher.settings import WatcherSettings
 from services.watcher.status.writing import StatusWriter
 from services.watcher.watching import WorkspaceWatcher, open_store
@@ -31,13 +32,15 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     settings = runtime.settings
     assert isinstance(settings, WatcherSettings) and runtime.api is not None
     workspaces = Workspaces(runtime.api)
+    seen = Seen()  # the watch's newest copies, read by the status writer instead of a GET per patch
     watcher = WorkspaceWatcher(
         workspaces=workspaces,
         publisher=runtime.publisher,
         store=await open_store(runtime.js),
         settings=settings,
+        seen=seen,
     )
-    writer = StatusWriter(workspaces=workspaces, cleanup_owners=settings.cleanup_owners)
+    writer = StatusWriter(workspaces=workspaces, cleanup_owners=settings.cleanup_owners, seen=seen)
     status = ConsumerRunner(
         nc=runtime.nc,
         spec=ConsumerSpec(

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from services.watcher.deciding import Action, Published, decide
+from services.watcher.seen import Seen
 from services.watcher.settings import WatcherSettings
 from shared import logs, telemetry
 from shared.api.crd import FINALIZER
@@ -114,8 +115,10 @@ class WorkspaceWatcher:
         publisher: Publisher,
         store: PublishedStore,
         settings: WatcherSettings,
+        seen: Seen | None = None,
     ) -> None:
         self._workspaces = workspaces
+        self._seen = seen if seen is not None else Seen()  # shared with the status writer
         self._publisher = publisher
         self._store = store
         self._settings = settings
@@ -148,6 +151,7 @@ class WorkspaceWatcher:
     async def _relist(self) -> str:
         listing = await self._workspaces.list_all(self._settings.namespace or None)
         self.census.relisted(listing.get("items", []))
+        self._seen.relisted(listing.get("items", []))
         for obj in listing.get("items", []):
             await self._isolated(obj)
         return str(listing["metadata"]["resourceVersion"])
@@ -176,11 +180,13 @@ class WorkspaceWatcher:
         if kind == "BOOKMARK" or not isinstance(obj, dict):
             return
         if kind == "DELETED":
+            self._seen.gone(obj)
             self.census.gone(obj["metadata"]["uid"])
             await self._store.purge(obj["metadata"]["uid"])
             logs.of(log, ref_of(obj)).info("gone")
             return
         self.census.seen(obj)
+        self._seen.saw(obj)
         await self._isolated(obj)
 
     async def _isolated(self, obj: dict[str, Any]) -> None:
@@ -253,7 +259,7 @@ class WorkspaceWatcher:
     async def _add_finalizer(self, obj: dict[str, Any]) -> None:
         finalizers = [*(obj["metadata"].get("finalizers") or []), FINALIZER]
         try:
-            await self._workspaces.patch_finalizers(obj, finalizers)
+            self._seen.saw(await self._workspaces.patch_finalizers(obj, finalizers))
         except ApiException as exc:
             if exc.status not in (404, 409):  # gone, or changed meanwhile: the next event decides again
                 raise

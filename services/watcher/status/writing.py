@@ -1,7 +1,9 @@
 """Apply a folded :class:`StatusChange` to the Workspace: one status merge-patch per change.
 
-Optimistic concurrency: each patch carries the resourceVersion it was computed from; a 409 means
-someone wrote in between, so re-read and recompute (bounded). 404, or an object with another uid
+Optimistic concurrency: each patch carries the resourceVersion it was computed from. The first try
+computes it from the newest copy the watcher has seen (:class:`~services.watcher.seen.Seen`), not a GET;
+a 409 means that copy was stale or someone wrote in between, so read it from the apiserver and
+recompute (bounded). 404, or an object with another uid
 (deleted and recreated under the same name), means the events are about something gone: drop them.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from services.watcher.seen import Seen
 from services.watcher.status.conditions import (
     StatusChange,
     finalizer_removable,
@@ -71,16 +74,19 @@ def status_patch(obj: dict[str, Any], change: StatusChange, now: str) -> dict[st
 class StatusWriter:
     """The consumer handler: events of one Workspace, in order, possibly a burst of them."""
 
-    def __init__(self, *, workspaces: Workspaces, cleanup_owners: Sequence[str]) -> None:
+    def __init__(
+        self, *, workspaces: Workspaces, cleanup_owners: Sequence[str], seen: Seen | None = None
+    ) -> None:
         self._workspaces = workspaces
         self._owners = tuple(cleanup_owners)
+        self._seen = seen if seen is not None else Seen()
 
     async def handle(self, events: Sequence[AnyEvent]) -> None:
         change = fold(events)
         ref = events[-1].workspace
-        for _ in range(CONFLICT_ATTEMPTS):
+        for attempt in range(CONFLICT_ATTEMPTS):
             try:
-                await self._apply_once(ref, change)
+                await self._apply_once(ref, change, cached=attempt == 0)
                 return
             except ApiException as exc:
                 if exc.status == 404:
@@ -89,8 +95,10 @@ class StatusWriter:
                     raise classify(exc, f"[{ref.key}] status") from exc
         raise Transient(f"[{ref.key}] status: still conflicting after {CONFLICT_ATTEMPTS} attempts")
 
-    async def _apply_once(self, ref: WorkspaceRef, change: StatusChange) -> None:
-        obj = await self._workspaces.get(ref.namespace, ref.name)
+    async def _apply_once(self, ref: WorkspaceRef, change: StatusChange, *, cached: bool) -> None:
+        obj = self._seen.get(ref.namespace, ref.name, ref.uid) if cached else None
+        if obj is None:
+            obj = await self._workspaces.get(ref.namespace, ref.name)
         if obj is None or obj["metadata"].get("uid") != ref.uid:
             logs.of(log, ref).info(
                 "gone (uid %s); dropping %d condition update(s)",
@@ -98,10 +106,13 @@ class StatusWriter:
                 len(change.conditions),
             )
             return
-        now = now_rfc3339()
-        patch = status_patch(obj, change, now)
+        self._seen.saw(obj)
+        # the last cleanup report of a Workspace that goes once the finalizer is released: release it,
+        # without first writing a status nobody will read
+        patch = None if self._releasable(obj, change) else status_patch(obj, change, now_rfc3339())
         if patch is not None:
             obj = await self._workspaces.patch(ref.namespace, ref.name, patch, status=True)
+            self._seen.saw(obj)
             logs.of(log, ref).info(
                 "status: %s",
                 ", ".join(f"{c.type}={c.status}" for c in change.conditions) or "cleanup progress",
@@ -116,17 +127,27 @@ class StatusWriter:
                 message=warning.message,
                 component=COMPONENT,
             )
-        await self._maybe_release(ref, obj)
+        await self._maybe_release(ref, obj, change)
 
-    async def _maybe_release(self, ref: WorkspaceRef, obj: dict[str, Any]) -> None:
+    def _releasable(self, obj: dict[str, Any], change: StatusChange) -> bool:
+        """Deleting, ours the only finalizer left, and every cleanup owner reported (with this change)."""
+        meta = obj["metadata"]
+        cleaned = set((obj.get("status") or {}).get("cleanedUpBy") or []) | change.cleaned_up_by
+        return (
+            bool(meta.get("deletionTimestamp"))
+            and list(meta.get("finalizers") or []) == [FINALIZER]
+            and finalizer_removable(cleaned, self._owners)
+        )
+
+    async def _maybe_release(self, ref: WorkspaceRef, obj: dict[str, Any], change: StatusChange) -> None:
         meta = obj["metadata"]
         finalizers = list(meta.get("finalizers") or [])
         if not meta.get("deletionTimestamp") or FINALIZER not in finalizers:
             return
-        cleaned = (obj.get("status") or {}).get("cleanedUpBy") or []
+        cleaned = set((obj.get("status") or {}).get("cleanedUpBy") or []) | change.cleaned_up_by
         if not finalizer_removable(cleaned, self._owners):
             logs.of(log, ref).info("waiting for cleanup by %s", sorted(set(self._owners) - set(cleaned)))
             return
         finalizers.remove(FINALIZER)
-        await self._workspaces.patch_finalizers(obj, finalizers)
+        self._seen.saw(await self._workspaces.patch_finalizers(obj, finalizers))
         logs.of(log, ref).info("cleanup complete; finalizer removed")
