@@ -253,6 +253,34 @@ async def test_what_arrives_while_a_workspace_is_busy_is_handed_over_together(nc
     assert calls == [[0], [1, 2, 3, 4, 5, 6, 7]], calls
 
 
+async def test_stop_stops_a_running_group_that_a_queued_one_waits_behind(nc: Client) -> None:
+    """A Workspace's running group with another of its groups queued behind it: ``stop`` must not
+    return while the running one still works (its lease is closed under it, and it could still act
+    after the service says it stopped). It used to wait for and cancel only each key's last group."""
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def handler(events: Sequence[ev.AnyEvent]) -> None:
+        if not started.is_set():
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                finished.set()
+
+    def in_flight() -> float:
+        return REGISTRY.get_sample_value("kaiten_consumer_in_flight", {"consumer": "stopping"}) or 0
+
+    pub = Publisher(nc.jetstream())
+    run = runner(nc, handler, durable="stopping")
+    await run.start()
+    await pub.publish(cond("a", 0))
+    await asyncio.wait_for(started.wait(), 10)
+    await pub.publish(cond("a", 1))
+    await wait_for(lambda: in_flight() == 2)  # fetched: queued behind the running group
+    await run.stop(grace=0.2)
+    assert finished.is_set(), "stop returned while a group was still running"
+
+
 async def test_transient_error_is_retried_then_succeeds(nc: Client) -> None:
     calls: list[float] = []
 

@@ -105,7 +105,8 @@ class ConsumerRunner:
         self._handler = handler
         self._publisher = publisher
         self._reporter = reporter
-        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._tails: dict[str, asyncio.Task[None]] = {}  # each key's last group: the next one waits on it
+        self._groups: set[asyncio.Task[None]] = set()  # every group's task, running or queued
         self._waiting: dict[str, _Group] = {}  # each key's group not yet started (later messages join it)
         # One permit per message taken and not yet settled: intake waits for room, never polls.
         self._intake = asyncio.Semaphore(spec.fetch_batch * max(1, spec.intake_depth))
@@ -150,7 +151,9 @@ class ConsumerRunner:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        pending = [t for t in self._tails.values() if not t.done()]
+        # every group, not only each key's last: a queued group's cancellation does not reach the running
+        # one it waits behind, which would outlive ``stop`` and work on with its lease closed under it
+        pending = [t for t in self._groups if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace)
             for task in still:
@@ -248,9 +251,11 @@ class ConsumerRunner:
         self._waiting[group.key] = group  # until it starts (behind its predecessor, or for a slot)
         task = asyncio.create_task(self._run_group(group, previous), name=f"group:{group.key}")
         self._tails[group.key] = task
+        self._groups.add(task)
         task.add_done_callback(functools.partial(self._forget, group.key))
 
     def _forget(self, key: str, task: asyncio.Task[None]) -> None:
+        self._groups.discard(task)
         if self._tails.get(key) is task:
             del self._tails[key]
         if not task.cancelled() and (exc := task.exception()):
