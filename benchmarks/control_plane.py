@@ -11,7 +11,9 @@ Figures per size, p50 / p99 over the N Workspaces (seconds):
 - apply → NodeClaim created (as a watch sees it);
 - claim Ready → RayService created (the workload's reaction, without the Karpenter delay);
 - delete → Workspace gone (finalizer released after the provisioner and the workload cleaned up);
-then each service's peak RSS and CPU seconds, and events on the bus per Workspace.
+then each service's peak RSS and CPU seconds, events on the bus per Workspace, and the apiserver's own
+count of the requests it served per Workspace, by verb and resource (the same for both systems, with
+the Karpenter stand-in's share in both).
 
 With ``--replicas 2`` every service runs twice: throughput should grow, not shrink.
 
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,9 +310,25 @@ Rows = list[tuple[int, Seen, int]]
 Usage = dict[str, tuple[float, float]]
 
 
+def requests(kubeconfig: Path) -> Counter[str]:
+    """The apiserver's own count of the requests it has served, by verb and resource
+    (``PATCH workspaces/status``), from its ``apiserver_request_total`` metric."""
+    counts: Counter[str] = Counter()
+    for line in kubectl(kubeconfig, "get", "--raw", "/metrics").splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        inside, value = line[line.index("{") + 1 : line.rindex("}")], line.rsplit(" ", 1)[1]
+        labels = {k: v.strip('"') for k, v in (pair.split("=", 1) for pair in inside.split(","))}
+        if labels.get("resource") in (None, "", "namespaces", "customresourcedefinitions"):
+            continue  # the benchmark's own setup
+        what = labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        counts[f"{labels['verb']} {what}"] += int(float(value))
+    return counts
+
+
 async def bench_kaiten(
     root: Path, sizes: list[int], claim_delay: float, replicas: int, limit: float
-) -> tuple[Rows, Usage]:
+) -> tuple[Rows, Usage, Counter[str]]:
     kuberay.ensure()  # its CRDs
     with NatsServer(root / "nats") as server, ControlPlane(root / "kaiten-cp") as cp:
         for crd in (CRD_PATH, NODECLAIM_CRD, *kuberay.crds()):
@@ -325,10 +344,12 @@ async def bench_kaiten(
         }  # fmt: skip
         procs = start_services(env, root / "logs", replicas)
         try:
+            before = requests(cp.kubeconfig)
             rows = [(size, *await run_size(cp, size, claim_delay, limit, server.url)) for size in sizes]
+            served = requests(cp.kubeconfig) - before
             # what the services share, too: on 2 cores the apiserver is the first thing to run out
             shared = [*cp.processes, server.process]
-            return rows, {p.name: usage(p.pid) for p in [*procs, *shared]}
+            return rows, {p.name: usage(p.pid) for p in [*procs, *shared]}, served
         finally:
             for proc in procs:
                 proc.stop(timeout=10)
@@ -353,7 +374,7 @@ def build_kaito(src: Path) -> Path:
 
 async def bench_kaito(
     root: Path, src: Path, sizes: list[int], claim_delay: float, limit: float
-) -> tuple[Rows, Usage]:
+) -> tuple[Rows, Usage, Counter[str]]:
     """KAITO's controller against a fresh apiserver with KAITO's own CRDs, its webhook off, creating
     NodeClaims (``--node-provisioner=azure-gpu-provisioner``) for the same Karpenter stand-in."""
     binary = build_kaito(src)
@@ -379,6 +400,7 @@ async def bench_kaito(
                 if not proc.alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"KAITO's controller did not start:\n{tail(proc.log_path)}")
                 await asyncio.sleep(0.2)
+            before = requests(cp.kubeconfig)
             try:
                 rows = [(size, *await run_size(cp, size, claim_delay, limit, None)) for size in sizes]
             except RuntimeError as exc:
@@ -386,7 +408,8 @@ async def bench_kaito(
                     line for line in proc.log_path.read_text().splitlines() if "Reconciler error" in line
                 ]
                 raise RuntimeError(f"{exc}; KAITO's last error: {errors[-1:]}") from exc
-            return rows, {p.name: usage(p.pid) for p in [proc, *cp.processes]}
+            served = requests(cp.kubeconfig) - before
+            return rows, {p.name: usage(p.pid) for p in [proc, *cp.processes]}, served
         finally:
             proc.stop(timeout=10)
 
@@ -410,6 +433,20 @@ def table(title: str, rows: Rows, usages: Usage, *, kaiten: bool) -> None:
     print()
 
 
+def requests_table(ours: Counter[str], theirs: Counter[str] | None, workspaces: int) -> None:
+    """Requests per Workspace, the most frequent first; KAITO's beside Kaiten's when it ran."""
+    print("apiserver requests per Workspace (the whole run; the Karpenter stand-in's in both)\n")
+    print(f"{'request':<36}{'Kaiten':>8}{'KAITO' if theirs is not None else '':>8}")
+    both = ours + (theirs or Counter())
+    for what, _ in both.most_common():
+        if both[what] < workspaces / 10:  # rarer than one per ten Workspaces: setup and resyncs
+            continue
+        kaito = f"{theirs[what] / workspaces:>8.1f}" if theirs is not None else ""
+        print(f"{what:<36}{ours[what] / workspaces:>8.1f}{kaito}")
+    kaito = f"{sum(theirs.values()) / workspaces:>8.1f}" if theirs is not None else ""
+    print(f"{'all':<36}{sum(ours.values()) / workspaces:>8.1f}{kaito}\n")
+
+
 def p99(rows: Rows, size: int) -> float:
     seen = next(s for n, s, _ in rows if n == size)
     return percentile99([t - seen.applied for t in seen.claimed.values()])
@@ -419,8 +456,8 @@ async def main(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="kaiten-bench-") as tmp:
         root = Path(args.keep or tmp)  # --keep: the services' logs (root/logs) stay for a post-mortem
-        rows, usages = (
-            ([], {})
+        rows, usages, ours = (
+            ([], {}, Counter[str]())
             if args.only_kaito
             else await bench_kaiten(root, sizes, args.claim_delay, args.replicas, args.limit)
         )
@@ -430,9 +467,11 @@ async def main(args: argparse.Namespace) -> None:
     delay = f"Karpenter stand-in {args.claim_delay}s"
     table(f"Kaiten, {args.replicas} replica(s) per service, {delay}", rows, usages, kaiten=True)
     if theirs is None:
+        requests_table(ours, None, sum(sizes))
         print("KAITO's controller: not run (--kaito-src DIR, a KAITO checkout; see docs/performance.md)")
         return
-    table(f"KAITO's workspace controller, {delay}", *theirs, kaiten=False)
+    table(f"KAITO's workspace controller, {delay}", theirs[0], theirs[1], kaiten=False)
+    requests_table(ours, theirs[2], sum(sizes))
     largest = max(sizes)
     if not rows:
         return
