@@ -12,8 +12,9 @@ Figures per size, p50 / p99 over the N Workspaces (seconds):
 - claim Ready → RayService created (the workload's reaction, without the Karpenter delay);
 - delete → Workspace gone (finalizer released after the provisioner and the workload cleaned up);
 then each service's peak RSS and CPU seconds, events on the bus per Workspace, and the apiserver's own
-count of the requests it served per Workspace, by verb and resource (the same for both systems, with
-the Karpenter stand-in's share in both).
+count of the requests it served per Workspace, by verb and resource. Both columns include what is not
+the system's own, the same on both sides: ``kubectl apply`` (a GET and a POST per Workspace) and
+``kubectl delete``, the Karpenter stand-in, and the apiserver's own lease and endpoint upkeep.
 
 With ``--replicas 2`` every service runs twice: throughput should grow, not shrink.
 
@@ -435,7 +436,7 @@ def table(title: str, rows: Rows, usages: Usage, *, kaiten: bool) -> None:
 
 def requests_table(ours: Counter[str], theirs: Counter[str] | None, workspaces: int) -> None:
     """Requests per Workspace, the most frequent first; KAITO's beside Kaiten's when it ran."""
-    print("apiserver requests per Workspace (the whole run; the Karpenter stand-in's in both)\n")
+    print("apiserver requests per Workspace (the whole run; kubectl's and the Karpenter stand-in's in both)\n")
     print(f"{'request':<36}{'Kaiten':>8}{'KAITO' if theirs is not None else '':>8}")
     both = ours + (theirs or Counter())
     for what, _ in both.most_common():

@@ -22,7 +22,7 @@ from kaiten.local.procs import ManagedProcess
 from services.watcher.seen import Seen
 from services.watcher.status.writing import StatusWriter
 from shared import events as ev
-from shared.api.crd import CRD_PATH
+from shared.api.crd import CRD_PATH, FINALIZER
 from shared.api.workspace import spec_of
 from shared.bus.publishing import Publisher
 from shared.kube.client import api_client as kube_client
@@ -248,6 +248,13 @@ async def test_by_default_delete_waits_for_the_provisioner_and_the_workload(
     assert gone.returncode == 0, gone.stderr
 
 
+NOW = "2026-01-01T00:00:00Z"
+
+
+def cond_event(ref: ev.WorkspaceRef, kind: str) -> ev.ConditionReported:
+    return ev.ConditionReported(workspace=ref, generation=1, type=kind, status="True", reason=kind)
+
+
 def workspace_requests(kubectl: Kubectl) -> dict[str, int]:
     """The apiserver's own count of requests on Workspaces so far, by verb (and ``/status``)."""
     counts: dict[str, int] = {}
@@ -297,26 +304,58 @@ async def test_the_status_writer_reads_the_watch_and_releases_without_a_last_sta
 async def test_a_stale_copy_costs_a_conflict_never_a_lost_write(
     kubectl: Kubectl, namespace: str, controlplane: ControlPlane
 ) -> None:
-    """The writer's copy is older than the object (someone wrote since the watch delivered it): the
-    patch it computes from it is refused (409), it reads the object and writes again, and what the
-    other writer wrote stays."""
+    """The writer's copy is older than the object (another writer changed its status since the watch
+    delivered it): the patch computed from it is refused (409), the writer reads the object once and
+    writes again, and what the other writer wrote stays (a merge patch replaces the conditions list)."""
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w8"), check=True)
     stale = kubectl.json("get", "workspace", "w8", "-n", namespace)
-    kubectl.run("label", "workspace", "w8", "-n", namespace, "team=blue", check=True)
+    other = {"type": "Other", "status": "True", "reason": "Other", "message": "", "lastTransitionTime": NOW}
+    kubectl.run(
+        "patch", "workspace", "w8", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"conditions": [other]}}), check=True,
+    )  # fmt: skip
     seen = Seen()
     seen.saw(stale)
     ref = ev.WorkspaceRef(namespace=namespace, name="w8", uid=stale["metadata"]["uid"])
+    before = workspace_requests(kubectl)
     api = await kube_client(str(controlplane.kubeconfig))
     try:
         writer = StatusWriter(workspaces=Workspaces(api), cleanup_owners=(), seen=seen)
-        await writer.handle([ev.NodesReady(workspace=ref, generation=1, provider="byo", nodes=("node-a",))])
+        await writer.handle([cond_event(ref, "InferenceReady")])
     finally:
         await api.close()
+    made = {verb: n - before.get(verb, 0) for verb, n in workspace_requests(kubectl).items()}
+    assert made.get("GET") == 1 and made.get("PATCH/status") == 2, made  # refused, read, written
     stored = kubectl.json("get", "workspace", "w8", "-n", namespace)
-    assert stored["status"]["workerNodes"] == ["node-a"]
-    assert stored["metadata"]["labels"]["team"] == "blue"
+    assert {c["type"] for c in stored["status"]["conditions"]} == {"Other", "InferenceReady"}
     copy = seen.get(namespace, "w8", ref.uid)  # the copy is the written object now
     assert copy is not None and copy["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
+
+
+async def test_a_copy_from_before_the_delete_does_not_skip_the_release(
+    kubectl: Kubectl, namespace: str, controlplane: ControlPlane
+) -> None:
+    """A replica's watch has not yet delivered the delete that another replica's watch published: its
+    copy has no deletionTimestamp, and with no cleanup owners the change writes nothing, so no 409
+    would show the copy is stale. The writer must read the object, and release it."""
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w9"), check=True)
+    kubectl.run(
+        "patch", "workspace", "w9", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"metadata": {"finalizers": [FINALIZER]}}), check=True,
+    )  # fmt: skip
+    uid = kubectl.json("get", "workspace", "w9", "-n", namespace)["metadata"]["uid"]
+    ref = ev.WorkspaceRef(namespace=namespace, name="w9", uid=uid)
+    seen = Seen()
+    api = await kube_client(str(controlplane.kubeconfig))
+    try:
+        writer = StatusWriter(workspaces=Workspaces(api), cleanup_owners=(), seen=seen)
+        await writer.handle([cond_event(ref, "InferenceReady")])  # its copy: the status it wrote
+        kubectl.run("delete", "workspace", "w9", "-n", namespace, "--wait=false", check=True)
+        await writer.handle([ev.WorkspaceDeleting(workspace=ref, generation=1)])
+    finally:
+        await api.close()
+    gone = kubectl.run("wait", "-n", namespace, "--for=delete", "workspace/w9", "--timeout=10s")
+    assert gone.returncode == 0, f"the finalizer stayed: {gone.stderr}"
 
 
 async def test_an_unknown_cleanup_owner_is_refused_at_start(services: Services) -> None:

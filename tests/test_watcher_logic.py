@@ -247,9 +247,11 @@ def test_seen_keeps_the_newest_copy_of_each_uid() -> None:
     seen.saw(_copy("a", "u1", "9"))  # a watch event older than the writer's own patch response
     assert seen.get("ns", "a", "u1") == _copy("a", "u1", "10")
     assert seen.get("ns", "a", "u0") is None  # another object of that name: read it from the apiserver
-    seen.saw(_copy("a", "u2", "3"))  # deleted and created again: the new one, whatever its version
-    assert seen.get("ns", "a", "u2") == _copy("a", "u2", "3")
-    seen.gone(_copy("a", "u1", "11"))  # the old one's DELETED event, late: the new one stays
+    seen.saw(_copy("a", "u2", "12"))  # deleted and created again: a later revision
+    assert seen.get("ns", "a", "u2") == _copy("a", "u2", "12")
+    seen.saw(_copy("a", "u1", "11"))  # a late response about the old one: the new one stays
+    assert seen.get("ns", "a", "u2") is not None
+    seen.gone(_copy("a", "u1", "11"))  # the old one's DELETED event, late: the new one stays too
     assert seen.get("ns", "a", "u2") is not None
     seen.saw(_copy("b", "u3", "5"))
     seen.relisted([_copy("b", "u3", "4")])  # a relist: "a" is gone; b's newer copy is kept

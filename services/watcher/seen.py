@@ -2,7 +2,9 @@
 
 The status writer reads a Workspace here instead of GETting it before each patch (about eight patches
 per Workspace over its life, each of which used to cost a GET too). A copy that is stale costs one 409
-and a GET, never a wrong write: every patch carries the resourceVersion it was computed from. It is
+and a GET, never a wrong write: every patch carries the resourceVersion it was computed from. (The one
+change that may write nothing yet must act, a delete's, is checked against a copy that shows the
+delete; the writer reads the object when its copy does not.) It is
 controller-runtime's cached client, for the one kind the watcher already watches.
 """
 
@@ -14,8 +16,9 @@ Obj = dict[str, Any]
 
 
 def _newer(obj: Obj, than: Obj) -> bool:
-    """Whether ``obj`` is a later version than ``than``. Kubernetes calls resourceVersions opaque; the
-    etcd-backed apiserver's are revisions, which order. Anything else counts as newer (the worst a
+    """Whether ``obj`` is a later version than ``than`` (of the same object, or of one deleted and
+    created again under its name). Kubernetes calls resourceVersions opaque; the etcd-backed
+    apiserver's are cluster-wide revisions, which order. Anything else counts as newer (the worst a
     wrong guess does is a 409)."""
     mine, theirs = obj["metadata"].get("resourceVersion", ""), than["metadata"].get("resourceVersion", "")
     if mine.isdigit() and theirs.isdigit():
@@ -36,7 +39,7 @@ class Seen:
         meta = obj["metadata"]
         key = (meta["namespace"], meta["name"])
         known = self._objects.get(key)
-        if known is None or known["metadata"].get("uid") != meta.get("uid") or _newer(obj, known):
+        if known is None or _newer(obj, known):  # a late response about an older object: not kept
             self._objects[key] = obj
 
     def gone(self, obj: Obj) -> None:

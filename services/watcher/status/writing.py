@@ -71,6 +71,10 @@ def status_patch(obj: dict[str, Any], change: StatusChange, now: str) -> dict[st
     return {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}, "status": new}
 
 
+def _deleting(obj: dict[str, Any]) -> bool:
+    return bool(obj["metadata"].get("deletionTimestamp"))
+
+
 class StatusWriter:
     """The consumer handler: events of one Workspace, in order, possibly a burst of them."""
 
@@ -97,6 +101,11 @@ class StatusWriter:
 
     async def _apply_once(self, ref: WorkspaceRef, change: StatusChange, *, cached: bool) -> None:
         obj = self._seen.get(ref.namespace, ref.name, ref.uid) if cached else None
+        if obj is not None and (change.deleting or change.cleaned_up_by) and not _deleting(obj):
+            # the delete is older than this copy (another replica's watch saw it first): a change that
+            # writes nothing would send no patch, so no 409 would show the copy is stale, and the
+            # release it is due would be skipped for good
+            obj = None
         if obj is None:
             obj = await self._workspaces.get(ref.namespace, ref.name)
         if obj is None or obj["metadata"].get("uid") != ref.uid:
@@ -134,7 +143,7 @@ class StatusWriter:
         meta = obj["metadata"]
         cleaned = set((obj.get("status") or {}).get("cleanedUpBy") or []) | change.cleaned_up_by
         return (
-            bool(meta.get("deletionTimestamp"))
+            _deleting(obj)
             and list(meta.get("finalizers") or []) == [FINALIZER]
             and finalizer_removable(cleaned, self._owners)
         )
@@ -149,5 +158,9 @@ class StatusWriter:
             logs.of(log, ref).info("waiting for cleanup by %s", sorted(set(self._owners) - set(cleaned)))
             return
         finalizers.remove(FINALIZER)
-        self._seen.saw(await self._workspaces.patch_finalizers(obj, finalizers))
+        released = await self._workspaces.patch_finalizers(obj, finalizers)
+        if released["metadata"].get("finalizers"):
+            self._seen.saw(released)
+        else:
+            self._seen.gone(released)  # it goes now: its DELETED event may already have been handled
         logs.of(log, ref).info("cleanup complete; finalizer removed")
