@@ -436,7 +436,9 @@ def table(title: str, rows: Rows, usages: Usage, *, kaiten: bool) -> None:
 
 def requests_table(ours: Counter[str], theirs: Counter[str] | None, workspaces: int) -> None:
     """Requests per Workspace, the most frequent first; KAITO's beside Kaiten's when it ran."""
-    print("apiserver requests per Workspace (the whole run; kubectl's and the Karpenter stand-in's in both)\n")
+    print(
+        "apiserver requests per Workspace (the whole run; kubectl's and the Karpenter stand-in's in both)\n"
+    )
     print(f"{'request':<36}{'Kaiten':>8}{'KAITO' if theirs is not None else '':>8}")
     both = ours + (theirs or Counter())
     for what, _ in both.most_common():
