@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -17,6 +19,7 @@ from services.watcher.status.conditions import (
     workspace_state,
 )
 from services.watcher.status.writing import status_patch
+from services.watcher.watching import next_event
 from shared import events as ev
 from shared.api.crd import FINALIZER
 from shared.planning.model import Plan
@@ -257,3 +260,20 @@ def test_seen_keeps_the_newest_copy_of_each_uid() -> None:
     seen.relisted([_copy("b", "u3", "4")])  # a relist: "a" is gone; b's newer copy is kept
     assert seen.get("ns", "a", "u2") is None
     assert seen.get("ns", "b", "u3") == _copy("b", "u3", "5")
+
+
+async def test_a_stop_that_lands_as_a_watch_event_arrives_is_not_lost() -> None:
+    """A CI run: the watcher ignored SIGTERM until it was killed. On Python 3.11 ``asyncio.wait_for``
+    returns the inner result when a cancellation and that result land together, and the cancel is
+    lost: the watch loop read on, and the shutdown waited for it."""
+    gate: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
+    async def stream() -> AsyncIterator[dict[str, str]]:
+        yield await gate
+
+    read = asyncio.create_task(next_event(stream(), 10))
+    await asyncio.sleep(0)  # waiting for the event
+    gate.set_result({"type": "ADDED"})
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read

@@ -48,6 +48,14 @@ def typed_spec(obj: dict[str, Any]) -> WorkspaceSpec:
         raise InvalidInput(f"spec cannot be read: {where}: {first['msg']}", reason="InvalidSpec") from exc
 
 
+async def next_event(stream: Any, seconds: float) -> Any:
+    """The stream's next event; TimeoutError after ``seconds``. Not ``asyncio.wait_for``: on Python
+    3.11 it returns the event when a cancellation lands as the event arrives, and the cancel is lost (a
+    stopping watcher read on, its shutdown waiting for it, until it was killed: a CI run)."""
+    async with asyncio.timeout(seconds):
+        return await anext(stream)
+
+
 PublishedStore = KvStore[Published]  # per uid: what was published, shared by restarts and replicas
 
 
@@ -165,7 +173,7 @@ class WorkspaceWatcher:
         try:
             while time.monotonic() < until:
                 try:
-                    event = await asyncio.wait_for(anext(stream), self._settings.inactivity_timeout_s)
+                    event = await next_event(stream, self._settings.inactivity_timeout_s)
                 except StopAsyncIteration:
                     return  # server-side timeout: relist (cheap, and repairs anything missed)
                 except TimeoutError:
