@@ -409,13 +409,13 @@ async def test_two_replicas_share_work_and_never_handle_one_workspace_at_once(nc
 
     pub = Publisher(nc.jetstream())
     names = [f"w{i}" for i in range(8)]
-    for n in range(10):
-        for name in names:
-            await pub.publish(cond(name, n))
     replicas = [runner(nc, make(i), durable="shared", fetch_batch=4) for i in range(2)]
-    for r in replicas:
+    for r in replicas:  # both pulling before the first message: one started later could find none left
         await r.start()
     try:
+        for n in range(10):
+            for name in names:
+                await pub.publish(cond(name, n))
         await wait_for(lambda: sum(per_replica) >= 80, timeout=30)
         await asyncio.sleep(0.5)
     finally:
