@@ -47,7 +47,7 @@ import nats
 from kubernetes_asyncio import client, watch
 
 from kaiten.local import kuberay
-from kaiten.local.controlplane import ControlPlane
+from kaiten.local.controlplane import ControlPlane, served_requests
 from kaiten.local.nats_server import NatsServer
 from kaiten.local.procs import ManagedProcess, tail
 from shared.api.crd import CRD_PATH
@@ -312,19 +312,10 @@ Usage = dict[str, tuple[float, float]]
 
 
 def requests(kubeconfig: Path) -> Counter[str]:
-    """The apiserver's own count of the requests it has served, by verb and resource
-    (``PATCH workspaces/status``), from its ``apiserver_request_total`` metric."""
-    counts: Counter[str] = Counter()
-    for line in kubectl(kubeconfig, "get", "--raw", "/metrics").splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        inside, value = line[line.index("{") + 1 : line.rindex("}")], line.rsplit(" ", 1)[1]
-        labels = {k: v.strip('"') for k, v in (pair.split("=", 1) for pair in inside.split(","))}
-        if labels.get("resource") in (None, "", "namespaces", "customresourcedefinitions"):
-            continue  # the benchmark's own setup
-        what = labels["resource"] + (f"/{labels['subresource']}" if labels.get("subresource") else "")
-        counts[f"{labels['verb']} {what}"] += int(float(value))
-    return counts
+    """The apiserver's count of the requests it has served so far, less the benchmark's own setup."""
+    counts = served_requests(kubectl(kubeconfig, "get", "--raw", "/metrics"))
+    setup = ("namespaces", "customresourcedefinitions")
+    return Counter({what: n for what, n in counts.items() if what.split()[1].split("/")[0] not in setup})
 
 
 async def bench_kaiten(

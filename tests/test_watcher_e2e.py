@@ -17,7 +17,7 @@ import yaml
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from kaiten.local.controlplane import ControlPlane
+from kaiten.local.controlplane import ControlPlane, served_requests
 from kaiten.local.procs import ManagedProcess
 from services.watcher.seen import Seen
 from services.watcher.status.writing import StatusWriter
@@ -256,15 +256,10 @@ def cond_event(ref: ev.WorkspaceRef, kind: str) -> ev.ConditionReported:
 
 
 def workspace_requests(kubectl: Kubectl) -> dict[str, int]:
-    """The apiserver's own count of requests on Workspaces so far, by verb (and ``/status``)."""
-    counts: dict[str, int] = {}
-    for line in kubectl.run("get", "--raw", "/metrics", check=True).stdout.splitlines():
-        if line.startswith("apiserver_request_total{") and 'resource="workspaces"' in line:
-            inside = line[line.index("{") + 1 : line.index("}")]
-            labels = dict(pair.split("=", 1) for pair in inside.split(","))
-            verb = labels["verb"].strip('"') + ("/status" if labels.get("subresource") == '"status"' else "")
-            counts[verb] = counts.get(verb, 0) + int(float(line.rsplit(" ", 1)[1]))
-    return counts
+    """The apiserver's own count of requests on Workspaces so far: ``GET workspaces``, ``PATCH
+    workspaces/status``, ..."""
+    counts = served_requests(kubectl.run("get", "--raw", "/metrics", check=True).stdout)
+    return {what: n for what, n in counts.items() if what.split()[1].split("/")[0] == "workspaces"}
 
 
 async def test_the_status_writer_reads_the_watch_and_releases_without_a_last_status_write(
@@ -295,10 +290,10 @@ async def test_the_status_writer_reads_the_watch_and_releases_without_a_last_sta
     await until(lambda: not listed(), what="the Workspace gone")
     after = workspace_requests(kubectl)
     made = {verb: after.get(verb, 0) - before.get(verb, 0) for verb in after}
-    assert made.get("GET", 0) == 0, f"{made}\n{services.logs()}"
+    assert made.get("GET workspaces", 0) == 0, f"{made}\n{services.logs()}"
     # nodes, Ready, the first cleanup report: three status writes; the last report only the finalizer
-    assert made.get("PATCH/status") == 3, f"{made}\n{services.logs()}"
-    assert made.get("PATCH") == 1, made
+    assert made.get("PATCH workspaces/status") == 3, f"{made}\n{services.logs()}"
+    assert made.get("PATCH workspaces") == 1, made
 
 
 async def test_a_stale_copy_costs_a_conflict_never_a_lost_write(
@@ -325,7 +320,9 @@ async def test_a_stale_copy_costs_a_conflict_never_a_lost_write(
     finally:
         await api.close()
     made = {verb: n - before.get(verb, 0) for verb, n in workspace_requests(kubectl).items()}
-    assert made.get("GET") == 1 and made.get("PATCH/status") == 2, made  # refused, read, written
+    assert made.get("GET workspaces") == 1 and made.get("PATCH workspaces/status") == 2, (
+        made
+    )  # refused, read, written
     stored = kubectl.json("get", "workspace", "w8", "-n", namespace)
     assert {c["type"] for c in stored["status"]["conditions"]} == {"Other", "InferenceReady"}
     copy = seen.get(namespace, "w8", ref.uid)  # the copy is the written object now

@@ -75,6 +75,11 @@ def _deleting(obj: dict[str, Any]) -> bool:
     return bool(obj["metadata"].get("deletionTimestamp"))
 
 
+def _cleaned(obj: dict[str, Any], change: StatusChange) -> set[str]:
+    """The cleanup owners that have reported: stored, and in this change."""
+    return set((obj.get("status") or {}).get("cleanedUpBy") or []) | change.cleaned_up_by
+
+
 class StatusWriter:
     """The consumer handler: events of one Workspace, in order, possibly a burst of them."""
 
@@ -140,20 +145,17 @@ class StatusWriter:
 
     def _releasable(self, obj: dict[str, Any], change: StatusChange) -> bool:
         """Deleting, ours the only finalizer left, and every cleanup owner reported (with this change)."""
-        meta = obj["metadata"]
-        cleaned = set((obj.get("status") or {}).get("cleanedUpBy") or []) | change.cleaned_up_by
         return (
             _deleting(obj)
-            and list(meta.get("finalizers") or []) == [FINALIZER]
-            and finalizer_removable(cleaned, self._owners)
+            and list(obj["metadata"].get("finalizers") or []) == [FINALIZER]
+            and finalizer_removable(_cleaned(obj, change), self._owners)
         )
 
     async def _maybe_release(self, ref: WorkspaceRef, obj: dict[str, Any], change: StatusChange) -> None:
-        meta = obj["metadata"]
-        finalizers = list(meta.get("finalizers") or [])
-        if not meta.get("deletionTimestamp") or FINALIZER not in finalizers:
+        finalizers = list(obj["metadata"].get("finalizers") or [])
+        if not _deleting(obj) or FINALIZER not in finalizers:
             return
-        cleaned = set((obj.get("status") or {}).get("cleanedUpBy") or []) | change.cleaned_up_by
+        cleaned = _cleaned(obj, change)
         if not finalizer_removable(cleaned, self._owners):
             logs.of(log, ref).info("waiting for cleanup by %s", sorted(set(self._owners) - set(cleaned)))
             return
