@@ -35,6 +35,7 @@ from shared.bus.streams import declare_stream
 from shared.kube.client import api_client
 from shared.probes import Probes, Readiness
 from shared.settings import ServiceSettings
+from shared.tasks import cancel_and_wait, retrieved
 
 log = logging.getLogger(__name__)
 # What a shutdown may take beyond the in-flight grace (leases released, NATS flushed and closed): the
@@ -68,9 +69,9 @@ class LoopComponent:
 
     async def stop(self, grace: float) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # not one cancel: 3.11's wait_for may swallow it
+            if not self._task.cancelled() and (exc := self._task.exception()) is not None:
+                raise exc
 
     async def wait(self) -> None:
         if self._task:
@@ -85,15 +86,19 @@ class Runtime:
     js: JetStreamContext
     publisher: Publisher
     api: kclient.ApiClient | None
+    replica: str = ""  # KAITEN_REPLICA_ID, else hostname:pid: in every log line, and a leader's identity
 
 
 StartFn = Callable[[Runtime], Awaitable[Sequence[Component]]]
 
 
+def replica_of(settings: ServiceSettings) -> str:
+    return settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
 async def serve(service: str, settings: ServiceSettings, start: StartFn, *, needs_kube: bool = True) -> int:
     """Run a service until SIGTERM/SIGINT; returns the process exit code."""
-    replica = settings.replica_id or f"{socket.gethostname()}:{os.getpid()}"
-    logs.setup(service, settings.log_level, settings.log_format, replica)
+    logs.setup(service, settings.log_level, settings.log_format, replica_of(settings))
     stop_tracing = telemetry.configure(service)
     probes = None
     if settings.probe_port is not None:  # first, so liveness answers during a slow start too
@@ -128,7 +133,7 @@ async def _serve(
     js = nc.jetstream()
     await declare_stream(js)
     api = await api_client(settings.kubeconfig) if needs_kube else None
-    runtime = Runtime(service, settings, nc, js, Publisher(js), api)
+    runtime = Runtime(service, settings, nc, js, Publisher(js), api, replica_of(settings))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -234,9 +239,7 @@ class _Watchdog:
         self._report(0.0)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
 
     def missing(self) -> tuple[str, ...]:
         missing = []
@@ -283,10 +286,11 @@ async def _supervise(components: Sequence[Component], stopping: asyncio.Event, w
     watchdog.running(list(waits))
     stop_wait = asyncio.create_task(stopping.wait(), name="wait:signal")
     done, _ = await asyncio.wait([stop_wait, *waits], return_when=asyncio.FIRST_COMPLETED)
-    for task in [stop_wait, *waits]:
-        if task not in done:
-            task.cancel()
-    await asyncio.gather(stop_wait, *waits, return_exceptions=True)
+    await cancel_and_wait(stop_wait)
+    # The components are left running: _stop stops them one by one, in reverse order (cancelling these
+    # waits would cancel every component at once, unbounded: one that swallowed it hung the shutdown).
+    for task in waits:
+        task.add_done_callback(retrieved)
     if stop_wait in done:
         return 0
     for task in done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -155,3 +156,65 @@ def test_a_hung_shutdown_step_does_not_keep_the_process(nats_server: NatsServer)
     assert took < 1 + STOP_EXTRA_S + 2, f"{took:.1f}s\n{err[-2000:]}"
     assert "shutdown not done within 6s (at hangs); exiting" in err, err[-2000:]
     assert "hanging stopped" in err
+
+
+async def test_a_stop_that_lands_with_a_reply_still_stops_the_loop() -> None:
+    """Python 3.11's asyncio.wait_for (nats-py awaits every request with it) loses a cancel that lands
+    in the same loop iteration as its result: a CI run's watcher, cancelled once as a publish's ack
+    arrived, ran on and ignored SIGTERM until killed. A component's stop cancels until the loop ends."""
+    from shared.lifecycle import LoopComponent
+    from shared.tasks import cancel_and_wait
+
+    loop = asyncio.get_running_loop()
+    replies: list[asyncio.Future[None]] = []
+    swallowed = []
+
+    async def publishing() -> None:
+        while True:
+            reply = loop.create_future()
+            replies.append(reply)
+            await asyncio.wait_for(reply, 3600)  # as nats-py's request awaits the ack
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # cancelled, yet the result came back
+                swallowed.append(len(replies))
+
+    component = LoopComponent("publishing", publishing)
+    await component.start()
+    await asyncio.sleep(0)
+    replies[-1].set_result(None)  # the ack arrives ...
+    stopping = asyncio.create_task(component.stop(1.0))  # ... and the stop with it, in one iteration
+    done, _ = await asyncio.wait({stopping}, timeout=5)  # (a timeout here would cancel the stop again)
+    if not done:
+        await cancel_and_wait(stopping)
+    assert done, "the loop ran on after its stop"
+    assert swallowed == [1] if sys.version_info < (3, 12) else swallowed == []  # the race did happen
+
+
+async def test_a_signal_leaves_the_components_to_be_stopped_in_reverse_order() -> None:
+    """SIGTERM ends the supervision without cancelling anything: the components stop one by one, last
+    started first (the watcher's status writer, then its watch loop, then its leadership: the leader
+    hands over only once it has stopped acting). It used to cancel them all at once, unbounded."""
+    from shared.lifecycle import LoopComponent, _supervise, _Watchdog
+
+    stopped: list[str] = []
+
+    def looping(name: str):  # type: ignore[no-untyped-def]
+        async def run() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                stopped.append(name)
+
+        return run
+
+    components = [LoopComponent(name, looping(name)) for name in ("leadership", "watcher", "status")]
+    for component in components:
+        await component.start()
+    stopping = asyncio.Event()
+    stopping.set()
+    assert await _supervise(components, stopping, _Watchdog(None, None, None)) == 0  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert stopped == []
+    for component in reversed(components):
+        await component.stop(1.0)
+    assert stopped == ["status", "watcher", "leadership"]

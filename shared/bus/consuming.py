@@ -47,6 +47,7 @@ from shared.bus.streams import declare_consumer
 from shared.errors import InvalidInput, Transient
 from shared.events import STREAM, AnyEvent, ConditionReported, decode
 from shared.metrics import CONSUMER_IN_FLIGHT, CONSUMER_PENDING, EVENTS, HANDLER_SECONDS
+from shared.tasks import cancel_and_wait
 from shared.telemetry import consume_span
 
 log = logging.getLogger(__name__)
@@ -146,19 +147,13 @@ class ConsumerRunner:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop intake, wait for in-flight groups up to ``grace`` s, cancel the rest (they redeliver)."""
         self._stopping.set()
-        for task in (self._loop_task, self._heartbeat_task):
-            if task:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(*(t for t in (self._loop_task, self._heartbeat_task) if t is not None))
         # every group, not only each key's last: a queued group's cancellation does not reach the running
         # one it waits behind, which would outlive ``stop`` and work on with its lease closed under it
         pending = [t for t in self._groups if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+            await cancel_and_wait(*still)
         if self._leases is not None:  # parked leases go now: another replica may take the keys
             with contextlib.suppress(TimeoutError):  # NATS gone: they expire after their TTL
                 await asyncio.wait_for(self._leases.close(), timeout=5)

@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 
 from shared.bus.streams import key_value
 from shared.errors import Transient
+from shared.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 LOCK_BUCKET = "kaiten_leases"
@@ -181,9 +182,7 @@ class Leases:
         if self._held.get(key) is held:
             del self._held[key]
         if held.keeper is not None and held.keeper is not asyncio.current_task():
-            held.keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await held.keeper
+            await cancel_and_wait(held.keeper)
         if release:
             await self.release(key, held.revision)
 

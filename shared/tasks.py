@@ -1,0 +1,34 @@
+"""Stopping a task for certain.
+
+On Python 3.11 ``asyncio.wait_for`` returns its result when a cancellation lands in the same loop
+iteration as the result, and the cancellation is lost (CPython gh-86296, fixed in 3.12). nats-py awaits
+every request with it (a publish's ack, a KV read, a fetch), so a task cancelled once may well run on: a
+CI run's watcher did, published on, and ignored SIGTERM until it was killed. :func:`cancel_and_wait`
+cancels again until the task has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+RECANCEL_S = 0.1  # a task still running this long after a cancel is cancelled again
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and return once every one has ended, cancelling again (every ``RECANCEL_S``)
+    any that runs on. What they raised is not raised here (ask each ``task.exception()``); it counts as
+    retrieved, so asyncio does not log it again."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+    for task in tasks:
+        retrieved(task)
+
+
+def retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark what ``task`` raised as seen (a done-callback too): whoever needed it asked already."""
+    if not task.cancelled():
+        task.exception()
