@@ -56,3 +56,8 @@ WORKSPACES = Gauge(
     " Failed; None before the first status).",
     ["state"],
 )
+LEADING = Gauge(
+    "kaiten_leading",
+    "1 while this replica leads the work one replica does for all (the watcher's watch loop), else 0.",
+    ["role"],
+)

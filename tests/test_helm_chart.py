@@ -103,19 +103,21 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
     with pytest.raises(ssl.SSLCertVerificationError):
         await nats.connect(url.replace("tls://", "nats://"), user="planner", password=passwords["planner"],
                            connect_timeout=2, allow_reconnect=False)  # fmt: skip
-    port = free_port()
-    services.start(
-        "services.planner", KAITEN_NATS_URL=url, KAITEN_NATS_USER="planner",
-        KAITEN_NATS_PASSWORD=passwords["planner"], KAITEN_NATS_INBOX_PREFIX="_INBOX_planner",
-        KAITEN_NATS_CA_FILE=str(ca), KAITEN_PROBE_PORT=str(port),
-    )  # fmt: skip
+    for service in ("planner", "watcher"):  # the watcher: its KV buckets and its leader election too
+        port = free_port()
+        proc = services.start(
+            f"services.{service}", KAITEN_NATS_URL=url, KAITEN_NATS_USER=service,
+            KAITEN_NATS_PASSWORD=passwords[service], KAITEN_NATS_INBOX_PREFIX=f"_INBOX_{service}",
+            KAITEN_NATS_CA_FILE=str(ca), KAITEN_PROBE_PORT=str(port),
+        )  # fmt: skip
 
-    def ready() -> bool:
-        return http_get(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200
+        def ready(port: int = port) -> bool:
+            return http_get(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200
 
-    await until(ready, timeout=30, what=f"the planner ready over TLS with its own user\n{services.logs()}")
-    log = services.procs[0].log_path.read_text()
-    assert "permissions violation" not in log.lower() and passwords["planner"] not in log, log[-2000:]
+        await until(ready, timeout=30, what=f"the {service} ready over TLS, its own user\n{services.logs()}")
+        log = proc.log_path.read_text()
+        assert service != "watcher" or "leading watcher" in log, log[-2000:]
+        assert "permissions violation" not in log.lower() and passwords[service] not in log, log[-2000:]
 
 
 @pytest.mark.nats

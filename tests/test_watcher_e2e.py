@@ -79,6 +79,8 @@ async def test_seed_manifests_are_observed_within_a_second(
 ) -> None:
     await start_watcher(services)
     sub = await nc.jetstream().subscribe(f"kaiten.workspace.observed.{namespace}.*", ordered_consumer=True)
+    # kubectl's own first contact with a new apiserver (discovery, OpenAPI: up to 2 s here) is not ours
+    kubectl.run("apply", "--dry-run=server", "-n", namespace, "-f", str(SEEDS), check=True)
     for path in sorted(SEEDS.glob("*.yaml")):
         name = yaml.safe_load(path.read_text())["metadata"]["name"]
         applied = time.monotonic()
@@ -384,8 +386,8 @@ async def test_sigkill_mid_apply_loses_nothing_and_duplicates_nothing(
             os.kill(proc.pid, signal.SIGKILL)
             proc.proc.wait()  # type: ignore[union-attr]
     assert not proc.alive()
-    await start_watcher(services)
-    deadline = time.monotonic() + 20
+    await start_watcher(services)  # leads once the killed one's entry expires (LEADER_TTL, 8 s)
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(await counts(nc, "observed", namespace)) < len(names):
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.5)  # time for any duplicate to show up
@@ -413,6 +415,48 @@ async def test_two_replicas_publish_each_generation_once(
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.5)
     assert await counts(nc, "observed", namespace) == expected
+
+
+async def test_of_two_replicas_one_acts_and_the_other_takes_over_when_it_stops(
+    kubectl: Kubectl, namespace: str, nc: Client, services: Services
+) -> None:
+    """Both replicas watch; only the leader adds finalizers and publishes (the apiserver counts one
+    finalizer patch per Workspace), while the follower's status writer still works from its own copies
+    (no GET). When the leader stops, the follower leads at once and acts on what comes next."""
+    first = await start_watcher(services, KAITEN_REPLICA_ID="first")
+    second = await start_watcher(services, KAITEN_REPLICA_ID="second")
+    before = workspace_requests(kubectl)
+    names = [f"l{i}" for i in range(6)]
+    for name in names:
+        kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace(name), check=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(await counts(nc, "observed", namespace)) < len(names):
+        await asyncio.sleep(0.1)
+    applied = workspace_requests(kubectl)  # kubectl apply GETs each object: count the writers' from here
+    pub = Publisher(nc.jetstream())
+    for stored in kubectl.json("get", "workspaces", "-n", namespace)["items"]:  # a LIST: GETs are theirs
+        ref = ev.WorkspaceRef(
+            namespace=namespace, name=stored["metadata"]["name"], uid=stored["metadata"]["uid"]
+        )
+        await pub.publish(ev.NodesReady(workspace=ref, generation=1, provider="byo", nodes=("node-a",)))
+
+    def nodes_written() -> bool:
+        items = kubectl.json("get", "workspaces", "-n", namespace)["items"]  # a LIST, not a GET
+        return all((o.get("status") or {}).get("workerNodes") == ["node-a"] for o in items)
+
+    await until(nodes_written, timeout=20, what="every status written")
+    now = workspace_requests(kubectl)
+    made = {what: n - before.get(what, 0) for what, n in now.items()}
+    assert await counts(nc, "observed", namespace) == dict.fromkeys(names, 1)
+    assert made.get("PATCH workspaces") == len(names), f"{made}\n{services.logs()}"  # the leader's alone
+    assert now.get("GET workspaces", 0) == applied.get("GET workspaces", 0), f"{made}\n{services.logs()}"
+    second_log = second.log_path.read_text()
+    assert "observed generation" not in second_log and "leading watcher" not in second_log
+    first.stop()
+    await until(lambda: "leading watcher" in second.log_path.read_text(), timeout=5, what="a new leader")
+    observed, _ = await apply_and_observe(kubectl, nc, namespace, "after")
+    assert observed.workspace.name == "after"
+    await until(lambda: "after] observed generation 1" in second.log_path.read_text(), what="second acted")
 
 
 OUTAGE_S = 180.0  # issue 16: three minutes, longer than the ~90 s of 8 deliveries an unknown error gets

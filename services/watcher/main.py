@@ -10,6 +10,7 @@ from services.watcher.status.writing import StatusWriter
 from services.watcher.watching import WorkspaceWatcher, open_store
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.leadership import Leadership
 from shared.kube.workspaces import Workspaces
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
@@ -33,12 +34,16 @@ async def build(runtime: Runtime) -> Sequence[Component]:
     assert isinstance(settings, WatcherSettings) and runtime.api is not None
     workspaces = Workspaces(runtime.api)
     seen = Seen()  # the watch's newest copies, read by the status writer instead of a GET per patch
+    # one replica acts on what the watch shows (the others keep their copies): a second replica used to
+    # double the finalizer patches, KV reads and publishes, and was slower than one on 2 cores
+    leadership = await Leadership.open(runtime.js, key="watcher", identity=runtime.replica)
     watcher = WorkspaceWatcher(
         workspaces=workspaces,
         publisher=runtime.publisher,
         store=await open_store(runtime.js),
         settings=settings,
         seen=seen,
+        leadership=leadership,
     )
     writer = StatusWriter(workspaces=workspaces, cleanup_owners=settings.cleanup_owners, seen=seen)
     status = ConsumerRunner(
@@ -52,7 +57,7 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         publisher=runtime.publisher,
         reporter="status-writer",
     )
-    return [LoopComponent("watcher", watcher.run), status]
+    return [LoopComponent("leadership", leadership.run), LoopComponent("watcher", watcher.run), status]
 
 
 def main() -> None:

@@ -26,9 +26,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The four services (the one list of them: Deployments, identities and NATS users range over it),
-with their durable consumers and KV buckets (the NATS permissions follow). */}}
+with their durable consumers and KV buckets (the NATS permissions follow); "leader": its replicas elect
+one (kaiten_leaders, under the service's name). */}}
 {{- define "kaiten.services" -}}
-watcher: {durable: status-writer, buckets: [kaiten_watcher_published], publish: ["kaiten.workspace.observed.>", "kaiten.workspace.deleting.>", "kaiten.status.condition.>"]}
+watcher: {durable: status-writer, buckets: [kaiten_watcher_published], leader: true, publish: ["kaiten.workspace.observed.>", "kaiten.workspace.deleting.>", "kaiten.status.condition.>"]}
 planner: {durable: planner, buckets: [kaiten_plans], publish: ["kaiten.plan.>", "kaiten.status.condition.>"]}
 provisioner: {durable: provisioner, buckets: [kaiten_nodes], publish: ["kaiten.nodes.>", "kaiten.status.>"]}
 workload: {durable: workload, buckets: [kaiten_workloads], publish: ["kaiten.workload.>", "kaiten.status.>"]}
