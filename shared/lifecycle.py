@@ -170,8 +170,11 @@ async def _stop(
     steps: _StopSteps,
 ) -> None:
     for component in reversed(components):
-        with steps.timed(component.name), contextlib.suppress(Exception):
-            await component.stop(settings.shutdown_grace_s)
+        with steps.timed(component.name):
+            try:
+                await component.stop(settings.shutdown_grace_s)
+            except Exception as exc:  # said, and the next component still stops
+                log.warning("%s stopped with %r", component.name, exc)
     with steps.timed("watchdog"):
         await watchdog.stop()
     with steps.timed("NATS"):

@@ -12,20 +12,30 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-RECANCEL_S = 0.1  # a task still running this long after a cancel is cancelled again
+RECANCEL_S = 1.0  # a task still running this long after a cancel is cancelled again (its cleanup included)
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
     """Cancel ``tasks`` and return once every one has ended, cancelling again (every ``RECANCEL_S``)
     any that runs on. What they raised is not raised here (ask each ``task.exception()``); it counts as
-    retrieved, so asyncio does not log it again."""
+    retrieved, so asyncio does not log it again.
+
+    Cancelled itself meanwhile (its caller re-cancelled by the same rule), it still waits for them to
+    end, then raises the cancellation: a nested task is never left running."""
     pending = {task for task in tasks if not task.done()}
+    cancelled = False
     while pending:
         for task in pending:
             task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        try:
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        except asyncio.CancelledError:
+            cancelled = True
+            pending = {task for task in pending if not task.done()}
     for task in tasks:
         retrieved(task)
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def retrieved(task: asyncio.Future[Any]) -> None:

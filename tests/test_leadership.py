@@ -14,6 +14,7 @@ from nats.aio.client import Client
 
 from kaiten.local.nats_server import NatsServer
 from shared.bus.leadership import Leadership, led
+from shared.lifecycle import LoopComponent
 
 pytestmark = pytest.mark.nats
 TTL, POLL = 1.5, 0.1
@@ -132,3 +133,26 @@ async def test_led_ends_with_what_the_work_raised(nc: Client) -> None:
 
     with pytest.raises(RuntimeError, match="the watch loop died"):
         await led(a, failing, failing)
+
+
+async def test_a_stopped_leader_leaves_no_work_running_even_work_that_ignored_a_cancel(nc: Client) -> None:
+    """The watcher's component runs ``led``, which runs the watch loop: stopping it cancels ``led``,
+    which cancels the loop. A loop that ignores its first cancel (Python 3.11's wait_for in nats-py can
+    drop one) is cancelled again, and ``led`` — itself re-cancelled meanwhile — still waits for it: no
+    leader's work runs on, publishing, after its service stopped (the review of this change found it)."""
+    a = await open_as(nc, "a")
+    ended: list[float] = []
+
+    async def deaf_once() -> None:
+        try:
+            with contextlib.suppress(asyncio.CancelledError):  # the dropped cancel
+                await asyncio.sleep(3600)
+            await asyncio.sleep(3600)
+        finally:
+            ended.append(time.monotonic())
+
+    component = LoopComponent("watcher", lambda: led(a, deaf_once, deaf_once))
+    await component.start()
+    await asyncio.sleep(0.05)
+    await component.stop(1.0)
+    assert ended, "the leader's work was still running after its component stopped"

@@ -19,8 +19,11 @@ from nats.js import JetStreamContext
 
 from kaiten.local.controlplane import ControlPlane, served_requests
 from kaiten.local.procs import ManagedProcess
+from services.watcher.deciding import Published
 from services.watcher.seen import Seen
+from services.watcher.settings import WatcherSettings
 from services.watcher.status.writing import StatusWriter
+from services.watcher.watching import WorkspaceWatcher, open_store
 from shared import events as ev
 from shared.api.crd import CRD_PATH, FINALIZER
 from shared.api.workspace import spec_of
@@ -329,6 +332,33 @@ async def test_a_stale_copy_costs_a_conflict_never_a_lost_write(
     assert {c["type"] for c in stored["status"]["conditions"]} == {"Other", "InferenceReady"}
     copy = seen.get(namespace, "w8", ref.uid)  # the copy is the written object now
     assert copy is not None and copy["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
+
+
+async def test_an_acting_relist_forgets_the_records_of_workspaces_gone_meanwhile(
+    kubectl: Kubectl, namespace: str, controlplane: ControlPlane, nc: Client
+) -> None:
+    """A Workspace deleted while no replica acted (its leader crashed, none had taken over yet) leaves a
+    record of what was published for it; the next acting relist removes it, and keeps the records of
+    Workspaces that are there. A watcher of one namespace sweeps nothing (it cannot tell another
+    namespace's records from the records of gone Workspaces)."""
+    kubectl.run("apply", "-n", namespace, "-f", "-", stdin=workspace("w9"), check=True)
+    kept = kubectl.json("get", "workspace", "w9", "-n", namespace)["metadata"]["uid"]
+    store = await open_store(nc.jetstream())
+    gone = "0d1e7ed0-0000-4000-8000-000000000000"  # deleted, and no one saw it go
+    for uid in (kept, gone):
+        await store.put(uid, Published(generation=1))
+    api = await kube_client(str(controlplane.kubeconfig))
+    try:  # (the pass over every namespace also acts on other tests' leftovers: their records appear)
+        for scope, swept in ((namespace, False), ("", True)):
+            watcher = WorkspaceWatcher(
+                workspaces=Workspaces(api), publisher=Publisher(nc.jetstream()), store=store,
+                settings=WatcherSettings(namespace=scope),
+            )  # fmt: skip
+            await watcher._relist(act=True)
+            keys = await store.keys()
+            assert kept in keys and (gone not in keys) == swept, (scope or "every namespace", keys)
+    finally:
+        await api.close()
 
 
 async def test_a_copy_from_before_the_delete_does_not_skip_the_release(

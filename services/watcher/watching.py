@@ -172,9 +172,16 @@ class WorkspaceWatcher:
         await asyncio.sleep(wait)
 
     async def _relist(self, *, act: bool) -> str:
+        # records of Workspaces gone while no leader watched (a crash, a takeover) go with this pass:
+        # what was recorded before the list and is not in it is gone (uids are never reused). Only when
+        # watching every namespace: a watcher of one namespace cannot tell another's records from gone.
+        sweep = act and not self._settings.namespace
+        recorded = set(await self._store.keys()) if sweep else set()
         listing = await self._workspaces.list_all(self._settings.namespace or None)
         self.census.relisted(listing.get("items", []))
         self._seen.relisted(listing.get("items", []))
+        for uid in recorded - {obj["metadata"]["uid"] for obj in listing.get("items", [])}:
+            await self._store.purge(uid)
         for obj in listing.get("items", []) if act else ():
             await self._isolated(obj)
         return str(listing["metadata"]["resourceVersion"])

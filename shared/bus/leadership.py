@@ -2,8 +2,9 @@
 loop): a NATS KV entry (``kaiten_leaders``, key: the service) that expires ``LEADER_TTL`` seconds after
 its holder last refreshed it. controller-runtime's leader election, on the bus instead of a Lease object.
 
-- The holder refreshes every ``ttl / 3``; a refresh that fails (NATS away, or the entry expired while
-  this process stalled and another replica took it) ends its leadership at once.
+- The holder refreshes every ``ttl / 3`` (every ``poll`` after a failure). It steps down at once when
+  the entry is no longer its own (it expired while this process stalled, and another replica took
+  it), or once no refresh has succeeded for ``ttl / 2`` (NATS away): before anyone else can lead.
 - The others try to take it every ``poll`` seconds: a leader that stops (SIGTERM) deletes the entry and
   a follower leads within ``poll``; one that crashed is replaced within ``ttl + poll``.
 - The identity is the replica's (``KAITEN_REPLICA_ID``, the pod's name in the chart; else hostname:pid):
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -46,7 +48,9 @@ class Leadership:
         self.poll = poll
         self.leading = False
         self._revision: int | None = None
+        self._refreshed = 0.0  # monotonic time the entry was last written by us
         self._flip = asyncio.Event()  # set (and replaced) at each change of ``leading``
+        LEADING.labels(key).set(0)
 
     @classmethod
     async def open(
@@ -61,21 +65,23 @@ class Leadership:
 
     async def run(self) -> None:
         """Keep (or seek) leadership until cancelled; a leader that stops hands the entry back."""
+        failed = False
         try:
             while True:
-                await asyncio.sleep(self.ttl / 3 if self.leading else self.poll)
+                await asyncio.sleep(self.poll if failed or not self.leading else self.ttl / 3)
                 try:
                     await (self._refresh() if self.leading else self._campaign())
-                except Exception as exc:  # NATS away: not leading; try again at the next poll
-                    if self.leading:
-                        log.warning("leadership of %s lost (%r)", self.key, exc)
-                    self._set(False)
+                    failed = False
+                except Exception as exc:  # NATS slow or away: the entry holds for a while yet
+                    failed = True
+                    if self.leading and time.monotonic() - self._refreshed > self.ttl / 2:
+                        log.warning("leadership of %s lost: not refreshed for %.0fs (%r)",
+                                    self.key, time.monotonic() - self._refreshed, exc)  # fmt: skip
+                        self._set(False)
         finally:
-            if self._revision is not None:
-                revision, self._revision = self._revision, None
+            if self.leading:
                 self._set(False)
-                with contextlib.suppress(Exception):  # expired or taken over already: nothing to hand back
-                    await self._kv.delete(self.key, last=revision)
+                await self._hand_back()
 
     async def changed(self, leading: bool) -> None:
         """Return once ``self.leading`` is not ``leading``."""
@@ -85,29 +91,43 @@ class Leadership:
 
     async def _campaign(self) -> None:
         try:
-            self._revision = int(await self._kv.create(self.key, self._identity))
-        except KeyWrongLastSequenceError:
+            revision = int(await self._kv.create(self.key, self._identity))
+        except (KeyWrongLastSequenceError, KeyNotFoundError):  # held (or expiring as we asked)
             try:  # ours, from before a restart or a NATS outage? then take it back now
                 entry = await self._kv.get(self.key)
                 if entry.value != self._identity or entry.revision is None:
                     return
-                self._revision = int(await self._kv.update(self.key, self._identity, last=entry.revision))
+                revision = int(await self._kv.update(self.key, self._identity, last=entry.revision))
             except (KeyNotFoundError, KeyWrongLastSequenceError):  # gone or changed meanwhile: next poll
                 return
+        self._revision, self._refreshed = revision, time.monotonic()
         self._set(True)
 
     async def _refresh(self) -> None:
         assert self._revision is not None
         try:
             self._revision = int(await self._kv.update(self.key, self._identity, last=self._revision))
-        except KeyWrongLastSequenceError:
-            log.warning("leadership of %s expired and was taken over", self.key)
-            self._revision = None
-            self._set(False)
+        except KeyWrongLastSequenceError:  # a refresh that timed out may have been written after all
+            try:
+                entry = await self._kv.get(self.key)
+            except KeyNotFoundError:
+                entry = None
+            if entry is None or entry.value != self._identity or entry.revision is None:
+                log.warning("leadership of %s expired and was taken over", self.key)
+                self._set(False)
+                return
+            self._revision = int(await self._kv.update(self.key, self._identity, last=entry.revision))
+        self._refreshed = time.monotonic()
+
+    async def _hand_back(self) -> None:
+        """Delete the entry if it is still ours (its revision may be newer than the one we know: a
+        refresh the stop cut short may have been written), so a follower leads within its poll."""
+        with contextlib.suppress(Exception):  # expired, taken over, or NATS away: it expires by itself
+            entry = await self._kv.get(self.key)
+            if entry.value == self._identity and entry.revision is not None:
+                await self._kv.delete(self.key, last=entry.revision)
 
     def _set(self, leading: bool) -> None:
-        if not leading:
-            self._revision = None
         if leading != self.leading:
             self.leading = leading
             LEADING.labels(self.key).set(int(leading))
