@@ -33,6 +33,7 @@ import datetime
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -447,6 +448,9 @@ def p99(rows: Rows, size: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> None:
+    running = asyncio.current_task()
+    assert running is not None  # SIGTERM as Ctrl-C: the run stops what it started (it used to leave it all)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, running.cancel)
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="kaiten-bench-") as tmp:
         root = Path(args.keep or tmp)  # --keep: the services' logs (root/logs) stay for a post-mortem

@@ -10,6 +10,7 @@ cancels again until the task has ended.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 RECANCEL_S = 1.0  # a task still running this long after a cancel is cancelled again (its cleanup included)
@@ -42,3 +43,32 @@ def retrieved(task: asyncio.Future[Any]) -> None:
     """Mark what ``task`` raised as seen (a done-callback too): whoever needed it asked already."""
     if not task.cancelled():
         task.exception()
+
+
+async def until_first_ends(*work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` together until one of them ends (returns or raises), then stop the others (as
+    :func:`cancel_and_wait` does) and raise what the first raised."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(*tasks)
+    for task in done:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise exc
+
+
+async def finish(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` (a cleanup with a bound of its own) to its end even if this task is cancelled
+    meanwhile, then raise the cancellation: a re-cancel by :func:`cancel_and_wait` must not cut short a
+    consumer's stop (its in-flight work, its leases handed back)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = cancelled or not task.done()
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()  # raises what it raised

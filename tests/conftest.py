@@ -7,6 +7,7 @@ stopped by PID at teardown. Service subprocess logs are checked for tracebacks.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -193,6 +194,13 @@ class Services:
 
     def start(self, module: str, *, name: str | None = None, **extra_env: str) -> ManagedProcess:
         name = name or f"{module.rsplit('.', 1)[-1]}-{len(self.procs)}"
+        if "KAITEN_REPLICA_ID" not in extra_env:  # the first free slot: started in a killed one's place,
+            # it takes that one's identity, as a container restarted in its pod keeps the pod's name
+            # (its leadership comes back at once; tests/test_leadership.py covers the TTL's way)
+            service = module.rsplit(".", 1)[-1]
+            taken = {p.env.get("KAITEN_REPLICA_ID") for p in self.procs if p.alive() and p.env}
+            slot = next(i for i in itertools.count() if f"{service}-{i}" not in taken)
+            extra_env = {**extra_env, "KAITEN_REPLICA_ID": f"{service}-{slot}"}
         proc = ManagedProcess(
             name=name,
             argv=[sys.executable, "-m", module],

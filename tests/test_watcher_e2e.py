@@ -354,7 +354,7 @@ async def test_an_acting_relist_forgets_the_records_of_workspaces_gone_meanwhile
                 workspaces=Workspaces(api), publisher=Publisher(nc.jetstream()), store=store,
                 settings=WatcherSettings(namespace=scope),
             )  # fmt: skip
-            await watcher._relist(act=True)
+            await watcher._relist()
             keys = await store.keys()
             assert kept in keys and (gone not in keys) == swept, (scope or "every namespace", keys)
     finally:
@@ -416,7 +416,7 @@ async def test_sigkill_mid_apply_loses_nothing_and_duplicates_nothing(
             os.kill(proc.pid, signal.SIGKILL)
             proc.proc.wait()  # type: ignore[union-attr]
     assert not proc.alive()
-    await start_watcher(services)  # leads once the killed one's entry expires (LEADER_TTL, 8 s)
+    await start_watcher(services)  # in the killed one's place (its identity: it leads at once)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(await counts(nc, "observed", namespace)) < len(names):
         await asyncio.sleep(0.1)
@@ -450,9 +450,9 @@ async def test_two_replicas_publish_each_generation_once(
 async def test_of_two_replicas_one_acts_and_the_other_takes_over_when_it_stops(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
-    """Both replicas watch; only the leader adds finalizers and publishes (the apiserver counts one
-    finalizer patch per Workspace), while the follower's status writer still works from its own copies
-    (no GET). When the leader stops, the follower leads at once and acts on what comes next."""
+    """Only the leader watches, adds finalizers, publishes and writes status (the apiserver counts one
+    finalizer patch per Workspace, and no GET: status is written from the watch's copies); the other
+    stands by. When the leader stops, the other leads at once and acts on what comes next."""
     first = await start_watcher(services, KAITEN_REPLICA_ID="first")
     second = await start_watcher(services, KAITEN_REPLICA_ID="second")
     before = workspace_requests(kubectl)
@@ -464,7 +464,7 @@ async def test_of_two_replicas_one_acts_and_the_other_takes_over_when_it_stops(
         await asyncio.sleep(0.1)
     applied = workspace_requests(kubectl)  # kubectl apply GETs each object: count the writers' from here
     pub = Publisher(nc.jetstream())
-    for stored in kubectl.json("get", "workspaces", "-n", namespace)["items"]:  # a LIST: GETs are theirs
+    for stored in kubectl.json("get", "workspaces", "-n", namespace)["items"]:  # a LIST, not a GET
         ref = ev.WorkspaceRef(
             namespace=namespace, name=stored["metadata"]["name"], uid=stored["metadata"]["uid"]
         )
@@ -481,7 +481,7 @@ async def test_of_two_replicas_one_acts_and_the_other_takes_over_when_it_stops(
     assert made.get("PATCH workspaces") == len(names), f"{made}\n{services.logs()}"  # the leader's alone
     assert now.get("GET workspaces", 0) == applied.get("GET workspaces", 0), f"{made}\n{services.logs()}"
     second_log = second.log_path.read_text()
-    assert "observed generation" not in second_log and "leading watcher" not in second_log
+    assert not [what for what in ("observed generation", "status:", "leading watcher") if what in second_log]
     first.stop()
     await until(lambda: "leading watcher" in second.log_path.read_text(), timeout=5, what="a new leader")
     observed, _ = await apply_and_observe(kubectl, nc, namespace, "after")

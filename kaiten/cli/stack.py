@@ -392,6 +392,9 @@ class Stack:
             "KAITEN_CLEANUP_OWNERS": "provisioner,workload",
             "KAITEN_WORK_DIR": str(self.root / "workload"),
             "KAITEN_ALLOW_LOOPBACK_URLS": "true",  # the tuning examples' dataset is served from here
+            # one replica of each service, restarted under the same identity: it leads again at once
+            # (shared.bus.leadership), not after its killed predecessor's entry expires
+            "KAITEN_REPLICA_ID": os.environ.get("KAITEN_REPLICA_ID", "local"),
         }
         for part in self.parts:
             if part.state == "disabled":

@@ -12,6 +12,7 @@ from services.provisioner.settings import ProvisionerSettings
 from services.provisioner.store import open_store
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.leadership import Leadership, led, standby
 from shared.bus.leases import LINGER, Leases
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
@@ -102,7 +103,14 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         reporter="provisioner",
         leases=leases,
     )
-    return [consumer, LoopComponent("provisioner:reconcile", provisioner.run)]
+    # The reconcile passes go over every Workspace: one replica (the leader) makes them, the others
+    # share the events only (two replicas' passes did the same KV reads and lease attempts twice).
+    leadership = await Leadership.open(runtime.js, key="provisioner", identity=runtime.replica)
+    return [
+        LoopComponent("leadership", leadership.run),
+        consumer,
+        LoopComponent("provisioner:reconcile", lambda: led(leadership, provisioner.run, standby)),
+    ]
 
 
 def main() -> None:

@@ -4,9 +4,7 @@
 - a 410 Gone, the server-side timeout, an inactivity timeout or the resync period: list again;
 - apiserver/NATS trouble: back off (bounded, logged with the attempt number) and list again.
 
-With a :class:`~shared.bus.leadership.Leadership`, only the leading replica acts (finalizers, events on
-the bus, its KV records); the others watch too, keeping their copies (:class:`Seen`, read by their status
-writers) and the census current, and the one that takes over relists and acts on everything.
+Of several replicas only the leader runs this (``services.watcher.main``); the others stand by.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from shared.api.crd import FINALIZER
 from shared.api.workspace import WorkspaceSpec, WorkspaceState, spec_of
 from shared.bus.backoff import delay_for
 from shared.bus.kvstore import KvStore
-from shared.bus.leadership import Leadership, led
 from shared.bus.publishing import Publisher
 from shared.errors import InvalidInput
 from shared.events import ConditionReported, WorkspaceDeleting, WorkspaceObserved, WorkspaceRef
@@ -129,32 +126,22 @@ class WorkspaceWatcher:
         store: PublishedStore,
         settings: WatcherSettings,
         seen: Seen | None = None,
-        leadership: Leadership | None = None,
     ) -> None:
         self._workspaces = workspaces
         self._seen = seen if seen is not None else Seen()  # shared with the status writer
         self._publisher = publisher
         self._store = store
         self._settings = settings
-        self._leadership = leadership  # None: this replica always acts
         self.census = Census()
 
     # --- the loop -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        if self._leadership is None:
-            await self._loop(act=True)
-        else:
-            await led(self._leadership, lambda: self._loop(act=True), lambda: self._loop(act=False))
-
-    async def _loop(self, *, act: bool) -> None:
-        """List and watch for ever; ``act``: reconcile what is seen, else only keep the copies."""
         failures = 0
         while True:
             try:
-                resource_version = await self._relist(act=act)
-                until = time.monotonic() + self._settings.resync_period_s
-                await self._watch(resource_version, until=until, act=act)
+                resource_version = await self._relist()
+                await self._watch(resource_version, until=time.monotonic() + self._settings.resync_period_s)
                 failures = 0
             except ApiException as exc:
                 if exc.status == 410:
@@ -171,22 +158,22 @@ class WorkspaceWatcher:
         log.warning("watch loop failed (attempt %d): %s; relisting in %.1fs", failures, why, wait)
         await asyncio.sleep(wait)
 
-    async def _relist(self, *, act: bool) -> str:
-        # records of Workspaces gone while no leader watched (a crash, a takeover) go with this pass:
+    async def _relist(self) -> str:
+        # records of Workspaces gone while no watcher acted (a crash, a takeover) go with this pass:
         # what was recorded before the list and is not in it is gone (uids are never reused). Only when
         # watching every namespace: a watcher of one namespace cannot tell another's records from gone.
-        sweep = act and not self._settings.namespace
+        sweep = not self._settings.namespace
         recorded = set(await self._store.keys()) if sweep else set()
         listing = await self._workspaces.list_all(self._settings.namespace or None)
         self.census.relisted(listing.get("items", []))
         self._seen.relisted(listing.get("items", []))
         for uid in recorded - {obj["metadata"]["uid"] for obj in listing.get("items", [])}:
             await self._store.purge(uid)
-        for obj in listing.get("items", []) if act else ():
+        for obj in listing.get("items", []):
             await self._isolated(obj)
         return str(listing["metadata"]["resourceVersion"])
 
-    async def _watch(self, resource_version: str, *, until: float, act: bool) -> None:
+    async def _watch(self, resource_version: str, *, until: float) -> None:
         stream = self._workspaces.watch(
             self._settings.namespace or None,
             resource_version=resource_version,
@@ -201,25 +188,23 @@ class WorkspaceWatcher:
                 except TimeoutError:
                     log.info("no watch events for %.0fs; rewatching", self._settings.inactivity_timeout_s)
                     return
-                await self._on_event(event, act=act)
+                await self._on_event(event)
         finally:
             await stream.close()
 
-    async def _on_event(self, event: dict[str, Any], *, act: bool) -> None:
+    async def _on_event(self, event: dict[str, Any]) -> None:
         kind, obj = event["type"], event.get("raw_object") or event.get("object")
         if kind == "BOOKMARK" or not isinstance(obj, dict):
             return
         if kind == "DELETED":
             self._seen.gone(obj)
             self.census.gone(obj["metadata"]["uid"])
-            if act:
-                await self._store.purge(obj["metadata"]["uid"])
-                logs.of(log, ref_of(obj)).info("gone")
+            await self._store.purge(obj["metadata"]["uid"])
+            logs.of(log, ref_of(obj)).info("gone")
             return
         self.census.seen(obj)
         self._seen.saw(obj)
-        if act:
-            await self._isolated(obj)
+        await self._isolated(obj)
 
     async def _isolated(self, obj: dict[str, Any]) -> None:
         """Reconcile one Workspace; a failure that is about this object alone (its spec does not fit on

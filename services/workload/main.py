@@ -14,6 +14,7 @@ from services.workload.manifests import AdminPeers, HostNetwork
 from services.workload.settings import WorkloadSettings
 from shared import events as ev
 from shared.bus.consuming import ConsumerRunner, ConsumerSpec
+from shared.bus.leadership import Leadership, led, standby
 from shared.bus.leases import LINGER, Leases
 from shared.lifecycle import Component, LoopComponent, Runtime
 from shared.lifecycle import main as run_main
@@ -89,7 +90,14 @@ async def build(runtime: Runtime) -> Sequence[Component]:
         reporter="workload",
         leases=leases,
     )
-    return [consumer, LoopComponent("workload:reconcile", workloads.run)]
+    # The reconcile passes go over every Workspace: one replica (the leader) makes them, the others
+    # share the events only (two replicas' passes did the same KV reads and lease attempts twice).
+    leadership = await Leadership.open(runtime.js, key="workload", identity=runtime.replica)
+    return [
+        LoopComponent("leadership", leadership.run),
+        consumer,
+        LoopComponent("workload:reconcile", lambda: led(leadership, workloads.run, standby)),
+    ]
 
 
 def main() -> None:

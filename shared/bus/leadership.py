@@ -136,6 +136,11 @@ class Leadership:
             self._flip = asyncio.Event()
 
 
+async def standby() -> None:
+    """A follower's work: none (for :func:`led`)."""
+    await asyncio.Event().wait()
+
+
 async def led(
     leadership: Leadership,
     lead: Callable[[], Coroutine[Any, Any, None]],

@@ -31,8 +31,8 @@ one (kaiten_leaders, under the service's name). */}}
 {{- define "kaiten.services" -}}
 watcher: {durable: status-writer, buckets: [kaiten_watcher_published], leader: true, publish: ["kaiten.workspace.observed.>", "kaiten.workspace.deleting.>", "kaiten.status.condition.>"]}
 planner: {durable: planner, buckets: [kaiten_plans], publish: ["kaiten.plan.>", "kaiten.status.condition.>"]}
-provisioner: {durable: provisioner, buckets: [kaiten_nodes], publish: ["kaiten.nodes.>", "kaiten.status.>"]}
-workload: {durable: workload, buckets: [kaiten_workloads], publish: ["kaiten.workload.>", "kaiten.status.>"]}
+provisioner: {durable: provisioner, buckets: [kaiten_nodes], leader: true, publish: ["kaiten.nodes.>", "kaiten.status.>"]}
+workload: {durable: workload, buckets: [kaiten_workloads], leader: true, publish: ["kaiten.workload.>", "kaiten.status.>"]}
 {{- end -}}
 
 {{- define "kaiten.natsUrl" -}}
