@@ -184,8 +184,8 @@ async def test_nodeclaims_created_resized_and_deleted(
 async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
     kubectl: Kubectl, namespace: str, nc: Client, services: Services
 ) -> None:
-    """Issue 16 (6): replica A freezes in a reconcile pass after reading a pending request and before
-    asking the provider for its nodes (a failpoint: SIGSTOP, as a stalled node would). The Workspace is
+    """Issue 16 (6): replica A, leading, freezes in a reconcile pass after reading a pending request and
+    before asking the provider for its nodes (a failpoint: SIGSTOP, as a stalled node would). The Workspace is
     deleted meanwhile, and replica B handles that. A resumed must not create NodeClaims for a Workspace
     that is gone, nor bring its record back. Before the fix the pass ran outside the Workspace's lease,
     so B released everything, and A then created a NodeClaim nobody would ever delete."""
@@ -193,7 +193,7 @@ async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
     kubectl.wait_established("nodeclaims.karpenter.sh")
     await services.start_ready("services.watcher", KAITEN_CLEANUP_OWNERS="provisioner")
     await services.start_ready("services.planner", KAITEN_PROVIDER="nodeclaim")
-    await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)  # B
+    b = await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)
     ws = json.loads(manifest("frozen", "phi-3-mini-4k-instruct", "Standard_NC12s_v3", count=1))
     kubectl.run("apply", "-n", namespace, "-f", "-", stdin=json.dumps(ws), check=True)
 
@@ -207,12 +207,18 @@ async def test_a_frozen_replica_cannot_recreate_nodes_another_replica_released(
 
     await until(lambda: len(mine()) == 1, timeout=30, what=f"B's NodeClaim\n{services.logs()}")
     stop_in_a_pass = {"KAITEN_FAILPOINT": "provisioner.ensure=stop"}
-    a = services.start("services.provisioner", KAITEN_PROVIDER="nodeclaim", **stop_in_a_pass, **FAST)
+    a = await services.start_ready(
+        "services.provisioner", KAITEN_PROVIDER="nodeclaim", **stop_in_a_pass, **FAST
+    )
     assert a.proc is not None
+    # passes are the leader's: the first replica stops, A leads, and A's first pass freezes in it
+    b.stop()
     try:
         await until(
             lambda: procs.state(a.proc.pid) == "T", timeout=30, what=f"A frozen in a pass\n{services.logs()}"
         )
+        # B: it handles the deletion (and leads once frozen A's leadership expires)
+        await services.start_ready("services.provisioner", KAITEN_PROVIDER="nodeclaim", **FAST)
         await asyncio.sleep(2)  # A's last pull request expires: the deletion goes to B
         kubectl.run("delete", "-n", namespace, "workspace/frozen", "--wait=false", check=True)
         await asyncio.sleep(5)  # B acts on the deletion as far as it may while A is frozen
