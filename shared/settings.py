@@ -58,7 +58,11 @@ class ServiceSettings(BaseSettings):
         description="Seconds in-flight work gets after SIGTERM; the process exits within this + 8 s "
         "(leases, NATS, the last traces), whatever step hangs.",
     )
-    replica_id: str = Field("", description="Logged with every line. Empty: hostname:pid.")
+    replica_id: str = Field(
+        "",
+        description="Logged with every line; the leader identity (shared.bus.leadership): a process "
+        "restarted under the same one leads again at once. Replicas' must differ. Empty: hostname:pid.",
+    )
     probe_port: int | None = Field(
         None, description="Serve /healthz, /readyz and /metrics on this port (0: any free port). Unset: off."
     )
