@@ -1,6 +1,7 @@
-"""One leader among a service's replicas, for work that one replica does for all (the watcher's watch
-loop): a NATS KV entry (``kaiten_leaders``, key: the service) that expires ``LEADER_TTL`` seconds after
-its holder last refreshed it. controller-runtime's leader election, on the bus instead of a Lease object.
+"""One leader among a service's replicas, for work that one replica does for all (the watcher's watch,
+the provisioner's and the workload's reconcile passes): a NATS KV entry (``kaiten_leaders``, key: the
+service) that expires ``LEADER_TTL`` seconds after its holder last refreshed it. controller-runtime's
+leader election, on the bus instead of a Lease object.
 
 - The holder refreshes every ``ttl / 3`` (every ``poll`` after a failure). It steps down at once when
   the entry is no longer its own (it expired while this process stalled, and another replica took
