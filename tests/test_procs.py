@@ -70,3 +70,40 @@ def test_a_stop_signal_during_a_start_never_leaves_an_unknown_child(tmp_path) ->
     print(counts)
     assert counts["interrupted"] > 0 and counts["started"] > 0, counts  # the signal did land mid-start
     assert counts["unknown"] == 0, f"children started but not recorded: {counts}"
+
+
+def test_a_stop_signal_during_a_servers_start_leaves_it_known(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The same for the servers ``kaiten up`` starts: each keeps its process before starting it, so the
+    stop signal re-raised at the end of the start finds it. A CI run's Ctrl-C during ``kaiten up`` left
+    a Ray head running: ``RayHead.process`` was assigned only once ``start()`` had returned (NatsServer,
+    the control plane and the node were alike)."""
+    import os
+    import signal
+
+    from kaiten.local.nats_server import NatsServer
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(*_: object) -> None:
+        raise Stop
+
+    real = subprocess.Popen
+
+    def popen_then_ctrl_c(*args, **kwargs):  # type: ignore[no-untyped-def]
+        child = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the user's stop, arriving as the child starts
+        return child
+
+    server = NatsServer(tmp_path / "nats")
+    previous = signal.signal(signal.SIGTERM, raise_stop)
+    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    try:
+        with pytest.raises(Stop):
+            server.start()
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    process = getattr(server, "process", None)
+    assert process is not None and process.alive(), "a started nats-server nobody knows of"
+    assert process.stop(timeout=10) and not process.alive()

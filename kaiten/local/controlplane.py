@@ -339,8 +339,9 @@ class ControlPlane:
                 "warn",
             ],
             log_path=self.state_dir / "etcd.log",
-        ).start()
-        self.processes.append(etcd)
+        )
+        self.processes.append(etcd)  # before it starts: a stop signal raised in start() must find it
+        etcd.start()
         etcd.wait_ready(
             lambda: port_open("127.0.0.1", client), timeout=30, what=f"did not listen on 127.0.0.1:{client}"
         )
@@ -386,8 +387,9 @@ class ControlPlane:
                 *self._access_args(pki),
             ],
             log_path=self.state_dir / "kube-apiserver.log",
-        ).start()
-        self.processes.append(api)
+        )
+        self.processes.append(api)  # before it starts, as etcd
+        api.start()
         context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
 

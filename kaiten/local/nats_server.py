@@ -47,7 +47,8 @@ class NatsServer:
                 "kaiten-local",
             ],
             log_path=self.state_dir / "nats-server.log",
-        ).start()
+        )
+        self.process.start()  # kept first: a stop signal raised in start() must find it (ray_head.py)
         try:
             self.process.wait_ready(
                 lambda: port_open("127.0.0.1", self.port),

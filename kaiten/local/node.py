@@ -193,8 +193,9 @@ class LocalCluster:
             name="containerd",
             argv=["containerd", "--config", str(config), "--log-level", "warn"],
             log_path=self.state_dir / "containerd.log",
-        ).start()
-        self.processes.append(proc)
+        )
+        self.processes.append(proc)  # before it starts: a stop signal raised in start() must find it
+        proc.start()
         proc.wait_ready(
             lambda: self._ctr("version", check=False).returncode == 0,
             timeout=30,
@@ -303,8 +304,9 @@ class LocalCluster:
                                 script, "kubelet", *kubelet], healthz)  # fmt: skip
 
     def _start(self, name: str, argv: list[str], port: int) -> None:
-        proc = ManagedProcess(name=name, argv=argv, log_path=self.state_dir / f"{name}.log").start()
-        self.processes.append(proc)
+        proc = ManagedProcess(name=name, argv=argv, log_path=self.state_dir / f"{name}.log")
+        self.processes.append(proc)  # before it starts, as containerd
+        proc.start()
         proc.wait_ready(
             lambda: port_open("127.0.0.1", port),
             timeout=self.startup_timeout,

@@ -107,7 +107,10 @@ class RayHead:
                 [*map(str, self.pythonpath), *filter(None, [os.environ.get("PYTHONPATH")])]
             )
         log = self.state_dir / "ray-head.log"
-        self.process = ManagedProcess(name="ray head", argv=argv, log_path=log, env=env).start()
+        # kept before it starts: a stop signal held through the start is raised in start(), and the
+        # stop that follows must find the process (a CI run's Ctrl-C left a Ray head running)
+        self.process = ManagedProcess(name="ray head", argv=argv, log_path=log, env=env)
+        self.process.start()
         try:
             self.process.wait_ready(
                 lambda: READY_LINE in log.read_text(errors="replace") and port_open("127.0.0.1", self.port),
