@@ -118,6 +118,16 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
         log = proc.log_path.read_text()
         assert service != "watcher" or "leading watcher" in log, log[-2000:]
         assert "permissions violation" not in log.lower() and passwords[service] not in log, log[-2000:]
+    # a leader key is its own service's alone: the watcher's user may not take the provisioner's
+    watcher = await nats.connect(url, user="watcher", password=passwords["watcher"],
+                                 tls=ssl.create_default_context(cafile=str(ca)), connect_timeout=5,
+                                 inbox_prefix=b"_INBOX_watcher", allow_reconnect=False)  # fmt: skip
+    try:
+        leaders = await watcher.jetstream(timeout=2).key_value("kaiten_leaders")
+        with pytest.raises(nats.errors.TimeoutError):  # refused: the server never acks it
+            await leaders.create("provisioner", b"watcher")
+    finally:
+        await watcher.close()
 
 
 @pytest.mark.nats
