@@ -69,9 +69,10 @@ class LoopComponent:
 
     async def stop(self, grace: float) -> None:
         if self._task:
+            died = self._task.done()  # on its own, before the stop: the supervisor has said so
             await cancel_and_wait(self._task)  # not one cancel: 3.11's wait_for may swallow it
-            if not self._task.cancelled() and (exc := self._task.exception()) is not None:
-                raise exc
+            if not died and not self._task.cancelled() and (exc := self._task.exception()) is not None:
+                raise exc  # raised while stopping: _stop says so
 
     async def wait(self) -> None:
         if self._task:
