@@ -93,15 +93,29 @@ def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
         cp.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """The real single-node cluster (kubelet + containerd), with the services and Ray images imported;
-    at the end nothing of it may be left, and the host's sysctls must be as they were."""
+    """The real single-node cluster (kubelet + containerd) on this machine's loopback, with the services
+    and Ray images imported; at the end nothing of it may be left, and the host's sysctls must be as
+    they were. One module's: one node runs at a time, and a module may want the other kind."""
+    yield from _node(tmp_path_factory, network=False)
+
+
+@pytest.fixture(scope="module")
+def networked_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The same node in a network namespace of its own (``kaiten.local.netns``): pods get a real
+    address, Endpoints and Service names work, ``kubectl port-forward`` reaches pods."""
+    yield from _node(tmp_path_factory, network=True)
+
+
+def _node(tmp_path_factory: pytest.TempPathFactory, *, network: bool) -> Iterator[LocalCluster]:
     before = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
-    node = LocalCluster(tmp_path_factory.mktemp("cluster"), images=["services", "ray", "nats"])
+    images = ["services", "ray", "nats"]
+    node = LocalCluster(tmp_path_factory.mktemp("cluster"), images=images, network=network)
     started = time.monotonic()
     node.start()
     print(f"\nnode Ready {time.monotonic() - started:.1f}s after start; {node.timings}")
+    netns = node.netns
     try:
         yield node
     finally:
@@ -109,6 +123,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         left = node.stop()
         assert not left, f"left behind: {left}"
         assert not {p for p in pids if Path(f"/proc/{p}").exists()}, "processes of the node still run"
+        assert netns is None or not netns.path.exists(), f"{netns} is still there"
         after = {key: Path(f"/proc/sys/{key}").read_text() for key in KUBELET_SYSCTLS}
         assert after == before, "the kubelet changed the host's sysctls"
 

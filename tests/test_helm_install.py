@@ -3,8 +3,10 @@ would: Helm built from its Go module, images built from our Dockerfiles, every p
 probes; each identity may do what its service needs and is refused the rest (Kubernetes RBAC and NATS
 permissions); a Workspace goes through the installed services to a RayService; uninstall leaves nothing.
 
-The node has no pod network (see docs/cluster.md): the chart's ``hostNetwork`` mode binds every
-listener to 127.0.0.1 and points the services at the apiserver's loopback address."""
+The node runs in a network namespace of its own (``kaiten.local.netns``; see docs/cluster.md) with no pod
+network: the chart's ``hostNetwork`` mode binds the services' listeners to 127.0.0.1 there and points
+them at the apiserver's loopback address; Ray pods take the node's address, so Endpoints, Service names
+and ``kubectl port-forward`` work, and KubeRay's real operator runs the Workspace's RayService."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
+import openai
 import pytest
 import yaml
 from nats.errors import TimeoutError as NatsTimeout
@@ -27,8 +31,8 @@ from nats.errors import TimeoutError as NatsTimeout
 from kaiten.local import gotools
 from kaiten.local import kuberay as kuberay_parts
 from kaiten.local.node import LocalCluster
-from kaiten.local.procs import free_ports
-from tests.conftest import REPO, http_get
+from kaiten.local.procs import ManagedProcess, free_port, free_ports, port_open, tail, wait_until
+from tests.conftest import REPO, Kubectl, http_get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -37,6 +41,8 @@ RELEASE = "kaiten"
 NAMESPACE = "kaiten-system"
 SERVICES = ("watcher", "planner", "provisioner", "workload")
 LOCAL_DATA = "http://127.0.0.1:8310/capitals-pirate.jsonl"  # examples/local/tuning-smollm2.yaml's input
+# The one namespace KubeRay's operator watches: the other tests' RayServices start no Ray pods.
+SERVE_NAMESPACE = f"serve-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -86,9 +92,9 @@ def image_values(ref: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def release(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
-    cluster = local_cluster
-    assert cluster.controlplane is not None
+def release(networked_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    cluster = networked_cluster
+    assert cluster.controlplane is not None and cluster.netns is not None
     *probe_ports, nats_port, monitor_port = free_ports(len(SERVICES) + 2)
     values = {
         "image": image_values(cluster.imported["services"].ref),
@@ -97,7 +103,7 @@ def release(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactor
         "bindAddress": "127.0.0.1",
         "apiServer": {"host": "127.0.0.1", "port": str(cluster.controlplane.api_port)},
         "probes": {"ports": dict(zip(SERVICES, probe_ports, strict=True))},
-        "ray": {"image": cluster.imported["ray"].ref, "hostNetworkAddress": "127.0.0.1"},
+        "ray": {"image": cluster.imported["ray"].ref, "hostNetworkAddress": cluster.netns.address},
         "nats": {
             "image": image_values(cluster.imported["nats"].ref),
             "port": nats_port,
@@ -107,6 +113,7 @@ def release(local_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactor
     }
     path = tmp_path_factory.mktemp("helm") / "values.yaml"
     path.write_text(yaml.safe_dump(values))
+    cluster.expose(nats_port, *probe_ports)  # what the tests below read from this machine
     rel = Release(cluster, values, values_file=path)
     for crd in kuberay_parts.crds():  # the workload renders RayServices: KubeRay's CRDs must exist
         cluster.kubectl("apply", "--server-side", "-f", str(crd))
@@ -208,6 +215,7 @@ def test_a_workspace_goes_through_the_installed_services(release: Release) -> No
     provisioner finds it, the workload renders the RayService (with our Ray image, on 127.0.0.1), the
     watcher writes the conditions; deleting it removes what the workload made, then the finalizer."""
     cluster = release.cluster
+    assert cluster.netns is not None
     namespace = f"ws-{uuid.uuid4().hex[:6]}"
     release.kubectl("create", "namespace", namespace)
     release.kubectl("label", "node", cluster.name, "apps=smollm2", "--overwrite")
@@ -231,7 +239,7 @@ def test_a_workspace_goes_through_the_installed_services(release: Release) -> No
         head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
         assert head["template"]["spec"]["hostNetwork"] is True
         assert head["template"]["spec"]["containers"][0]["image"] == cluster.imported["ray"].ref
-        assert head["rayStartParams"]["node-ip-address"] == "127.0.0.1"
+        assert head["rayStartParams"]["node-ip-address"] == cluster.netns.address
         assert ws["metadata"]["finalizers"], ws["metadata"]
         policy = json.loads(
             release.kubectl("-n", namespace, "get", "networkpolicy", f"{name}-ray", "-o", "json")
@@ -386,3 +394,105 @@ def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Rele
     finally:
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def operator(release: Release) -> Iterator[ManagedProcess]:
+    """KubeRay's real operator on the node (its network namespace, the node's DNS), watching
+    ``SERVE_NAMESPACE`` only; no leader election, metrics or probe listener, no init container."""
+    cluster = release.cluster
+    Kubectl(cluster.kubeconfig).wait_established("rayservices.ray.io", "rayclusters.ray.io")
+    argv = [str(kuberay_parts.operator()), f"--kubeconfig={cluster.kubeconfig}",
+            "--enable-leader-election=false", "--metrics-addr=0", "--health-probe-bind-address=0",
+            f"--watch-namespace={SERVE_NAMESPACE}"]  # fmt: skip
+    proc = ManagedProcess(
+        name="kuberay-operator",
+        argv=cluster.wrap(argv, dns=True),
+        log_path=cluster.state_dir / "kuberay-operator.log",
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "ENABLE_INIT_CONTAINER_INJECTION": "false"},
+    ).start()
+    try:
+        yield proc
+    finally:
+        proc.stop(timeout=10)
+
+
+def condition(workspace: dict[str, Any], kind: str) -> dict[str, Any]:
+    found = [c for c in workspace.get("status", {}).get("conditions", []) if c["type"] == kind]
+    return found[0] if found else {}
+
+
+def test_a_workspace_serves_chat_and_openai_through_port_forward(
+    release: Release, operator: ManagedProcess
+) -> None:
+    """The local example Workspace through the installed services and KubeRay's operator: a RayService
+    whose head pod runs our Ray image and loads the model, InferenceReady; through ``kubectl
+    port-forward`` to the Service named after the Workspace, ``/chat`` answers and the official openai
+    client streams a completion; the Ray dashboard refuses a request without the token."""
+    cluster = release.cluster
+    assert cluster.netns is not None
+    release.kubectl("create", "namespace", SERVE_NAMESPACE)
+    release.kubectl("label", "node", cluster.name, "apps=smollm2", "--overwrite")
+    workspace = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2.yaml").read_text())
+    name = workspace["metadata"]["name"]
+    forward: subprocess.Popen[str] | None = None
+    started = time.monotonic()
+    try:
+        release.kubectl("apply", "-n", SERVE_NAMESPACE, "-f", "-", stdin=json.dumps(workspace))
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            ws = json.loads(release.kubectl("-n", SERVE_NAMESPACE, "get", "workspace", name, "-o", "json"))
+            if condition(ws, "InferenceReady").get("status") == "True":
+                break
+            time.sleep(2)
+        else:
+            pods = release.kubectl(
+                "-n", SERVE_NAMESPACE, "get", "pods,rayservices", "-o", "wide", check=False
+            )  # fmt: skip
+            pytest.fail(f"not InferenceReady: {ws.get('status')}\n{pods}\n{tail(operator.log_path, 40)}\n"
+                        f"{release.diagnostics()}")  # fmt: skip
+        release.phases["Workspace → InferenceReady"] = time.monotonic() - started
+
+        started = time.monotonic()
+        port = free_port()
+        forward = subprocess.Popen(
+            ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "-n", SERVE_NAMESPACE, "port-forward",
+             f"svc/{name}", f"{port}:80", "--address=127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert wait_until(lambda: port_open("127.0.0.1", port), 30), "kubectl port-forward did not listen"
+        base = f"http://127.0.0.1:{port}"
+        question = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        chat = httpx.post(f"{base}/chat", json=question, timeout=120)
+        assert chat.status_code == 200 and "Paris" in chat.json()["Result"], chat.text
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        pieces = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="smollm2-135m-instruct",
+                messages=[{"role": "user", "content": "Name three colors."}],
+                temperature=0,
+                max_tokens=24,
+                stream=True,
+            )
+        ]
+        assert len([p for p in pieces if p]) > 3 and "".join(pieces).strip(), pieces
+        release.phases["chat + openai stream"] = time.monotonic() - started
+
+        # Ray's token auth: the dashboard (job submission) refuses a caller on the node without it
+        dashboard = f"http://{cluster.netns.address}:8265/api/jobs/"
+        status, body = cluster.netns.call(lambda: http_get(dashboard))
+        assert status == 401, (status, body[:300])
+
+        started = time.monotonic()
+        release.kubectl("-n", SERVE_NAMESPACE, "delete", "workspace", name, "--wait=true", "--timeout=180s")
+        assert wait_until(
+            lambda: not release.kubectl("-n", SERVE_NAMESPACE, "get", "pods", "-o", "name").strip(), 120
+        ), "the Ray pods outlived their Workspace"
+        release.phases["delete → Ray pods gone"] = time.monotonic() - started
+    finally:
+        if forward is not None:
+            forward.terminate()
+            forward.wait(timeout=10)
+        release.kubectl("label", "node", cluster.name, "apps-", check=False)
+        release.kubectl("delete", "namespace", SERVE_NAMESPACE, "--wait=false", check=False)

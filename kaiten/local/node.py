@@ -48,6 +48,7 @@ import yaml
 
 from kaiten.local.controlplane import ControlPlane, cache_root, ensure_binaries
 from kaiten.local.images import Image, ensure, image_id
+from kaiten.local.netns import CLUSTER_DOMAIN, NetNamespace, resolves
 from kaiten.local.procs import (
     ManagedProcess,
     StartFailed,
@@ -101,6 +102,10 @@ class LocalCluster:
     name: str = NODE_NAME
     images: Sequence[str] = ()  # deploy/images/<name>.Dockerfile to build (if needed) and import
     startup_timeout: float = 120.0
+    # In a network namespace of its own (kaiten.local.netns): pods get a real address (Endpoints,
+    # RayService readiness), Service names resolve, kubectl port-forward reaches pods. Off: loopback.
+    network: bool = False
+    netns: NetNamespace | None = None
     controlplane: ControlPlane | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     imported: dict[str, Image] = field(default_factory=dict)
@@ -141,13 +146,19 @@ class LocalCluster:
             ]
             started = time.monotonic()
             self._share_state_dir()
-            self.controlplane = ControlPlane(self.state_dir / "controlplane", node=self.name).start()
+            if self.network:
+                self.netns = NetNamespace(f"kaiten-node-{os.getpid()}").create()
+            self.controlplane = ControlPlane(
+                self.state_dir / "controlplane", node=self.name, netns=self.netns
+            ).start()
             self._start_containerd(images["pause"].ref)
             self._forget_older(list(images.values()))
             for image in images.values():
                 self._import(image)
             self._start_controller_manager(bins["kube-controller-manager"])
             self._start_scheduler(bins["kube-scheduler"])
+            if self.netns is not None:
+                self._start_dns(self.netns)
             self._start_kubelet(bins["kubelet"])
             self._wait_ready()
         except BaseException:
@@ -191,7 +202,7 @@ class LocalCluster:
         config.write_text(_containerd_config(root, images_root(), self.containerd_socket, pause))
         proc = ManagedProcess(
             name="containerd",
-            argv=["containerd", "--config", str(config), "--log-level", "warn"],
+            argv=self.wrap(["containerd", "--config", str(config), "--log-level", "warn"]),
             log_path=self.state_dir / "containerd.log",
         )
         self.processes.append(proc)  # before it starts: a stop signal raised in start() must find it
@@ -279,9 +290,11 @@ class LocalCluster:
         root.mkdir(parents=True, exist_ok=True)
         port, healthz = free_ports(2)
         config = root / "config.yaml"
-        config.write_text(
-            yaml.safe_dump(_kubelet_config(cp.pki, root, self.containerd_socket, port, healthz))
-        )
+        settings = _kubelet_config(cp.pki, root, self.containerd_socket, port, healthz)
+        if self.netns is not None:  # the apiserver dials it at the node's address; pods get the DNS
+            settings.update(address=self.netns.address, clusterDNS=[self.netns.address],
+                            clusterDomain=CLUSTER_DOMAIN)  # fmt: skip
+        config.write_text(yaml.safe_dump(settings))
         views = root / "sysctl-views"
         views.mkdir(exist_ok=True)
         binds = []
@@ -295,7 +308,7 @@ class LocalCluster:
             "--kubeconfig", str(cp.kubeconfig_for("node")),
             "--root-dir", str(root),
             "--hostname-override", self.name,
-            "--node-ip", "127.0.0.1",
+            "--node-ip", self.netns.address if self.netns else "127.0.0.1",
             "--v", "1",
         ]  # fmt: skip
         # Its own mount namespace: /proc made private there first, so the sysctl views stay in it.
@@ -303,16 +316,58 @@ class LocalCluster:
         self._start("kubelet", ["unshare", "--mount", "--propagation", "unchanged", "--", "sh", "-c",
                                 script, "kubelet", *kubelet], healthz)  # fmt: skip
 
+    def _start_dns(self, netns: NetNamespace) -> None:
+        proc = ManagedProcess(name="dns", argv=netns.dns_argv(), log_path=self.state_dir / "dns.log")
+        self.processes.append(proc)
+        proc.start()
+        probe = f"kubernetes.default.svc.{CLUSTER_DOMAIN}"
+        proc.wait_ready(
+            lambda: netns.call(lambda: resolves(probe, netns.address)) == netns.address,
+            timeout=30,
+            interval=0.2,
+            what=f"did not answer {probe} on {netns.address}:53",
+        )
+
     def _start(self, name: str, argv: list[str], port: int) -> None:
-        proc = ManagedProcess(name=name, argv=argv, log_path=self.state_dir / f"{name}.log")
+        proc = ManagedProcess(name=name, argv=self.wrap(argv), log_path=self.state_dir / f"{name}.log")
         self.processes.append(proc)  # before it starts, as containerd
         proc.start()
+        netns = self.netns
         proc.wait_ready(
-            lambda: port_open("127.0.0.1", port),
+            (lambda: netns.port_open(port)) if netns else (lambda: port_open("127.0.0.1", port)),
             timeout=self.startup_timeout,
             interval=0.2,
             what=f"did not listen on 127.0.0.1:{port}",
         )
+
+    # -- the node's network namespace ------------------------------------------------------------
+
+    def wrap(self, argv: list[str], *, dns: bool = False) -> list[str]:
+        """``argv`` as a process on the node: in its network namespace, if it has one; with ``dns``,
+        in a mount namespace of its own where /etc/resolv.conf names the node's DNS (the pods get it
+        from the kubelet; a process such as KubeRay's operator gets it so)."""
+        if self.netns is None:
+            return argv
+        if dns:
+            conf = self.state_dir / "resolv.conf"
+            conf.write_text(f"nameserver {self.netns.address}\noptions ndots:1\n")
+            argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                    f'mount --bind -o ro {conf} /etc/resolv.conf && exec "$@"', "on-node", *argv]  # fmt: skip
+        return self.netns.wrap(argv)
+
+    def expose(self, *ports: int) -> None:
+        """127.0.0.1:PORT on this machine reaches 127.0.0.1:PORT on the node (in its namespace), until
+        the node stops. Without a namespace the two are the same already."""
+        if self.netns is None or not ports:
+            return
+        proc = ManagedProcess(
+            name=f"forward-{'-'.join(map(str, ports))}",
+            argv=self.netns.forwarder_argv(list(ports)),
+            log_path=self.state_dir / f"forward-{ports[0]}.log",
+        )
+        self.processes.append(proc)
+        proc.start()
+        proc.wait_ready(lambda: all(port_open("127.0.0.1", p) for p in ports), timeout=30, what="no listener")
 
     def _cp(self) -> ControlPlane:
         assert self.controlplane is not None
@@ -336,6 +391,8 @@ class LocalCluster:
         kubelet.wait_ready(
             self._node_ready, timeout=self.startup_timeout, interval=0.5, what="node not Ready"
         )
+        if self.netns is not None:  # it reports its namespace's address itself
+            return
         addresses = [
             {"type": "InternalIP", "address": "127.0.0.1"},
             {"type": "Hostname", "address": self.name},
@@ -371,6 +428,9 @@ class LocalCluster:
         for name in ("containerd", "kube-scheduler", "kube-controller-manager"):
             if proc := by_name.get(name):
                 proc.stop(timeout=10)
+        for proc in self.processes:  # the DNS and the forwarders
+            if proc.alive():
+                proc.stop(timeout=10)
         kill_pids(running(workloads))
         wait_until(lambda: not running(workloads), 10)
         if self.controlplane is not None:
@@ -379,6 +439,10 @@ class LocalCluster:
         self.processes.clear()
         left.mounts = self._unmount_all()
         left.cgroups = _remove_cgroups([c for c in self._made if str(c).startswith(str(CGROUP_ROOT))])
+        if self.netns is not None:
+            if not self.netns.delete():
+                left.paths.append(str(self.netns.path))
+            self.netns = None
         for path in self._made:
             if not str(path).startswith(str(CGROUP_ROOT)):
                 shutil.rmtree(path, ignore_errors=True)

@@ -21,6 +21,7 @@ import copy
 import functools
 import hashlib
 import importlib.metadata
+import ipaddress
 import json
 import re
 from collections.abc import Iterable
@@ -264,6 +265,13 @@ class HostNetwork:
     serve: int = SERVE_PORT
     replica_metrics: int = REPLICA_METRICS_PORT  # not Ray's: each serving replica's own /metrics
 
+    @property
+    def serve_host(self) -> str:
+        """Where Serve listens: ``address`` when it is loopback (the test node on this machine's
+        loopback); else every address of the node, since its Service reaches it at the node's address
+        and ``kubectl port-forward`` at localhost (the test node in a network namespace of its own)."""
+        return self.address if ipaddress.ip_address(self.address).is_loopback else "0.0.0.0"  # noqa: S104
+
     def ports(self) -> list[dict[str, Any]]:
         named = {"gcs-server": self.gcs, "dashboard": self.dashboard, "client": self.client,
                  "dashboard-agent": self.agent, "metrics": self.metrics, "serve": self.serve}  # fmt: skip
@@ -407,7 +415,7 @@ def rayservice(
     http = {"host": "0.0.0.0", "port": SERVE_PORT}  # noqa: S104  (the Service reaches it)
     metrics_host, metrics_port = "0.0.0.0", REPLICA_METRICS_PORT  # noqa: S104  (the pod's own network)
     if host is not None:
-        http = {"host": host.address, "port": host.serve}
+        http = {"host": host.serve_host, "port": host.serve}
         metrics_host, metrics_port = host.address, host.replica_metrics
     config = {**config, "metrics_port": metrics_port, "metrics_host": metrics_host}
     serve_config = {

@@ -19,8 +19,10 @@ class WorkloadSettings(ServiceSettings):
     )
     ray_host_network: str = Field(
         "",
-        description="kuberay: Ray pods on the node's network, bound to this address (a node without a "
-        "pod network, such as the test node: 127.0.0.1); single-node plans only. Empty: the pod network.",
+        description="kuberay: Ray pods on the node's network at this address (a node without a pod "
+        "network, such as the test node: 127.0.0.1, or its network namespace's address); Ray listens on "
+        "it, Serve too when it is loopback, else on every address of the node. Single-node plans only. "
+        "Empty: the pod network.",
     )
     network_policy: bool = Field(
         True, description="kuberay: a NetworkPolicy per Workspace fences its Ray pods (docs/install.md)."
