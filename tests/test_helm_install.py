@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from kaiten.local import gotools
 from kaiten.local import kuberay as kuberay_parts
 from kaiten.local.node import LocalCluster
 from kaiten.local.procs import ManagedProcess, free_port, free_ports, port_open, tail, wait_until
+from shared.oci import pull_adapter_files
 from tests.conftest import REPO, Kubectl, http_get
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -41,8 +44,10 @@ RELEASE = "kaiten"
 NAMESPACE = "kaiten-system"
 SERVICES = ("watcher", "planner", "provisioner", "workload")
 LOCAL_DATA = "http://127.0.0.1:8310/capitals-pirate.jsonl"  # examples/local/tuning-smollm2.yaml's input
-# The one namespace KubeRay's operator watches: the other tests' RayServices start no Ray pods.
+# The namespaces KubeRay's operator watches: the other tests' RayServices and RayJobs start no Ray pods.
 SERVE_NAMESPACE = f"serve-{uuid.uuid4().hex[:6]}"
+TUNE_NAMESPACE = f"train-{uuid.uuid4().hex[:6]}"
+REGISTRY_USER, REGISTRY_PASSWORD = "kaiten", "registry-pass-not-logged"
 
 
 @dataclass
@@ -399,12 +404,13 @@ def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Rele
 @pytest.fixture(scope="module")
 def operator(release: Release) -> Iterator[ManagedProcess]:
     """KubeRay's real operator on the node (its network namespace, the node's DNS), watching
-    ``SERVE_NAMESPACE`` only; no leader election, metrics or probe listener, no init container."""
+    ``SERVE_NAMESPACE`` and ``TUNE_NAMESPACE`` only; no leader election, metrics or probe listener, no
+    init container."""
     cluster = release.cluster
     Kubectl(cluster.kubeconfig).wait_established("rayservices.ray.io", "rayclusters.ray.io")
     argv = [str(kuberay_parts.operator()), f"--kubeconfig={cluster.kubeconfig}",
             "--enable-leader-election=false", "--metrics-addr=0", "--health-probe-bind-address=0",
-            f"--watch-namespace={SERVE_NAMESPACE}"]  # fmt: skip
+            f"--watch-namespace={SERVE_NAMESPACE},{TUNE_NAMESPACE}"]  # fmt: skip
     proc = ManagedProcess(
         name="kuberay-operator",
         argv=cluster.wrap(argv, dns=True),
@@ -496,3 +502,145 @@ def test_a_workspace_serves_chat_and_openai_through_port_forward(
             forward.wait(timeout=10)
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", SERVE_NAMESPACE, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def node_registry(release: Release) -> Iterator[str]:
+    """Debian's docker-registry on the node (127.0.0.1 of its network namespace, where the tuning job
+    pushes and the serving app pulls), with htpasswd auth; reached from here through a forwarder."""
+    import bcrypt
+
+    cluster = release.cluster
+    assert cluster.netns is not None
+    binary = shutil.which("docker-registry")
+    assert binary, "docker-registry is not installed (apt-get install docker-registry; .ci/run does)"
+    root = Path(tempfile.mkdtemp(prefix="kaiten-registry-"))
+    hashed = bcrypt.hashpw(REGISTRY_PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
+    (root / "htpasswd").write_text(f"{REGISTRY_USER}:{hashed}\n")
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "warn"},
+        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "kaiten-test"},
+        "auth": {"htpasswd": {"realm": "kaiten", "path": str(root / "htpasswd")}},
+    }
+    (root / "config.yml").write_text(yaml.safe_dump(config))
+    proc = ManagedProcess(
+        "docker-registry", cluster.wrap([binary, "serve", str(root / "config.yml")]), root / "registry.log"
+    ).start()
+    netns = cluster.netns
+    try:
+        proc.wait_ready(lambda: netns.port_open(port), timeout=20, what="did not listen")
+        cluster.expose(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        assert proc.stop(timeout=10), "docker-registry ignored SIGTERM"
+        shutil.rmtree(root)
+
+
+def until_condition(release: Release, namespace: str, name: str, kind: str, timeout: float) -> dict[str, Any]:
+    """The Workspace once its condition ``kind`` is True; fails at once when WorkspaceSucceeded is False."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ws = json.loads(release.kubectl("-n", namespace, "get", "workspace", name, "-o", "json"))
+        if condition(ws, kind).get("status") == "True":
+            return ws
+        failed = condition(ws, "WorkspaceSucceeded").get("status") == "False"
+        if failed or time.monotonic() > deadline:
+            pods = release.kubectl(
+                "-n", namespace, "get", "pods,rayjobs,rayservices", "-o", "wide", check=False
+            )
+            pytest.fail(f"{name}: no {kind}: {ws.get('status')}\n{pods}\n{release.diagnostics()}")
+        time.sleep(2)
+
+
+@pytest.mark.timeout(1800)
+def test_the_local_tuning_example_trains_in_the_cluster_and_its_adapter_is_served(
+    release: Release, operator: ManagedProcess, node_registry: str, tmp_path: Path
+) -> None:
+    """``examples/local/tuning-smollm2.yaml`` as a RayJob under KubeRay's operator: it trains on the
+    node, pushes the adapter to the registry there, WorkspaceSucceeded; the adapter Workspace of
+    ``examples/local/workspace-smollm2-adapter.yaml`` serves it through ``kubectl port-forward``.
+
+    Two changes to the examples, both where a cluster differs from ``kaiten up``: KAITO's admission
+    refuses a loopback input URL in a cluster, so the same data comes from a ``hostPath`` volume; and the
+    registry is the node's (at another port than the example's 5310)."""
+    cluster = release.cluster
+    namespace = TUNE_NAMESPACE
+    release.kubectl("create", "namespace", namespace)
+    release.kubectl(
+        "-n", namespace, "create", "secret", "docker-registry", "kaiten-local-registry",
+        f"--docker-server={node_registry}", f"--docker-username={REGISTRY_USER}",
+        f"--docker-password={REGISTRY_PASSWORD}",
+    )  # fmt: skip
+    data = Path(tempfile.mkdtemp(prefix="kaiten-data-"))  # the job runs as UID 1000: readable by all
+    data.chmod(0o755)
+    shutil.copy(REPO / "examples" / "local" / "data" / "capitals-pirate.jsonl", data)
+    (data / "capitals-pirate.jsonl").chmod(0o644)
+    docs = list(yaml.safe_load_all((REPO / "examples" / "local" / "tuning-smollm2.yaml").read_text()))
+    tuning = next(d for d in docs if d["kind"] == "Workspace")
+    tuning["tuning"]["input"] = {"name": "pirate", "volumeSource": {"hostPath": {"path": str(data)}}}
+    image = tuning["tuning"]["output"]["image"].replace("127.0.0.1:5310", node_registry)
+    tuning["tuning"]["output"]["image"] = image
+    adapter = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2-adapter.yaml").read_text())
+    adapter["inference"]["adapters"][0]["source"]["image"] = image
+    forward: subprocess.Popen[str] | None = None
+    try:
+        started = time.monotonic()
+        release.kubectl("label", "node", cluster.name, "apps=tuning-smollm2", "--overwrite")
+        release.kubectl(
+            "apply",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}),
+        )
+        until_condition(release, namespace, tuning["metadata"]["name"], "WorkspaceSucceeded", 1200)
+        release.phases["tuning: trained, pushed"] = time.monotonic() - started
+        job = json.loads(release.kubectl("-n", namespace, "get", "rayjobs", "-o", "json"))["items"]
+        assert [j["spec"]["submissionMode"] for j in job] in ([], ["HTTPMode"]), job
+        secret = tmp_path / "pull"
+        secret.mkdir()
+        auth = base64.b64encode(f"{REGISTRY_USER}:{REGISTRY_PASSWORD}".encode()).decode()
+        (secret / ".dockerconfigjson").write_text(json.dumps({"auths": {node_registry: {"auth": auth}}}))
+        pulled = pull_adapter_files(image, tmp_path / "adapter", str(secret), insecure=True)
+        assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
+
+        started = time.monotonic()
+        release.kubectl("label", "node", cluster.name, "apps=smollm2-pirate", "--overwrite")
+        release.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(adapter))
+        name = adapter["metadata"]["name"]
+        until_condition(release, namespace, name, "InferenceReady", 600)
+        release.phases["adapter Workspace → InferenceReady"] = time.monotonic() - started
+        port = free_port()
+        forward = subprocess.Popen(
+            ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "port-forward",
+             f"svc/{name}", f"{port}:80", "--address=127.0.0.1"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert wait_until(lambda: port_open("127.0.0.1", port), 30), "kubectl port-forward did not listen"
+        base = f"http://127.0.0.1:{port}"
+        models = httpx.get(f"{base}/v1/models", timeout=30).json()
+        assert {m["id"] for m in models["data"]} == {"smollm2-135m-instruct", "pirate"}, models
+        body = {"model": "pirate", "max_tokens": 40,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}  # fmt: skip
+        styled = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+        assert styled.status_code == 200, styled.text
+        assert styled.json()["choices"][0]["message"]["content"].strip(), styled.text
+
+        started = time.monotonic()
+        for ws in (name, tuning["metadata"]["name"]):
+            release.kubectl("-n", namespace, "delete", "workspace", ws, "--wait=true", "--timeout=180s")
+        assert wait_until(
+            lambda: not release.kubectl("-n", namespace, "get", "pods", "-o", "name").strip(), 120
+        ), "the Ray pods outlived their Workspaces"
+        release.phases["delete both → Ray pods gone"] = time.monotonic() - started
+    finally:
+        if forward is not None:
+            forward.terminate()
+            forward.wait(timeout=10)
+        release.kubectl("label", "node", cluster.name, "apps-", check=False)
+        release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        shutil.rmtree(data, ignore_errors=True)

@@ -673,17 +673,22 @@ def rayjob(
     data_volumes, data_mounts, init = tuning_data(workspace, image)
     volumes += data_volumes
     mounts += data_mounts
+    spec: dict[str, Any] = {
+        "entrypoint": f"python -m services.tuning --config {CONFIG_PATH}/job.yaml",
+        "jobId": submission_id,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 600,
+        "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env_list, init),
+    }
+    if host is not None:
+        # KubeRay's default submits from a Job pod of its own, which is not on the node's network: on a
+        # node without a pod network it reaches nothing. The operator submits over HTTP instead.
+        spec["submissionMode"] = "HTTPMode"
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
         "metadata": _metadata(ref, api_version, name, generation),
-        "spec": {
-            "entrypoint": f"python -m services.tuning --config {CONFIG_PATH}/job.yaml",
-            "jobId": submission_id,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 600,
-            "rayClusterSpec": _cluster(ref, workspace, plan, image, volumes, mounts, host, env_list, init),
-        },
+        "spec": spec,
     }
 
 
