@@ -36,6 +36,7 @@ from services.workload.manifests import (
     OUTPUT_PATH,
     PULL_SECRETS_PATH,
     PUSH_SECRET_PATH,
+    RAY_GID,
     WORKSPACE_LABEL,
     AdminPeers,
     load_balanced,
@@ -206,6 +207,10 @@ def test_tuning_seed_mounts_the_push_secret_and_never_copies_it() -> None:
     assert job["spec"]["jobId"] == job_id(ref, 1)
     volumes = {v["name"]: v for v in pods(job)[0]["spec"]["volumes"]}
     assert volumes["push-secret"]["secret"]["secretName"] == "ACR_REGISTRY_SECRET_HERE"
+    assert volumes["push-secret"]["secret"]["defaultMode"] == 0o400
+    # the Secret's files are root's, mode 0400: Ray runs as UID 1000, GID 100, and reads them by group
+    # (found on the node: "Permission denied: /var/run/kaiten/push/.dockerconfigjson")
+    assert pods(job)[0]["spec"]["securityContext"] == {"fsGroup": RAY_GID}
     assert volumes["tuning-config"]["configMap"]["name"] == configmap["metadata"]["name"]
     text = json.dumps([configmap, job])
     assert text.count("ACR_REGISTRY_SECRET_HERE") == 1  # referenced once, by name, as a volume

@@ -198,8 +198,8 @@ def ensure(name: str) -> Image:
     ref = f"{REGISTRY}/{name}:{digest[:16]}"
     archive = images_dir() / "archives" / f"{name}-{digest[:16]}.tar"
     if not exists(ref):
-        _forget_older(name)
         _build(name, ref, digest)
+        _forget_older(name, keep=ref)
     if not archive.exists():
         archive.parent.mkdir(parents=True, exist_ok=True)
         _drop_archives(name)  # the Ray image's is ~7 GB: keep the newest only
@@ -210,24 +210,60 @@ def ensure(name: str) -> Image:
     return Image(name=name, ref=ref, archive=archive, digest=digest)
 
 
-def _forget_older(name: str) -> None:
-    """Before a new build of ``name``: remove its older builds, their archives and the build cache no
-    image refers to any more. The Ray image is ~7 GB a build; kept, three builds filled this machine's
-    disk and the fourth failed (``buildah bud`` 125)."""
+def _forget_older(name: str, keep: str) -> None:
+    """After a new build ``keep`` of ``name``: remove its older builds, their archives and the build cache
+    that no image builds on any more. The Ray image is ~7 GB a build; kept, three builds filled this
+    machine's disk and the fourth failed (``buildah bud`` 125). The cache of the steps the new build
+    shares (the dependency layer) stays: ``rmi --prune`` dropped it too, and every code change rebuilt
+    the Ray image's dependencies (254-276 s instead of seconds)."""
     prefix = f"{REGISTRY}/{name}:"
     images = json.loads(buildah("images", "--json", capture=True) or "[]")
     older = [ref for image in images for ref in image.get("names") or [] if ref.startswith(prefix)]
+    older = [ref for ref in older if ref != keep]
     for ref in older:
         buildah("rmi", ref)
-    _drop_archives(name)
+    _drop_archives(name, keep=f"{name}-{keep.rsplit(':', 1)[1]}.tar")
     if older:
-        buildah("rmi", "--prune")
+        for image_id in _unused_cache():
+            try:
+                buildah("rmi", image_id)
+            except StartFailed as exc:  # kept: only disk is lost
+                _progress(f"could not remove unused build cache {image_id[:12]}: {str(exc)[-200:]}")
         _progress(f"removed {len(older)} older build(s) of {name}: {', '.join(older)}")
 
 
-def _drop_archives(name: str) -> None:
+def _unused_cache() -> list[str]:
+    """The unnamed images (build-cache steps) whose layer no named image is built on. Read from the
+    storage's own records (``overlay-images/images.json``, ``overlay-layers/layers.json``): buildah's
+    listing does not say which image a cached step belongs to."""
+    root = images_dir() / "storage" / "root"
+    try:
+        images = json.loads((root / "overlay-images" / "images.json").read_text())
+        layers = json.loads((root / "overlay-layers" / "layers.json").read_text())
+    except (OSError, ValueError):
+        return []
+    parent = {layer["id"]: layer.get("parent") for layer in layers}
+    used: set[str] = set()
+    for image in images:
+        layer = image.get("layer") if image.get("names") else None
+        while layer and layer not in used:
+            used.add(layer)
+            layer = parent.get(layer)
+
+    def depth(layer: str | None) -> int:
+        n = 0
+        while layer:
+            n, layer = n + 1, parent.get(layer)
+        return n
+
+    stale = [image for image in images if not image.get("names") and image.get("layer") not in used]
+    return [image["id"] for image in sorted(stale, key=lambda i: depth(i.get("layer")), reverse=True)]
+
+
+def _drop_archives(name: str, keep: str = "") -> None:
     for archive in (images_dir() / "archives").glob(f"{name}-*.tar"):
-        archive.unlink()
+        if archive.name != keep:
+            archive.unlink()
 
 
 def _pause_digest() -> str:

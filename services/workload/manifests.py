@@ -227,6 +227,8 @@ def _pod_template(
     spec: dict[str, Any] = {
         "containers": [container],
         "volumes": _volumes(plan, volumes),
+        # Secret volumes (push and pull secrets) are root's files, mode 0400: the group lets Ray read them
+        "securityContext": {"fsGroup": RAY_GID},
         **_placement(workspace, plan.gpus_per_node),
     }
     if init_containers:
@@ -235,6 +237,8 @@ def _pod_template(
         spec["imagePullSecrets"] = pull
     return {"metadata": {"labels": labels(ref)}, "spec": spec}
 
+
+RAY_GID = 100  # the group Ray runs as: our image's (USER 1000:100) and KubeRay's rayproject images
 
 HEAD_PORTS = [
     {"name": "gcs-server", "containerPort": 6379},
