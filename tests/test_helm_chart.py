@@ -135,7 +135,9 @@ async def test_a_tuning_job_reports_with_the_charts_tuning_user(
     tls_nats: tuple[str, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the workload renders for a tuning job in a cluster (its own user, its inbox, no stream
-    declaration) is what that user may do; the stream itself is the services' to declare."""
+    declaration, the bus's CA) is what that user may do; the stream itself is the services' to declare.
+    The job trusts the bus by the CA in its config (the workload puts it there from its own), not by a
+    trust store of its image."""
     from services.tuning.config import TuningJobConfig
     from services.tuning.job import NATS_PASSWORD_ENV, Reporter
     from shared import events as ev
@@ -154,9 +156,10 @@ async def test_a_tuning_job_reports_with_the_charts_tuning_user(
         "input_urls": ["https://example.invalid/data.jsonl"], "output": {"directory": "/tmp/out"},
         "workspace": {"namespace": "default", "name": "ws", "uid": "u-1", "generation": 1},
         "nats_url": url, "nats_user": "tuning", "nats_inbox_prefix": "_INBOX_tuning", "declare_stream": False,
+        "nats_ca_file": str(ca),
     })  # fmt: skip
     monkeypatch.setenv(NATS_PASSWORD_ENV, passwords["tuning"])
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # the job's image trusts the cluster's CA bundle
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     reporter = Reporter(config, asyncio.get_running_loop())
     await reporter.open()
     try:

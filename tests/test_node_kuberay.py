@@ -3,8 +3,9 @@ our workload code (the local example's Workspace and plan) reaches Ready, its he
 image from ``deploy/images/ray.Dockerfile``, with every listener on 127.0.0.1.
 
 The RayCluster is the ``rayClusterConfig`` of the RayService the workload renders: a RayService itself
-cannot be Ready on this node (its readiness counts Endpoints addresses, which refuse 127.0.0.0/8; see
-docs/cluster.md)."""
+cannot be Ready on this loopback node (its readiness counts Endpoints addresses, which refuse
+127.0.0.0/8). ``tests/test_helm_install.py`` serves one end to end on the node in its own network
+namespace (see docs/cluster.md)."""
 
 from __future__ import annotations
 

@@ -858,3 +858,25 @@ def test_statefulset_readiness() -> None:
     assert statefulset_state(sts(observed=1), 3)[0] == "pending"
     assert statefulset_state(sts(ready=1), 3) == ("pending", "1 of 2 pod(s) ready")
     assert statefulset_state(sts(updated=1), 3)[0] == "pending"  # a rollout not done
+
+
+@pytest.mark.controlplane
+async def test_a_tuning_job_on_a_tls_bus_gets_its_ca_in_its_configmap(
+    api: kclient.ApiClient, kuberay_crds: list[Path], kubectl: Kubectl, namespace: str
+) -> None:
+    """The bus's CA (public) goes where the job's config is (its ConfigMap, mounted at CONFIG_PATH), and
+    the config names that file: a job in any namespace trusts the bus without the services' Secret."""
+    from services.workload.manifests import CONFIG_PATH, NATS_CA_KEY
+
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    backend = KubeRay(api, image=IMAGE, nats_url="tls://kaiten-nats.kaiten-system:4222", nats_ca=ca)
+    workspace, got = seed("workspace-tuning-phi-3.yaml")
+    ref = ref_of(workspace, namespace)
+    await backend.submit(target_of(workspace, got, ref, 1), {})
+    configmaps = kubectl.json("get", "configmaps", "-n", namespace, "-l", "kaito.sh/workspace")["items"]
+    assert [c["data"][NATS_CA_KEY] for c in configmaps] == [ca]
+    config = TuningJobConfig.model_validate(yaml.safe_load(configmaps[0]["data"]["job.yaml"]))
+    assert config.nats_ca_file == f"{CONFIG_PATH}/{NATS_CA_KEY}"
+    job = kubectl.json("get", "rayjobs", "-n", namespace)["items"][0]
+    mounts = pods(job)[0]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "tuning-config", "mountPath": CONFIG_PATH, "readOnly": True} in mounts

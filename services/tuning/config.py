@@ -117,6 +117,7 @@ class TuningJobConfig(BaseModel):
     nats_url: str | None = None
     nats_user: str | None = None  # its password comes from $KAITEN_NATS_PASSWORD, never from this file
     nats_inbox_prefix: str = "_INBOX"  # the user may subscribe to its own inbox prefix only
+    nats_ca_file: str | None = None  # a TLS bus's CA (PEM): the job trusts the bus by it
     declare_stream: bool = True  # False where the user may not (a cluster: the services declared it)
     progress_interval_s: float = Field(default=5.0, ge=0)  # at most one progress event per interval
     allow_loopback_urls: bool = False  # local runs and tests; never in a cluster

@@ -60,6 +60,7 @@ class Reporter:
             user=c.nats_user,
             password=os.environ.get(NATS_PASSWORD_ENV) or None,
             inbox_prefix=c.nats_inbox_prefix,
+            ca_file=c.nats_ca_file,
         )
         js = self._nc.jetstream()
         if c.declare_stream:  # idempotent: the job may be the first publisher on a fresh local bus

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,9 @@ async def build(runtime: Runtime) -> Sequence[Component]:
             admin=admin,
             tuning_nats=(settings.tuning_nats_user, settings.tuning_nats_password.get_secret_value())
             if settings.tuning_nats_user and settings.tuning_nats_password
+            else None,
+            nats_ca=await asyncio.to_thread(Path(settings.nats_ca_file).read_text)
+            if settings.nats_ca_file
             else None,
         )
         log.info("backend kuberay: image %s%s", settings.ray_image, f", host network {host}" if host else "")

@@ -621,15 +621,27 @@ def tuning_names(ref: WorkspaceRef, generation: int) -> tuple[str, str]:
     return job, object_name(ref.name, f"-g{generation}-tuning", limit=253)
 
 
+NATS_CA_KEY = "nats-ca.crt"  # the bus's CA in the job's ConfigMap: mounted at CONFIG_PATH/NATS_CA_KEY
+
+
 def tuning_configmap(
-    ref: WorkspaceRef, api_version: str, config: dict[str, Any], generation: int
+    ref: WorkspaceRef,
+    api_version: str,
+    config: dict[str, Any],
+    generation: int,
+    *,
+    nats_ca: str | None = None,
 ) -> dict[str, Any]:
+    """The job's config, and ``nats_ca``, a TLS bus's CA (PEM; public: a ConfigMap is its place)."""
     _, name = tuning_names(ref, generation)
+    data = {"job.yaml": yaml.safe_dump(config, sort_keys=False)}
+    if nats_ca:
+        data[NATS_CA_KEY] = nats_ca
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(ref, api_version, name, generation),
-        "data": {"job.yaml": yaml.safe_dump(config, sort_keys=False)},
+        "data": data,
     }
 
 

@@ -267,6 +267,7 @@ def tuning_config(
     trace: dict[str, str] | None = None,
     input_directory: str | None = None,
     output_directory: str | None = None,
+    nats_ca_file: str | None = None,
 ) -> dict[str, Any]:
     """The tuning job's config (what ``services.tuning.config.TuningJobConfig`` validates).
 
@@ -279,6 +280,8 @@ def tuning_config(
 
     ``nats_user``: the job's own NATS user (its password reaches it as an environment variable from a
     Secret); it may publish its events and receive replies on its own inbox, not manage the stream.
+
+    ``nats_ca_file``: where the job finds the CA of a TLS bus (the cluster's: in its ConfigMap).
 
     ``trace``: the submitting span's context (``telemetry.carrier()``), which the job continues."""
     tuning = workspace.tuning
@@ -322,6 +325,7 @@ def tuning_config(
         "work_dir": work_dir,
         "workspace": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid, "generation": generation},
         "nats_url": nats_url,
+        **({"nats_ca_file": nats_ca_file} if nats_ca_file else {}),
         "allow_loopback_urls": allow_loopback_urls,
         **({"trace": trace} if trace else {}),
         **(

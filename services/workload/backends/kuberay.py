@@ -23,10 +23,12 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from services.workload.backends.base import JobState, State, Target
 from services.workload.manifests import (
+    CONFIG_PATH,
     GENERATION_ANNOTATION,
     INPUT_PATH,
     INPUT_URLS_ENV,
     NAMESPACE_LABEL,
+    NATS_CA_KEY,
     OUTPUT_PATH,
     PULL_SECRETS_PATH,
     PUSH_SECRET_PATH,
@@ -76,6 +78,7 @@ class KubeRay:
         host: HostNetwork | None = None,
         admin: AdminPeers | None = None,
         tuning_nats: tuple[str, str] | None = None,
+        nats_ca: str | None = None,
     ) -> None:
         self._api = api
         self._host = host
@@ -87,6 +90,7 @@ class KubeRay:
         self._core = kclient.CoreV1Api(api)
         self._image = image
         self._nats_url = nats_url
+        self._nats_ca = nats_ca  # a TLS bus's CA (PEM), given to tuning jobs in their ConfigMap
 
     # -- objects --------------------------------------------------------------------------------------
 
@@ -304,6 +308,7 @@ class KubeRay:
             # a volume or a data image: mounted there (manifests.tuning_data)
             input_directory=None if urls else INPUT_PATH,
             output_directory=OUTPUT_PATH if tuning.output.volume_source is not None else None,
+            nats_ca_file=f"{CONFIG_PATH}/{NATS_CA_KEY}" if self._nats_ca else None,
         )
         secret = nats_secret(ref, version, generation, self._tuning_nats[1]) if self._tuning_nats else None
         inputs = inputs_secret(ref, version, generation, urls) if urls else None
@@ -325,7 +330,7 @@ class KubeRay:
             await self.apply(secret, quiet=True)
         if inputs is not None:
             await self.apply(inputs, quiet=True)
-        await self.apply(tuning_configmap(ref, version, config, generation))
+        await self.apply(tuning_configmap(ref, version, config, generation, nats_ca=self._nats_ca))
         await self.apply(job)
         current = set(tuning_names(ref, generation))
         for kind, name in await self._ours(target):  # an earlier generation's job: replaced
