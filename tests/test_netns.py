@@ -5,6 +5,7 @@ on this machine's own interfaces but the forwarder on 127.0.0.1."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -77,3 +78,24 @@ def test_a_malformed_query_gets_no_answer() -> None:
     assert answer(b"\x00\x01\x81\x00" + b"\x00" * 8, "10.87.0.1") is None  # a response, not a query
     truncated = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web"
     assert answer(truncated, "10.87.0.1") is None
+
+
+def test_a_crashed_nodes_namespace_is_removed_and_a_running_ones_kept() -> None:
+    """A node's namespace is named after its process; one whose process is gone is a crash's."""
+    from kaiten.local.node import NETNS_PREFIX, _forget_namespaces
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    crashed = NetNamespace(f"{NETNS_PREFIX}{gone.pid}")
+    live = NetNamespace(f"{NETNS_PREFIX}{running.pid}")
+    try:
+        crashed.create()
+        live.create()
+        _forget_namespaces()
+        assert not crashed.path.exists(), "a crashed node's namespace was kept"
+        assert live.path.exists(), "a running node's namespace was removed"
+    finally:
+        running.kill()
+        running.wait()
+        assert crashed.delete() and live.delete()

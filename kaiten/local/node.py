@@ -17,6 +17,12 @@ every listener on 127.0.0.1:
   webhook authentication and authorization), registered as node ``name`` with the machine's CPU and
   memory and no GPU. The images given are imported into containerd first (the pause image always).
 
+With ``network=True`` all of it runs in a network namespace of its own (:mod:`kaiten.local.netns`), where
+the node has a real address: ``hostNetwork`` pods get it as their IP (so Endpoints and RayServices
+work), a small DNS answers Service names, and ``kubectl port-forward`` reaches pods. 127.0.0.1:PORT of the
+apiserver here is forwarded in, so the kubeconfig is the same; :meth:`LocalCluster.expose` forwards more,
+and :meth:`LocalCluster.wrap` runs a process on the node (with its DNS, if asked).
+
 The kubelet wants ``vm.overcommit_memory=1``, ``kernel.panic=10`` and ``kernel.panic_on_oops=1`` and
 would write them on the host. Instead it runs in a mount namespace of its own where those three
 ``/proc/sys`` files are read-only bind mounts showing the values it wants: the host's settings never
@@ -147,7 +153,8 @@ class LocalCluster:
             started = time.monotonic()
             self._share_state_dir()
             if self.network:
-                self.netns = NetNamespace(f"kaiten-node-{os.getpid()}").create()
+                _forget_namespaces()  # of nodes that crashed: under the machine lock none other runs
+                self.netns = NetNamespace(f"{NETNS_PREFIX}{os.getpid()}").create()
             self.controlplane = ControlPlane(
                 self.state_dir / "controlplane", node=self.name, netns=self.netns
             ).start()
@@ -490,6 +497,18 @@ def _run(*argv: str) -> None:
     result = subprocess.run(list(argv), capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise StartFailed(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+
+NETNS_PREFIX = "kaiten-node-"
+
+
+def _forget_namespaces() -> None:
+    """Remove the network namespaces of nodes whose process is gone (a crash skipped their stop)."""
+    for path in Path("/run/netns").glob(f"{NETNS_PREFIX}*"):
+        pid = path.name.removeprefix(NETNS_PREFIX)
+        if pid.isdigit() and not running({int(pid)}):
+            NetNamespace(path.name).delete()
+            print(f"removed {path.name}, left by a node that did not stop", file=sys.stderr)
 
 
 def _descendants(pid: int) -> set[int]:
