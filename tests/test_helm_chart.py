@@ -8,6 +8,7 @@ import asyncio
 import os
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ import yaml
 from kaiten.local import controlplane, gotools
 from kaiten.local.nats_server import nats_server_binary
 from kaiten.local.procs import ManagedProcess, free_port, free_ports, port_open
+from shared.bus import callout
 from tests.conftest import REPO, Services, http_get, until
 from tests.test_watcher_e2e import KAITEN
 
 CHART = REPO / "deploy" / "helm" / "kaiten"
-USERS = ("watcher", "planner", "provisioner", "workload", "tuning", "viewer")
+USERS = ("watcher", "planner", "provisioner", "workload", "tuning", "viewer", "auth")
 
 
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +67,8 @@ def test_the_chart_lints_clean_and_the_schema_refuses_bad_values() -> None:
 
 @pytest.fixture
 def tls_nats(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
-    """nats-server running the chart's own nats.conf, with TLS, on 127.0.0.1."""
+    """nats-server running the chart's own nats.conf, with TLS, on 127.0.0.1, and its auth callout as
+    the chart runs it (``python -m shared.bus.callout``: keygen, then serve, as the auth user)."""
     port, monitor = free_ports(2)
     docs = template("bindAddress=127.0.0.1", f"nats.port={port}", f"nats.monitorPort={monitor}",
                     "nats.tls.enabled=true", "nats.tls.secretName=nats-tls")  # fmt: skip
@@ -77,19 +80,37 @@ def tls_nats(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, str]]]:
         .replace("/etc/nats/tls/tls.key", str(pki / "apiserver.key"))
         .replace("store_dir: /data", f"store_dir: {tmp_path / 'js'}")
     )
-    (tmp_path / "nats.conf").write_text(conf)
+    (tmp_path / "config").mkdir()  # the include of the callout's issuer is relative to it: ../callout/
+    (tmp_path / "config" / "nats.conf").write_text(conf)
+    keygen = subprocess.run([sys.executable, "-m", "shared.bus.callout", "keygen", str(tmp_path / "callout")],
+                            capture_output=True, text=True, check=False, cwd=REPO)  # fmt: skip
+    assert keygen.returncode == 0, keygen.stderr
     passwords = {user: f"pw-{user}-{os.getpid()}" for user in USERS}
     env = {
         "PATH": "/usr/bin:/bin",
         "POD_NAME": "nats-0",
         **{f"{u.upper()}_PASSWORD": p for u, p in passwords.items()},
     }
-    proc = ManagedProcess("nats-server", [str(nats_server_binary()), "-c", str(tmp_path / "nats.conf")],
+    config = str(tmp_path / "config" / "nats.conf")
+    proc = ManagedProcess("nats-server", [str(nats_server_binary()), "-c", config],
                           tmp_path / "nats.log", env=env).start()  # fmt: skip
+    callout: ManagedProcess | None = None
     try:
         proc.wait_ready(lambda: port_open("127.0.0.1", port), timeout=10, what="nats-server up")
+        callout = ManagedProcess(
+            "auth-callout", [sys.executable, "-m", "shared.bus.callout", "serve"], tmp_path / "callout.log",
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "KAITEN_NATS_URL": f"tls://127.0.0.1:{port}",
+                 "KAITEN_NATS_USER": "auth", "KAITEN_NATS_PASSWORD": passwords["auth"],
+                 "KAITEN_TUNING_NATS_PASSWORD": passwords["tuning"],
+                 "KAITEN_CALLOUT_KEY_FILE": str(tmp_path / "callout" / "issuer.key"),
+                 "KAITEN_NATS_CA_FILE": str(pki / "ca.crt")},
+        ).start()  # fmt: skip
+        log = tmp_path / "callout.log"
+        callout.wait_ready(lambda: "answering" in log.read_text(), timeout=20, what="auth callout up")
         yield f"tls://127.0.0.1:{port}", pki / "ca.crt", passwords
     finally:
+        if callout is not None:
+            callout.stop()
         proc.stop()
 
 
@@ -134,10 +155,10 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
 async def test_a_tuning_job_reports_with_the_charts_tuning_user(
     tls_nats: tuple[str, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the workload renders for a tuning job in a cluster (its own user, its inbox, no stream
-    declaration, the bus's CA) is what that user may do; the stream itself is the services' to declare.
-    The job trusts the bus by the CA in its config (the workload puts it there from its own), not by a
-    trust store of its image."""
+    """What the workload renders for a tuning job in a cluster (its own user, tuning.<ns>.<name>, with the
+    password made for it; its inbox; no stream declaration; the bus's CA) is what that user may do: its
+    own Workspace's events, not another's, not a deletion. The auth callout admits it; a wrong password
+    or another name is refused. The job trusts the bus by the CA in its config, not a trust store."""
     from services.tuning.config import TuningJobConfig
     from services.tuning.job import NATS_PASSWORD_ENV, Reporter
     from shared import events as ev
@@ -151,14 +172,16 @@ async def test_a_tuning_job_reports_with_the_charts_tuning_user(
         await declare_stream(watcher.jetstream())  # as every service does at start
     finally:
         await watcher.close()
+    user = callout.workspace_user("default", "ws")
+    password = callout.workspace_password(passwords["tuning"], user)  # what the workload puts in <ws>-nats
     config = TuningJobConfig.model_validate({
         "job": "ws-g1", "preset": "smollm2-135m-instruct", "source": {"kind": "dir", "path": "/models/x"},
         "input_urls": ["https://example.invalid/data.jsonl"], "output": {"directory": "/tmp/out"},
         "workspace": {"namespace": "default", "name": "ws", "uid": "u-1", "generation": 1},
-        "nats_url": url, "nats_user": "tuning", "nats_inbox_prefix": "_INBOX_tuning", "declare_stream": False,
-        "nats_ca_file": str(ca),
+        "nats_url": url, "nats_user": user, "nats_inbox_prefix": callout.inbox_prefix(user),
+        "declare_stream": False, "nats_ca_file": str(ca),
     })  # fmt: skip
-    monkeypatch.setenv(NATS_PASSWORD_ENV, passwords["tuning"])
+    monkeypatch.setenv(NATS_PASSWORD_ENV, password)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     reporter = Reporter(config, asyncio.get_running_loop())
     await reporter.open()
@@ -167,6 +190,29 @@ async def test_a_tuning_job_reports_with_the_charts_tuning_user(
         await reporter.publish(lambda **common: ev.TuningProgress(step=1, total_steps=2, **common))
     finally:
         await reporter.close()
+
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    job = await nats.connect(url, user=user, password=password, tls=tls, error_cb=on_error,
+                             inbox_prefix=callout.inbox_prefix(user), allow_reconnect=False)  # fmt: skip
+    try:
+        js = job.jetstream(timeout=2)
+        for subject in (
+            "kaiten.workload.job_succeeded.default.other",
+            "kaiten.workspace.deleting.default.ws",
+        ):
+            with pytest.raises(nats.errors.TimeoutError):  # dropped by the server: no ack ever comes
+                await js.publish(subject, b"{}")
+    finally:
+        await job.close()
+    assert any('publish to "kaiten.workload.job_succeeded.default.other"' in e for e in errors), errors
+    for who, secret in ((user, "wrong"), ("tuning.default.other", password), ("tuning", passwords["tuning"])):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nats.connect(url, user=who, password=secret, tls=tls, connect_timeout=3,
+                               allow_reconnect=False, error_cb=on_error)  # fmt: skip
 
 
 @pytest.mark.nats

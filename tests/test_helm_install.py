@@ -34,6 +34,7 @@ from kaiten.local import gotools
 from kaiten.local import kuberay as kuberay_parts
 from kaiten.local.node import LocalCluster
 from kaiten.local.procs import ManagedProcess, free_port, free_ports, port_open, tail, wait_until
+from shared.bus import callout
 from shared.oci import pull_adapter_files
 from tests.conftest import REPO, Kubectl, http_get
 
@@ -195,24 +196,31 @@ async def test_nats_users_publish_only_their_own_subjects(release: Release) -> N
     async def on_error(exc: Exception) -> None:
         errors.append(str(exc))
 
-    for user, password in (("tuning", "wrong"), (None, None)):  # a wrong password, or none: refused
+    # a tuning job's own user (the auth callout in the NATS pod admits it): its password is made from
+    # the chart's tuning key, and the key itself is no user's password
+    user = callout.workspace_user("default", "ws")
+    password = callout.workspace_password(release.password("tuning"), user)
+    refused = ((user, "wrong"), ("tuning", release.password("tuning")), (None, None))
+    for name, secret in refused:
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-            await nats.connect(release.nats_url, user=user, password=password, connect_timeout=2,
+            await nats.connect(release.nats_url, user=name, password=secret, connect_timeout=3,
                                allow_reconnect=False, error_cb=on_error)  # fmt: skip
-    tuning = await nats.connect(release.nats_url, user="tuning", password=release.password("tuning"),
-                                inbox_prefix="_INBOX_tuning", error_cb=on_error)  # fmt: skip
+    tuning = await nats.connect(release.nats_url, user=user, password=password,
+                                inbox_prefix=callout.inbox_prefix(user), error_cb=on_error)  # fmt: skip
     try:
         js = tuning.jetstream(timeout=3)
-        ack = await js.publish("kaiten.tuning.progress.default.ws", b"{}")  # its own kind of event: stored
+        ack = await js.publish("kaiten.tuning.progress.default.ws", b"{}")  # its own Workspace's: stored
         assert ack.stream == "KAITEN"
-        with pytest.raises(NatsTimeout):  # the server drops it: no ack ever comes
-            await js.publish("kaiten.workspace.deleting.default.ws", b"{}")
+        for other in ("kaiten.workspace.deleting.default.ws", "kaiten.tuning.progress.default.other"):
+            with pytest.raises(NatsTimeout):  # the server drops it: no ack ever comes
+                await js.publish(other, b"{}")
         await tuning.flush()
         await asyncio.sleep(0.2)
     finally:
         await tuning.close()
-    refusal = 'permissions violation for publish to "kaiten.workspace.deleting.default.ws"'
-    assert any(refusal in e.lower() for e in errors), errors
+    for other in ("kaiten.workspace.deleting.default.ws", "kaiten.tuning.progress.default.other"):
+        refusal = f'permissions violation for publish to "{other}"'
+        assert any(refusal in e.lower() for e in errors), errors
 
 
 def test_a_workspace_goes_through_the_installed_services(release: Release) -> None:
@@ -351,8 +359,9 @@ def test_helm_upgrade_rolls_every_service_without_losing_a_workspace(release: Re
 
 
 def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Release) -> None:
-    """The workload renders the RayJob with the chart's tuning NATS user: the password in a Secret of the
-    Workspace's namespace that the workload may write but not read; gone with the Workspace."""
+    """The workload renders the RayJob with the Workspace's own NATS user (tuning.<ns>.<name>): its
+    password in a Secret of the Workspace's namespace that the workload may write but not read; gone with
+    the Workspace."""
     cluster = release.cluster
     namespace = f"tune-{uuid.uuid4().hex[:6]}"
     release.kubectl("create", "namespace", namespace)
@@ -373,14 +382,16 @@ def test_a_tuning_workspace_gets_a_rayjob_and_its_own_bus_identity(release: Rele
         head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         ref = next(e for e in head["env"] if e["name"] == "KAITEN_NATS_PASSWORD")["valueFrom"]["secretKeyRef"]
         secret = json.loads(release.kubectl("-n", namespace, "get", "secret", ref["name"], "-o", "json"))
-        assert base64.b64decode(secret["data"]["password"]).decode() == release.password("tuning")
+        user = callout.workspace_user(namespace, "tuning-smollm2")
+        own = callout.workspace_password(release.password("tuning"), user)
+        assert base64.b64decode(secret["data"]["password"]).decode() == own
         assert secret["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
         configmap = release.kubectl(
             "-n", namespace, "get", "configmaps", "-l", "kaito.sh/workspace", "-o", "json"
         )
-        assert (
-            release.password("tuning") not in configmap
-        )  # the job's config names the user, not the password
+        # the job's config names the user, not the password (nor the key it is made from)
+        assert f"nats_user: {user}" in configmap
+        assert own not in configmap and release.password("tuning") not in configmap
         # issue 16 (9): the input URLs (a SAS token may be in one) are in a Secret, not the ConfigMap
         assert url not in configmap and "KAITEN_TUNING_INPUT_URLS" in configmap
         urls_ref = next(e for e in head["env"] if e["name"] == "KAITEN_TUNING_INPUT_URLS")

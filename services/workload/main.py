@@ -43,8 +43,8 @@ async def build(runtime: Runtime) -> Sequence[Component]:
             nats_url=settings.nats_url,
             host=host,
             admin=admin,
-            tuning_nats=(settings.tuning_nats_user, settings.tuning_nats_password.get_secret_value())
-            if settings.tuning_nats_user and settings.tuning_nats_password
+            tuning_key=settings.tuning_nats_password.get_secret_value()
+            if settings.tuning_nats_password
             else None,
             nats_ca=await asyncio.to_thread(Path(settings.nats_ca_file).read_text)
             if settings.nats_ca_file

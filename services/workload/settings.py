@@ -36,11 +36,12 @@ class WorkloadSettings(ServiceSettings):
         "",
         description="Kaiten's own namespace (the chart sets it): its workload may reach the Ray ports too.",
     )
-    tuning_nats_user: str = Field(
-        "", description="kuberay: tuning jobs publish as this NATS user (the chart: tuning)."
-    )
     tuning_nats_password: SecretStr | None = Field(
-        None, description="kuberay: that user's password, put in a Secret per Workspace. Never logged."
+        None,
+        description="kuberay: the tuning key. Each tuning job connects to the bus as its own user, "
+        "tuning.<namespace>.<name>, with a password made from this key (the bus's auth callout checks it "
+        "and scopes the user to that Workspace's events); it is put in a Secret per Workspace. Unset: "
+        "tuning jobs report nothing. Never logged.",
     )
     ray_dashboard_url: str = Field("", description="local: the Ray dashboard (Serve and Jobs REST APIs).")
     ray_token_path: str = Field("", description="local: the Ray cluster's auth token file.")

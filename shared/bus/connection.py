@@ -27,6 +27,7 @@ async def connect(
     password: str | None = None,
     inbox_prefix: str = "_INBOX",
     ca_file: str | None = None,
+    closed: asyncio.Event | None = None,
 ) -> Client:
     """Connect or raise :class:`BusUnavailable` after ``connect_timeout`` seconds.
 
@@ -47,6 +48,10 @@ async def connect(
     async def on_error(err: Exception) -> None:
         log.warning("NATS error (%s): %s", name, err)
 
+    async def on_closed() -> None:  # ``closed`` is set once the client gives up (or is closed)
+        if closed is not None:
+            closed.set()
+
     try:
         nc = await asyncio.wait_for(
             nats.connect(
@@ -59,6 +64,7 @@ async def connect(
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
                 error_cb=on_error,
+                closed_cb=on_closed,
                 user_credentials=user_credentials,
                 user=user,
                 password=password,

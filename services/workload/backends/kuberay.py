@@ -55,6 +55,7 @@ from services.workload.manifests import (
 )
 from services.workload.render import tuning_config
 from shared import logs, telemetry
+from shared.bus.callout import workspace_password, workspace_user
 from shared.errors import InvalidInput
 from shared.kube.errors import api_message, classify
 
@@ -77,7 +78,7 @@ class KubeRay:
         nats_url: str,
         host: HostNetwork | None = None,
         admin: AdminPeers | None = None,
-        tuning_nats: tuple[str, str] | None = None,
+        tuning_key: str | None = None,
         nats_ca: str | None = None,
     ) -> None:
         self._api = api
@@ -85,7 +86,8 @@ class KubeRay:
         self._admin = admin  # None: no NetworkPolicy (a cluster whose network enforces none)
         self._net = kclient.NetworkingV1Api(api)
         self._apps = kclient.AppsV1Api(api)
-        self._tuning_nats = tuning_nats  # (user, password) of tuning jobs on the bus; None: no user
+        # what each tuning job's own bus password is made from (shared.bus.callout); None: no reports
+        self._tuning_key = tuning_key
         self._custom = kclient.CustomObjectsApi(api)
         self._core = kclient.CoreV1Api(api)
         self._image = image
@@ -302,7 +304,7 @@ class KubeRay:
             nats_url=self._nats_url,
             work_dir=f"{WORK_PATH}/job",
             allow_loopback_urls=False,
-            nats_user=self._tuning_nats[0] if self._tuning_nats else None,
+            nats_user=workspace_user(ref.namespace, ref.name) if self._tuning_key else None,
             urls_env=INPUT_URLS_ENV if urls else None,
             trace=telemetry.carrier(),
             # a volume or a data image: mounted there (manifests.tuning_data)
@@ -310,7 +312,10 @@ class KubeRay:
             output_directory=OUTPUT_PATH if tuning.output.volume_source is not None else None,
             nats_ca_file=f"{CONFIG_PATH}/{NATS_CA_KEY}" if self._nats_ca else None,
         )
-        secret = nats_secret(ref, version, generation, self._tuning_nats[1]) if self._tuning_nats else None
+        secret = None
+        if self._tuning_key:  # the job's own user on the bus, its password made from the tuning key
+            password = workspace_password(self._tuning_key, workspace_user(ref.namespace, ref.name))
+            secret = nats_secret(ref, version, generation, password)
         inputs = inputs_secret(ref, version, generation, urls) if urls else None
         job = rayjob(
             ref,
@@ -353,7 +358,7 @@ class KubeRay:
         for kind, name in found:
             await self._delete(kind, target.ref.namespace, name)
         # Secrets by name: the workload may not list them (both are owned by the Workspace as well)
-        if self._tuning_nats is not None:
+        if self._tuning_key is not None:
             await self._delete("Secret", target.ref.namespace, nats_secret_name(target.ref))
         await self._delete("Secret", target.ref.namespace, inputs_secret_name(target.ref))
         # gone? only the kinds just deleted (nothing new is made for a Workspace being deleted)
