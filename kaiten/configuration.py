@@ -44,7 +44,18 @@ OTHERS = (
         "The job's input URLs (a JSON list) from the Workspace's "
         "<name>-inputs Secret; they may carry credentials, so never in its ConfigMap.",
     ),
-    ("KAITEN_NATS_PASSWORD", "tuning job", "Its NATS user's password (from a Secret per Workspace)."),
+    (
+        "KAITEN_NATS_PASSWORD",
+        "tuning job, auth callout",
+        "The job's own NATS password (from a Secret per Workspace); the callout's (the chart's auth key).",
+    ),
+    (
+        "KAITEN_CALLOUT_KEY_FILE",
+        "auth callout",
+        "The account key it signs tuning jobs' user JWTs with (PEM; the chart: made in memory at each "
+        "start of the NATS pod). It also reads KAITEN_NATS_URL, KAITEN_NATS_USER, KAITEN_NATS_CA_FILE and "
+        "KAITEN_TUNING_NATS_PASSWORD (shared/bus/callout.py).",
+    ),
     (
         "KAITEN_STATE_DIR",
         "CLI",
