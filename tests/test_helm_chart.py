@@ -52,9 +52,20 @@ def test_the_chart_lints_clean_and_the_schema_refuses_bad_values() -> None:
         ("nats.enabled=false", "/nats/url"),
         ("services.watcher.replicas=-1", "/services/watcher/replicas"),
         ("ray.operatorLabels=nolabel", "/ray/operatorLabels"),
+        ("nats.callout.image.pullPolicy=Sometimes", "/nats/callout/image/pullPolicy"),
     ):
         result = helm("template", "kaiten", str(CHART), "--kube-version", "1.32.4", "--set", bad)
         assert result.returncode != 0 and says in result.stderr, (bad, result.stderr)
+    # the auth callout beside NATS runs the services' image, or its own (an upgrade of the services
+    # then leaves the NATS pod alone)
+    for sets, callout_image in (
+        ((), "kaiten/services:0.1.0"),
+        (("nats.callout.image.repository=r/c", "nats.callout.image.tag=v9"), "r/c:v9"),
+    ):
+        bus = next(d for d in template(*sets) if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+        images = {c["name"]: c["image"] for c in bus["initContainers"] + bus["containers"]}
+        assert images == {"callout-key": callout_image, "auth-callout": callout_image,
+                          "nats": "nats:2.12-alpine"}, images  # fmt: skip
     kinds = sorted(d["kind"] for d in template("services.planner.replicas=2"))
     assert kinds.count("Deployment") == 4 and kinds.count("StatefulSet") == 1
     rules = [r for d in template() if d["kind"] == "ClusterRole" for r in d["rules"]]

@@ -115,6 +115,8 @@ def release(networked_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFa
             "port": nats_port,
             "monitorPort": monitor_port,
             "persistence": {"enabled": False},  # the node has no storage provisioner
+            # pinned: the upgrade test rolls the services' image, not the bus (its store is an emptyDir)
+            "callout": {"image": image_values(cluster.imported["services"].ref)},
         },
     }
     path = tmp_path_factory.mktemp("helm") / "values.yaml"

@@ -25,6 +25,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
+{{- define "kaiten.calloutImage" -}}
+{{- with .Values.nats.callout.image -}}
+{{- if .repository -}}{{- printf "%s:%s" .repository (.tag | default $.Chart.AppVersion) -}}{{- else -}}{{- include "kaiten.image" $ -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The four services (the one list of them: Deployments, identities and NATS users range over it),
 with their durable consumers and KV buckets (the NATS permissions follow); "leader": its replicas elect
 one (kaiten_leaders, under the service's name). */}}
