@@ -594,3 +594,21 @@ def test_a_kaito_data_image_is_unpacked_for_the_job(tmp_path: Path, registry: st
         failed = subprocess.run([*pull_data, image, str(tmp_path / "x"), str(push_secret)],
                                 cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
         assert failed.returncode == 1 and reason in failed.stderr, failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        # the registry's port held "401": CI saw a missing image called unauthorized (port 40153)
+        ("Issue with http://127.0.0.1:40153/v2/data/none/manifests/1: Not Found", "PullFailed"),
+        ("Issue with https://registry.example:4031/v2/x/manifests/1: Not Found", "PullFailed"),
+        ("Issue with http://127.0.0.1:5000/v2/x/manifests/1: Unauthorized", "PullUnauthorized"),
+        ("401 Client Error: Unauthorized for url: http://127.0.0.1:5000/v2/", "PullUnauthorized"),
+        ("403 Client Error: Forbidden for url: http://127.0.0.1:5000/v2/", "PullUnauthorized"),
+        ("requested access to the resource is denied", "PullUnauthorized"),
+    ],
+)
+def test_a_pull_error_is_judged_by_the_registrys_answer_not_by_its_address(answer: str, reason: str) -> None:
+    from shared.oci import _pull_error
+
+    assert _pull_error("127.0.0.1:40153/data/none:1", ValueError(answer)).reason == reason
