@@ -191,12 +191,16 @@ def _repository(image: str) -> str:
 
 
 def _pull_error(image: str, exc: Exception) -> OciError:
-    """oras raises ValueError / requests errors with the registry's answer: one reason for both pulls.
-    Judged without the URLs in it: a registry's port or path may hold "401" (CI: port 40153)."""
+    """oras raises ValueError / requests errors with the registry's answer: one reason for both pulls."""
     text = str(exc)
-    answer = re.sub(r"\S+://\S+", "", text).lower()
-    denied = bool(re.search(r"\b(401|403)\b|unauthorized|denied|forbidden", answer))
-    return OciError("PullUnauthorized" if denied else "PullFailed", f"pull {image}: {text[:300]}")
+    return OciError("PullUnauthorized" if refused(text) else "PullFailed", f"pull {image}: {text[:300]}")
+
+
+def refused(answer: str) -> bool:
+    """Whether a registry's answer (an oras / requests error's text) refuses the credentials. Judged
+    without the URLs in it: a registry's port or path may hold "401" (CI: port 40153)."""
+    words = re.sub(r"\S+://\S+", "", answer).lower()
+    return bool(re.search(r"\b(401|403)\b|unauthorized|denied|forbidden", words))
 
 
 def _choose_secret(secrets: Sequence[str], registry: str) -> str | None:

@@ -609,6 +609,7 @@ def test_a_kaito_data_image_is_unpacked_for_the_job(tmp_path: Path, registry: st
     ],
 )
 def test_a_pull_error_is_judged_by_the_registrys_answer_not_by_its_address(answer: str, reason: str) -> None:
-    from shared.oci import _pull_error
+    from shared.oci import _pull_error, refused
 
     assert _pull_error("127.0.0.1:40153/data/none:1", ValueError(answer)).reason == reason
+    assert refused(answer) == (reason == "PullUnauthorized")  # the tuning job's push judges the same

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shared.oci import ADAPTER_FILES, OciError, credentials, push_adapter, registry_of
+from shared.oci import ADAPTER_FILES, OciError, credentials, push_adapter, refused, registry_of
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ def push(adapter_dir: Path, image: str, secret: str | None, *, insecure: bool = 
         raise
     except Exception as exc:  # oras raises ValueError / requests errors with the registry's answer
         text = str(exc)
-        reason = (
-            "PushUnauthorized"
-            if any(w in text.lower() for w in ("401", "unauthorized", "denied"))
-            else "PushFailed"
-        )
+        reason = "PushUnauthorized" if refused(text) else "PushFailed"
         raise PushError(reason, f"push to {image}: {text[:300]}") from exc
     log.info("pushed %s (%s)", image, digest or "no digest")
     return digest
