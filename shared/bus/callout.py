@@ -211,6 +211,11 @@ async def serve(
 
 def main(argv: list[str]) -> None:
     import os
+    import signal
+
+    # the first process of its container: without a handler SIGTERM is ignored there, and the pod
+    # waited out its whole grace period at every stop (helm uninstall: 31 s instead of 3)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(argv) == 2 and argv[0] == "keygen":
