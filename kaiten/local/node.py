@@ -647,12 +647,15 @@ def _kubelet_config(pki: Path, root: Path, socket: Path, port: int, healthz: int
     }
 
 
-if __name__ == "__main__":  # a node by hand: python -m kaiten.local.node DIR [IMAGE ...]; stop: SIGTERM/^C
+if __name__ == "__main__":  # python -m kaiten.local.node [--network] DIR [IMAGE ...]; SIGTERM or ^C stops
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    cluster = LocalCluster(Path(sys.argv[1]), images=sys.argv[2:])
+    args = sys.argv[1:]
+    network = "--network" in args
+    args = [a for a in args if a != "--network"]
+    cluster = LocalCluster(Path(args[0]), images=args[1:], network=network)
     try:
         cluster.start()
         print(f"export KUBECONFIG={cluster.kubeconfig}  # {cluster.timings}", flush=True)
