@@ -661,9 +661,9 @@ def test_the_local_tuning_example_trains_in_the_cluster_and_its_adapter_is_serve
         ), "the Ray pods outlived their Workspace"
         release.phases["adapter Workspace deleted → Ray pods gone"] = time.monotonic() - started
     finally:
+        shutil.rmtree(data, ignore_errors=True)  # first: a kubectl below may fail on an interrupt
         if forward is not None:
             forward.terminate()
             forward.wait(timeout=10)
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        shutil.rmtree(data, ignore_errors=True)
