@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -37,6 +38,7 @@ from kaiten.local.procs import ManagedProcess, free_port, free_ports, port_open,
 from shared.bus import callout
 from shared.oci import pull_adapter_files
 from tests.conftest import REPO, Kubectl, http_get
+from tests.test_tuning import PASSWORD, USER, registry_argv
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -48,7 +50,6 @@ LOCAL_DATA = "http://127.0.0.1:8310/capitals-pirate.jsonl"  # examples/local/tun
 # The namespaces KubeRay's operator watches: the other tests' RayServices and RayJobs start no Ray pods.
 SERVE_NAMESPACE = f"serve-{uuid.uuid4().hex[:6]}"
 TUNE_NAMESPACE = f"train-{uuid.uuid4().hex[:6]}"
-REGISTRY_USER, REGISTRY_PASSWORD = "kaiten", "registry-pass-not-logged"
 
 
 @dataclass
@@ -454,48 +455,15 @@ def test_a_workspace_serves_chat_and_openai_through_port_forward(
     release.kubectl("label", "node", cluster.name, "apps=smollm2", "--overwrite")
     workspace = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2.yaml").read_text())
     name = workspace["metadata"]["name"]
-    forward: subprocess.Popen[str] | None = None
     started = time.monotonic()
     try:
         release.kubectl("apply", "-n", SERVE_NAMESPACE, "-f", "-", stdin=json.dumps(workspace))
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            ws = json.loads(release.kubectl("-n", SERVE_NAMESPACE, "get", "workspace", name, "-o", "json"))
-            if condition(ws, "InferenceReady").get("status") == "True":
-                break
-            time.sleep(2)
-        else:
-            pods = release.kubectl(
-                "-n", SERVE_NAMESPACE, "get", "pods,rayservices", "-o", "wide", check=False
-            )  # fmt: skip
-            pytest.fail(f"not InferenceReady: {ws.get('status')}\n{pods}\n{tail(operator.log_path, 40)}\n"
-                        f"{release.diagnostics()}")  # fmt: skip
+        until_condition(release, SERVE_NAMESPACE, name, "InferenceReady", 600, operator)
         release.phases["Workspace → InferenceReady"] = time.monotonic() - started
 
         started = time.monotonic()
-        port = free_port()
-        forward = subprocess.Popen(
-            ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "-n", SERVE_NAMESPACE, "port-forward",
-             f"svc/{name}", f"{port}:80", "--address=127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        assert wait_until(lambda: port_open("127.0.0.1", port), 30), "kubectl port-forward did not listen"
-        base = f"http://127.0.0.1:{port}"
-        question = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
-        chat = httpx.post(f"{base}/chat", json=question, timeout=120)
-        assert chat.status_code == 200 and "Paris" in chat.json()["Result"], chat.text
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-        pieces = [
-            c.choices[0].delta.content or ""
-            for c in client.chat.completions.create(
-                model="smollm2-135m-instruct",
-                messages=[{"role": "user", "content": "Name three colors."}],
-                temperature=0,
-                max_tokens=24,
-                stream=True,
-            )
-        ]
-        assert len([p for p in pieces if p]) > 3 and "".join(pieces).strip(), pieces
+        with port_forward(release, SERVE_NAMESPACE, name) as base:
+            chat_and_stream(base)
         release.phases["chat + openai stream"] = time.monotonic() - started
 
         # Ray's token auth: the dashboard (job submission) refuses a caller on the node without it
@@ -504,43 +472,42 @@ def test_a_workspace_serves_chat_and_openai_through_port_forward(
         assert status == 401, (status, body[:300])
 
         started = time.monotonic()
-        release.kubectl("-n", SERVE_NAMESPACE, "delete", "workspace", name, "--wait=true", "--timeout=180s")
-        assert wait_until(
-            lambda: not release.kubectl("-n", SERVE_NAMESPACE, "get", "pods", "-o", "name").strip(), 120
-        ), "the Ray pods outlived their Workspace"
+        delete_workspace(release, SERVE_NAMESPACE, name)
         release.phases["delete → Ray pods gone"] = time.monotonic() - started
     finally:
-        if forward is not None:
-            forward.terminate()
-            forward.wait(timeout=10)
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", SERVE_NAMESPACE, "--wait=false", check=False)
+
+
+def chat_and_stream(base: str) -> None:
+    """``/chat`` answers, and the official openai client streams a completion."""
+    question = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    chat = httpx.post(f"{base}/chat", json=question, timeout=120)
+    assert chat.status_code == 200 and "Paris" in chat.json()["Result"], chat.text
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Name three colors."}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+        )
+    ]
+    assert len([p for p in pieces if p]) > 3 and "".join(pieces).strip(), pieces
 
 
 @pytest.fixture(scope="module")
 def node_registry(release: Release) -> Iterator[str]:
     """Debian's docker-registry on the node (127.0.0.1 of its network namespace, where the tuning job
     pushes and the serving app pulls), with htpasswd auth; reached from here through a forwarder."""
-    import bcrypt
-
     cluster = release.cluster
     assert cluster.netns is not None
-    binary = shutil.which("docker-registry")
-    assert binary, "docker-registry is not installed (apt-get install docker-registry; .ci/run does)"
     root = Path(tempfile.mkdtemp(prefix="kaiten-registry-"))
-    hashed = bcrypt.hashpw(REGISTRY_PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
-    (root / "htpasswd").write_text(f"{REGISTRY_USER}:{hashed}\n")
     port = free_port()
-    config = {
-        "version": 0.1,
-        "log": {"level": "warn"},
-        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-        "http": {"addr": f"127.0.0.1:{port}", "secret": "kaiten-test"},
-        "auth": {"htpasswd": {"realm": "kaiten", "path": str(root / "htpasswd")}},
-    }
-    (root / "config.yml").write_text(yaml.safe_dump(config))
     proc = ManagedProcess(
-        "docker-registry", cluster.wrap([binary, "serve", str(root / "config.yml")]), root / "registry.log"
+        "docker-registry", cluster.wrap(registry_argv(root, port)), root / "registry.log"
     ).start()
     netns = cluster.netns
     try:
@@ -552,8 +519,37 @@ def node_registry(release: Release) -> Iterator[str]:
         shutil.rmtree(root)
 
 
-def until_condition(release: Release, namespace: str, name: str, kind: str, timeout: float) -> dict[str, Any]:
-    """The Workspace once its condition ``kind`` is True; fails at once when WorkspaceSucceeded is False."""
+@contextlib.contextmanager
+def port_forward(release: Release, namespace: str, service: str) -> Iterator[str]:
+    """``kubectl port-forward svc/<service> :80`` on 127.0.0.1: its base URL, until the block ends."""
+    port = free_port()
+    forward = subprocess.Popen(
+        ["kubectl", f"--kubeconfig={release.cluster.kubeconfig}", "-n", namespace, "port-forward",
+         f"svc/{service}", f"{port}:80", "--address=127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_until(lambda: port_open("127.0.0.1", port), 30), "kubectl port-forward did not listen"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+
+
+def delete_workspace(release: Release, namespace: str, name: str) -> None:
+    """Delete it, wait for its finalizer, and then for the namespace's Ray pods to be gone (they hold
+    the node's host ports)."""
+    release.kubectl("-n", namespace, "delete", "workspace", name, "--wait=true", "--timeout=180s")
+    assert wait_until(
+        lambda: not release.kubectl("-n", namespace, "get", "pods", "-o", "name").strip(), 120
+    ), f"the Ray pods outlived Workspace {name}"
+
+
+def until_condition(
+    release: Release, namespace: str, name: str, kind: str, timeout: float, operator: ManagedProcess
+) -> dict[str, Any]:
+    """The Workspace once its condition ``kind`` is True; fails at once when WorkspaceSucceeded is False
+    (saying what the pods, KubeRay's operator and the services say)."""
     deadline = time.monotonic() + timeout
     while True:
         ws = json.loads(release.kubectl("-n", namespace, "get", "workspace", name, "-o", "json"))
@@ -564,7 +560,8 @@ def until_condition(release: Release, namespace: str, name: str, kind: str, time
             pods = release.kubectl(
                 "-n", namespace, "get", "pods,rayjobs,rayservices", "-o", "wide", check=False
             )
-            pytest.fail(f"{name}: no {kind}: {ws.get('status')}\n{pods}\n{release.diagnostics()}")
+            pytest.fail(f"{name}: no {kind}: {ws.get('status')}\n{pods}\n{tail(operator.log_path, 40)}\n"
+                        f"{release.diagnostics()}")  # fmt: skip
         time.sleep(2)
 
 
@@ -584,8 +581,8 @@ def test_the_local_tuning_example_trains_in_the_cluster_and_its_adapter_is_serve
     release.kubectl("create", "namespace", namespace)
     release.kubectl(
         "-n", namespace, "create", "secret", "docker-registry", "kaiten-local-registry",
-        f"--docker-server={node_registry}", f"--docker-username={REGISTRY_USER}",
-        f"--docker-password={REGISTRY_PASSWORD}",
+        f"--docker-server={node_registry}", f"--docker-username={USER}",
+        f"--docker-password={PASSWORD}",
     )  # fmt: skip
     data = Path(tempfile.mkdtemp(prefix="kaiten-data-"))  # the job runs as UID 1000: readable by all
     data.chmod(0o755)
@@ -602,7 +599,6 @@ def test_the_local_tuning_example_trains_in_the_cluster_and_its_adapter_is_serve
     tuning["tuning"]["output"]["image"] = image
     adapter = yaml.safe_load((REPO / "examples" / "local" / "workspace-smollm2-adapter.yaml").read_text())
     adapter["inference"]["adapters"][0]["source"]["image"] = image
-    forward: subprocess.Popen[str] | None = None
     try:
         started = time.monotonic()
         release.kubectl("label", "node", cluster.name, "apps=tuning-smollm2", "--overwrite")
@@ -614,56 +610,39 @@ def test_the_local_tuning_example_trains_in_the_cluster_and_its_adapter_is_serve
             "-",
             stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}),
         )
-        until_condition(release, namespace, tuning["metadata"]["name"], "WorkspaceSucceeded", 1200)
+        until_condition(release, namespace, tuning["metadata"]["name"], "WorkspaceSucceeded", 1200, operator)
         release.phases["tuning: trained, pushed"] = time.monotonic() - started
         job = json.loads(release.kubectl("-n", namespace, "get", "rayjobs", "-o", "json"))["items"]
         assert [j["spec"]["submissionMode"] for j in job] in ([], ["HTTPMode"]), job
         secret = tmp_path / "pull"
         secret.mkdir()
-        auth = base64.b64encode(f"{REGISTRY_USER}:{REGISTRY_PASSWORD}".encode()).decode()
+        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
         (secret / ".dockerconfigjson").write_text(json.dumps({"auths": {node_registry: {"auth": auth}}}))
         pulled = pull_adapter_files(image, tmp_path / "adapter", str(secret), insecure=True)
         assert sorted(p.name for p in pulled) == ["adapter_config.json", "adapter_model.safetensors"]
         # its Ray cluster holds the node's ports until KubeRay removes it (ttlSecondsAfterFinished):
         # the finished Workspace goes first; its adapter stays in the registry
-        tuning_name = tuning["metadata"]["name"]
-        release.kubectl("-n", namespace, "delete", "workspace", tuning_name, "--wait=true", "--timeout=180s")
-        assert wait_until(
-            lambda: not release.kubectl("-n", namespace, "get", "pods", "-o", "name").strip(), 120
-        ), "the tuning job's Ray pods outlived its Workspace"
+        delete_workspace(release, namespace, tuning["metadata"]["name"])
 
         started = time.monotonic()
         release.kubectl("label", "node", cluster.name, "apps=smollm2-pirate", "--overwrite")
         release.kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(adapter))
         name = adapter["metadata"]["name"]
-        until_condition(release, namespace, name, "InferenceReady", 600)
+        until_condition(release, namespace, name, "InferenceReady", 600, operator)
         release.phases["adapter Workspace → InferenceReady"] = time.monotonic() - started
-        port = free_port()
-        forward = subprocess.Popen(
-            ["kubectl", f"--kubeconfig={cluster.kubeconfig}", "-n", namespace, "port-forward",
-             f"svc/{name}", f"{port}:80", "--address=127.0.0.1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        assert wait_until(lambda: port_open("127.0.0.1", port), 30), "kubectl port-forward did not listen"
-        base = f"http://127.0.0.1:{port}"
-        models = httpx.get(f"{base}/v1/models", timeout=30).json()
-        assert {m["id"] for m in models["data"]} == {"smollm2-135m-instruct", "pirate"}, models
-        body = {"model": "pirate", "max_tokens": 40,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]}  # fmt: skip
-        styled = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
-        assert styled.status_code == 200, styled.text
-        assert styled.json()["choices"][0]["message"]["content"].strip(), styled.text
+        with port_forward(release, namespace, name) as base:
+            models = httpx.get(f"{base}/v1/models", timeout=30).json()
+            assert {m["id"] for m in models["data"]} == {"smollm2-135m-instruct", "pirate"}, models
+            body = {"model": "pirate", "max_tokens": 40,
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}]}  # fmt: skip
+            styled = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+            assert styled.status_code == 200, styled.text
+            assert styled.json()["choices"][0]["message"]["content"].strip(), styled.text
 
         started = time.monotonic()
-        release.kubectl("-n", namespace, "delete", "workspace", name, "--wait=true", "--timeout=180s")
-        assert wait_until(
-            lambda: not release.kubectl("-n", namespace, "get", "pods", "-o", "name").strip(), 120
-        ), "the Ray pods outlived their Workspace"
+        delete_workspace(release, namespace, name)
         release.phases["adapter Workspace deleted → Ray pods gone"] = time.monotonic() - started
     finally:
         shutil.rmtree(data, ignore_errors=True)  # first: a kubectl below may fail on an interrupt
-        if forward is not None:
-            forward.terminate()
-            forward.wait(timeout=10)
         release.kubectl("label", "node", cluster.name, "apps-", check=False)
         release.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -87,18 +87,16 @@ def data_url(data_dir: Path) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Debian's docker-registry on 127.0.0.1 with htpasswd (bcrypt) auth; its storage in a temp dir."""
+def registry_argv(root: Path, port: int) -> list[str]:
+    """Debian's docker-registry serving 127.0.0.1:``port`` with htpasswd (bcrypt) auth for USER and
+    PASSWORD, its storage and config under ``root``: the command that runs it."""
     import bcrypt
 
     binary = shutil.which("docker-registry")
     assert binary, "docker-registry is not installed (apt-get install docker-registry; .ci/run does)"
-    root = tmp_path_factory.mktemp("registry")
     (root / "htpasswd").write_text(
         f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
     )
-    port = free_port()
     config = {
         "version": 0.1,
         "log": {"level": "warn"},
@@ -107,9 +105,15 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "auth": {"htpasswd": {"realm": "kaiten", "path": str(root / "htpasswd")}},
     }
     (root / "config.yml").write_text(yaml.safe_dump(config))
-    proc = ManagedProcess(
-        "docker-registry", [binary, "serve", str(root / "config.yml")], root / "registry.log"
-    ).start()
+    return [binary, "serve", str(root / "config.yml")]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1 with htpasswd (bcrypt) auth; its storage in a temp dir."""
+    root = tmp_path_factory.mktemp("registry")
+    port = free_port()
+    proc = ManagedProcess("docker-registry", registry_argv(root, port), root / "registry.log").start()
     try:
         proc.wait_ready(lambda: port_open("127.0.0.1", port), timeout=20, what="did not listen")
         yield f"127.0.0.1:{port}"
