@@ -163,6 +163,55 @@ async def test_the_charts_nats_config_runs_with_tls_users_and_permissions(
 
 
 @pytest.mark.nats
+async def test_each_services_user_is_refused_the_other_services_subjects(
+    tls_nats: tuple[str, Path, dict[str, str]],
+) -> None:
+    """Least privilege on the bus: a service's user may publish what its service produces, and nothing
+    another produces (the planner cannot publish a deletion, the watcher cannot publish a plan); and it
+    may subscribe to its own reply inbox only (not to the events, not to another service's replies)."""
+    url, ca, passwords = tls_nats
+    tls = ssl.create_default_context(cafile=str(ca))
+    owner = {
+        "watcher": "kaiten.workspace.deleting.default.ws",
+        "planner": "kaiten.plan.default.ws.g1",
+        "provisioner": "kaiten.nodes.ready.default.ws",
+        "workload": "kaiten.workload.ready.default.ws",
+    }
+
+    async def refusals(service: str, publish: list[str], subscribe: list[str]) -> list[str]:
+        """What the server says to ``service``'s user that publishes and subscribes to these."""
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc).lower())
+
+        nc = await nats.connect(url, user=service, password=passwords[service], tls=tls, error_cb=on_error,
+                                inbox_prefix=f"_INBOX_{service}", allow_reconnect=False)  # fmt: skip
+        try:
+            for subject in publish:
+                await nc.publish(subject, b"{}")
+            for subject in subscribe:
+                await nc.subscribe(subject)
+            await nc.flush()
+            expected = len(publish) + len(subscribe) - 1  # all but its own subject
+            await until(lambda: len(errors) >= expected, timeout=5, what=f"{expected} refusals for {service}")
+        finally:
+            await nc.close()
+        return errors
+
+    for service, own in owner.items():
+        others = [subject for subject in owner.values() if subject != own]
+        inbox = "_INBOX_workload.>" if service != "workload" else "_INBOX_watcher.>"
+        # its own subject first: were it refused, its error would be among those awaited
+        errors = await refusals(service, [own, *others], ["kaiten.>", inbox])
+        assert not [e for e in errors if own in e], (service, errors)
+        for subject in others:
+            assert any(f'violation for publish to "{subject}"' in e for e in errors), (service, errors)
+        for subject in ("kaiten.>", inbox.lower()):  # the errors are lowercased
+            assert any(f'violation for subscription to "{subject}"' in e for e in errors), (service, errors)
+
+
+@pytest.mark.nats
 async def test_a_tuning_job_reports_with_the_charts_tuning_user(
     tls_nats: tuple[str, Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
