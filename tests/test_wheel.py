@@ -30,7 +30,8 @@ PROFILES: dict[str, tuple[list[str], list[str], list[str]]] = {
     "base": (
         [],
         ["services.watcher.main", "services.planner.main", "services.provisioner.main",
-         "services.workload.main", "kaiten.cli.main", "shared.events", "shared.api.crd"],
+         "services.workload.main", "kaiten.cli.main", "shared.events", "shared.api.crd",
+         "shared.bus.callout"],  # the NATS pod's sidecar, from the services image
         ["services.serving.app"],
     ),
     "azure": ([ "azure"], ["services.provisioner.providers.aks"], []),
