@@ -538,11 +538,18 @@ def port_forward(release: Release, namespace: str, service: str) -> Iterator[str
 
 def delete_workspace(release: Release, namespace: str, name: str) -> None:
     """Delete it, wait for its finalizer, and then for the namespace's Ray pods to be gone (they hold
-    the node's host ports)."""
+    the node's host ports) — stopped by their SIGTERM, well within their 30 s termination grace, not
+    killed at its end (Ray drains a node on SIGTERM for up to 30 s by default: a Ray cluster that goes
+    as a whole has nothing to drain to)."""
     release.kubectl("-n", namespace, "delete", "workspace", name, "--wait=true", "--timeout=180s")
-    assert wait_until(
-        lambda: not release.kubectl("-n", namespace, "get", "pods", "-o", "name").strip(), 120
-    ), f"the Ray pods outlived Workspace {name}"
+
+    def gone() -> bool:
+        return not release.kubectl("-n", namespace, "get", "pods", "-o", "name").strip()
+
+    if not wait_until(gone, 20):
+        events = release.kubectl("-n", namespace, "get", "events", "--sort-by=.lastTimestamp", check=False)
+        how = "killed at the end of their grace" if wait_until(gone, 100) else "still there"
+        pytest.fail(f"the Ray pods of Workspace {name} were not gone 20 s after it ({how}):\n{events}")
 
 
 def until_condition(

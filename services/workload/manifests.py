@@ -168,6 +168,11 @@ def _env(workspace: Workspace) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "KAITEN_CACHE_DIR", "value": CACHE_PATH},
         {"name": "HF_HOME", "value": f"{CACHE_PATH}/hf"},
+        # On SIGTERM Ray drains its node for up to 30 s first, and a pod's grace is 30 s: every Ray pod
+        # was killed at the end of it (a Workspace's delete took 31 s). Kaiten's Ray clusters go as a
+        # whole — deleted, or replaced by KubeRay after the Service has moved to the new one — and one
+        # model spans all their nodes, so there is nowhere to drain to: stop at once.
+        {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "0"},
     ]
     options = _preset_options(workspace)
     if options is not None and options.model_access_secret:  # a private model: the token by reference
