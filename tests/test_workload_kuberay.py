@@ -690,6 +690,22 @@ def test_host_network_rendering_binds_every_ray_port_to_the_given_address() -> N
     assert kuberay_validate([job]).returncode == 0
 
 
+def test_the_head_stops_at_sigterm_and_a_worker_drains_first() -> None:
+    """Ray drains its node on SIGTERM for up to 30 s, a pod's whole grace: heads were killed at its end
+    (on the node: a Workspace's delete → Ray pods gone 31 s, 2 s without). A head going is its cluster
+    going; a worker evicted alone (here one of two data-parallel replicas) keeps the drain."""
+    doc = yaml.safe_load((SEEDS / "workspace-phi-3-mini.yaml").read_text())
+    doc["resource"]["count"] = 2
+    workspace = Workspace.model_validate(doc)
+    got = plan(workspace, CATALOGS, [], PlanOptions(cloud="azure", provider="aks"))
+    assert isinstance(got, Plan) and got.nodes == 2 and got.data_parallel == 2, got
+    obj = render(workspace, got, ref_of(workspace))[0]
+    head, worker = ({e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]} for p in pods(obj))
+    assert head["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "0"
+    assert "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S" not in worker
+    assert kuberay_validate([obj]).returncode == 0
+
+
 def test_the_model_token_and_the_api_key_reach_the_pods_by_secret_reference_only() -> None:
     """KAITO's key for the model access token (HF_TOKEN, optional as in KAITO), and the serving API key
     from the Secret a Workspace names in kaiten.sh/api-key-secret: references, never values."""

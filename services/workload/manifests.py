@@ -168,11 +168,6 @@ def _env(workspace: Workspace) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "KAITEN_CACHE_DIR", "value": CACHE_PATH},
         {"name": "HF_HOME", "value": f"{CACHE_PATH}/hf"},
-        # On SIGTERM Ray drains its node for up to 30 s first, and a pod's grace is 30 s: every Ray pod
-        # was killed at the end of it (a Workspace's delete took 31 s). Kaiten's Ray clusters go as a
-        # whole — deleted, or replaced by KubeRay after the Service has moved to the new one — and one
-        # model spans all their nodes, so there is nowhere to drain to: stop at once.
-        {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "0"},
     ]
     options = _preset_options(workspace)
     if options is not None and options.model_access_secret:  # a private model: the token by reference
@@ -333,7 +328,12 @@ def _cluster(
 ) -> dict[str, Any]:
     """A Ray cluster on the planned nodes: the head takes the first node (with its GPUs: a KAITO plan
     has no CPU-only node), a worker group the others."""
-    head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS, env)
+    # On SIGTERM Ray drains its node for up to 30 s first, as long as a pod's grace: every head pod was
+    # killed at the end of it (a Workspace's delete took 31 s). The head going is the cluster going
+    # (deleted, or an old one KubeRay removes after its Service moved): there is nowhere to drain to.
+    # A worker keeps Ray's drain: evicted alone, its Serve replica finishes what it was answering.
+    head_env = [*(env or []), {"name": "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "value": "0"}]
+    head = _container("ray-head", image, plan, workspace, mounts, HEAD_PORTS, head_env)
     template = _pod_template(ref, workspace, plan, head, volumes, init_containers)
     start_params = {"dashboard-host": "0.0.0.0"}  # noqa: S104  (the pod network, in-cluster)
     workers = max(plan.nodes, 1) - 1
