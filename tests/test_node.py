@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,17 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 @pytest.fixture
 def cluster(local_cluster: LocalCluster) -> LocalCluster:
     return local_cluster
+
+
+def test_the_node_by_hand_says_its_usage_and_starts_nothing_without_a_directory(tmp_path: Path) -> None:
+    """``python -m kaiten.local.node --help`` started a whole node in a directory named ``--help``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for argv, code in ((["--help"], 0), ([], 2), (["--network"], 2)):
+        done = subprocess.run([sys.executable, "-m", "kaiten.local.node", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        said = done.stdout + done.stderr
+        assert done.returncode == code and "usage: python -m kaiten.local.node" in said, said
+        assert not list(tmp_path.iterdir()), f"{argv}: {list(tmp_path.iterdir())}"
 
 
 def rss_mib(pids: set[int]) -> float:

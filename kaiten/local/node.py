@@ -37,6 +37,7 @@ before. It returns what it could not clean up (nothing, normally), so a test can
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -647,15 +648,25 @@ def _kubelet_config(pki: Path, root: Path, socket: Path, port: int, healthz: int
     }
 
 
-if __name__ == "__main__":  # python -m kaiten.local.node [--network] DIR [IMAGE ...]; SIGTERM or ^C stops
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line of ``python -m kaiten.local.node`` (``--help`` started a node in ``./--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kaiten.local.node",
+        description="A real single-node cluster (kubelet + containerd) by hand, until SIGTERM or ^C.",
+    )
+    parser.add_argument("dir", type=Path, help="its state: control plane, containerd, kubelet")
+    parser.add_argument("images", nargs="*", help="our images to build and import: services, ray, nats")
+    parser.add_argument("--network", action="store_true", help="in a network namespace of its own")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
     import signal
 
+    options = _parse(sys.argv[1:])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    args = sys.argv[1:]
-    network = "--network" in args
-    args = [a for a in args if a != "--network"]
-    cluster = LocalCluster(Path(args[0]), images=args[1:], network=network)
+    cluster = LocalCluster(options.dir, images=options.images, network=options.network)
     try:
         cluster.start()
         print(f"export KUBECONFIG={cluster.kubeconfig}  # {cluster.timings}", flush=True)
