@@ -30,10 +30,15 @@ def test_the_node_by_hand_says_its_usage_and_starts_nothing_without_a_directory(
     """``python -m kaiten.local.node --help`` started a whole node in a directory named ``--help``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for argv, code in ((["--help"], 0), ([], 2), (["--network"], 2)):
-        done = subprocess.run([sys.executable, "-m", "kaiten.local.node", *argv], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
-        said = done.stdout + done.stderr
-        assert done.returncode == code and "usage: python -m kaiten.local.node" in said, said
+        proc = subprocess.Popen([sys.executable, "-m", "kaiten.local.node", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            said, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # it started a node: SIGTERM stops it cleanly, SIGKILL would not
+            proc.terminate()
+            said, _ = proc.communicate(timeout=180)
+            pytest.fail(f"{argv} started a node:\n{said[-2000:]}")
+        assert proc.returncode == code and "usage: python -m kaiten.local.node" in said, said
         assert not list(tmp_path.iterdir()), f"{argv}: {list(tmp_path.iterdir())}"
 
 
