@@ -294,6 +294,8 @@ class KubeRay:
         ref, version, generation = target.ref, target.api_version, target.generation
         tuning = target.workspace.tuning
         urls = list(tuning.input.urls)
+        # the job's own user on the bus (its password made from the tuning key); no key: no reports
+        user = workspace_user(ref.namespace, ref.name) if self._tuning_key else None
         config = tuning_config(
             target.workspace,
             target.plan,
@@ -304,7 +306,7 @@ class KubeRay:
             nats_url=self._nats_url,
             work_dir=f"{WORK_PATH}/job",
             allow_loopback_urls=False,
-            nats_user=workspace_user(ref.namespace, ref.name) if self._tuning_key else None,
+            nats_user=user,
             urls_env=INPUT_URLS_ENV if urls else None,
             trace=telemetry.carrier(),
             # a volume or a data image: mounted there (manifests.tuning_data)
@@ -313,9 +315,8 @@ class KubeRay:
             nats_ca_file=f"{CONFIG_PATH}/{NATS_CA_KEY}" if self._nats_ca else None,
         )
         secret = None
-        if self._tuning_key:  # the job's own user on the bus, its password made from the tuning key
-            password = workspace_password(self._tuning_key, workspace_user(ref.namespace, ref.name))
-            secret = nats_secret(ref, version, generation, password)
+        if self._tuning_key and user:
+            secret = nats_secret(ref, version, generation, workspace_password(self._tuning_key, user))
         inputs = inputs_secret(ref, version, generation, urls) if urls else None
         job = rayjob(
             ref,
